@@ -1,0 +1,312 @@
+"""The typed config tree: a workflow YAML plus `a.b=c` overrides, validated at load.
+
+Every stage kind has a pydantic model here, so a misspelt or ill-typed key fails when the workflow is loaded
+(naming the file and the dotted key), not an hour into a run. Models forbid unknown keys.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from r1v.registry import Registry
+
+
+class ConfigError(ValueError):
+    """A config that cannot be loaded; the message names the file and the key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- shared parts
+
+
+class TrackingConfig(Strict):
+    tracking_uri: str | None = Field(None, description="MLflow URI; default sqlite:///<run_root>/mlflow.db")
+    experiment: str = "r1v"
+
+
+class RayConfig(Strict):
+    address: str | None = Field(None, description="Ray address; None starts (or joins via RAY_ADDRESS) a local one")
+    num_cpus: int | None = None
+
+
+class PreprocessConfig(Strict):
+    """How corpus rows become model inputs (tiling, tokenisation)."""
+
+    max_tiles: int = Field(6, ge=1, le=40)
+    use_thumbnail: bool = True
+    max_length: int = Field(1024, ge=16)
+    system_prompt: str | None = None
+
+
+class TrainerConfig(Strict):
+    """Ray Train + DeepSpeed settings shared by the SFT and GRPO stages."""
+
+    num_workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(0.5, gt=0, description="0.5 on 2-core machines: Ray Data needs a CPU too")
+    use_gpu: bool = False
+    zero_stage: Literal[0, 1, 2, 3] = 3
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    torch_threads: int = Field(1, ge=1)
+    seed: int = 0
+
+
+class OptimConfig(Strict):
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_ratio: float = Field(0.03, ge=0, le=1)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = Field(1.0, ge=0)
+
+
+class SamplingConfig(Strict):
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(64, ge=1)
+    repetition_penalty: float = Field(1.0, gt=0)
+
+
+class EngineConfig(Strict):
+    kind: str = Field("transformers", description="rollout engine: transformers (CPU/GPU) or vllm (GPU)")
+    num_engines: int = Field(1, ge=1)
+    num_cpus: float = Field(0.0, ge=0, description="0 so that engines never starve the trainer of CPUs")
+    num_gpus: float = Field(0.0, ge=0)
+    max_batch: int = Field(64, ge=1, description="sequences per generate() call inside the engine")
+
+
+Group = Literal["vision", "projector", "llm"]
+
+
+# --------------------------------------------------------------------------- stage configs
+
+STAGE_CONFIGS: Registry[type[BaseModel]] = Registry("stage kind")
+
+
+@STAGE_CONFIGS.register("data.synthetic")
+class SyntheticDataConfig(Strict):
+    """A visual arithmetic task: numbers drawn in an image, the answer needs reading them and one operation."""
+
+    n_train: int = Field(64, ge=1)
+    n_test: int = Field(16, ge=1)
+    seed: int = 0
+    width: int = Field(112, ge=16)
+    height: int = Field(56, ge=16)
+    max_value: int = Field(9, ge=1)
+    ops: list[Literal["sum", "difference", "product", "max"]] = ["sum", "difference", "product"]
+    corrupt_rows: int = Field(0, ge=0, description="rows with undecodable images, to exercise the quarantine")
+
+
+@STAGE_CONFIGS.register("model.tiny")
+class TinyModelConfig(Strict):
+    """Tiny random models for tests and the demo: a substitute VLM and a second ("reasoning") LLM."""
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 128
+    vision_hidden_size: int = 32
+    vision_layers: int = 1
+    vision_heads: int = 2
+    tile_size: int = 56
+    patch_size: int = 14
+    vocab_size: int = 512
+    substitute_seed: int = 0
+    reasoning_seed: int = 1
+
+
+@STAGE_CONFIGS.register("reassemble")
+class ReassembleConfig(Strict):
+    model: str = Field(description="VLM whose vision tower and projector are kept")
+    llm: str = Field(description="causal LM directory that replaces the VLM's language model")
+
+
+@STAGE_CONFIGS.register("sft")
+class SFTConfig(Strict):
+    model: str
+    corpus: str
+    trainable: list[Group] = ["projector"]
+    preprocess: PreprocessConfig = PreprocessConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    optim: OptimConfig = OptimConfig()
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    batch_size: int = Field(4, ge=1, description="rows per worker per micro-step")
+    grad_accum: int = Field(1, ge=1)
+    checkpoint_every: int = Field(10, ge=1, description="optimizer steps between checkpoints")
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(1, ge=1)
+
+
+@STAGE_CONFIGS.register("grpo")
+class GRPOConfig(Strict):
+    model: str
+    corpus: str
+    trainable: list[Group] = ["projector"]
+    preprocess: PreprocessConfig = PreprocessConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    optim: OptimConfig = OptimConfig(lr=1e-6, warmup_ratio=0.0, min_lr_ratio=1.0, weight_decay=0.0)
+    steps: int = Field(10, ge=1)
+    prompts_per_step: int = Field(2, ge=1, description="prompts per worker per step")
+    group_size: int = Field(8, ge=2, description="samples per prompt (the GRPO group)")
+    ppo_epochs: int = Field(1, ge=1)
+    clip_eps: float = Field(0.2, gt=0)
+    kl_coef: float = Field(0.0, ge=0, description="weight of the KL term against the reference; 0 turns it off")
+    kl_estimator: str = "k3"
+    advantage: str = "grpo"
+    policy_loss: str = "clipped_surrogate"
+    rewards: dict[str, float] = {"accuracy": 1.0, "format": 0.5}
+    sampling: SamplingConfig = SamplingConfig()
+    engine: EngineConfig = EngineConfig()
+    checkpoint_every: int = Field(5, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    sample_log_every: int = Field(5, ge=1, description="steps between logging sample generations")
+
+    @field_validator("rewards")
+    @classmethod
+    def _nonempty(cls, v: dict[str, float]) -> dict[str, float]:
+        if not v:
+            raise ValueError("at least one reward is needed")
+        return v
+
+
+@STAGE_CONFIGS.register("eval")
+class EvalConfig(Strict):
+    model: str
+    corpus: str | None = Field(None, description="r1v corpus with answers (e.g. the synthetic test split)")
+    benchmark: str | None = Field(None, description="a benchmark name instead of a corpus (see r1v eval)")
+    samples: int = Field(4, ge=1, description="samples per item; pass@1 is their mean")
+    limit: int | None = Field(None, ge=1, description="evaluate only the first N items")
+    grader: str = Field("accuracy", description="reward/grader name used for a corpus")
+    preprocess: PreprocessConfig = PreprocessConfig()
+    sampling: SamplingConfig = SamplingConfig(temperature=0.6, top_p=0.95, max_new_tokens=64)
+    engine: EngineConfig = EngineConfig()
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------- workflow
+
+
+class StageSpec(Strict):
+    kind: str
+    needs: list[str] = []
+    config: dict[str, Any] = {}
+
+
+class WorkflowConfig(Strict):
+    name: str
+    run_root: str = "runs"
+    tracking: TrackingConfig = TrackingConfig()
+    ray: RayConfig = RayConfig()
+    stages: dict[str, StageSpec]
+
+
+class Workflow(BaseModel):
+    """A loaded workflow: the validated tree plus each stage's validated config object."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    source: str
+    raw: dict[str, Any]
+    config: WorkflowConfig
+    stage_configs: dict[str, BaseModel]
+
+    def fingerprint(self, stage: str) -> str:
+        spec = self.config.stages[stage]
+        payload = {"kind": spec.kind, "config": self.stage_configs[stage].model_dump(mode="json")}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=c` -> (["a", "b"], parsed c); values are YAML scalars/lists so `x=3`, `x=[1,2]`, `x=null` work."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key.path=value")
+    key, value = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r} has an empty key segment")
+    return parts, yaml.safe_load(value) if value.strip() else ""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    out = copy.deepcopy(raw)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = out
+        for i, p in enumerate(parts[:-1]):
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {text!r}: {'.'.join(parts[: i + 1])} is not a mapping")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def _format_errors(source: str, prefix: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in (prefix, *e["loc"]) if x != "")
+        got = e.get("input")
+        got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"{source}: {loc}: {e['msg']}{got_s}")
+    return "\n".join(lines)
+
+
+def validate_workflow(raw: dict[str, Any], source: str = "<config>") -> Workflow:
+    try:
+        cfg = WorkflowConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(source, "", e)) from None
+    stage_configs: dict[str, BaseModel] = {}
+    for name, spec in cfg.stages.items():
+        if spec.kind not in STAGE_CONFIGS:
+            raise ConfigError(
+                f"{source}: stages.{name}.kind: unknown stage kind {spec.kind!r}; known: "
+                + ", ".join(STAGE_CONFIGS.names())
+            )
+        try:
+            stage_configs[name] = STAGE_CONFIGS.get(spec.kind).model_validate(spec.config)
+        except ValidationError as e:
+            raise ConfigError(_format_errors(source, f"stages.{name}.config", e)) from None
+        for dep in spec.needs:
+            if dep not in cfg.stages:
+                raise ConfigError(f"{source}: stages.{name}.needs: unknown stage {dep!r}")
+    return Workflow(source=source, raw=raw, config=cfg, stage_configs=stage_configs)
+
+
+def load_workflow(path: str | Path, overrides: list[str] | None = None) -> Workflow:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"workflow file {path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    raw = apply_overrides(raw, overrides or [])
+    return validate_workflow(raw, str(path))
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {"a.b.c": value}, for logging configs as MLflow params."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

@@ -1,0 +1,1 @@
+"""Corpus schema, synthetic data, prompt building and the Ray Data preprocessing pipeline."""

@@ -1,0 +1,101 @@
+"""InternVL dynamic tiling in PIL + numpy (transformers' image processor needs torchvision, unusable here).
+
+Reproduces InternVL-Chat's `dynamic_preprocess` / `find_closest_aspect_ratio` / `build_transform`: the
+same grid choice (tie rule included), the same bicubic resizes, crops, thumbnail and ImageNet normalisation,
+so pixel values match those the released Skywork-R1V weights were trained on.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, ImageOps
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+def load_image(data: bytes) -> Image.Image:
+    """Decode image bytes to RGB, applying the EXIF orientation (phone photos are often stored rotated)."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        image = ImageOps.exif_transpose(image)
+        return image.convert("RGB")
+    except Exception as exc:  # PIL raises several unrelated types for bad data
+        raise ValueError(f"cannot decode image ({len(data)} bytes): {exc}") from exc
+
+
+def _target_grids(min_tiles: int, max_tiles: int) -> list[tuple[int, int]]:
+    """Candidate (cols, rows) grids in the reference order: a set sorted (stably) by tile count."""
+    grids = {
+        (i, j)
+        for n in range(min_tiles, max_tiles + 1)
+        for i in range(1, n + 1)
+        for j in range(1, n + 1)
+        if min_tiles <= i * j <= max_tiles
+    }
+    return sorted(grids, key=lambda g: g[0] * g[1])
+
+
+def choose_grid(
+    width: int, height: int, tile_size: int, min_tiles: int = 1, max_tiles: int = 12
+) -> tuple[int, int]:
+    """(cols, rows) whose aspect ratio is closest to the image's.
+
+    On an exact tie the later (larger) grid wins only when the image area exceeds half that grid's pixel area.
+    """
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    if not 1 <= min_tiles <= max_tiles:
+        raise ValueError(
+            f"need 1 <= min_tiles <= max_tiles, got min_tiles={min_tiles}, max_tiles={max_tiles}"
+        )
+    aspect = width / height
+    area = width * height
+    best_diff = float("inf")
+    best = (1, 1)
+    for cols, rows in _target_grids(min_tiles, max_tiles):
+        diff = abs(aspect - cols / rows)
+        if diff < best_diff:
+            best_diff, best = diff, (cols, rows)
+        elif diff == best_diff and area > 0.5 * tile_size * tile_size * cols * rows:
+            best = (cols, rows)
+    return best
+
+
+def dynamic_tiles(
+    image: Image.Image,
+    tile_size: int = 448,
+    min_tiles: int = 1,
+    max_tiles: int = 12,
+    use_thumbnail: bool = True,
+) -> list[Image.Image]:
+    """Tiles of `image` in row-major order, plus a whole-image thumbnail when there is more than one tile."""
+    cols, rows = choose_grid(image.width, image.height, tile_size, min_tiles, max_tiles)
+    resized = image.resize((tile_size * cols, tile_size * rows), Image.Resampling.BICUBIC)
+    tiles = [
+        resized.crop((c * tile_size, r * tile_size, (c + 1) * tile_size, (r + 1) * tile_size))
+        for r in range(rows)
+        for c in range(cols)
+    ]
+    if use_thumbnail and len(tiles) != 1:
+        tiles.append(image.resize((tile_size, tile_size), Image.Resampling.BICUBIC))
+    return tiles
+
+
+def normalize(tiles: list[Image.Image]) -> np.ndarray:
+    """Stack tiles as float32 [n, 3, H, W]: x/255, then ImageNet mean/std (as ToTensor + Normalize)."""
+    if not tiles:
+        raise ValueError("no tiles to normalise")
+    sizes = {t.size for t in tiles}
+    if len(sizes) != 1:
+        raise ValueError(f"tiles must share one size, got {sorted(sizes)}")
+    arr = np.stack([np.asarray(t.convert("RGB"), dtype=np.float32) for t in tiles]) / np.float32(255)
+    arr = (arr - IMAGENET_MEAN) / IMAGENET_STD
+    return np.ascontiguousarray(arr.transpose(0, 3, 1, 2), dtype=np.float32)
+
+
+def image_to_pixel_values(data: bytes, tile_size: int = 448, max_tiles: int = 12) -> np.ndarray:
+    """Encoded image bytes -> normalised tiles [n_tiles, 3, tile_size, tile_size] (thumbnail included)."""
+    return normalize(dynamic_tiles(load_image(data), tile_size=tile_size, max_tiles=max_tiles))

@@ -1,0 +1,1 @@
+"""GRPO: pure algorithm functions, rewards, rollout engines, and the trainer loop."""

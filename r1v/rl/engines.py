@@ -1,0 +1,167 @@
+"""Rollout engines behind one interface, hosted in Ray actors.
+
+`generate(requests, sampling, n, seed)` returns, per request, n completions with token ids, log-probs and
+text; `update_weights(named_tensors)` loads new values for some parameters in place (after a GRPO update only
+the trainable ones travel: the projector is MBs where the whole model is GBs).
+
+Engines: `transformers` (CPU or GPU, in-process `generate`). vLLM is the intended GPU engine and plugs in
+here by registering another class with the same two methods.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from r1v.registry import Registry
+
+
+@dataclass
+class Request:
+    """One prompt: token ids (images already expanded) and its tiles as float32 bytes."""
+
+    prompt_ids: list[int]
+    pixel_values: bytes = b""
+    n_tiles: int = 0
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    finished: bool = field(default=False, metadata={"doc": "ended with an end-of-turn token"})
+
+
+class RolloutEngine(ABC):
+    @abstractmethod
+    def generate(self, requests: list[Request], sampling: dict[str, Any], n: int, seed: int
+                 ) -> list[list[Completion]]: ...
+
+    @abstractmethod
+    def update_weights(self, named_tensors: dict[str, torch.Tensor]) -> int: ...
+
+
+ENGINES: Registry[type[RolloutEngine]] = Registry("rollout engine")
+
+
+@ENGINES.register("transformers")
+class TransformersEngine(RolloutEngine):
+    """`model.generate` on the model loaded from a checkpoint directory; batches all n*len(requests) rows."""
+
+    def __init__(self, model_dir: str, max_batch: int = 64, device: str | None = None) -> None:
+        from r1v.model.io import load_model
+        from r1v.model.tokens import IM_END, IMG_CONTEXT, IMG_END, IMG_START, PAD
+
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model, self.tok = load_model(model_dir)
+        self.model.to(self.device).eval()
+        self.max_batch = max_batch
+        self.pad_id = self.tok.convert_tokens_to_ids(PAD)
+        self.stop_ids = sorted({self.tok.convert_tokens_to_ids(IM_END), self.tok.eos_token_id, self.pad_id})
+        # Image tokens in a completion would be read as image slots by the trainer: never sample them.
+        self.suppress = [self.tok.convert_tokens_to_ids(t) for t in (IMG_CONTEXT, IMG_START, IMG_END)]
+        tile = self.model.config.vision_config.image_size
+        self.tile = tile[0] if isinstance(tile, list | tuple) else tile
+
+    def _tiles(self, r: Request) -> torch.Tensor | None:
+        if not r.n_tiles:
+            return None
+        arr = np.frombuffer(r.pixel_values, dtype=np.float32).reshape(r.n_tiles, 3, self.tile, self.tile)
+        return torch.from_numpy(arr.copy())
+
+    @torch.no_grad()
+    def generate(self, requests: list[Request], sampling: dict[str, Any], n: int, seed: int
+                 ) -> list[list[Completion]]:
+        rows = [(i, r) for i, r in enumerate(requests) for _ in range(n)]
+        out: list[list[Completion]] = [[] for _ in requests]
+        gen = torch.Generator().manual_seed(seed)
+        for start in range(0, len(rows), self.max_batch):
+            chunk = rows[start : start + self.max_batch]
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+            for (i, _), comp in zip(chunk, self._generate_batch([r for _, r in chunk], sampling), strict=True):
+                out[i].append(comp)
+        return out
+
+    def _generate_batch(self, reqs: list[Request], s: dict[str, Any]) -> list[Completion]:
+        longest = max(len(r.prompt_ids) for r in reqs)
+        ids = torch.full((len(reqs), longest), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, r in enumerate(reqs):  # left padding: generation continues from the right edge
+            ids[j, longest - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
+            mask[j, longest - len(r.prompt_ids):] = 1
+        tiles = [t for t in (self._tiles(r) for r in reqs) if t is not None]
+        temperature = float(s.get("temperature", 1.0))
+        kwargs: dict[str, Any] = dict(
+            input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+            max_new_tokens=int(s.get("max_new_tokens", 64)), do_sample=temperature > 0,
+            eos_token_id=self.stop_ids, pad_token_id=self.pad_id, return_dict_in_generate=True,
+            output_logits=True, repetition_penalty=float(s.get("repetition_penalty", 1.0)),
+            suppress_tokens=self.suppress,
+        )
+        if temperature > 0:
+            kwargs.update(temperature=temperature, top_p=float(s.get("top_p", 1.0)), top_k=0)
+        if tiles:
+            kwargs["pixel_values"] = torch.cat(tiles).to(self.device, self.model.dtype)
+        res = self.model.generate(**kwargs)
+        new = res.sequences[:, longest:].cpu()
+        logits = torch.stack(res.logits, dim=1).float().cpu()  # [B, T_new, V]
+        if temperature > 0:
+            logits = logits / temperature
+        lp = torch.log_softmax(logits, -1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+        comps = []
+        for j in range(len(reqs)):
+            toks = new[j].tolist()
+            end = next((k for k, t in enumerate(toks) if t in self.stop_ids), None)
+            keep = toks if end is None else toks[: end + 1]
+            text_ids = keep if end is None else keep[:-1]
+            comps.append(Completion(token_ids=keep, logprobs=lp[j, : len(keep)].tolist(),
+                                    text=self.tok.decode(text_ids, skip_special_tokens=False),
+                                    finished=end is not None))
+        return comps
+
+    def update_weights(self, named_tensors: dict[str, torch.Tensor]) -> int:
+        params = dict(self.model.named_parameters())
+        unknown = sorted(set(named_tensors) - set(params))
+        if unknown:
+            raise KeyError(f"update_weights: the engine's model has no parameters {unknown[:5]}")
+        with torch.no_grad():
+            for name, t in named_tensors.items():
+                if params[name].shape != t.shape:
+                    raise ValueError(f"update_weights: {name} has shape {tuple(params[name].shape)}, "
+                                     f"got {tuple(t.shape)}")
+                params[name].copy_(t.to(params[name].device, params[name].dtype))
+        return len(named_tensors)
+
+
+class EngineHost:
+    """The Ray actor body: builds the engine named in config and forwards calls."""
+
+    def __init__(self, kind: str, model_dir: str, max_batch: int, torch_threads: int = 1) -> None:
+        torch.set_num_threads(torch_threads)
+        self.engine = ENGINES.get(kind)(model_dir, max_batch=max_batch)
+
+    def ready(self) -> bool:
+        return True
+
+    def generate(self, requests: list[Request], sampling: dict[str, Any], n: int, seed: int
+                 ) -> list[list[Completion]]:
+        return self.engine.generate(requests, sampling, n, seed)
+
+    def update_weights(self, named_tensors: dict[str, torch.Tensor]) -> int:
+        return self.engine.update_weights(named_tensors)
+
+
+def start_engines(kind: str, model_dir: str, num: int, num_cpus: float, num_gpus: float, max_batch: int):
+    """Create `num` engine actors and wait until each has loaded its model."""
+    import ray
+
+    actor = ray.remote(EngineHost)
+    handles = [actor.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(kind, model_dir, max_batch)
+               for _ in range(num)]
+    ray.get([h.ready.remote() for h in handles])
+    return handles

@@ -1,0 +1,92 @@
+"""The stage kinds: thin functions `(ctx, config) -> outputs` over the library modules, registered by name.
+
+Each stage writes only under its own `ctx.stage_dir` (corpora are never mutated in place) and returns the
+paths that downstream stages refer to as `@stage.output`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from r1v.config import (
+    EvalConfig,
+    GRPOConfig,
+    ReassembleConfig,
+    SFTConfig,
+    SyntheticDataConfig,
+    TinyModelConfig,
+)
+from r1v.workflow import STAGES, StageContext
+
+
+@STAGES.register("data.synthetic")
+def synthetic_data(ctx: StageContext, c: SyntheticDataConfig) -> dict[str, Any]:
+    from r1v.data.synthetic import generate
+
+    paths = generate(ctx.stage_dir / "corpus", c.n_train, c.n_test, seed=c.seed, width=c.width, height=c.height,
+                     max_value=c.max_value, ops=list(c.ops), corrupt_rows=c.corrupt_rows)
+    ctx.log.metrics({"rows_train": c.n_train, "rows_test": c.n_test, "rows_corrupted": c.corrupt_rows}, 0)
+    return {"train": str(paths["train"]), "test": str(paths["test"])}
+
+
+@STAGES.register("model.tiny")
+def tiny_models(ctx: StageContext, c: TinyModelConfig) -> dict[str, Any]:
+    """A substitute VLM (vision + projector + substitute LLM) and a separate 'reasoning' LLM of the same shape."""
+    from r1v.model.io import save_llm, save_model
+    from r1v.model.tiny import TinySpec, build_tiny_llm, build_tiny_vlm
+    from r1v.model.tokenizer import build_tiny_tokenizer
+
+    fields = c.model_dump(exclude={"substitute_seed", "reasoning_seed"})
+    spec = TinySpec(**fields, seed=c.substitute_seed)
+    tok = build_tiny_tokenizer(vocab_size=c.vocab_size)
+    vlm, tok = build_tiny_vlm(spec, tokenizer=tok, seed=c.substitute_seed)
+    llm = build_tiny_llm(spec, tok, seed=c.reasoning_seed)
+    model_dir = save_model(vlm, tok, ctx.stage_dir / "substitute_vlm")
+    llm_dir = save_llm(llm, tok, ctx.stage_dir / "reasoning_llm")
+    n = sum(p.numel() for p in vlm.parameters())
+    ctx.log.metrics({"vlm_params": n}, 0)
+    return {"model": str(model_dir), "llm": str(llm_dir)}
+
+
+@STAGES.register("reassemble")
+def reassemble_stage(ctx: StageContext, c: ReassembleConfig) -> dict[str, Any]:
+    from r1v.model.assemble import reassemble
+    from r1v.model.io import load_llm, load_model, save_model
+
+    vlm, _ = load_model(c.model)
+    llm, tok = load_llm(c.llm)
+    model = reassemble(vlm, llm, tok)
+    out = save_model(model, tok, ctx.stage_dir / "model")
+    return {"model": str(out)}
+
+
+@STAGES.register("sft")
+def sft_stage(ctx: StageContext, c: SFTConfig) -> dict[str, Any]:
+    from r1v.train.sft import train_sft
+
+    if ctx.attempt > 1:
+        ctx.event("resuming", attempt=ctx.attempt)
+    res = train_sft(c, ctx.stage_dir, ctx.tracking_uri, ctx.mlflow_run_id)
+    for cnt in res["counts"]:
+        ctx.log.dict(cnt, f"counts/epoch-{cnt['epoch']}.json")
+    quarantine = ctx.stage_dir / "quarantine"
+    quarantine.mkdir(exist_ok=True)
+    return {"model": str(res["model"]), "quarantine": str(quarantine)}
+
+
+@STAGES.register("grpo")
+def grpo_stage(ctx: StageContext, c: GRPOConfig) -> dict[str, Any]:
+    from r1v.rl.grpo import train_grpo
+
+    if ctx.attempt > 1:
+        ctx.event("resuming", attempt=ctx.attempt)
+    res = train_grpo(c, ctx.stage_dir, ctx.tracking_uri, ctx.mlflow_run_id)
+    return {"model": str(res["model"])}
+
+
+@STAGES.register("eval")
+def eval_stage(ctx: StageContext, c: EvalConfig) -> dict[str, Any]:
+    from r1v.eval.stage import run_eval
+
+    res = run_eval(c, ctx.stage_dir, ctx.log)
+    return {"predictions": str(res["predictions"]), "summary": str(res["summary"])}

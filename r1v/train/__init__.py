@@ -1,0 +1,1 @@
+"""SFT on Ray Train + DeepSpeed: engine set-up, checkpoints, the worker loop and the stage driver."""

@@ -1,0 +1,141 @@
+"""DeepSpeed engine set-up, parameter gathering and model export, shared by the SFT and GRPO workers.
+
+Only trainable tensors go to the optimizer, so with the default projector-only policy the optimizer state is
+the projector's (MBs) while ZeRO-3 still shards the frozen backbones' weights across workers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from r1v.config import OptimConfig, TrainerConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def warmup_cosine(total_steps: int, warmup_ratio: float, min_lr_ratio: float):
+    """LR multiplier: linear warm-up then cosine decay to `min_lr_ratio` (the paper: warm-up ratio 0.03)."""
+    warm = max(1, math.ceil(total_steps * warmup_ratio)) if warmup_ratio > 0 else 0
+
+    def fn(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return fn
+
+
+def ds_config(trainer: TrainerConfig, optim: OptimConfig, micro_batch: int, grad_accum: int) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": optim.grad_clip,
+        "zero_optimization": {"stage": trainer.zero_stage, "stage3_param_persistence_threshold": 0},
+        "optimizer": {
+            "type": "AdamW",
+            # torch_adam: DeepSpeed's fused/CPU Adam compiles a C++ op (~50 s) on first use (RUNTIME-NOTES).
+            "params": {"lr": optim.lr, "betas": list(optim.betas), "weight_decay": optim.weight_decay,
+                       "torch_adam": True},
+        },
+        "bf16": {"enabled": trainer.dtype == "bfloat16"},
+        "fp16": {"enabled": trainer.dtype == "float16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def init_engine(model: torch.nn.Module, trainer: TrainerConfig, optim: OptimConfig, total_steps: int,
+                micro_batch: int, grad_accum: int = 1):
+    import deepspeed
+    import deepspeed.ops
+
+    if not torch.cuda.is_available():
+        # The CPU shared-memory allreduce op compiles for ~80 s on first use; gloo does the job here.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("no trainable parameters: check `trainable` in the stage config")
+    sched = warmup_cosine(total_steps, optim.warmup_ratio, optim.min_lr_ratio)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=params, config=ds_config(trainer, optim, micro_batch, grad_accum),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, sched),
+    )
+    return engine
+
+
+def gathered(params: Iterable[torch.nn.Parameter]):
+    """Context manager giving full tensors under ZeRO-3 (a no-op context otherwise). All ranks must enter."""
+    import contextlib
+
+    params = list(params)
+    if params and hasattr(params[0], "ds_id"):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return contextlib.nullcontext()
+
+
+def named_tensors(module: torch.nn.Module, only_trainable: bool, rank: int) -> dict[str, torch.Tensor]:
+    """Full copies of (trainable) parameters on rank 0; every rank must call it (it gathers)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, p in module.named_parameters():
+        if only_trainable and not p.requires_grad:
+            continue
+        with gathered([p]):
+            if rank == 0:
+                out[name] = p.detach().to("cpu", copy=True)
+    return out
+
+
+def export_model(engine, base_model_dir: str, out_dir: Path, rank: int) -> None:
+    """Gather every weight (frozen ones too, so a bug that moves them shows) into an HF checkpoint."""
+    from r1v.model.io import load_model, save_model
+
+    state = named_tensors(engine.module, only_trainable=False, rank=rank)
+    if rank == 0:
+        model, tok = load_model(base_model_dir)
+        params = dict(model.named_parameters())
+        missing = set(params) - set(state)
+        if missing:
+            raise RuntimeError(f"export: no gathered tensor for {sorted(missing)[:5]}")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(state[name].to(p.dtype))
+        save_model(model, tok, out_dir)
+    barrier()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def all_reduce_max(value: int) -> int:
+    t = torch.tensor([value], dtype=torch.long)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

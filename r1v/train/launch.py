@@ -1,0 +1,55 @@
+"""Starting a Ray Train run for a stage: scaling, storage (so a rerun resumes), and clear failures."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from r1v.config import TrainerConfig
+
+
+def worker_context() -> tuple[int, int]:
+    import ray.train
+
+    ctx = ray.train.get_context()
+    return ctx.get_world_rank(), ctx.get_world_size()
+
+
+def setup_worker(trainer: TrainerConfig) -> tuple[int, int]:
+    """Per-worker process settings: thread count (2-core machines oversubscribe fast) and seeds."""
+    import random
+
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(trainer.torch_threads)
+    rank, world = worker_context()
+    random.seed(trainer.seed + rank)
+    np.random.seed(trainer.seed + rank)
+    torch.manual_seed(trainer.seed)
+    return rank, world
+
+
+def fit(loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], trainer: TrainerConfig,
+        storage: Path, keep_checkpoints: int, datasets: dict[str, Any] | None = None):
+    """Run `loop` on the workers. Re-running with the same `storage` resumes from its latest checkpoint."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    storage.mkdir(parents=True, exist_ok=True)
+    t = TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if trainer.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=trainer.num_workers, use_gpu=trainer.use_gpu,
+                                     resources_per_worker={"CPU": trainer.cpus_per_worker}),
+        run_config=RunConfig(name="train", storage_path=str(storage.resolve()),
+                             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
+                             failure_config=FailureConfig(max_failures=0)),
+        datasets=datasets,
+    )
+    result = t.fit()
+    if result.error is not None:
+        raise RuntimeError(f"training failed: {result.error}") from result.error
+    return result

@@ -1,0 +1,75 @@
+"""Grading is fast and cannot hang: a per-item bound kills pathological work and grades it 'timeout'."""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from pathlib import Path
+
+from r1v.eval.grading import grade_predictions
+from r1v.eval.pool import run_bounded
+from r1v.eval.predictions import Prediction
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "grading.py"
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("bench_grading", BENCH)
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_2500_math500_responses_well_under_a_minute_on_two_workers(bench_root):
+    preds = _bench_module().make_math500_responses(bench_root, samples=5)
+    assert len(preds) == 2500
+    start = time.perf_counter()
+    report = grade_predictions("math500", preds, bench_root, workers=2, timeout=10)
+    elapsed = time.perf_counter() - start
+    assert elapsed < 60, elapsed
+    assert report.total == 2500 and not any(v.reason == "timeout" for v in report.verdicts)
+    by_sample = {k: sum(v.correct for v in report.verdicts if v.sample == k) for k in range(5)}
+    assert by_sample[0] == 500 and by_sample[1] == 500 and by_sample[2] < 10
+    mean, std = report.pass_at_1()
+    assert 0 < mean < 1 and std > 0
+
+
+def test_pathological_expressions_time_out_without_hanging(bench_root):
+    tower = "2^{" * 12 + "2" + "}" * 12
+    nested = "\\frac{" * 400 + "1" + "}{2}" * 400
+    preds = [
+        Prediction(id="test/algebra/1072.json", response=f"Answer: \\boxed{{{tower}}}", sample=0),
+        Prediction(id="test/algebra/1072.json", response=f"Answer: \\boxed{{{nested}}}", sample=1),
+        Prediction(
+            id="test/algebra/1072.json", response="Answer: \\boxed{9^{9^{9^{9}}} - 9^{9^{9^{9}}}+x}", sample=2
+        ),
+    ]
+    start = time.perf_counter()
+    report = grade_predictions("math500", preds, bench_root, workers=2, timeout=1.5)
+    assert time.perf_counter() - start < 20
+    assert [v.correct for v in report.verdicts] == [False, False, False]
+    assert report.verdicts[0].reason == "timeout"
+
+
+def _slow(x: int) -> int:
+    if x == 3:
+        time.sleep(60)
+    if x == 5:
+        raise ValueError("boom")
+    return x * x
+
+
+def test_pool_kills_stuck_item_and_finishes_the_rest():
+    start = time.perf_counter()
+    out = run_bounded(
+        list(range(10)),
+        _slow,
+        workers=2,
+        timeout=0.5,
+        on_timeout=lambda t: "timeout",
+        on_error=lambda t, e: f"error {e}",
+        chunk_size=4,
+    )
+    assert time.perf_counter() - start < 10
+    assert out == [0, 1, 4, "timeout", 16, "error boom", 36, 49, 64, 81]
