@@ -6,7 +6,6 @@ Benchmarks (MMMU, MathVista, ...) go through `r1v.eval.runner`, which shares the
 from __future__ import annotations
 
 import json
-import statistics
 from pathlib import Path
 from typing import Any
 
@@ -30,17 +29,11 @@ def generate_samples(model_dir: str, prompts: list[dict[str, Any]], c: EvalConfi
     return out
 
 
-def pass_at_1(correct: list[list[float]]) -> tuple[float, float]:
-    """Mean over the K sample runs of each run's accuracy, and the spread (std) across runs."""
-    k = min(len(r) for r in correct)
-    runs = [sum(r[j] for r in correct) / len(correct) for j in range(k)]
-    return sum(runs) / k, statistics.pstdev(runs) if k > 1 else 0.0
-
-
 def run_eval(c: EvalConfig, stage_dir: Path, log) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     from r1v.data.pipeline import RowError, preprocess_row
+    from r1v.eval.passk import pass_at_1
     from r1v.rl.rewards import REWARDS
 
     if c.corpus is None:
@@ -63,9 +56,10 @@ def run_eval(c: EvalConfig, stage_dir: Path, log) -> dict[str, Any]:
         correct.append(scores)
         preds += [{"id": p["id"], "sample": j, "response": cp.text, "answer": p["answer"], "correct": s}
                   for j, (cp, s) in enumerate(zip(group, scores, strict=True))]
-    mean, std = pass_at_1(correct) if correct else (0.0, 0.0)
-    summary = {"items": len(prompts), "quarantined": len(bad), "samples": c.samples, "pass@1": mean,
-               "pass@1_std": std, "accuracy_first_sample": sum(r[0] for r in correct) / max(1, len(correct)),
+    runs = [[bool(r[j]) for r in correct] for j in range(c.samples)]
+    mean, std = pass_at_1(runs) if correct else (0.0, 0.0)
+    summary = {"items": len(prompts), "quarantined": len(bad), "samples": c.samples, "pass_at_1": mean,
+               "pass_at_1_std": std, "accuracy_first_sample": sum(r[0] for r in correct) / max(1, len(correct)),
                "mean_response_tokens": sum(len(cp.token_ids) for g in comps for cp in g) / max(1, len(preds))}
     pred_path = stage_dir / "predictions.jsonl"
     atomic_write_text(pred_path, "".join(json.dumps(p) + "\n" for p in preds))

@@ -67,3 +67,28 @@ def test_mathv_extraction_matches_published_model_answers(bench_root):
     for line in (bench_root / "mathv/outputs/LLaVA-v1.5-13B.jsonl").read_text().splitlines():
         rec = json.loads(line)
         assert extract_answer(rec["response"]) == rec["model_answer"], rec["id"]
+
+
+def test_r1v_format_gold_boxed_after_thinking(bench_root):
+    """Our own predictions format: gold answers boxed after a think block (holding a wrong draft) grade right.
+
+    MATH-Vision has six gold answers the official scorer itself cannot match (they carry ``$``, ``^\\circ`` or
+    a ``\\boxed{}`` of their own), so those stay wrong, as upstream.
+    """
+    from r1v.eval.grading import grade_predictions
+    from r1v.eval.loaders import load_benchmark
+    from r1v.eval.predictions import Prediction
+
+    for benchmark, expected in (("mathvista", 1000), ("mathv", 3034)):
+        preds = []
+        for it in load_benchmark(benchmark, bench_root):
+            ans = (
+                chr(ord("A") + it.choices.index(it.answer))
+                if benchmark == "mathvista" and it.choices
+                else it.answer
+            )
+            preds.append(
+                Prediction(id=it.id, response=f"<think>\\boxed{{Z}}</think>So.\nAnswer: \\boxed{{{ans}}}")
+            )
+        report = grade_predictions(benchmark, preds, bench_root, workers=2)
+        assert report.correct == expected, benchmark
