@@ -166,6 +166,8 @@ class GRPOConfig(Strict):
     advantage: str = "grpo"
     policy_loss: str = "clipped_surrogate"
     rewards: dict[str, float] = {"accuracy": 1.0, "format": 0.5}
+    reward_modules: list[str] = Field([], description="modules imported on every worker before scoring: "
+                                      "they register custom rewards with @REWARDS.register")
     sampling: SamplingConfig = SamplingConfig()
     engine: EngineConfig = EngineConfig()
     checkpoint_every: int = Field(5, ge=1)

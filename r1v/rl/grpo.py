@@ -22,7 +22,7 @@ import torch
 from r1v.config import GRPOConfig
 from r1v.rl.algos import ADVANTAGES, KL_ESTIMATORS, POLICY_LOSSES, masked_mean, token_logprobs
 from r1v.rl.engines import Request
-from r1v.rl.rewards import score
+from r1v.rl.rewards import load_reward_modules, score
 from r1v.train import checkpoint
 from r1v.train.engine import all_reduce_sum, barrier, export_model, init_engine, named_tensors
 from r1v.train.launch import setup_worker
@@ -85,6 +85,7 @@ def grpo_loop(cfg: dict[str, Any]) -> None:
 
     c = GRPOConfig.model_validate(cfg["config"])
     rank, world = setup_worker(c.trainer)
+    load_reward_modules(c.reward_modules, list(c.rewards))
     log = RunLogger(cfg["tracking_uri"], cfg["run_id"]) if rank == 0 else RunLogger(None, None)
     engines = cfg["engines"]
     rollout = engines[rank % len(engines)]
@@ -178,6 +179,7 @@ def train_grpo(c: GRPOConfig, stage_dir: Path, tracking_uri: str | None, run_id:
     from r1v.rl.engines import start_engines
     from r1v.train.launch import fit
 
+    load_reward_modules(c.reward_modules, list(c.rewards))  # fail before starting anything
     engines = start_engines(c.engine.kind, c.model, c.engine.num_engines, c.engine.num_cpus, c.engine.num_gpus,
                             c.engine.max_batch)
     try:

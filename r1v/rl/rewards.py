@@ -41,7 +41,7 @@ def accuracy(completion: str, sample: dict[str, Any]) -> float:
     return float(got is not None and gold != "" and _norm(got) == _norm(gold))
 
 
-_FORMAT = re.compile(r"^(?!.*" + re.escape(THINK_START) + r").+?" + re.escape(THINK_END) + r"\s*\S.*\\boxed\{.+\}",
+_FORMAT = re.compile(r"^(?!.*" + re.escape(THINK_START) + r").+?" + re.escape(THINK_END) + r".*\\boxed\{.+\}",
                      re.DOTALL)
 
 
@@ -49,6 +49,16 @@ _FORMAT = re.compile(r"^(?!.*" + re.escape(THINK_START) + r").+?" + re.escape(TH
 def format_reward(completion: str, sample: dict[str, Any]) -> float:
     """1 for `reasoning </think> answer-with-\\boxed{}` (the prompt already opened `<think>`), else 0."""
     return float(bool(_FORMAT.match(completion)) and completion.count(THINK_END) == 1)
+
+
+def load_reward_modules(modules: list[str], needed: list[str]) -> None:
+    """Import plugin modules (which register rewards), then check every needed reward exists."""
+    import importlib
+
+    for m in modules:
+        importlib.import_module(m)
+    for name in needed:
+        REWARDS.get(name)  # raises KeyError listing the known rewards
 
 
 def score(completions: list[str], samples: list[dict[str, Any]], weights: dict[str, float]
