@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("run")
     st.set_defaults(fn=cmd_status)
 
+    from r1v.data.import_cli import add_data_parser
+
+    add_data_parser(sub)
+
     ev = sub.add_parser("eval", help="evaluation: grade predictions or generate and grade")
     ev_sub = ev.add_subparsers(dest="eval_command", required=True)
     try:

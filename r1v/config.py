@@ -187,6 +187,9 @@ class EvalConfig(Strict):
     model: str
     corpus: str | None = Field(None, description="r1v corpus with answers (e.g. the synthetic test split)")
     benchmark: str | None = Field(None, description="a benchmark name instead of a corpus (see r1v eval)")
+    data_root: str | None = Field(None, description="benchmark data folder (default: $R1V_BENCHMARKS or "
+                                  "../shared/data/benchmarks)")
+    dataset: str | None = Field(None, description="official Parquet release (MathVista, MMMU images)")
     samples: int = Field(4, ge=1, description="samples per item; pass@1 is their mean")
     limit: int | None = Field(None, ge=1, description="evaluate only the first N items")
     grader: str = Field("accuracy", description="reward/grader name used for a corpus")
@@ -312,3 +315,7 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+# Stage configs that live next to their feature; imported last because they import from this module.
+import r1v.data.import_config  # noqa: E402,F401

@@ -16,6 +16,7 @@ from r1v.config import (
     SyntheticDataConfig,
     TinyModelConfig,
 )
+import r1v.data.import_stage  # noqa: F401  (registers data.import)
 from r1v.workflow import STAGES, StageContext
 
 

@@ -36,7 +36,11 @@ def cmd_import(args: argparse.Namespace) -> int:
         return 2
     quarantine = Path(args.quarantine or out.with_name(out.name + ".quarantine.parquet"))
     report = Path(args.report or out.with_name(out.name + ".report.json"))
-    rep = import_corpus(cfg, out, quarantine, report, progress=None if not args.quiet else False)
+    try:
+        rep = import_corpus(cfg, out, quarantine, report, progress=None if not args.quiet else False)
+    except (FileNotFoundError, ValueError) as e:  # no input files; a JSON array that cannot be parsed on
+        print(f"r1v: error: {e}", file=sys.stderr)
+        return 2
     print(f"read {rep['rows_read']}, written {rep['rows_written']}, quarantined {rep['rows_quarantined']}"
           + (f" ({json.dumps(rep['by_reason'])})" if rep["by_reason"] else "")
           + f", truncated {rep['rows_truncated']}, images converted {rep['images_converted']}"

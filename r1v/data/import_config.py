@@ -36,7 +36,8 @@ class DataImportConfig(Strict):
                                                           "(Pillow's own limit, 179M, still applies)")
     max_image_bytes: int = Field(64 << 20, ge=1, description="larger image files are quarantined unread")
     rows_per_file: int = Field(10_000, ge=1, description="rows per corpus part file")
-    buffer_bytes: int = Field(64 << 20, ge=1 << 16, description="row-group flush threshold: bounds memory")
+    buffer_bytes: int = Field(32 << 20, ge=1 << 16, description="row-group flush threshold; peak memory is "
+                                                                "about libraries + 5 x this")
     batch_rows: int = Field(64, ge=1, description="rows per Parquet read batch and per worker task")
     workers: int = Field(1, ge=1, description="validation processes (image decoding is the CPU cost)")
     limit: int | None = Field(None, ge=1, description="import only the first N rows (a trial run)")

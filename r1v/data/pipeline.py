@@ -54,15 +54,23 @@ def vision_geometry(model_dir: str) -> tuple[int, int]:
 
 
 def encode_images(images: list[bytes], tile_size: int, pre: PreprocessConfig) -> tuple[np.ndarray | None, list[int]]:
-    from r1v.model.tiling import dynamic_tiles, load_image, normalize
+    """Decode and tile every image of a row: float32 [total tiles, 3, T, T] in image order, and tiles per image.
+
+    Uses the uint8 tile path (`tile_array` + `normalize_array`): the same pixels as `dynamic_tiles` +
+    `normalize`, without per-tile PIL crops and float temporaries, which cost more than the resize did.
+    """
+    from r1v.model.tiling import load_image, normalize_array, tile_array
 
     arrays, counts = [], []
     for data in images:
-        tiles = dynamic_tiles(load_image(data), tile_size=tile_size, max_tiles=pre.max_tiles,
-                              use_thumbnail=pre.use_thumbnail)
-        arrays.append(normalize(tiles))
+        tiles = tile_array(load_image(data), tile_size=tile_size, max_tiles=pre.max_tiles,
+                           use_thumbnail=pre.use_thumbnail)
+        arrays.append(tiles)
         counts.append(len(tiles))
-    return (np.concatenate(arrays) if arrays else None), counts
+    if not arrays:
+        return None, counts
+    stacked = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+    return normalize_array(stacked), counts
 
 
 class RowError(Exception):
@@ -105,7 +113,7 @@ def preprocess_row(row: dict[str, Any], model_dir: str, pre: PreprocessConfig, w
         reason = "too_long" if "max_length" in str(e) or "exceeds" in str(e) else "image_markers"
         raise RowError(reason, str(e)) from e
     return {"input_ids": ids, "labels": labels,
-            "pixel_values": pixels.astype(np.float32).tobytes() if pixels is not None else b"",
+            "pixel_values": np.ascontiguousarray(pixels, np.float32).tobytes() if pixels is not None else b"",
             "n_tiles": int(sum(counts))}
 
 

@@ -51,7 +51,11 @@ class Record:
     images: list[ImageRef] = field(default_factory=list)
     answer: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
-    error: RowError | None = None
+    error: tuple[str, str] | None = None  # (reason, detail): a tuple, since RowError does not pickle
+
+    @classmethod
+    def failed(cls, id: str, location: str, err: RowError) -> Record:
+        return cls(id=id, location=location, error=(err.reason, err.detail))
 
 
 @dataclass
@@ -220,7 +224,7 @@ class Validator:
     def __call__(self, rec: Record, source: str) -> Outcome:
         try:
             if rec.error is not None:
-                raise rec.error
+                raise RowError(*rec.error)
             check_messages(rec.messages, len(rec.images), rec.answer)
             images, sizes, converted = [], [], 0
             for i, ref in enumerate(rec.images):

@@ -60,7 +60,7 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=DEFAULT_TIMEOUT_S,
         help="seconds allowed per response before it is graded wrong with reason 'timeout'",
     )
-    parser.set_defaults(func=grade_main)
+    parser.set_defaults(fn=grade_main)
     return parser
 
 

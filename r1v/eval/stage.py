@@ -58,8 +58,9 @@ def run_eval(c: EvalConfig, stage_dir: Path, log) -> dict[str, Any]:
                   for j, (cp, s) in enumerate(zip(group, scores, strict=True))]
     runs = [[bool(r[j]) for r in correct] for j in range(c.samples)]
     mean, std = pass_at_1(runs) if correct else (0.0, 0.0)
+    first = sum(r[0] for r in correct) / max(1, len(correct))
     summary = {"items": len(prompts), "quarantined": len(bad), "samples": c.samples, "pass_at_1": mean,
-               "pass_at_1_std": std, "accuracy_first_sample": sum(r[0] for r in correct) / max(1, len(correct)),
+               "pass_at_1_std": std, "accuracy_first_sample": first,
                "mean_response_tokens": sum(len(cp.token_ids) for g in comps for cp in g) / max(1, len(preds))}
     pred_path = stage_dir / "predictions.jsonl"
     atomic_write_text(pred_path, "".join(json.dumps(p) + "\n" for p in preds))

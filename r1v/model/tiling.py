@@ -64,6 +64,14 @@ def choose_grid(
     return best
 
 
+def _resize_to_grid(
+    image: Image.Image, tile_size: int, min_tiles: int, max_tiles: int
+) -> tuple[Image.Image, int, int]:
+    """The image resized bicubic to its grid's pixel size, and the grid (cols, rows)."""
+    cols, rows = choose_grid(image.width, image.height, tile_size, min_tiles, max_tiles)
+    return image.resize((tile_size * cols, tile_size * rows), Image.Resampling.BICUBIC), cols, rows
+
+
 def dynamic_tiles(
     image: Image.Image,
     tile_size: int = 448,
@@ -72,8 +80,7 @@ def dynamic_tiles(
     use_thumbnail: bool = True,
 ) -> list[Image.Image]:
     """Tiles of `image` in row-major order, plus a whole-image thumbnail when there is more than one tile."""
-    cols, rows = choose_grid(image.width, image.height, tile_size, min_tiles, max_tiles)
-    resized = image.resize((tile_size * cols, tile_size * rows), Image.Resampling.BICUBIC)
+    resized, cols, rows = _resize_to_grid(image, tile_size, min_tiles, max_tiles)
     tiles = [
         resized.crop((c * tile_size, r * tile_size, (c + 1) * tile_size, (r + 1) * tile_size))
         for r in range(rows)
@@ -84,6 +91,46 @@ def dynamic_tiles(
     return tiles
 
 
+def tile_array(
+    image: Image.Image,
+    tile_size: int = 448,
+    min_tiles: int = 1,
+    max_tiles: int = 12,
+    use_thumbnail: bool = True,
+) -> np.ndarray:
+    """`dynamic_tiles` as one uint8 array [n, 3, T, T]: the same pixels, without a PIL crop per tile.
+
+    The data pipeline's hot path: slicing the resized image's array is a strided copy of bytes, where crops
+    plus per-tile float conversion cost more than the resize itself (bench/data_pipeline.py).
+    """
+    image = image.convert("RGB") if image.mode != "RGB" else image
+    resized, cols, rows = _resize_to_grid(image, tile_size, min_tiles, max_tiles)
+    n = cols * rows
+    thumb = use_thumbnail and n != 1
+    out = np.empty((n + thumb, 3, tile_size, tile_size), dtype=np.uint8)
+    grid = np.asarray(resized).reshape(rows, tile_size, cols, tile_size, 3)
+    out[:n].reshape(rows, cols, 3, tile_size, tile_size)[...] = grid.transpose(0, 2, 4, 1, 3)
+    if thumb:
+        small = np.asarray(image.resize((tile_size, tile_size), Image.Resampling.BICUBIC))
+        out[n] = small.transpose(2, 0, 1)
+    return out
+
+
+def normalize_array(tiles: np.ndarray) -> np.ndarray:
+    """uint8 [n, 3, H, W] -> float32: x/255, then ImageNet mean/std, in place on one new float32 array.
+
+    Bit-identical to torchvision's ToTensor + Normalize (the same float32 division, subtraction, division in
+    the same order); in-place ufuncs make it three passes over the output instead of several temporaries.
+    """
+    if tiles.ndim != 4 or tiles.shape[1] != 3:
+        raise ValueError(f"tiles must be [n, 3, H, W], got shape {tiles.shape}")
+    out = tiles.astype(np.float32)
+    np.divide(out, np.float32(255), out=out)
+    np.subtract(out, IMAGENET_MEAN[:, None, None], out=out)
+    np.divide(out, IMAGENET_STD[:, None, None], out=out)
+    return out
+
+
 def normalize(tiles: list[Image.Image]) -> np.ndarray:
     """Stack tiles as float32 [n, 3, H, W]: x/255, then ImageNet mean/std (as ToTensor + Normalize)."""
     if not tiles:
@@ -91,11 +138,10 @@ def normalize(tiles: list[Image.Image]) -> np.ndarray:
     sizes = {t.size for t in tiles}
     if len(sizes) != 1:
         raise ValueError(f"tiles must share one size, got {sorted(sizes)}")
-    arr = np.stack([np.asarray(t.convert("RGB"), dtype=np.float32) for t in tiles]) / np.float32(255)
-    arr = (arr - IMAGENET_MEAN) / IMAGENET_STD
-    return np.ascontiguousarray(arr.transpose(0, 3, 1, 2), dtype=np.float32)
+    arr = np.stack([np.asarray(t.convert("RGB")) for t in tiles]).transpose(0, 3, 1, 2)
+    return normalize_array(arr)
 
 
 def image_to_pixel_values(data: bytes, tile_size: int = 448, max_tiles: int = 12) -> np.ndarray:
     """Encoded image bytes -> normalised tiles [n_tiles, 3, tile_size, tile_size] (thumbnail included)."""
-    return normalize(dynamic_tiles(load_image(data), tile_size=tile_size, max_tiles=max_tiles))
+    return normalize_array(tile_array(load_image(data), tile_size=tile_size, max_tiles=max_tiles))

@@ -16,7 +16,8 @@ from typing import Any
 TAG = "ds"
 
 
-def save(engine, step: int, worker_state: dict[str, Any], metrics: dict[str, float], rank: int) -> None:
+def save(engine, step: int, worker_state: dict[str, Any], metrics: dict[str, float], rank: int,
+         name: str | None = None) -> None:
     import ray.train
 
     tmp = Path(tempfile.mkdtemp(prefix=f"r1v-ckpt-{rank}-"))
@@ -24,7 +25,7 @@ def save(engine, step: int, worker_state: dict[str, Any], metrics: dict[str, flo
         engine.save_checkpoint(str(tmp), tag=TAG)
         (tmp / f"r1v_state_rank{rank}.json").write_text(json.dumps(worker_state))
         ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
-                         checkpoint_dir_name=f"step-{step:06d}")
+                         checkpoint_dir_name=name or f"step-{step:06d}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -56,28 +56,27 @@ def sft_loop(cfg: dict[str, Any]) -> None:
     counts = apply_freeze(model, c.trainable)
     tile, per_tile = vision_geometry(c.model)
     image_token = model.config.image_token_id
+    # Shards are split dynamically (no row dropped), so their sizes are only known at the end: the step
+    # count below sizes the LR schedule; an epoch ends when every shard is exhausted.
     steps_per_epoch = math.ceil(cfg["rows"] / (world * c.batch_size * c.grad_accum))
     total = min(c.max_steps or 10**12, steps_per_epoch * c.epochs)
+    limit = c.max_steps or 10**12
     engine = init_engine(model, c.trainer, c.optim, total, c.batch_size, c.grad_accum)
     state = checkpoint.restore(engine, rank) or {"step": 0, "epoch": 0, "rows_consumed": 0, "micro": 0,
-                                                  "trained": 0, "quarantined": [], "tokens": 0}
+                                                  "trained": 0, "quarantined": []}
     if rank == 0:
         log.params({"trainable_params": counts, "total_steps": total})
-        print(f"[sft] rank0: trainable {counts}; {total} optimizer steps; starting at step {state['step']}")
+        print(f"[sft] rank0: trainable {counts}; ~{total} optimizer steps; starting at step {state['step']}")
         if state["step"]:
             log.tags({"r1v.resumed_from_step": str(state["step"])})
     shard = ray.train.get_dataset_shard("train")
     t_last, tokens_since = time.time(), 0
 
     for epoch in range(state["epoch"], c.epochs):
-        if state["step"] >= total:
-            # Resumed from the final checkpoint: the epoch's counts may not have been reconciled yet.
-            if all_reduce_max(int(state["rows_consumed"] > 0)):
-                _finish_epoch(state, epoch, rank, log, cfg["stage_dir"])
+        if state["step"] >= limit:
             break
         skip = state["rows_consumed"]
-        batches = shard.iter_batches(batch_size=c.batch_size, batch_format="pyarrow")
-        it = iter(batches)
+        it = iter(shard.iter_batches(batch_size=c.batch_size, batch_format="pyarrow"))
         while True:
             table = next(it, None)
             rows = table.to_pylist() if table is not None else None
@@ -119,12 +118,14 @@ def sft_loop(cfg: dict[str, Any]) -> None:
                 log.metrics({"loss": g_nll / max(g_tok, 1), "lr": engine.get_lr()[0],
                              "tokens_per_s": tokens_since / max(now - t_last, 1e-9), "epoch": epoch}, step)
                 t_last, tokens_since = now, 0
-            if step % c.checkpoint_every == 0 or step >= total:
+            if step % c.checkpoint_every == 0:
                 checkpoint.save(engine, step, state, {"loss": g_nll / max(g_tok, 1)}, rank)
-            if step >= total:
+            if step >= limit:
                 break
         _finish_epoch(state, epoch, rank, log, cfg["stage_dir"])
         state.update(epoch=epoch + 1, rows_consumed=0, trained=0, quarantined=[])
+        # An end-of-epoch checkpoint: a crash after this point never redoes (or recounts) the epoch.
+        checkpoint.save(engine, state["step"], state, {"epoch": epoch}, rank, name=f"epoch-{epoch:03d}-end")
 
     export_model(engine, c.model, Path(cfg["stage_dir"]) / "model", rank)
 

@@ -54,7 +54,8 @@ def test_llava_json(tmp_path) -> None:
     rep, out, q = run(tmp_path, format="llava", source=str(tmp_path / "data.json"),
                       image_root=str(tmp_path / "imgs"))
     assert [r["id"] for r in out] == ["one", "two", "text"]
-    assert q == {"missing": "image_missing", "bad": "image_decode", "noconv": "bad_record", "data-6": "bad_record"}
+    assert q == {"missing": "image_missing", "bad": "image_decode", "noconv": "bad_record",
+                 "data-6": "bad_record"}
     assert out[0]["images"][0] == png() and out[0]["source"] == "data"
     assert out[1]["messages"][0] == {"role": "user", "content": "<image> and <image>"}
     meta = json.loads(out[0]["meta"])
@@ -82,7 +83,8 @@ def test_openai_jsonl(tmp_path) -> None:
         {"id": "badurl", "messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]},
             {"role": "assistant", "content": "x"}]},
-        {"id": "toolcall", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}]},
+        {"id": "toolcall", "messages": [{"role": "user", "content": "hi"},
+                                        {"role": "assistant", "content": None}]},
         "{not json",
     ]
     write_jsonl(tmp_path / "chat.jsonl", lines)
@@ -117,8 +119,8 @@ def test_webdataset(tmp_path) -> None:
         ("s/005.json", json.dumps({"question": "What?", "answer": "7"}).encode()), ("s/005.png", png()),
     ])
     big = [(f"t/{i:03d}.json", js("<image> q")) for i in range(3)] + [("t/003.png", png(200, 200, seed=3))]
-    members = [m for i in range(3) for m in (big[i], (f"t/{i:03d}.png", png()))] + [("t/003.json", js("<image>")),
-                                                                                    big[3]]
+    members = [m for i in range(3) for m in (big[i], (f"t/{i:03d}.png", png()))]
+    members += [("t/003.json", js("<image>")), big[3]]
     _tar(tmp_path / "shards" / "s-001.tar", members, cut=4 * 1024 + 512 + 10)  # breaks inside t/002.json
     rep, out, q = run(tmp_path, format="webdataset", source=str(tmp_path / "shards"))
     assert [r["id"] for r in out] == ["s/000", "s/001", "s/005", "t/000", "t/001"]
@@ -149,8 +151,10 @@ def test_parquet_image_structs(tmp_path) -> None:
     pq.write_table(mmmu, tmp_path / "mmmu" / "Art" / "validation-00000.parquet")
     rep, out, q = run(tmp_path, format="parquet", source=str(tmp_path / "mmmu"), image_root=str(tmp_path))
     assert [r["id"] for r in out] == ["validation_1", "validation_2", "validation_3"]
-    assert out[0]["messages"][0]["content"] == "<image><image>\n<image 1> vs <image 2>?\nOptions:\nA. A cat\nB. A dog"
-    assert out[0]["images"] == [png(), jpeg()] and out[1]["images"] == [png(11, 11)] and out[2]["images"] == []
+    content = "<image><image>\n<image 1> vs <image 2>?\nOptions:\nA. A cat\nB. A dog"
+    assert out[0]["messages"][0]["content"] == content
+    assert out[0]["images"] == [png(), jpeg()] and out[1]["images"] == [png(11, 11)]
+    assert out[2]["images"] == []
     assert json.loads(out[0]["meta"])["subject"] == "Art"
     assert q == {"validation_4": "image_decode"}
 
@@ -177,7 +181,8 @@ def test_jsonl_folder(tmp_path) -> None:
     write_jsonl(tmp_path / "bench" / "testmini.jsonl", [
         {"id": "1", "question": "Count?\n<image1>", "options": [], "answer": "6", "image": "images/1.jpg",
          "level": 1},
-        {"id": "2", "question": "Pick\n<image1>", "options": ["A", "B"], "answer": "B", "image": "images/2.jpg"},
+        {"id": "2", "question": "Pick\n<image1>", "options": ["A", "B"], "answer": "B",
+         "image": "images/2.jpg"},
         {"id": "3", "question": "Empty?", "options": [], "answer": "1", "image": "images/3.jpg"},
         {"id": "4", "question": "No answer?", "options": [], "answer": None, "image": "images/1.jpg"},
         {"id": "5", "question": "Text only", "answer": "2"},
@@ -189,7 +194,7 @@ def test_jsonl_folder(tmp_path) -> None:
     assert q == {"2": "image_missing", "3": "image_empty", "4": "empty_turn"}
 
 
-@pytest.mark.skipif(not (SHARED_MATHV / "testmini.jsonl").exists(), reason="shared MATH-Vision data not present")
+@pytest.mark.skipif(not (SHARED_MATHV / "testmini.jsonl").exists(), reason="no shared MATH-Vision data")
 def test_jsonl_folder_real_mathv(tmp_path) -> None:
     rep, out, q = run(tmp_path, format="jsonl_folder", source=str(SHARED_MATHV / "testmini.jsonl"))
     assert rep["rows_read"] == rep["rows_written"] == 304 and q == {}
@@ -197,7 +202,7 @@ def test_jsonl_folder_real_mathv(tmp_path) -> None:
 
 
 def test_missing_source_fails_and_writes_nothing(tmp_path) -> None:
-    with pytest.raises(FileNotFoundError, match="no .jsonl files"):
+    with pytest.raises(FileNotFoundError, match="no .jsonl/.json files"):
         run(tmp_path, format="openai", source=str(tmp_path / "nothing*.jsonl"))
     assert not (tmp_path / "out" / "corpus").exists() and not (tmp_path / "out" / "q.parquet").exists()
     assert not list((tmp_path / "out").iterdir())

@@ -29,8 +29,8 @@ def png(w: int = 40, h: int = 30, mode: str = "RGB", color=(200, 30, 30), seed: 
     return buf.getvalue()
 
 
-def jpeg(w: int = 40, h: int = 30, mode: str = "RGB", color=(30, 200, 30), exif_orientation: int | None = None,
-         seed: int | None = None) -> bytes:
+def jpeg(w: int = 40, h: int = 30, mode: str = "RGB", color=(30, 200, 30),
+         exif_orientation: int | None = None, seed: int | None = None) -> bytes:
     if seed is not None:
         img = Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8), "RGB")
     else:
@@ -71,6 +71,9 @@ def huge_header_png(w: int, h: int) -> bytes:
     return bytes(data)
 
 
+BROKEN_REASON = {"decode": "image_decode", "empty": "image_empty", "large": "image_too_large"}
+
+
 def broken_images() -> dict[str, bytes]:
     """name -> (bytes) for images that must be quarantined, grouped by expected reason in the name."""
     noise_png, noise_jpg = png(64, 64, seed=1), jpeg(64, 64, seed=2)
@@ -86,9 +89,8 @@ def broken_images() -> dict[str, bytes]:
 _TINY: dict[str, str] = {}
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> str:
-    """A saved tiny VLM (56 px tiles, 4 tokens per tile) for tokenised length checks."""
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A saved tiny VLM (56 px tiles, 4 tokens per tile) for tokenised length checks, built once."""
     if "dir" not in _TINY:
         from r1v.model.io import save_model
         from r1v.model.tiny import TinySpec, build_tiny_vlm
@@ -113,7 +115,8 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 @pytest.mark.parametrize("chunk", [1, 3, 7, 64, 1 << 20])
 def test_json_array_any_chunking(tmp_path, chunk) -> None:
-    rows = [{"id": i, "text": "x" * (i * 13), "nested": {"a": [1, 2, {"b": "]},[{"}]}} for i in range(30)]
+    rows = [{"id": i, "text": "x" * (i * 13), "nested": {"a": [1, 2, {"b": "]},[{"}]}, "flag": i % 2 == 0,
+             "none": None, "num": 12345.5 * i, "esc": "\u00e9 \\u \"q\""} for i in range(30)]
     rows.append(42)  # a non-object element still comes out (the importer quarantines it)
     p = write_json(tmp_path / "a.json", rows)
     got = list(iter_json_array(p, chunk=chunk))
@@ -130,7 +133,8 @@ def test_json_array_empty_and_jsonl_fallback(tmp_path) -> None:
     assert got[1][0] == f"{p}:3" and got[2][1].reason == "bad_record"
 
 
-@pytest.mark.parametrize("text,match", [('[{"a": 1}, {"a": }]', "element 1"), ('[{"a": 1} {"a": 2}]', "expected ','"),
+@pytest.mark.parametrize("text,match", [('[{"a": 1}, {"a": }]', "element 1"),
+                                        ('[{"a": 1} {"a": 2}]', "expected ','"),
                                         ('[{"a": 1},', "ends inside"), ('"str"', "expected a JSON array")])
 def test_json_array_syntax_errors_fail_loudly(tmp_path, text, match) -> None:
     p = tmp_path / "bad.json"

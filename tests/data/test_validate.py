@@ -3,7 +3,15 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from test_import_helpers import broken_images, huge_header_png, jpeg, odd_mode_images, png, tiny_model  # noqa: F401
+from test_import_helpers import (
+    BROKEN_REASON,
+    broken_images,
+    huge_header_png,
+    jpeg,
+    odd_mode_images,
+    png,
+    tiny_model_dir,
+)
 
 from r1v.data.import_config import DataImportConfig
 from r1v.data.pipeline import RowError
@@ -22,6 +30,11 @@ from r1v.data.validate import (
     read_image,
 )
 from r1v.model.tiling import load_image
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    return tiny_model_dir(tmp_path_factory)
 
 
 def _reason(fn, *args) -> str:
@@ -56,7 +69,7 @@ def test_conversions_keep_the_picture() -> None:
 
 @pytest.mark.parametrize("name", sorted(broken_images()))
 def test_broken_images_have_reasons(name) -> None:
-    expected = {"decode": "image_decode", "empty": "image_empty", "large": "image_too_large"}[name.split("-")[0]]
+    expected = BROKEN_REASON[name.split("-")[0]]
     assert _reason(normalize_image, broken_images()[name], 50_000_000) == expected
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from r1v.data.import_config import DataImportConfig
@@ -30,7 +31,9 @@ def open_records(cfg: DataImportConfig) -> Iterator[Record]:
     return importlib.import_module(FORMAT_MODULES[cfg.format]).records(cfg)
 
 
-def import_corpus(*args, **kwargs):  # noqa: ANN002, ANN003 - re-export, see driver.import_corpus
-    from r1v.data.importers.driver import import_corpus as fn
+def import_corpus(cfg: DataImportConfig, corpus: str | Path, quarantine: str | Path, report: str | Path,
+                  progress: bool | None = None) -> dict[str, Any]:
+    """See `r1v.data.importers.driver.import_corpus` (imported lazily: it pulls in pyarrow and PIL)."""
+    from r1v.data.importers.driver import import_corpus as run
 
-    return fn(*args, **kwargs)
+    return run(cfg, corpus, quarantine, report, progress)

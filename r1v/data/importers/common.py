@@ -92,7 +92,10 @@ def iter_json_array(path: Path, chunk: int = 1 << 20,
                 obj, end = decoder.raw_decode(buf, pos)
                 complete = end < len(buf) or eof
             except json.JSONDecodeError as e:
-                if eof or len(buf) - pos > max_record:
+                # A cut at the buffer's end fails near the end, or as an unterminated string; anything else
+                # is a real syntax error, reported now rather than after reading up to max_record.
+                cut = e.pos >= len(buf) - 8 or e.msg.startswith("Unterminated string")
+                if eof or not cut or len(buf) - pos > max_record:
                     raise ValueError(f"{path}: invalid JSON in element {index} near character "
                                      f"{base + e.pos}: {e.msg}") from None
                 complete = False
@@ -187,6 +190,8 @@ def question_messages(question: str, options: list[Any], n_images: int) -> list[
 def _jsonable(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return None
+    if isinstance(v, bytes | bytearray):
+        return f"<{len(v)} bytes>"
     if v is None or isinstance(v, str | int | float | bool):
         return v
     if isinstance(v, list | tuple):
@@ -217,7 +222,7 @@ def record_from_obj(obj: Any, location: str, default_id: str, resolve: Resolve,
     """Any supported JSON-ish row -> Record: `conversations`/`messages` rows, or `question` (+ `options`,
     `answer`) rows. `images` overrides the row's `image`/`images` (WebDataset members, Parquet columns)."""
     if isinstance(obj, RowError):
-        return Record(id=default_id, location=location, error=obj)
+        return Record.failed(default_id, location, obj)
     rid = default_id
     try:
         if not isinstance(obj, dict):
@@ -235,7 +240,7 @@ def record_from_obj(obj: Any, location: str, default_id: str, resolve: Resolve,
             messages = question_messages(question, options, len(refs))
         else:
             raise RowError(BAD_RECORD, "no conversations, messages or question field")
-        meta = {k: _jsonable(v) for k, v in obj.items() if k not in CONSUMED and not isinstance(v, bytes)}
+        meta = {k: _jsonable(v) for k, v in obj.items() if k not in CONSUMED}
         return Record(id=rid, location=location, messages=messages, images=refs, answer=answer, meta=meta)
     except RowError as e:
-        return Record(id=rid, location=location, error=e)
+        return Record.failed(rid, location, e)

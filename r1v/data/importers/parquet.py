@@ -58,7 +58,7 @@ def records(cfg: DataImportConfig) -> Iterator[Record]:
             pf = pq.ParquetFile(path)
         except (pa.ArrowException, OSError) as e:
             err = RowError(BAD_RECORD, f"unreadable Parquet file: {e}")
-            yield Record(id=path.name, location=str(path), error=err)
+            yield Record.failed(path.name, str(path), err)
             continue
         cols = image_columns(pf.schema_arrow)
         index = 0
@@ -69,6 +69,6 @@ def records(cfg: DataImportConfig) -> Iterator[Record]:
                 try:
                     images = _images(row, cols, resolve)
                 except RowError as e:
-                    yield Record(id=str(row.get("id") or rid), location=loc, error=e)
+                    yield Record.failed(str(row.get("id") or rid), loc, e)
                     continue
                 yield record_from_obj(row, loc, rid, resolve, images=images)

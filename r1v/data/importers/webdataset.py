@@ -41,11 +41,11 @@ def _sample(shard: Path, key: str, members: dict[str, bytes], resolve) -> Record
     raw = members.get("json")
     if raw is None:
         err = RowError(BAD_RECORD, f"no .json member (has {sorted(members)})")
-        return Record(id=key, location=loc, error=err)
+        return Record.failed(key, loc, err)
     try:
         obj = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        return Record(id=key, location=loc, error=RowError(BAD_RECORD, f"invalid JSON: {e}"))
+        return Record.failed(key, loc, RowError(BAD_RECORD, f"invalid JSON: {e}"))
     exts = sorted((e for e in members if e.rsplit(".", 1)[-1] in IMAGE_EXTS), key=_natural)
     if isinstance(obj, dict) and "id" not in obj:
         obj["id"] = key
@@ -67,8 +67,8 @@ def _shard(path: Path, resolve) -> Iterator[Record]:
                 f = tf.extractfile(m)
                 members[ext] = f.read() if f else b""
     except (tarfile.TarError, OSError, EOFError) as e:
-        yield Record(id=f"{path.name}@{last}", location=f"{path}:{last}",
-                     error=RowError(BAD_RECORD, f"shard unreadable after member {last}: {e}"))
+        err = RowError(BAD_RECORD, f"shard unreadable from member {last} on: {e}")
+        yield Record.failed(f"{path.name}@{last}", f"{path}:{last}", err)
         return
     if key is not None:
         yield _sample(path, key, members, resolve)
