@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import r1v.data.import_stage  # noqa: F401  (registers data.import)
 from r1v.config import (
     EvalConfig,
     GRPOConfig,
@@ -16,7 +17,6 @@ from r1v.config import (
     SyntheticDataConfig,
     TinyModelConfig,
 )
-import r1v.data.import_stage  # noqa: F401  (registers data.import)
 from r1v.workflow import STAGES, StageContext
 
 
