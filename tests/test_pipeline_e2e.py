@@ -7,16 +7,20 @@ rows were quarantined and counted, and only the projector moved (vision and LLM 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+import nbformat
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from nbclient import NotebookClient
 
 from r1v.cli import main
 from r1v.workflow import Runner
 
-TINY = Path(__file__).resolve().parent.parent / "workflows" / "tiny.yaml"
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "workflows" / "tiny.yaml"
 
 
 def params_by_group(model_dir: str) -> dict[str, dict[str, torch.Tensor]]:
@@ -87,3 +91,12 @@ def test_tiny_workflow_end_to_end(ray_cluster, tmp_path, capsys):
     assert summary["items"] == 16 and summary["samples"] == 2
     assert main(["status", str(run_dir)]) == 0
     assert "eval             eval             done" in capsys.readouterr().out
+
+    # the run-inspection notebook executes against this run and draws its curves
+    nb = nbformat.read(ROOT / "notebooks" / "inspect_run.ipynb", as_version=4)
+    os.environ["R1V_RUN"] = str(run_dir)
+    try:
+        NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    finally:
+        os.environ.pop("R1V_RUN", None)
+    assert (run_dir / "curves.png").stat().st_size > 0

@@ -198,7 +198,7 @@ def preprocessed_dataset(corpus: str, model_dir: str, pre: PreprocessConfig, wit
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ds = ray.data.read_parquet(str(corpus), columns=["id", "images", "messages", "answer", "source"])
-    return ds.map_batches(preprocess_batch, batch_format="pyarrow", batch_size=16,
+    return ds.map_batches(preprocess_batch, batch_format="pyarrow", batch_size=8,
                           fn_kwargs={"model_dir": model_dir, "pre": pre.model_dump(), "with_labels": with_labels})
 
 

@@ -125,7 +125,7 @@ def tile_array(
 
 
 def normalize_array(tiles: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """uint8 [n, 3, H, W] -> float32: x/255, then ImageNet mean/std, computed in place in `out` (or a new array).
+    """uint8 [n, 3, H, W] -> float32: x/255, then ImageNet mean/std, in place in `out` (or a new array).
 
     Bit-identical to torchvision's ToTensor + Normalize (the same float32 division, subtraction, division in
     the same order); in-place ufuncs make it four passes over one array instead of several temporaries.

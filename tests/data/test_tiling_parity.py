@@ -22,7 +22,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from r1v.model.tiling import choose_grid, dynamic_tiles, image_to_pixel_values, normalize
+from r1v.model.tiling import (
+    choose_grid,
+    dynamic_tiles,
+    image_to_pixel_values,
+    load_image,
+    normalize,
+    normalize_array,
+    normalized_bytes,
+    tile_array,
+)
 
 # ---------------------------------------------------------------------------------------------------------
 # Reference, transcribed from InternVL-Chat (keep it independent of r1v.model.tiling: no shared helpers).
@@ -308,21 +317,32 @@ def test_pixel_sweep_is_large_enough() -> None:
 
 @pytest.mark.parametrize("chunk", range(4))
 def test_pixel_values_match_reference(chunk: int) -> None:
+    """Both r1v paths (PIL tiles + `normalize`, and the pipeline's uint8 `tile_array` + `normalize_array` /
+    `normalized_bytes`) against the reference."""
     worst = 0.0
     for k, (w, h, mn, mx, tile) in enumerate(PIXEL_CASES[chunk::4]):
         data = _noise_png(w, h, seed=k * 4 + chunk, mode="RGBA" if k % 7 == 3 else "RGB")
         ref = ref_load_image(data, input_size=tile, max_num=mx, min_num=mn)
+        image = load_image(data)
+        via_pil = normalize(dynamic_tiles(image, tile_size=tile, min_tiles=mn, max_tiles=mx))
+        u8 = tile_array(image, tile_size=tile, min_tiles=mn, max_tiles=mx)
+        via_array = normalize_array(u8)
+        assert via_pil.shape == via_array.shape == ref.shape, (w, h, mn, mx, tile)
+        assert via_pil.dtype == via_array.dtype == np.float32
+        assert normalized_bytes(u8) == via_array.tobytes()
         if mn == 1:
-            ours = image_to_pixel_values(data, tile_size=tile, max_tiles=mx)
-        else:
-            from r1v.model.tiling import load_image
-
-            ours = normalize(dynamic_tiles(load_image(data), tile_size=tile, min_tiles=mn, max_tiles=mx))
-        assert ours.shape == ref.shape, (w, h, mn, mx, tile)
-        assert ours.dtype == np.float32
-        worst = max(worst, float(np.abs(ours - ref).max()))
+            np.testing.assert_array_equal(image_to_pixel_values(data, tile_size=tile, max_tiles=mx), via_array)
+        worst = max(worst, float(np.abs(via_pil - ref).max()), float(np.abs(via_array - ref).max()))
     # Same float32 ops in the same order: identical in practice; 1e-6 allows an equivalent rounding.
     assert worst <= 1e-6, worst
+
+
+def test_without_thumbnail_both_paths_agree() -> None:
+    image = load_image(_noise_png(300, 120, seed=5))
+    tiles = dynamic_tiles(image, tile_size=28, max_tiles=6, use_thumbnail=False)
+    u8 = tile_array(image, tile_size=28, max_tiles=6, use_thumbnail=False)
+    assert len(tiles) == len(u8) == 6
+    np.testing.assert_array_equal(normalize(tiles), normalize_array(u8))
 
 
 def test_thumbnail_and_order_match_reference_at_448() -> None:

@@ -1,0 +1,264 @@
+"""Data pipeline throughput on MATH-Vision testmini at the real InternVL geometry, against PIL alone.
+
+What it measures (each a median over --repeats runs, after a warm-up run):
+
+- `pil_only`: one core decodes each image with PIL (`Image.open(...).convert("RGB")`, as InternVL's loader)
+  and does the same bicubic resizes to the tile grid plus the thumbnail. No tiling into arrays, no
+  normalisation, no tokenisation. This is the floor the full pipeline is compared with.
+- `full_1core`: the same rows through `preprocess_batch` (decode, tile, normalise, tokenise, Arrow batch of 16
+  rows) and then what the trainer does with a batch: `to_pylist` and `collate_packed` -- in one process.
+- `ray_cN`: Ray Data `map_batches(preprocess_batch, concurrency=N)` over the rows, the driver iterating the
+  batches and packing them. Ray start-up and a warm-up pass (which starts the workers and loads the
+  tokenizer there) are excluded. The driver shares the machine's cores with the workers.
+
+The ratio per core is (rows/s / cores used) / pil_only rows/s; the target is >= 0.8.
+
+Geometry: 448 px tiles, patch 14 (256 tokens per tile), --max-tiles 6 by default (InternVL uses 6 or 12);
+the tiny random model only supplies the tokenizer and the config (its 56 px default would flatter us).
+
+Padding: fraction of pad tokens with plain padded batches (rows in corpus order, `collate_sft`) vs packed
+ones, on MATH-Vision and on the synthetic corpus (tiny 56 px geometry, as the tiny workflow uses it).
+
+Run:  python bench/data_pipeline.py [--max-tiles 6] [--repeats 3] [--workers 1,2] [--no-ray]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import re
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+MATHV = Path("/work/shared/data/benchmarks/mathv")
+BATCH = 16  # rows per map_batches call, as r1v.data.pipeline.preprocessed_dataset uses
+
+
+def mathv_corpus(root: Path = MATHV) -> pa.Table:
+    """Corpus rows: `<image>\\n` + question (+ options), a short `<think>` chain and the boxed answer."""
+    from r1v.data.schema import CORPUS_SCHEMA, make_row
+
+    rows = []
+    for line in (root / "testmini.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        question = re.sub(r"<image\d*>", "", rec["question"]).strip()
+        if rec.get("options"):
+            question += "\nOptions: " + ", ".join(rec["options"])
+        answer = str(rec["answer"])
+        reasoning = f"<think>\nReading the figure and the question, the result is {answer}.\n</think>\n"
+        messages = [
+            {"role": "user", "content": f"<image>\n{question}"},
+            {"role": "assistant", "content": reasoning + f"Answer: \\boxed{{{answer}}}"},
+        ]
+        image = (root / rec["image"]).read_bytes()
+        rows.append(make_row(f"mathv-{rec['id']}", messages, [image], answer, "mathv"))
+    return pa.Table.from_pylist(rows, schema=CORPUS_SCHEMA)
+
+
+def save_tiny(tile_size: int, path: Path) -> str:
+    """A tiny random VLM: its config gives the geometry (tile, patch 14), and it brings a tokenizer."""
+    from r1v.model.io import save_model
+    from r1v.model.tiny import TinySpec, build_tiny_vlm
+
+    model, tok = build_tiny_vlm(TinySpec(tile_size=tile_size, patch_size=14))
+    save_model(model, tok, path)
+    return str(path)
+
+
+def timed(fn: Callable[[], int], repeats: int) -> tuple[float, list[float]]:
+    """Median rows/s of `fn` (which returns the rows it processed) over `repeats` runs after one warm-up."""
+    fn()
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        n = fn()
+        rates.append(n / (time.perf_counter() - t0))
+    return statistics.median(rates), rates
+
+
+def pil_only(images: list[bytes], tile: int, max_tiles: int) -> int:
+    """Decode + the same bicubic resizes as the tiler, nothing else."""
+    from PIL import Image
+
+    from r1v.model.tiling import choose_grid
+
+    for data in images:
+        im = Image.open(io.BytesIO(data)).convert("RGB")
+        cols, rows = choose_grid(im.width, im.height, tile, 1, max_tiles)
+        im.resize((tile * cols, tile * rows), Image.Resampling.BICUBIC)
+        if cols * rows > 1:
+            im.resize((tile, tile), Image.Resampling.BICUBIC)
+    return len(images)
+
+
+def pack_table(table: pa.Table, pad_id: int, tile: int, max_tokens: int) -> int:
+    """What the trainer does with a preprocessed batch: rows to dicts, drop error rows, pack."""
+    from r1v.data.packing import collate_packed
+
+    rows = [r for r in table.to_pylist() if not r["error"]]
+    if rows:
+        collate_packed(rows, pad_id, tile, max_tokens)
+    return table.num_rows
+
+
+def rows_only(table: pa.Table, model_dir: str, pre: dict[str, Any]) -> int:
+    """Diagnostic: `preprocess_row` alone (decode, tile, normalise, tokenise); no Arrow, no packing."""
+    from r1v.config import PreprocessConfig
+    from r1v.data.pipeline import preprocess_row
+
+    cfg = PreprocessConfig.model_validate(pre)
+    for row in table.to_pylist():
+        preprocess_row(row, model_dir, cfg)
+    return table.num_rows
+
+
+def batches_only(table: pa.Table, model_dir: str, pre: dict[str, Any]) -> int:
+    """Diagnostic: `preprocess_batch` (rows + the Arrow output table), no packing."""
+    from r1v.data.pipeline import preprocess_batch
+
+    for lo in range(0, table.num_rows, BATCH):
+        preprocess_batch(table.slice(lo, BATCH), model_dir, pre)
+    return table.num_rows
+
+
+def full_one_core(table: pa.Table, model_dir: str, pre: dict[str, Any], pad_id: int, tile: int,
+                  max_tokens: int) -> int:
+    from r1v.data.pipeline import preprocess_batch
+
+    for lo in range(0, table.num_rows, BATCH):
+        pack_table(preprocess_batch(table.slice(lo, BATCH), model_dir, pre), pad_id, tile, max_tokens)
+    return table.num_rows
+
+
+def ray_run(table: pa.Table, model_dir: str, pre: dict[str, Any], concurrency: int, pad_id: int, tile: int,
+            max_tokens: int) -> int:
+    import ray.data
+
+    from r1v.data.pipeline import preprocess_batch
+
+    ds = ray.data.from_arrow(table).map_batches(
+        preprocess_batch, batch_format="pyarrow", batch_size=BATCH, concurrency=concurrency,
+        fn_kwargs={"model_dir": model_dir, "pre": pre},
+    )
+    n = 0
+    for batch in ds.iter_batches(batch_size=BATCH, batch_format="pyarrow"):
+        n += pack_table(batch, pad_id, tile, max_tokens)
+    if n != table.num_rows:
+        raise RuntimeError(f"Ray Data returned {n} rows for {table.num_rows}")
+    return n
+
+
+def padding_report(name: str, lengths: list[int], batch_rows: int, max_tokens: int) -> dict[str, float]:
+    """Pad fraction: padded batches of `batch_rows` (corpus order) vs packing with a `max_tokens` budget."""
+    from r1v.data.packing import padding_fraction, token_budget_batches
+
+    batches = [list(range(i, min(i + batch_rows, len(lengths)))) for i in range(0, len(lengths), batch_rows)]
+    bins = token_budget_batches(lengths, max_tokens)
+    # per micro-batch, as the SFT loop would pack: the same batches, each packed and padded to its longest bin
+    real = slots = 0
+    for b in batches:
+        sub = [lengths[i] for i in b]
+        sub_bins = token_budget_batches(sub, max_tokens)
+        real += sum(sub)
+        slots += len(sub_bins) * max(sum(sub[i] for i in g) for g in sub_bins)
+    out = {
+        "padded": padding_fraction(lengths, batches, "padded"),
+        "packed_corpus_to_budget": padding_fraction(lengths, bins, "packed", pad_to=max(max_tokens,
+                                                                                          max(lengths))),
+        "packed_per_microbatch": 1 - real / slots,
+    }
+    print(f"[padding] {name}: {len(lengths)} rows, length min/median/max {min(lengths)}/"
+          f"{int(statistics.median(lengths))}/{max(lengths)}; batches of {batch_rows}, budget {max_tokens}: "
+          + ", ".join(f"{k} {v:.1%}" for k, v in out.items()))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--max-tiles", type=int, default=6)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--workers", default="1,2", help="Ray Data concurrencies to measure, comma separated")
+    ap.add_argument("--no-ray", action="store_true")
+    ap.add_argument("--batch-rows", type=int, default=8, help="rows per SFT micro-batch (padding)")
+    ap.add_argument("--budget-mathv", type=int, default=4096, help="packing budget for the padding report")
+    ap.add_argument("--budget-synthetic", type=int, default=512)
+    ap.add_argument("--json", help="write the figures here too")
+    args = ap.parse_args()
+
+    from r1v.config import PreprocessConfig
+    from r1v.data.pipeline import load_tokenizer, preprocess_batch, vision_geometry
+
+    work = Path(tempfile.mkdtemp(prefix="r1v-bench-"))
+    model_dir = save_tiny(448, work / "tiny448")
+    tile, per_tile = vision_geometry(model_dir)
+    pad_id = int(load_tokenizer(model_dir).pad_token_id)
+    pre = PreprocessConfig(max_tiles=args.max_tiles, max_length=16384).model_dump()
+    max_tokens = 16384
+    table = mathv_corpus()
+    images = [r[0] for r in table.column("images").to_pylist()]
+    print(f"[setup] {table.num_rows} MATH-Vision rows; tile {tile}px, {per_tile} tokens/tile, "
+          f"max_tiles {args.max_tiles}; pack budget {max_tokens} tokens; {os.cpu_count()} CPUs; "
+          f"median of {args.repeats} after a warm-up")
+
+    res: dict[str, Any] = {"max_tiles": args.max_tiles, "rows": table.num_rows}
+    pil, pil_all = timed(lambda: pil_only(images, tile, args.max_tiles), args.repeats)
+    res["pil_only"] = pil
+    print(f"[rate] {'pil_only (1 core):':33s} {pil:7.1f} rows/s  runs {[round(r, 1) for r in pil_all]}")
+    for name, fn in [("preprocess_row only", lambda: rows_only(table, model_dir, pre)),
+                     ("preprocess_batch, no packing", lambda: batches_only(table, model_dir, pre))]:
+        rate, runs = timed(fn, args.repeats)
+        res[name] = rate
+        print(f"[rate] {name + ' (1 core):':33s} {rate:7.1f} rows/s  runs {[round(r, 1) for r in runs]}"
+              f"  ratio/core {rate / pil:.2f}")
+    full, runs = timed(lambda: full_one_core(table, model_dir, pre, pad_id, tile, max_tokens), args.repeats)
+    res["full_1core"] = full
+    label = "full incl. packing (1 core):"
+    print(f"[rate] {label:33s} {full:7.1f} rows/s  runs {[round(r, 1) for r in runs]}"
+          f"  ratio/core {full / pil:.2f}")
+
+    if not args.no_ray:
+        import ray
+
+        os.environ.setdefault("RAY_TMPDIR", str(work / "ray"))
+        t0 = time.perf_counter()
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        print(f"[setup] ray.init {time.perf_counter() - t0:.1f} s (excluded)")
+        for k in [int(x) for x in args.workers.split(",")]:
+            rate, runs = timed(lambda k=k: ray_run(table, model_dir, pre, k, pad_id, tile, max_tokens),
+                               args.repeats)
+            res[f"ray_c{k}"] = rate
+            label = f"Ray Data concurrency {k}:"
+            print(f"[rate] {label:33s} {rate:7.1f} rows/s  runs {[round(r, 1) for r in runs]}"
+                  f"  ratio/core {rate / k / pil:.2f}")
+        ray.shutdown()
+
+    # padding: MATH-Vision (448 geometry) and the synthetic corpus (tiny 56 px geometry)
+    out = preprocess_batch(table, model_dir, pre)
+    lengths = [len(x) for x, e in zip(out.column("input_ids").to_pylist(), out.column("error").to_pylist(),
+                                      strict=True) if not e]
+    res["padding_mathv"] = padding_report("MATH-Vision testmini", lengths, args.batch_rows, args.budget_mathv)
+    from r1v.data.schema import read_corpus
+    from r1v.data.synthetic import generate
+
+    paths = generate(work / "synthetic", n_train=512, n_test=0)
+    syn = read_corpus(paths["train"])
+    tiny_dir = save_tiny(56, work / "tiny56")
+    syn_pre = PreprocessConfig().model_dump()
+    out = preprocess_batch(syn, tiny_dir, syn_pre)
+    lengths = [len(x) for x in out.column("input_ids").to_pylist() if x]
+    res["padding_synthetic"] = padding_report("synthetic", lengths, args.batch_rows, args.budget_synthetic)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
