@@ -5,8 +5,11 @@ What it measures (each a median over --repeats runs, after a warm-up run):
 - `pil_only`: one core decodes each image with PIL (`Image.open(...).convert("RGB")`, as InternVL's loader)
   and does the same bicubic resizes to the tile grid plus the thumbnail. No tiling into arrays, no
   normalisation, no tokenisation. This is the floor the full pipeline is compared with.
-- `full_1core`: the same rows through `preprocess_batch` (decode, tile, normalise, tokenise, Arrow batch of 16
-  rows) and then what the trainer does with a batch: `to_pylist` and `collate_packed` -- in one process.
+- `full_1core`: the same rows through `preprocess_batch` (decode, tile, tokenise, Arrow batch of 16 rows, uint8
+  tiles) and then what the trainer does with a batch: `to_pylist` and `collate_packed` -- in one process.
+- `normalise_cpu`: the uint8 -> float ImageNet normalisation of the same tiles. The pipeline ships uint8 tiles
+  and the training step normalises them next to the model (on the accelerator in real training), so it is
+  not part of `full_1core`; it is printed so that the CPU-only cost is visible too.
 - `ray_cN`: Ray Data `map_batches(preprocess_batch, concurrency=N)` over the rows, the driver iterating the
   batches and packing them. Ray start-up and a warm-up pass (which starts the workers and loads the
   tokenizer there) are excluded. The driver shares the machine's cores with the workers.
@@ -223,6 +226,26 @@ def main() -> None:
     label = "full incl. packing (1 core):"
     print(f"[rate] {label:33s} {full:7.1f} rows/s  runs {[round(r, 1) for r in runs]}"
           f"  ratio/core {full / pil:.2f}")
+
+    import torch
+
+    from r1v.model.forward import normalize_pixels
+
+    done = preprocess_batch(table, model_dir, pre)
+    tiles = [torch.frombuffer(bytearray(b), dtype=torch.uint8).view(-1, 3, tile, tile)
+             for b, e in zip(done.column("pixel_values").to_pylist(), done.column("error").to_pylist(), strict=True)
+             if not e]
+
+    def normalise_all() -> int:
+        for t in tiles:
+            normalize_pixels(t)
+        return len(tiles)
+
+    norm, runs = timed(normalise_all, args.repeats)
+    res["normalise_cpu"] = norm
+    both = 1 / (1 / full + 1 / norm)
+    print(f"[rate] {'normalise on CPU (1 core):':33s} {norm:7.1f} rows/s  runs {[round(r, 1) for r in runs]}"
+          f"  (full + CPU normalise: {both:.1f} rows/s, ratio/core {both / pil:.2f})")
 
     if not args.no_ray:
         import ray

@@ -11,12 +11,16 @@ IGNORE = -100
 
 
 def tiles_from_bytes(data: bytes, n_tiles: int, tile_size: int) -> np.ndarray:
-    arr = np.frombuffer(data, dtype=np.float32)
-    return arr.reshape(n_tiles, 3, tile_size, tile_size)
+    """A preprocessed row's uint8 tiles [n, 3, T, T] (normalised later, next to the model)."""
+    expected = n_tiles * 3 * tile_size * tile_size
+    if len(data) != expected:
+        raise ValueError(f"pixel bytes hold {len(data)} values, expected {n_tiles} tiles of {tile_size}px "
+                         f"({expected}): was the row preprocessed for another model?")
+    return np.frombuffer(data, dtype=np.uint8).reshape(n_tiles, 3, tile_size, tile_size)
 
 
 def collate_sft(rows: list[dict[str, Any]], pad_id: int, tile_size: int) -> dict[str, torch.Tensor | None]:
-    """Pad to the longest row; pixel tiles of all rows concatenated in row order (= IMG_CONTEXT order)."""
+    """Pad to the longest row; uint8 tiles of all rows concatenated in row order (= IMG_CONTEXT order)."""
     longest = max(len(r["input_ids"]) for r in rows)
     ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), longest), IGNORE, dtype=torch.long)

@@ -9,8 +9,22 @@ DeepSpeed ZeRO-3's per-module gather hooks fire. The steps equal transformers'
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 from transformers import InternVLForConditionalGeneration
+
+
+def normalize_pixels(pixel_values: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """uint8 tiles [n, 3, H, W] -> x/255, then ImageNet mean/std, on the tensor's device (float32 maths, the same
+    operations in the same order as torchvision's ToTensor + Normalize, hence bit-identical), cast to `dtype`.
+    Float input is taken as already normalised."""
+    if pixel_values.dtype != torch.uint8:
+        return pixel_values.to(dtype)
+    from r1v.model.tiling import IMAGENET_MEAN, IMAGENET_STD
+
+    mean = torch.from_numpy(IMAGENET_MEAN).to(pixel_values.device)[:, None, None]
+    std = torch.from_numpy(IMAGENET_STD).to(pixel_values.device)[:, None, None]
+    return ((pixel_values.to(torch.float32) / 255.0 - mean) / std).to(dtype)
 
 
 def vision_features(model: InternVLForConditionalGeneration, pixel_values: Tensor) -> Tensor:
@@ -25,7 +39,7 @@ def vision_features(model: InternVLForConditionalGeneration, pixel_values: Tenso
     if pixel_values.ndim != 4:
         raise ValueError(f"pixel_values must be [n_tiles, 3, H, W], got shape {tuple(pixel_values.shape)}")
     tower = model.model.vision_tower
-    pixel_values = pixel_values.to(dtype=model.dtype)
+    pixel_values = normalize_pixels(pixel_values, model.dtype)
     if layer == -1:
         feats = tower(pixel_values=pixel_values).last_hidden_state
     else:

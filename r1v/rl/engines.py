@@ -14,7 +14,6 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from r1v.registry import Registry
@@ -22,7 +21,7 @@ from r1v.registry import Registry
 
 @dataclass
 class Request:
-    """One prompt: token ids (images already expanded) and its tiles as float32 bytes."""
+    """One prompt: token ids (images already expanded) and its tiles as uint8 bytes [n_tiles, 3, T, T]."""
 
     prompt_ids: list[int]
     pixel_values: bytes = b""
@@ -69,10 +68,11 @@ class TransformersEngine(RolloutEngine):
         self.tile = tile[0] if isinstance(tile, list | tuple) else tile
 
     def _tiles(self, r: Request) -> torch.Tensor | None:
+        from r1v.data.collate import tiles_from_bytes
+
         if not r.n_tiles:
             return None
-        arr = np.frombuffer(r.pixel_values, dtype=np.float32).reshape(r.n_tiles, 3, self.tile, self.tile)
-        return torch.from_numpy(arr.copy())
+        return torch.from_numpy(tiles_from_bytes(r.pixel_values, r.n_tiles, self.tile).copy())
 
     @torch.no_grad()
     def generate(self, requests: list[Request], sampling: dict[str, Any], n: int, seed: int
@@ -106,7 +106,9 @@ class TransformersEngine(RolloutEngine):
         if temperature > 0:
             kwargs.update(temperature=temperature, top_p=float(s.get("top_p", 1.0)), top_k=0)
         if tiles:
-            kwargs["pixel_values"] = torch.cat(tiles).to(self.device, self.model.dtype)
+            from r1v.model.forward import normalize_pixels
+
+            kwargs["pixel_values"] = normalize_pixels(torch.cat(tiles).to(self.device), self.model.dtype)
         res = self.model.generate(**kwargs)
         new = res.sequences[:, longest:].cpu()
         logits = torch.stack(res.logits, dim=1).float().cpu()  # [B, T_new, V]

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from r1v.config import GRPOConfig
+from r1v.data.collate import tiles_from_bytes
 from r1v.rl.algos import ADVANTAGES, KL_ESTIMATORS, POLICY_LOSSES, masked_mean, token_logprobs
 from r1v.rl.engines import Request
 from r1v.rl.rewards import load_reward_modules, score
@@ -129,9 +130,8 @@ def grpo_loop(cfg: dict[str, Any]) -> None:
         adv = adv_fn(rewards).reshape(-1)
         batch = build_batch(batch_prompts, comps, tok.pad_token_id)
         mask = batch["response_mask"]
-        pixels = torch.from_numpy(np.concatenate([
-            np.frombuffer(p["pixel_values"], np.float32).reshape(p["n_tiles"], 3, tile, tile)
-            for p in batch_prompts]))
+        pixels = torch.from_numpy(np.concatenate([  # uint8: vision_features normalises next to the model
+            tiles_from_bytes(p["pixel_values"], p["n_tiles"], tile) for p in batch_prompts]))
         with torch.set_grad_enabled("vision" in c.trainable):
             feats = vision_features(module, pixels)
         per_prompt = torch.split(feats, [p["n_tiles"] for p in batch_prompts])

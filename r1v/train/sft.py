@@ -10,8 +10,10 @@ zero-weight dummy row holding one blank tile.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,8 @@ import torch
 
 from r1v.config import SFTConfig
 from r1v.data.collate import IGNORE, collate_sft
+from r1v.data.packing import collate_packed, token_budget_batches
+from r1v.model.forward import normalize_pixels
 from r1v.train import checkpoint
 from r1v.train.engine import all_reduce_max, all_reduce_sum, export_model, gather_objects, init_engine
 from r1v.train.launch import setup_worker
@@ -26,7 +30,7 @@ from r1v.train.launch import setup_worker
 
 def dummy_row(image_token_id: int, tokens_per_tile: int, tile_size: int) -> dict[str, Any]:
     """One blank tile and its context tokens, no labels: keeps a rank in step without training on anything."""
-    blank = torch.zeros(1, 3, tile_size, tile_size).numpy().tobytes()
+    blank = bytes(3 * tile_size * tile_size)  # one black uint8 tile
     return {"input_ids": [image_token_id] * tokens_per_tile, "labels": [IGNORE] * tokens_per_tile,
             "pixel_values": blank, "n_tiles": 1}
 
@@ -38,6 +42,48 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
     nll = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
                                             shift_labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
     return nll, int((shift_labels != IGNORE).sum())
+
+
+def _rows(shard, chunk: int) -> Iterator[dict[str, Any]]:
+    for table in shard.iter_batches(batch_size=chunk, batch_format="pyarrow"):
+        yield from table.to_pylist()
+
+
+def micro_batches(shard, c: SFTConfig, state: dict[str, Any]) -> Iterator[list[dict[str, Any]]]:
+    """This rank's preprocessed rows (good and quarantined alike), one list per micro-step, resuming after
+    what `state` records as consumed.
+
+    Without packing a micro-step takes `batch_size` rows in stream order. With packing, `pack_buffer` rows at a
+    time are grouped into token-budget bins (first-fit decreasing, one packed sequence each) and a micro-step
+    takes `batch_size` bins; a buffer's bad rows ride with its first micro-step so they are counted. Resume
+    skips the finished buffers, re-forms the current one (the same bins) and skips its finished micro-steps.
+    """
+    rows = _rows(shard, max(c.batch_size, 1 if not c.packing else min(c.pack_buffer, 64)))
+    if not c.packing:
+        skip = state["rows_consumed"]
+        while chunk := list(itertools.islice(rows, c.batch_size)):
+            if skip:  # resume: drop rows this rank consumed before the checkpoint
+                dropped = min(skip, len(chunk))
+                chunk, skip = chunk[dropped:], skip - dropped
+                if not chunk:
+                    continue
+            yield chunk
+        return
+    for _ in itertools.islice(rows, state["buffer_start"]):
+        pass
+    while buf := list(itertools.islice(rows, c.pack_buffer)):
+        good = [r for r in buf if not r["error"]]
+        bins = token_budget_batches([len(r["input_ids"]) for r in good], c.max_tokens)
+        groups = [[good[i] for b in bins[k : k + c.batch_size] for i in b] for k in range(0, len(bins), c.batch_size)]
+        groups = groups or [[]]
+        groups[0] = [r for r in buf if r["error"]] + groups[0]
+        for g, group in enumerate(groups):
+            if g < state["groups_done"]:
+                continue
+            state["groups_done"] = g + 1
+            yield group
+        state["buffer_start"] += len(buf)
+        state["groups_done"] = 0
 
 
 def sft_loop(cfg: dict[str, Any]) -> None:
@@ -58,12 +104,15 @@ def sft_loop(cfg: dict[str, Any]) -> None:
     image_token = model.config.image_token_id
     # Shards are split dynamically (no row dropped), so their sizes are only known at the end: the step
     # count below sizes the LR schedule; an epoch ends when every shard is exhausted.
-    steps_per_epoch = math.ceil(cfg["rows"] / (world * c.batch_size * c.grad_accum))
+    # With packing the rows per step are unknown up front: assume sequences of half the context on average.
+    rows_per_micro = c.batch_size * (max(1, 2 * c.max_tokens // c.preprocess.max_length) if c.packing else 1)
+    steps_per_epoch = math.ceil(cfg["rows"] / (world * rows_per_micro * c.grad_accum))
     total = min(c.max_steps or 10**12, steps_per_epoch * c.epochs)
     limit = c.max_steps or 10**12
     engine = init_engine(model, c.trainer, c.optim, total, c.batch_size, c.grad_accum)
     state = checkpoint.restore(engine, rank) or {"step": 0, "epoch": 0, "rows_consumed": 0, "micro": 0,
-                                                  "trained": 0, "quarantined": []}
+                                                  "trained": 0, "quarantined": [], "buffer_start": 0,
+                                                  "groups_done": 0}
     if rank == 0:
         log.params({"trainable_params": counts, "total_steps": total})
         print(f"[sft] rank0: trainable {counts}; ~{total} optimizer steps; starting at step {state['step']}")
@@ -75,16 +124,9 @@ def sft_loop(cfg: dict[str, Any]) -> None:
     for epoch in range(state["epoch"], c.epochs):
         if state["step"] >= limit:
             break
-        skip = state["rows_consumed"]
-        it = iter(shard.iter_batches(batch_size=c.batch_size, batch_format="pyarrow"))
+        it = micro_batches(shard, c, state)
         while True:
-            table = next(it, None)
-            rows = table.to_pylist() if table is not None else None
-            if rows is not None and skip:  # resume: drop rows this rank consumed before the checkpoint
-                dropped = min(skip, len(rows))
-                rows, skip = rows[dropped:], skip - dropped
-                if not rows:
-                    continue
+            rows = next(it, None)
             if not all_reduce_max(int(rows is not None)):
                 break  # every rank's shard is exhausted
             good: list[dict[str, Any]] = []
@@ -98,9 +140,14 @@ def sft_loop(cfg: dict[str, Any]) -> None:
             state["trained"] += len(good)
             if not any(r["n_tiles"] for r in good):  # keep the vision tower in every forward (ZeRO-3)
                 good.append(dummy_row(image_token, per_tile, tile))
-            batch = collate_sft(good, tok.pad_token_id, tile)
-            out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         pixel_values=batch["pixel_values"])
+            if c.packing:
+                batch = collate_packed(good, tok.pad_token_id, tile, c.max_tokens)
+                out = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                             pixel_values=normalize_pixels(batch["pixel_values"], engine.module.dtype))
+            else:
+                batch = collate_sft(good, tok.pad_token_id, tile)
+                out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             pixel_values=normalize_pixels(batch["pixel_values"], engine.module.dtype))
             nll, n_tok = token_nll(out.logits, batch["labels"])
             g_nll, g_tok = all_reduce_sum([float(nll.detach()), float(n_tok)])
             # Mean over the *global* token count; DeepSpeed averages gradients over ranks, hence * world.
@@ -123,7 +170,7 @@ def sft_loop(cfg: dict[str, Any]) -> None:
             if step >= limit:
                 break
         _finish_epoch(state, epoch, rank, log, cfg["stage_dir"])
-        state.update(epoch=epoch + 1, rows_consumed=0, trained=0, quarantined=[])
+        state.update(epoch=epoch + 1, rows_consumed=0, trained=0, quarantined=[], buffer_start=0, groups_done=0)
         # An end-of-epoch checkpoint: a crash after this point never redoes (or recounts) the epoch.
         checkpoint.save(engine, state["step"], state, {"epoch": epoch}, rank, name=f"epoch-{epoch:03d}-end")
 

@@ -19,6 +19,7 @@ from r1v.data.packing import (
     per_sample_nll,
     token_budget_batches,
 )
+from r1v.model.forward import normalize_pixels
 
 # ---------------------------------------------------------------------------------------------------------
 # token_budget_batches / padding_fraction (no model)
@@ -155,7 +156,7 @@ def test_collate_layout(rows: list[dict[str, Any]], model: Any) -> None:
             assert lab[b, at].item() == IGNORE and lab[b, at + 1 : at + n].tolist() == rows[i]["labels"][1:]
             at += n
             if rows[i]["n_tiles"]:
-                tiles.append(np.frombuffer(rows[i]["pixel_values"], np.float32))
+                tiles.append(np.frombuffer(rows[i]["pixel_values"], np.uint8))
         assert (ids[b, at:] == pad).all() and (lab[b, at:] == IGNORE).all() and (owner[b, at:] == -1).all()
         assert pos[b, at:].tolist() == list(range(ids.shape[1] - at))
     np.testing.assert_array_equal(batch["pixel_values"].numpy().reshape(-1), np.concatenate(tiles))
@@ -234,7 +235,7 @@ def test_model_forward_needs_use_cache_false(rows: list[dict[str, Any]], model: 
             "input_ids": batch["input_ids"],
             "attention_mask": None,
             "position_ids": batch["position_ids"],
-            "pixel_values": batch["pixel_values"],
+            "pixel_values": normalize_pixels(batch["pixel_values"]),  # HF's forward takes normalised floats
         }
         good = model(**kw, use_cache=False).logits
         leaky = model(**kw).logits
