@@ -14,11 +14,14 @@ import json
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from r1v.data.pipeline import RowError
 from r1v.data.validate import BAD_RECORD, IMAGE_DECODE, IMAGE_MISSING, ROLES, ImageRef, Record
 from r1v.model.tokens import IMAGE_MARKER
+
+if TYPE_CHECKING:
+    from r1v.data.import_config import DataImportConfig
 
 ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
             "model": "assistant", "chatgpt": "assistant", "system": "system"}
@@ -244,3 +247,13 @@ def record_from_obj(obj: Any, location: str, default_id: str, resolve: Resolve,
         return Record(id=rid, location=location, messages=messages, images=refs, answer=answer, meta=meta)
     except RowError as e:
         return Record.failed(rid, location, e)
+
+
+def json_records(cfg: DataImportConfig, suffixes: tuple[str, ...]) -> Iterator[Record]:
+    """Records of JSON-array or JSONL files (LLaVA and OpenAI/ShareGPT share this; `record_from_obj` tells
+    their row layouts apart), image paths resolved against `image_root` or each file's folder."""
+    for path in expand_sources(cfg.source, suffixes):
+        resolve = path_resolver(Path(cfg.image_root) if cfg.image_root else path.parent)
+        reader = iter_json_array(path) if path.suffix.lower() == ".json" else iter_jsonl(path)
+        for i, (loc, obj) in enumerate(reader):
+            yield record_from_obj(obj, loc, f"{path.stem}-{i}", resolve)
