@@ -44,12 +44,12 @@ def test_killed_sft_resumes_from_checkpoint(ray_cluster, tmp_path):
                             stderr=open(tmp_path / "first.log", "w"))
     ckpts = run_dir / "stages" / "sft" / "ray" / "train"
     deadline = time.time() + 300
-    # step-6's folder appearing means step 4 was fully reported by every rank (Ray only registers a
-    # checkpoint once all ranks' shards are in; a half-written one must not be resumed from).
-    while time.time() < deadline and not list(ckpts.glob("step-000006")):
+    # Ray registers a checkpoint only once every rank's shard is in (a half-written one must never be resumed
+    # from), a little after its folder appears: by step 10's folder, earlier checkpoints are registered.
+    while time.time() < deadline and not list(ckpts.glob("step-000010")):
         assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
         time.sleep(0.2)
-    assert list(ckpts.glob("step-000006")), "no checkpoint appeared in time"
+    assert list(ckpts.glob("step-000010")), "no checkpoint appeared in time"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     runner = Runner.open(run_dir)
@@ -70,7 +70,7 @@ def test_killed_sft_resumes_from_checkpoint(ray_cluster, tmp_path):
     assert child.info.status == "FINISHED"
     # Resumed from a registered checkpoint, not step 0. Ray's controller records checkpoints a little after the
     # folders appear, so the newest one it had recorded at the kill may be an earlier one.
-    assert 2 <= int(child.data.tags["r1v.resumed_from_step"]) < 25
+    assert 2 <= int(child.data.tags["r1v.resumed_from_step"]) <= 10
     counts = json.loads((run_dir / "stages" / "sft" / "epoch-0-counts.json").read_text())
     assert counts["rows_in"] == 97 and counts["rows_quarantined"] == 3 and counts["rows_trained"] == 94
     assert (run_dir / "stages" / "sft" / "model" / "config.json").exists()
