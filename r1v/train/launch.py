@@ -19,10 +19,13 @@ def worker_context() -> tuple[int, int]:
 def setup_worker(trainer: TrainerConfig) -> tuple[int, int]:
     """Per-worker process settings: thread count (2-core machines oversubscribe fast) and seeds."""
     import random
+    import warnings
 
     import numpy as np
     import torch
 
+    # DeepSpeed still calls torch.distributed's deprecated collectives: one warning per call floods the log.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     torch.set_num_threads(trainer.torch_threads)
     rank, world = worker_context()
     random.seed(trainer.seed + rank)
