@@ -6,7 +6,8 @@ What it measures (each a median over --repeats runs, after a warm-up run):
   and does the same bicubic resizes to the tile grid plus the thumbnail. No tiling into arrays, no
   normalisation, no tokenisation. This is the floor the full pipeline is compared with.
 - `full_1core`: the same rows through `preprocess_batch` (decode, tile, tokenise, Arrow batch of 16 rows, uint8
-  tiles) and then what the trainer does with a batch: `to_pylist` and `collate_packed` -- in one process.
+  tiles) and then what the trainer does with a batch: `table_rows` (zero-copy pixel views) and
+  `collate_packed` -- in one process.
 - `normalise_cpu`: the uint8 -> float ImageNet normalisation of the same tiles. The pipeline ships uint8 tiles
   and the training step normalises them next to the model (on the accelerator in real training), so it is
   not part of `full_1core`; it is printed so that the CPU-only cost is visible too.
@@ -104,9 +105,10 @@ def pil_only(images: list[bytes], tile: int, max_tiles: int) -> int:
 
 def pack_table(table: pa.Table, pad_id: int, tile: int, max_tokens: int) -> int:
     """What the trainer does with a preprocessed batch: rows to dicts, drop error rows, pack."""
+    from r1v.data.collate import table_rows
     from r1v.data.packing import collate_packed
 
-    rows = [r for r in table.to_pylist() if not r["error"]]
+    rows = [r for r in table_rows(table) if not r["error"]]
     if rows:
         collate_packed(rows, pad_id, tile, max_tokens)
     return table.num_rows

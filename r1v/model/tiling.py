@@ -106,21 +106,21 @@ def tile_array(
 ) -> np.ndarray:
     """`dynamic_tiles` as one uint8 array [n, 3, T, T]: the same pixels, without a PIL crop per tile.
 
-    The data pipeline's hot path: each colour band of the resized image is cut into tiles by one strided
-    copy, where per-tile crops and conversions cost about as much as the resize (bench/data_pipeline.py).
+    The data pipeline's hot path: the resized image is cut into tiles by one strided copy, where per-tile
+    crops and conversions cost about as much as the resize (bench/data_pipeline.py).
     """
     image = image.convert("RGB") if image.mode != "RGB" else image
     resized, cols, rows = _resize_to_grid(image, tile_size, min_tiles, max_tiles)
     n = cols * rows
     thumb = use_thumbnail and n != 1
     out = np.empty((n + thumb, 3, tile_size, tile_size), dtype=np.uint8)
-    grid = out[:n].reshape(rows, cols, 3, tile_size, tile_size)
-    for ch, band in enumerate(resized.split()):
-        grid[:, :, ch] = np.asarray(band).reshape(rows, tile_size, cols, tile_size).transpose(0, 2, 1, 3)
+    # One view of the resized image's HWC pixels, cut into row-major tiles and made channels-first by a single
+    # strided copy (per-band splits and per-tile crops each cost another full copy).
+    hwc = np.asarray(resized)
+    grid = out[:n].reshape(rows, cols, 3, tile_size, tile_size)  # a view: out is contiguous
+    grid[...] = hwc.reshape(rows, tile_size, cols, tile_size, 3).transpose(0, 2, 4, 1, 3)
     if thumb:
-        small = image.resize((tile_size, tile_size), Image.Resampling.BICUBIC)
-        for ch, band in enumerate(small.split()):
-            out[n, ch] = np.asarray(band)
+        out[n] = np.asarray(image.resize((tile_size, tile_size), Image.Resampling.BICUBIC)).transpose(2, 0, 1)
     return out
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from r1v.config import SFTConfig
-from r1v.data.collate import IGNORE, collate_sft
+from r1v.data.collate import IGNORE, collate_sft, table_rows
 from r1v.data.packing import collate_packed, token_budget_batches
 from r1v.model.forward import normalize_pixels
 from r1v.train import checkpoint
@@ -46,7 +46,7 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
 
 def _rows(shard, chunk: int) -> Iterator[dict[str, Any]]:
     for table in shard.iter_batches(batch_size=chunk, batch_format="pyarrow"):
-        yield from table.to_pylist()
+        yield from table_rows(table)
 
 
 def micro_batches(shard, c: SFTConfig, state: dict[str, Any]) -> Iterator[list[dict[str, Any]]]:

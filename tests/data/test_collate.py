@@ -1,0 +1,29 @@
+"""Preprocessed Arrow batches -> rows and padded tensors, as the SFT loop consumes them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from r1v.config import PreprocessConfig
+from r1v.data.collate import collate_sft, table_rows
+from r1v.data.pipeline import preprocess_batch
+
+
+def test_table_rows_match_to_pylist_without_copying_pixels(tiny_assets):
+    corpus = pq.read_table(tiny_assets["train"])
+    table = preprocess_batch(corpus, tiny_assets["model"], PreprocessConfig().model_dump())
+    for t in (table, table.slice(3, 7)):  # a slice has a non-zero offset into the Arrow buffers
+        plain, fast = t.to_pylist(), table_rows(t)
+        assert len(plain) == len(fast)
+        for a, b in zip(plain, fast, strict=True):
+            assert isinstance(b["pixel_values"], memoryview)
+            assert bytes(b["pixel_values"]) == a["pixel_values"]
+            assert {k: v for k, v in a.items() if k != "pixel_values"} == {
+                k: v for k, v in b.items() if k != "pixel_values"}
+    good = [r for r in table_rows(table) if not r["error"]][:4]
+    batch = collate_sft(good, pad_id=0, tile_size=56)
+    ref = np.concatenate([np.frombuffer(r["pixel_values"], np.uint8) for r in good])
+    assert batch["pixel_values"].dtype.is_floating_point is False
+    np.testing.assert_array_equal(batch["pixel_values"].numpy().reshape(-1), ref)
+    assert (batch["attention_mask"].sum(1).tolist() == [len(r["input_ids"]) for r in good])
