@@ -44,13 +44,10 @@ def vision_geometry(model_dir: str) -> tuple[int, int]:
     """(tile_size, tokens_per_tile) read from the model's config, without loading weights."""
     from transformers import AutoConfig
 
+    from r1v.model.assemble import num_image_tokens, tile_size
+
     cfg = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    tile = cfg.vision_config.image_size
-    tile = tile[0] if isinstance(tile, list | tuple) else tile
-    patch = cfg.vision_config.patch_size
-    patch = patch[0] if isinstance(patch, list | tuple) else patch
-    tokens = int((tile // patch) ** 2 * cfg.downsample_ratio**2)
-    return int(tile), tokens
+    return tile_size(cfg), num_image_tokens(cfg)
 
 
 def encode_images(

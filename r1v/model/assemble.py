@@ -86,9 +86,7 @@ def assemble(
         )
     _check_vocab(llm, tokenizer)
     ids = special_token_ids(tokenizer)
-    tokens_per_tile = int(
-        (vision_config.image_size[0] // vision_config.patch_size[0]) ** 2 * downsample_ratio**2
-    )
+    tokens_per_tile = _tokens_per_tile(vision_config, downsample_ratio)
     text_config = llm.config.get_text_config()
     config = InternVLConfig(
         vision_config=vision_config,
@@ -153,15 +151,23 @@ def reassemble(
     )
 
 
-def tile_size(model: InternVLForConditionalGeneration) -> int:
-    """Pixels per tile side the vision tower was built for."""
-    return int(model.config.vision_config.image_size[0])
+def _side(value: int | list[int] | tuple[int, ...]) -> int:
+    return int(value[0] if isinstance(value, list | tuple) else value)
 
 
-def num_image_tokens(model: InternVLForConditionalGeneration) -> int:
+def _tokens_per_tile(vision_config: InternVLVisionConfig, downsample_ratio: float) -> int:
+    return int((_side(vision_config.image_size) // _side(vision_config.patch_size)) ** 2 * downsample_ratio**2)
+
+
+def tile_size(model: InternVLForConditionalGeneration | InternVLConfig) -> int:
+    """Pixels per tile side the vision tower was built for (a model or just its config)."""
+    return _side(getattr(model, "config", model).vision_config.image_size)
+
+
+def num_image_tokens(model: InternVLForConditionalGeneration | InternVLConfig) -> int:
     """`<IMG_CONTEXT>` tokens per tile: (tile/patch)^2 patches, shuffled by downsample_ratio per side."""
-    vc = model.config.vision_config
-    return int((vc.image_size[0] // vc.patch_size[0]) ** 2 * model.config.downsample_ratio**2)
+    config = getattr(model, "config", model)
+    return _tokens_per_tile(config.vision_config, config.downsample_ratio)
 
 
 def image_token_id(model: InternVLForConditionalGeneration) -> int:

@@ -7,9 +7,6 @@ place, which is what the workflow's resume logic relies on.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,28 +18,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-
-def _atomic_dir(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Run `write(tmp)` into a temp dir beside `path`, then swap it in; the old dir goes only afterwards."""
-    target = Path(path).absolute()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    old: Path | None = None
-    try:
-        write(tmp)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / target.name)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not target.exists():
-            os.replace(old / target.name, target)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    return target
+from r1v.fsutil import atomic_directory
 
 
 def _require_dir(path: str | os.PathLike) -> Path:
@@ -55,11 +31,10 @@ def _require_dir(path: str | os.PathLike) -> Path:
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | os.PathLike) -> Path:
     """Write `model` and `tokenizer` with `save_pretrained` into `path`, replacing it atomically."""
 
-    def write(tmp: Path) -> None:
+    with atomic_directory(path) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-
-    return _atomic_dir(path, write)
+    return Path(path).absolute()
 
 
 def load_model(

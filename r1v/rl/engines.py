@@ -53,6 +53,7 @@ class TransformersEngine(RolloutEngine):
     """`model.generate` on the model loaded from a checkpoint directory; batches all n*len(requests) rows."""
 
     def __init__(self, model_dir: str, max_batch: int = 64, device: str | None = None) -> None:
+        from r1v.model.assemble import tile_size
         from r1v.model.io import load_model
         from r1v.model.tokens import IM_END, IMG_CONTEXT, IMG_END, IMG_START, PAD
 
@@ -64,8 +65,7 @@ class TransformersEngine(RolloutEngine):
         self.stop_ids = sorted({self.tok.convert_tokens_to_ids(IM_END), self.tok.eos_token_id, self.pad_id})
         # Image tokens in a completion would be read as image slots by the trainer: never sample them.
         self.suppress = [self.tok.convert_tokens_to_ids(t) for t in (IMG_CONTEXT, IMG_START, IMG_END)]
-        tile = self.model.config.vision_config.image_size
-        self.tile = tile[0] if isinstance(tile, list | tuple) else tile
+        self.tile = tile_size(self.model)
 
     def _tiles(self, r: Request) -> torch.Tensor | None:
         from r1v.data.collate import tiles_from_bytes

@@ -79,6 +79,7 @@ def grpo_loop(cfg: dict[str, Any]) -> None:
     """Ray Train worker function."""
     import ray
 
+    from r1v.model.assemble import tile_size
     from r1v.model.forward import vision_features
     from r1v.model.freeze import apply_freeze
     from r1v.model.io import load_model
@@ -99,8 +100,7 @@ def grpo_loop(cfg: dict[str, Any]) -> None:
     module = engine.module
     adv_fn, loss_fn, kl_fn = ADVANTAGES.get(c.advantage), POLICY_LOSSES.get(c.policy_loss), KL_ESTIMATORS.get(
         c.kl_estimator)
-    tile = model.config.vision_config.image_size
-    tile = tile[0] if isinstance(tile, list | tuple) else tile
+    tile = tile_size(model)
     temp = c.sampling.temperature if c.sampling.temperature > 0 else 1.0
     quarantined = sum(all_reduce_sum([float(len(bad))]))
     if rank == 0:

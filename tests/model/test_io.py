@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from r1v.fsutil import atomic_directory
 from r1v.model import build_tiny_llm, load_llm, load_model, reassemble, save_llm, save_model
-from r1v.model.io import _atomic_dir
 
 
 def _ids(model, n_tiles: int) -> torch.Tensor:
@@ -34,6 +34,12 @@ def test_save_replaces_existing_dir_and_leaves_no_temp(vlm, tokenizer, tmp_path:
     assert not (target / "stale.txt").exists()
     assert (target / "config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def _atomic_dir(path: Path, write) -> None:
+    """What save_model does around save_pretrained."""
+    with atomic_directory(path) as tmp:
+        write(tmp)
 
 
 def test_failed_save_keeps_previous_version(tmp_path: Path) -> None:
