@@ -7,15 +7,12 @@ writes them to the quarantine Parquet, so rows in == rows trained + rows quarant
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from r1v.config import PreprocessConfig
-from r1v.data.schema import QUARANTINE_SCHEMA
 
 PREPROCESSED_SCHEMA = pa.schema(
     [
@@ -198,14 +195,3 @@ def preprocessed_dataset(corpus: str, model_dir: str, pre: PreprocessConfig, wit
     ds = ray.data.read_parquet(str(corpus), columns=["id", "images", "messages", "answer", "source"])
     return ds.map_batches(preprocess_batch, batch_format="pyarrow", batch_size=8,
                           fn_kwargs={"model_dir": model_dir, "pre": pre.model_dump(), "with_labels": with_labels})
-
-
-def write_quarantine(rows: list[dict[str, Any]], path: str | Path) -> None:
-    """Write quarantined rows (id, reason, detail, source) atomically as one Parquet file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pylist([{k: r.get(k, "") for k in QUARANTINE_SCHEMA.names} for r in rows],
-                                 schema=QUARANTINE_SCHEMA)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)

@@ -62,3 +62,40 @@ def write_corpus(rows: Iterable[dict[str, Any]], path: str | Path, rows_per_file
 
 def read_corpus(path: str | Path) -> pa.Table:
     return pq.read_table(str(path), schema=CORPUS_SCHEMA)
+
+
+class QuarantineWriter:
+    """quarantine.parquet (id, reason, detail, source location), written to a temp name, renamed at close."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path, self.tmp = path, path.with_name(f".{path.name}.tmp")
+        self.writer = pq.ParquetWriter(self.tmp, QUARANTINE_SCHEMA)
+        self.buf: list[dict[str, str]] = []
+
+    def write(self, rec: dict[str, str]) -> None:
+        self.buf.append(rec)
+        if len(self.buf) >= 4096:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.buf:
+            self.writer.write_table(pa.Table.from_pylist(self.buf, schema=QUARANTINE_SCHEMA))
+            self.buf = []
+
+    def commit(self) -> None:
+        self.flush()
+        self.writer.close()
+        self.tmp.replace(self.path)
+
+    def abort(self) -> None:
+        self.writer.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def write_quarantine(rows: list[dict[str, Any]], path: str | Path) -> None:
+    """Write quarantined rows (id, reason, detail, source) as one Parquet file, atomically."""
+    writer = QuarantineWriter(Path(path))
+    for r in rows:
+        writer.write({k: r.get(k, "") for k in QUARANTINE_SCHEMA.names})
+    writer.commit()

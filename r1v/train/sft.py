@@ -179,7 +179,7 @@ def sft_loop(cfg: dict[str, Any]) -> None:
 
 def _finish_epoch(state: dict[str, Any], epoch: int, rank: int, log, stage_dir: str) -> None:
     """Reconcile rows in = trained + quarantined across ranks; rank 0 writes the quarantine and logs counts."""
-    from r1v.data.pipeline import write_quarantine
+    from r1v.data.schema import write_quarantine
     from r1v.fsutil import atomic_write_json
 
     parts = gather_objects({"consumed": state["rows_consumed"], "trained": state["trained"],

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from r1v.data.import_config import DataImportConfig
 from r1v.data.importers import open_records
-from r1v.data.schema import CORPUS_SCHEMA, QUARANTINE_SCHEMA
+from r1v.data.schema import CORPUS_SCHEMA, QuarantineWriter
 from r1v.data.validate import Outcome, Record, Validator
 from r1v.fsutil import atomic_directory, atomic_write_json
 
@@ -64,35 +64,6 @@ class CorpusWriter:
             self.parts += 1
         if self.parts == 0:  # an empty corpus is still a readable dataset
             pq.write_table(CORPUS_SCHEMA.empty_table(), self.folder / "part-00000.parquet")
-
-
-class QuarantineWriter:
-    """quarantine.parquet (id, reason, detail, source location), written to a temp name, renamed at close."""
-
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path, self.tmp = path, path.with_name(f".{path.name}.tmp")
-        self.writer = pq.ParquetWriter(self.tmp, QUARANTINE_SCHEMA)
-        self.buf: list[dict[str, str]] = []
-
-    def write(self, rec: dict[str, str]) -> None:
-        self.buf.append(rec)
-        if len(self.buf) >= 4096:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.buf:
-            self.writer.write_table(pa.Table.from_pylist(self.buf, schema=QUARANTINE_SCHEMA))
-            self.buf = []
-
-    def commit(self) -> None:
-        self.flush()
-        self.writer.close()
-        self.tmp.replace(self.path)
-
-    def abort(self) -> None:
-        self.writer.close()
-        self.tmp.unlink(missing_ok=True)
 
 
 _WORKER: Validator | None = None
