@@ -104,18 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluation: grade predictions or generate and grade")
     ev_sub = ev.add_subparsers(dest="eval_command", required=True)
-    try:
-        from r1v.eval.grade_cli import add_grade_parser
+    from r1v.eval.grade_cli import add_grade_parser
+    from r1v.eval.runner import add_run_parser
 
-        add_grade_parser(ev_sub)
-    except ImportError:  # pragma: no cover - the grader package is optional during development
-        pass
-    try:
-        from r1v.eval.runner import add_run_parser
-
-        add_run_parser(ev_sub)
-    except ImportError:  # pragma: no cover
-        pass
+    add_grade_parser(ev_sub)
+    add_run_parser(ev_sub)
     return p
 
 

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from r1v.model.spec import TinySpec
 from r1v.registry import Registry
 
 
@@ -107,21 +108,10 @@ class SyntheticDataConfig(Strict):
 
 
 @STAGE_CONFIGS.register("model.tiny")
-class TinyModelConfig(Strict):
-    """Tiny random models for tests and the demo: a substitute VLM and a second ("reasoning") LLM."""
+class TinyModelConfig(TinySpec):
+    """Tiny random models for tests and the demo: a substitute VLM (built with `seed`) and a second
+    "reasoning" LLM of the same shape (built with `reasoning_seed`)."""
 
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    intermediate_size: int = 128
-    vision_hidden_size: int = 32
-    vision_layers: int = 1
-    vision_heads: int = 2
-    tile_size: int = 56
-    patch_size: int = 14
-    vocab_size: int = 512
-    substitute_seed: int = 0
     reasoning_seed: int = 1
 
 

@@ -37,10 +37,9 @@ def tiny_models(ctx: StageContext, c: TinyModelConfig) -> dict[str, Any]:
     from r1v.model.tiny import TinySpec, build_tiny_llm, build_tiny_vlm
     from r1v.model.tokenizer import build_tiny_tokenizer
 
-    fields = c.model_dump(exclude={"substitute_seed", "reasoning_seed"})
-    spec = TinySpec(**fields, seed=c.substitute_seed)
+    spec = TinySpec(**c.model_dump(exclude={"reasoning_seed"}))
     tok = build_tiny_tokenizer(vocab_size=c.vocab_size)
-    vlm, tok = build_tiny_vlm(spec, tokenizer=tok, seed=c.substitute_seed)
+    vlm, tok = build_tiny_vlm(spec, tokenizer=tok)
     llm = build_tiny_llm(spec, tok, seed=c.reasoning_seed)
     model_dir = save_model(vlm, tok, ctx.stage_dir / "substitute_vlm")
     llm_dir = save_llm(llm, tok, ctx.stage_dir / "reasoning_llm")

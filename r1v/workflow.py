@@ -275,6 +275,9 @@ class Runner:
                 ctx.log.params(cfg.model_dump(mode="json"))
                 ctx.log.text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml")
             outputs = STAGES.get(spec.kind)(ctx, cfg)
+            missing = [k for k, p in outputs.items() if not Path(p).exists()]
+            if missing:
+                raise RuntimeError(f"stage returned outputs {missing} that were not written")
         except BaseException as e:
             state.update(status="failed", ended_at=_now(), seconds=round(time.time() - t0, 1),
                          error="".join(traceback.format_exception_only(type(e), e)).strip())
@@ -282,9 +285,6 @@ class Runner:
             _append_event(self.run_dir, name, "failed", attempt=attempt, error=state["error"][-500:])
             tracking.set_status(uri, child, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
             raise StageFailed(name, self.run_dir, e) from e
-        missing = [k for k, p in outputs.items() if not Path(p).exists()]
-        if missing:
-            raise StageFailed(name, self.run_dir, RuntimeError(f"outputs {missing} were not written"))
         secs = round(time.time() - t0, 1)
         state.update(status="done", ended_at=_now(), seconds=secs,
                      outputs={k: str(Path(p).resolve()) for k, p in outputs.items()})

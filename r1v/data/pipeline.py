@@ -195,3 +195,16 @@ def preprocessed_dataset(corpus: str, model_dir: str, pre: PreprocessConfig, wit
     ds = ray.data.read_parquet(str(corpus), columns=["id", "images", "messages", "answer", "source"])
     return ds.map_batches(preprocess_batch, batch_format="pyarrow", batch_size=8,
                           fn_kwargs={"model_dir": model_dir, "pre": pre.model_dump(), "with_labels": with_labels})
+
+
+def prepare_prompts(rows: list[dict[str, Any]], model_dir: str, pre: PreprocessConfig
+                    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Corpus rows -> generation prompts (each row plus its input_ids and tiles), and quarantine records for
+    the rows that fail; the GRPO prompt set and the eval stage read corpora this way."""
+    good, bad = [], []
+    for row in rows:
+        try:
+            good.append({**row, **preprocess_row(row, model_dir, pre, with_labels=False)})
+        except RowError as e:
+            bad.append({"id": row["id"], "reason": e.reason, "detail": e.detail, "source": row.get("source") or ""})
+    return good, bad

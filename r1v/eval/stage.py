@@ -32,7 +32,7 @@ def generate_samples(model_dir: str, prompts: list[dict[str, Any]], c: EvalConfi
 def run_eval(c: EvalConfig, stage_dir: Path, log) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
-    from r1v.data.pipeline import RowError, preprocess_row
+    from r1v.data.pipeline import prepare_prompts
     from r1v.eval.passk import pass_at_1
     from r1v.rl.rewards import REWARDS
 
@@ -43,12 +43,7 @@ def run_eval(c: EvalConfig, stage_dir: Path, log) -> dict[str, Any]:
     grade = REWARDS.get(c.grader)
     rows = pq.read_table(c.corpus, columns=["id", "images", "messages", "answer", "source"]).to_pylist()
     rows = rows[: c.limit] if c.limit else rows
-    prompts, bad = [], []
-    for row in rows:
-        try:
-            prompts.append({**row, **preprocess_row(row, c.model, c.preprocess, with_labels=False)})
-        except RowError as e:
-            bad.append({"id": row["id"], "reason": e.reason, "detail": e.detail})
+    prompts, bad = prepare_prompts(rows, c.model, c.preprocess)
     comps = generate_samples(c.model, prompts, c)
     preds, correct = [], []
     for p, group in zip(prompts, comps, strict=True):

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from r1v.registry import Registry
+from r1v.rl.algos import token_logprobs
 
 
 @dataclass
@@ -111,10 +112,7 @@ class TransformersEngine(RolloutEngine):
             kwargs["pixel_values"] = normalize_pixels(torch.cat(tiles).to(self.device), self.model.dtype)
         res = self.model.generate(**kwargs)
         new = res.sequences[:, longest:].cpu()
-        logits = torch.stack(res.logits, dim=1).float().cpu()  # [B, T_new, V]
-        if temperature > 0:
-            logits = logits / temperature
-        lp = torch.log_softmax(logits, -1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+        lp = token_logprobs(torch.stack(res.logits, dim=1).cpu(), new, temperature)  # [B, T_new]
         comps = []
         for j in range(len(reqs)):
             toks = new[j].tolist()

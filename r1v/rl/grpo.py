@@ -33,15 +33,10 @@ def load_prompts(c: GRPOConfig, rank: int, world: int) -> tuple[list[dict[str, A
     """This worker's prompts (rows rank, rank+world, ...) preprocessed for generation, and the quarantined."""
     import pyarrow.parquet as pq
 
-    from r1v.data.pipeline import RowError, preprocess_row
+    from r1v.data.pipeline import prepare_prompts
 
     table = pq.read_table(c.corpus, columns=["id", "images", "messages", "answer", "source"])
-    good, bad = [], []
-    for row in table.to_pylist()[rank::world]:
-        try:
-            good.append({**row, **preprocess_row(row, c.model, c.preprocess, with_labels=False)})
-        except RowError as e:
-            bad.append({"id": row["id"], "reason": e.reason, "detail": e.detail, "source": row["source"]})
+    good, bad = prepare_prompts(table.to_pylist()[rank::world], c.model, c.preprocess)
     if not good:
         raise ValueError(f"rank {rank}: no usable prompts in {c.corpus} ({len(bad)} quarantined)")
     return good, bad
