@@ -38,20 +38,25 @@ def collate_sft(rows: list[dict[str, Any]], pad_id: int, tile_size: int) -> dict
 
 
 def table_rows(table) -> list[dict[str, Any]]:
-    """Rows of a preprocessed Arrow batch as dicts, their `pixel_values` zero-copy views of the Arrow buffer.
+    """Rows of a preprocessed Arrow batch as dicts; `pixel_values` are zero-copy views of the Arrow buffer and
+    `input_ids` / `labels` zero-copy int32 arrays.
 
-    Why: `Table.to_pylist()` copies every row's tiles (MBs at 448 px) into a Python bytes object only for
-    collate to copy them again; the views keep the Arrow buffer alive and cost nothing.
+    Why: `Table.to_pylist()` copies every row's tiles (MBs at 448 px) into a Python bytes object, and every
+    token into a Python int, only for collate to copy them again into one array; views cost nothing.
     """
-    if "pixel_values" not in table.column_names:
-        return table.to_pylist()
-    rows = table.drop_columns(["pixel_values"]).to_pylist()
-    pixels = table.column("pixel_values").combine_chunks()
-    if pixels.null_count:
-        raise ValueError("pixel_values has nulls: not a preprocessed batch")
-    offsets = np.frombuffer(pixels.buffers()[1], dtype=np.int32)[pixels.offset : pixels.offset + len(pixels) + 1]
-    data = pixels.buffers()[2]
-    view = memoryview(data) if data is not None else memoryview(b"")
-    for row, lo, hi in zip(rows, offsets[:-1], offsets[1:], strict=True):
-        row["pixel_values"] = view[lo:hi]
+    views = [c for c in ("pixel_values", "input_ids", "labels") if c in table.column_names]
+    rows = table.drop_columns(views).to_pylist()
+    for name in views:
+        column = table.column(name).combine_chunks()
+        if column.null_count:
+            raise ValueError(f"{name} has nulls: not a preprocessed batch")
+        if name == "pixel_values":
+            offsets = np.frombuffer(column.buffers()[1], dtype=np.int32)[column.offset : column.offset + len(column) + 1]
+            data = column.buffers()[2]
+            values = memoryview(data) if data is not None else memoryview(b"")
+        else:
+            offsets = column.offsets.to_numpy()
+            values = column.values.to_numpy(zero_copy_only=False)  # a copy only for odd types (null)
+        for row, lo, hi in zip(rows, offsets[:-1], offsets[1:], strict=True):
+            row[name] = values[lo:hi]
     return rows

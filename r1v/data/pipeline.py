@@ -7,6 +7,7 @@ writes them to the quarantine Parquet, so rows in == rows trained + rows quarant
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -45,31 +46,6 @@ def vision_geometry(model_dir: str) -> tuple[int, int]:
 
     cfg = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     return tile_size(cfg), num_image_tokens(cfg)
-
-
-def encode_images(
-    images: list[bytes], tile_size: int, pre: PreprocessConfig, *, as_bytes: bool = False
-) -> tuple[np.ndarray | bytes | None, list[int]]:
-    """Decode and tile every image of a row: float32 [total tiles, 3, T, T] in image order, and tiles per image.
-
-    `as_bytes=True` returns the *uint8* tiles' bytes instead (b"" without images), as the preprocessed row
-    stores them: normalisation happens next to the model (`r1v.model.forward.normalize_pixels`, on the GPU
-    in real training), so the CPU pipeline moves 4x fewer bytes through Arrow and the object store.
-    The uint8 tile path (`tile_array`) gives the same pixels as `dynamic_tiles` + `normalize` without per-tile
-    PIL crops and float temporaries, which cost more than the resize itself (bench/data_pipeline.py).
-    """
-    from r1v.model.tiling import load_image, normalize_array, tile_array
-
-    arrays, counts = [], []
-    for data in images:
-        tiles = tile_array(load_image(data), tile_size=tile_size, max_tiles=pre.max_tiles,
-                           use_thumbnail=pre.use_thumbnail)
-        arrays.append(tiles)
-        counts.append(len(tiles))
-    if not arrays:
-        return (b"" if as_bytes else None), counts
-    stacked = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
-    return (stacked.tobytes() if as_bytes else normalize_array(stacked)), counts
 
 
 @functools.lru_cache(maxsize=4)
@@ -124,10 +100,46 @@ class RowError(Exception):
         self.reason, self.detail = reason, detail
 
 
-def preprocess_row(row: dict[str, Any], model_dir: str, pre: PreprocessConfig, with_labels: bool = True
-                   ) -> dict[str, Any]:
-    """Decode, tile, tokenise one corpus row. Raises RowError with a reason code on bad input."""
+@dataclass
+class EncodedRow:
+    """A row tokenised, its images decoded but not yet tiled; `write_tiles` resizes them into a buffer."""
+
+    input_ids: list[int]
+    labels: list[int]
+    images: list[Any]  # decoded RGB PIL images, in marker order
+    tiles_per_image: list[int]
+    tile_size: int
+    pre: PreprocessConfig
+
+    @property
+    def n_tiles(self) -> int:
+        return sum(self.tiles_per_image)
+
+    def write_tiles(self, out: np.ndarray) -> None:
+        """Tile every image into `out` (uint8 [n_tiles, 3, T, T], C-contiguous), then drop the decoded images."""
+        from r1v.model.tiling import tile_array
+
+        at = 0
+        for image, n in zip(self.images, self.tiles_per_image, strict=True):
+            tile_array(image, tile_size=self.tile_size, max_tiles=self.pre.max_tiles,
+                       use_thumbnail=self.pre.use_thumbnail, out=out[at : at + n])
+            at += n
+        self.images = []
+
+    def pixel_bytes(self) -> bytes:
+        out = np.empty((self.n_tiles, 3, self.tile_size, self.tile_size), dtype=np.uint8)
+        self.write_tiles(out)
+        return out.tobytes()
+
+
+def encode_row(row: dict[str, Any], model_dir: str, pre: PreprocessConfig, with_labels: bool = True) -> EncodedRow:
+    """Decode the images and tokenise one corpus row. Raises RowError with a reason code on bad input.
+
+    Tiling (the resizes, ~85% of the CPU cost) is left to `EncodedRow.write_tiles`, which needs only the tile
+    counts computed here, so that a batch can size one pixel buffer and have every row write into it.
+    """
     from r1v.data.prompt import encode_prompt, encode_sft
+    from r1v.model.tiling import load_image, tile_count
     from r1v.model.tokens import IMG_CONTEXT
 
     tok = load_tokenizer(model_dir)
@@ -136,9 +148,10 @@ def preprocess_row(row: dict[str, Any], model_dir: str, pre: PreprocessConfig, w
     if not messages:
         raise RowError("no_messages", "the row has no messages")
     try:
-        pixels, counts = encode_images(list(row["images"] or []), tile, pre, as_bytes=True)
+        images = [load_image(data) for data in row["images"] or []]
     except ValueError as e:
         raise RowError("image_decode", str(e)) from e
+    counts = [tile_count(im.width, im.height, tile, 1, pre.max_tiles, pre.use_thumbnail) for im in images]
     # Tokenise with one context token per image, then expand (same ids, see _context_run_splits).
     compress = bool(counts) and _context_run_splits(model_dir)
     tiles_arg, per_tile_arg = ([1] * len(counts), 1) if compress else (counts, per_tile)
@@ -168,32 +181,77 @@ def preprocess_row(row: dict[str, Any], model_dir: str, pre: PreprocessConfig, w
     except ValueError as e:
         reason = "too_long" if "max_length" in str(e) or "exceeds" in str(e) else "image_markers"
         raise RowError(reason, str(e)) from e
-    return {"input_ids": ids, "labels": labels, "pixel_values": pixels, "n_tiles": int(sum(counts))}
+    return EncodedRow(ids, labels, images, counts, tile, pre)
+
+
+def preprocess_row(row: dict[str, Any], model_dir: str, pre: PreprocessConfig, with_labels: bool = True
+                   ) -> dict[str, Any]:
+    """One row's model inputs: input_ids, labels, uint8 tile bytes, n_tiles. Raises RowError on bad input."""
+    enc = encode_row(row, model_dir, pre, with_labels)
+    return {"input_ids": enc.input_ids, "labels": enc.labels, "n_tiles": enc.n_tiles,
+            "pixel_values": enc.pixel_bytes()}
 
 
 def preprocess_batch(batch: pa.Table, model_dir: str, pre: dict[str, Any], with_labels: bool = True) -> pa.Table:
-    """Ray Data map_batches function: never raises for a bad row, marks it with `error` instead."""
+    """Ray Data map_batches function: never raises for a bad row, marks it with `error` instead.
+
+    Two passes: decode + tokenise every row (which fixes each row's tile count), then tile them all into one
+    uint8 buffer that becomes the `pixel_values` column as is. Building the column from per-row bytes would
+    copy every tile twice more (3.6 MB per MATH-Vision row at 448 px; bench/data_pipeline.py).
+    """
     cfg = PreprocessConfig.model_validate(pre)
-    out = []
+    tile, _ = vision_geometry(model_dir)
+    recs: list[dict[str, Any]] = []
+    encoded: list[EncodedRow | None] = []
     for row in batch.to_pylist():
         rec = {"id": row["id"], "answer": row.get("answer") or "", "source": row.get("source") or "",
-               "error": "", "detail": "", "input_ids": [], "labels": [], "pixel_values": b"", "n_tiles": 0}
+               "error": "", "detail": "", "input_ids": [], "labels": [], "n_tiles": 0}
+        enc = None
         try:
-            rec.update(preprocess_row(row, model_dir, cfg, with_labels))
+            enc = encode_row(row, model_dir, cfg, with_labels)
+            rec.update(input_ids=enc.input_ids, labels=enc.labels, n_tiles=enc.n_tiles)
         except RowError as e:
             rec.update(error=e.reason, detail=e.detail[:500])
-        out.append(rec)
-    return pa.Table.from_pylist(out, schema=PREPROCESSED_SCHEMA)
+        recs.append(rec)
+        encoded.append(enc)
+    tile_bytes = 3 * tile * tile
+    total = sum(r["n_tiles"] for r in recs)
+    if total * tile_bytes >= 2**31:
+        raise ValueError(f"a batch of {len(recs)} rows holds {total} tiles, over the 2 GiB of one Arrow binary "
+                         f"column: use a smaller batch size")
+    pixels = np.empty((total, 3, tile, tile), dtype=np.uint8)
+    offsets = np.zeros(len(recs) + 1, dtype=np.int32)
+    at = 0
+    for i, enc in enumerate(encoded):
+        if enc is not None:
+            enc.write_tiles(pixels[at : at + enc.n_tiles])
+            at += enc.n_tiles
+        offsets[i + 1] = at * tile_bytes
+    column = pa.Array.from_buffers(pa.binary(), len(recs), [None, pa.py_buffer(offsets), pa.py_buffer(pixels)])
+    table = pa.Table.from_pylist(recs, schema=PREPROCESSED_SCHEMA.remove(PREPROCESSED_SCHEMA.get_field_index(
+        "pixel_values")))
+    return table.add_column(PREPROCESSED_SCHEMA.get_field_index("pixel_values"), "pixel_values", column)
 
 
-def preprocessed_dataset(corpus: str, model_dir: str, pre: PreprocessConfig, with_labels: bool = True):
-    """A lazy Ray Dataset of preprocessed rows (order preserved so that resume can skip consumed rows)."""
+BATCH_ROWS = 8  # rows per preprocessing call: the decoded images of a batch are held until it is tiled
+
+
+def preprocessed_dataset(corpus: str, model_dir: str, pre: PreprocessConfig, with_labels: bool = True,
+                         concurrency: int | None = None):
+    """A lazy Ray Dataset of preprocessed rows (order preserved so that resume can skip consumed rows).
+
+    The corpus is read a few row groups per task (`r1v.data.reader`), so every free CPU preprocesses; pass
+    `concurrency` to cap the number of preprocessing tasks at once (default: Ray Data's autoscaling).
+    """
     import ray.data
+
+    from r1v.data.reader import read_corpus
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
-    ds = ray.data.read_parquet(str(corpus), columns=["id", "images", "messages", "answer", "source"])
-    return ds.map_batches(preprocess_batch, batch_format="pyarrow", batch_size=8,
+    ds = read_corpus(corpus, columns=["id", "images", "messages", "answer", "source"])
+    kwargs = {} if concurrency is None else {"compute": ray.data.TaskPoolStrategy(size=concurrency)}
+    return ds.map_batches(preprocess_batch, batch_format="pyarrow", batch_size=BATCH_ROWS, **kwargs,
                           fn_kwargs={"model_dir": model_dir, "pre": pre.model_dump(), "with_labels": with_labels})
 
 

@@ -8,9 +8,9 @@ so pixel values match those the released Skywork-R1V weights were trained on.
 from __future__ import annotations
 
 import io
-import threading
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image, ImageOps
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
@@ -97,31 +97,65 @@ def dynamic_tiles(
     return tiles
 
 
+def tile_count(width: int, height: int, tile_size: int = 448, min_tiles: int = 1, max_tiles: int = 12,
+               use_thumbnail: bool = True) -> int:
+    """How many tiles `tile_array` makes of an image this size (thumbnail included): sizes buffers up front."""
+    cols, rows = choose_grid(width, height, tile_size, min_tiles, max_tiles)
+    return cols * rows + (use_thumbnail and cols * rows != 1)
+
+
 def tile_array(
     image: Image.Image,
     tile_size: int = 448,
     min_tiles: int = 1,
     max_tiles: int = 12,
     use_thumbnail: bool = True,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """`dynamic_tiles` as one uint8 array [n, 3, T, T]: the same pixels, without a PIL crop per tile.
 
     The data pipeline's hot path: the resized image is cut into tiles by one strided copy, where per-tile
-    crops and conversions cost about as much as the resize (bench/data_pipeline.py).
+    crops and conversions cost about as much as the resize (bench/data_pipeline.py). `out` (shape
+    [tile_count(...), 3, T, T], C-contiguous) receives the tiles in place, so a batch's tiles can be written
+    straight into the one buffer that becomes its Arrow column.
     """
     image = image.convert("RGB") if image.mode != "RGB" else image
     resized, cols, rows = _resize_to_grid(image, tile_size, min_tiles, max_tiles)
     n = cols * rows
     thumb = use_thumbnail and n != 1
-    out = np.empty((n + thumb, 3, tile_size, tile_size), dtype=np.uint8)
+    shape = (n + thumb, 3, tile_size, tile_size)
+    if out is None:
+        out = np.empty(shape, dtype=np.uint8)
+    elif out.shape != shape or out.dtype != np.uint8 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous uint8 {shape}, got {out.dtype} {out.shape}")
     # One view of the resized image's HWC pixels, cut into row-major tiles and made channels-first by a single
     # strided copy (per-band splits and per-tile crops each cost another full copy).
-    hwc = np.asarray(resized)
+    hwc = _rgb_view(resized)
     grid = out[:n].reshape(rows, cols, 3, tile_size, tile_size)  # a view: out is contiguous
     grid[...] = hwc.reshape(rows, tile_size, cols, tile_size, 3).transpose(0, 2, 4, 1, 3)
     if thumb:
-        out[n] = np.asarray(image.resize((tile_size, tile_size), Image.Resampling.BICUBIC)).transpose(2, 0, 1)
+        out[n] = _rgb_view(image.resize((tile_size, tile_size), Image.Resampling.BICUBIC)).transpose(2, 0, 1)
     return out
+
+
+def _rgb_view(image: Image.Image) -> np.ndarray:
+    """[H, W, 3] uint8 pixels of an RGB image, without copying them out of PIL when it can.
+
+    Pillow keeps RGB as 4 bytes a pixel and `np.asarray` first packs it into a new RGB buffer; its Arrow export
+    (Pillow >= 11.2) shares the RGBX memory instead, and the tile cut reads three bytes of every four (measured
+    0.85 vs 1.11 ms a MATH-Vision row). Images Pillow stores in several blocks cannot be exported: copied then.
+    The view keeps the export, hence the image's memory, alive.
+    """
+    try:
+        exported = pa.array(image)
+    except (ValueError, TypeError, pa.ArrowException):
+        return np.asarray(image)
+    values = exported.values
+    if values.type.bit_width != 8 or exported.type.list_size != 4 or values.null_count:
+        return np.asarray(image)
+    rgbx = np.frombuffer(values.buffers()[1], dtype=np.uint8, count=image.height * image.width * 4,
+                         offset=values.offset)
+    return rgbx.reshape(image.height, image.width, 4)[..., :3]
 
 
 def normalize_array(tiles: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -140,22 +174,6 @@ def normalize_array(tiles: np.ndarray, out: np.ndarray | None = None) -> np.ndar
     np.subtract(out, IMAGENET_MEAN[:, None, None], out=out)
     np.divide(out, IMAGENET_STD[:, None, None], out=out)
     return out
-
-
-_SCRATCH = threading.local()
-
-
-def normalized_bytes(tiles: np.ndarray) -> bytes:
-    """`normalize_array(tiles).tobytes()`, computed in a float32 buffer reused across calls (one per thread).
-
-    Why: a row's pixels are ~10 MB of float32. A fresh array per row and then a fresh bytes copy cost about
-    three times the arithmetic in page faults (measured: 6.2 ms vs 2.0 ms per MATH-Vision row at 448 px).
-    """
-    size = tiles.size
-    buf: np.ndarray | None = getattr(_SCRATCH, "buf", None)
-    if buf is None or buf.size < size:
-        buf = _SCRATCH.buf = np.empty(size, dtype=np.float32)
-    return normalize_array(tiles, out=buf[:size].reshape(tiles.shape)).tobytes()
 
 
 def normalize(tiles: list[Image.Image]) -> np.ndarray:

@@ -29,8 +29,8 @@ from r1v.model.tiling import (
     load_image,
     normalize,
     normalize_array,
-    normalized_bytes,
     tile_array,
+    tile_count,
 )
 
 # ---------------------------------------------------------------------------------------------------------
@@ -317,8 +317,8 @@ def test_pixel_sweep_is_large_enough() -> None:
 
 @pytest.mark.parametrize("chunk", range(4))
 def test_pixel_values_match_reference(chunk: int) -> None:
-    """Both r1v paths (PIL tiles + `normalize`, and the pipeline's uint8 `tile_array` + `normalize_array` /
-    `normalized_bytes`) against the reference."""
+    """Both r1v paths (PIL tiles + `normalize`, and the pipeline's uint8 `tile_array` + `normalize_array`,
+    also written in place into a slice of a batch buffer sized by `tile_count`) against the reference."""
     worst = 0.0
     for k, (w, h, mn, mx, tile) in enumerate(PIXEL_CASES[chunk::4]):
         data = _noise_png(w, h, seed=k * 4 + chunk, mode="RGBA" if k % 7 == 3 else "RGB")
@@ -329,7 +329,11 @@ def test_pixel_values_match_reference(chunk: int) -> None:
         via_array = normalize_array(u8)
         assert via_pil.shape == via_array.shape == ref.shape, (w, h, mn, mx, tile)
         assert via_pil.dtype == via_array.dtype == np.float32
-        assert normalized_bytes(u8) == via_array.tobytes()
+        n = tile_count(image.width, image.height, tile, mn, mx)
+        batch = np.zeros((n + 2, 3, tile, tile), dtype=np.uint8)
+        tile_array(image, tile_size=tile, min_tiles=mn, max_tiles=mx, out=batch[1 : n + 1])
+        np.testing.assert_array_equal(batch[1 : n + 1], u8)
+        assert not batch[0].any() and not batch[n + 1].any()  # nothing written outside its slice
         if mn == 1:
             direct = image_to_pixel_values(data, tile_size=tile, max_tiles=mx)
             np.testing.assert_array_equal(direct, via_array)

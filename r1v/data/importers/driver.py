@@ -29,10 +29,13 @@ from r1v.fsutil import atomic_directory, atomic_write_json
 
 
 class CorpusWriter:
-    """Part files of up to `rows_per_file` rows, written a row group at a time."""
+    """Part files of up to `rows_per_file` rows, written a row group at a time: a group closes at
+    `buffer_bytes` or `group_rows` rows, whichever comes first (row groups are what `r1v.data.reader` spreads
+    over preprocessing tasks, so a text-only corpus must not become one giant group)."""
 
-    def __init__(self, folder: Path, rows_per_file: int, buffer_bytes: int) -> None:
+    def __init__(self, folder: Path, rows_per_file: int, buffer_bytes: int, group_rows: int = 256) -> None:
         self.folder, self.rows_per_file, self.buffer_bytes = folder, rows_per_file, buffer_bytes
+        self.group_rows = group_rows
         self.buf: list[dict[str, Any]] = []
         self.buf_bytes = 0
         self.part_rows = 0
@@ -42,7 +45,8 @@ class CorpusWriter:
     def write(self, row: dict[str, Any]) -> None:
         self.buf.append(row)
         self.buf_bytes += sum(len(b) for b in row["images"]) + sum(len(m["content"]) for m in row["messages"])
-        if self.buf_bytes >= self.buffer_bytes or self.part_rows + len(self.buf) >= self.rows_per_file:
+        if (self.buf_bytes >= self.buffer_bytes or len(self.buf) >= self.group_rows
+                or self.part_rows + len(self.buf) >= self.rows_per_file):
             self.flush()
 
     def flush(self) -> None:
