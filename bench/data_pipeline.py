@@ -11,11 +11,16 @@ What it measures (each a median over --repeats runs, after a warm-up run):
 - `normalise_cpu`: the uint8 -> float ImageNet normalisation of the same tiles. The pipeline ships uint8 tiles
   and the training step normalises them next to the model (on the accelerator in real training), so it is
   not part of `full_1core`; it is printed so that the CPU-only cost is visible too.
-- `ray_cN`: Ray Data `map_batches(preprocess_batch, concurrency=N)` over the rows, the driver iterating the
-  batches and packing them. Ray start-up and a warm-up pass (which starts the workers and loads the
-  tokenizer there) are excluded. The driver shares the machine's cores with the workers.
+- `ray_cN`: the SFT stage's own pipeline, `r1v.data.pipeline.preprocessed_dataset` (row-group read tasks,
+  `preprocess_batch` in Ray Data tasks, at most N at once) over the rows written as a corpus (repeated
+  --ray-copies times), the driver iterating the batches and packing them as a training worker would. Ray
+  start-up and a warm-up pass (which starts the workers and loads the tokenizer there) are excluded. The
+  driver and Ray's own processes share the machine's cores with the workers, so the CPU time of every process
+  is also counted: rows per CPU-second is the per-core rate whatever else runs on the machine.
+- `pil_only_x2`: `pil_only` in two processes at once: whether the machine's two cores scale at all.
 
-The ratio per core is (rows/s / cores used) / pil_only rows/s; the target is >= 0.8.
+The ratio per core is (rows/s / workers) / pil_only rows/s, or (rows per CPU-second) / pil_only rows/s;
+the target is >= 0.8.
 
 Geometry: 448 px tiles, patch 14 (256 tokens per tile), --max-tiles 6 by default (InternVL uses 6 or 12);
 the tiny random model only supplies the tokenizer and the config (its 56 px default would flatter us).
@@ -42,8 +47,9 @@ from typing import Any
 
 import pyarrow as pa
 
-MATHV = Path("/work/shared/data/benchmarks/mathv")
 from r1v.data.pipeline import BATCH_ROWS as BATCH  # rows per preprocessing call, as the SFT pipeline uses
+
+MATHV = Path("/work/shared/data/benchmarks/mathv")
 
 
 def mathv_corpus(root: Path = MATHV) -> pa.Table:
@@ -77,15 +83,34 @@ def save_tiny(tile_size: int, path: Path) -> str:
     return str(path)
 
 
-def timed(fn: Callable[[], int], repeats: int) -> tuple[float, list[float]]:
+def timed(fn: Callable[[], int], repeats: int, warmup: bool = True) -> tuple[float, list[float]]:
     """Median rows/s of `fn` (which returns the rows it processed) over `repeats` runs after one warm-up."""
-    fn()
+    if warmup:
+        fn()
     rates = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         n = fn()
         rates.append(n / (time.perf_counter() - t0))
     return statistics.median(rates), rates
+
+
+def cpu_seconds() -> dict[str, float]:
+    """CPU time (user + system) so far of this process, of its Ray worker processes (`ray::...`), and of Ray's
+    other processes (raylet, GCS, agents): `ray.init` starts them all as descendants of this one."""
+    import psutil
+
+    out = {"driver": 0.0, "ray workers": 0.0, "ray daemons": 0.0}
+    me = psutil.Process()
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            t = proc.cpu_times()
+            cmd = " ".join(proc.cmdline())
+        except psutil.Error:  # exited meanwhile
+            continue
+        group = "driver" if proc.pid == me.pid else "ray workers" if cmd.startswith("ray::") else "ray daemons"
+        out[group] += t.user + t.system + t.children_user + t.children_system
+    return out
 
 
 def pil_only(images: list[bytes], tile: int, max_tiles: int) -> int:
@@ -101,6 +126,19 @@ def pil_only(images: list[bytes], tile: int, max_tiles: int) -> int:
         if cols * rows > 1:
             im.resize((tile, tile), Image.Resampling.BICUBIC)
     return len(images)
+
+
+def _pil_rate(args: tuple[list[bytes], int, int, int]) -> float:
+    images, tile, max_tiles, repeats = args
+    return timed(lambda: pil_only(images, tile, max_tiles), repeats)[0]
+
+
+def pil_parallel(images: list[bytes], tile: int, max_tiles: int, repeats: int, procs: int = 2) -> list[float]:
+    """`pil_only` rows/s of each of `procs` processes running at the same time."""
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(procs) as pool:
+        return pool.map(_pil_rate, [(images, tile, max_tiles, repeats)] * procs)
 
 
 def pack_table(table: pa.Table, pad_id: int, tile: int, max_tokens: int) -> int:
@@ -192,6 +230,8 @@ def main() -> None:
     ap.add_argument("--no-ray", action="store_true")
     ap.add_argument("--row-group-rows", type=int, default=16, help="row group size of the corpus Ray reads")
     ap.add_argument("--object-store-mb", type=int, default=1024)
+    ap.add_argument("--ray-copies", type=int, default=2, help="the corpus repeated this many times for the Ray "
+                                                              "runs (longer runs: less start-up and tail)")
     ap.add_argument("--batch-rows", type=int, default=8, help="rows per SFT micro-batch (padding)")
     ap.add_argument("--budget-mathv", type=int, default=4096, help="packing budget for the padding report")
     ap.add_argument("--budget-synthetic", type=int, default=512)
@@ -217,6 +257,10 @@ def main() -> None:
     pil, pil_all = timed(lambda: pil_only(images, tile, args.max_tiles), args.repeats)
     res["pil_only"] = pil
     print(f"[rate] {'pil_only (1 core):':33s} {pil:7.1f} rows/s  runs {[round(r, 1) for r in pil_all]}")
+    par = pil_parallel(images, tile, args.max_tiles, args.repeats)
+    res["pil_only_x2"] = par
+    print(f"[rate] {'pil_only, 2 processes at once:':33s} {sum(par):7.1f} rows/s in all, "
+          f"{[round(r, 1) for r in par]} each")
     for name, fn in [("preprocess_row only", lambda: rows_only(table, model_dir, pre)),
                      ("preprocess_batch, no packing", lambda: batches_only(table, model_dir, pre))]:
         rate, runs = timed(fn, args.repeats)
@@ -263,14 +307,24 @@ def main() -> None:
         print(f"[setup] ray.init {time.perf_counter() - t0:.1f} s (excluded)")
         from r1v.data.schema import write_corpus
 
-        corpus = write_corpus(table.to_pylist(), work / "mathv-corpus", row_group_rows=args.row_group_rows)
+        n_rows = table.num_rows * args.ray_copies
+        corpus = write_corpus(table.to_pylist() * args.ray_copies, work / "mathv-corpus",
+                              row_group_rows=args.row_group_rows)
         for k in [int(x) for x in args.workers.split(",")]:
-            rate, runs = timed(lambda k=k: ray_run(corpus, model_dir, pre, k, pad_id, tile, max_tokens,
-                                                   table.num_rows), args.repeats)
+            ray_run(corpus, model_dir, pre, k, pad_id, tile, max_tokens, n_rows)  # warm-up
+            before = cpu_seconds()
+            rate, runs = timed(lambda k=k: ray_run(corpus, model_dir, pre, k, pad_id, tile, max_tokens, n_rows),
+                               args.repeats, warmup=False)
+            used = {g: cpu_seconds()[g] - before[g] for g in before}
+            per_cpu_s = n_rows * args.repeats / sum(used.values())
             res[f"ray_c{k}"] = rate
-            label = f"Ray Data concurrency {k}:"
+            res[f"ray_c{k}_rows_per_cpu_s"] = per_cpu_s
+            label = f"Ray Data, {k} worker(s):"
             print(f"[rate] {label:33s} {rate:7.1f} rows/s  runs {[round(r, 1) for r in runs]}"
-                  f"  ratio/core {rate / k / pil:.2f}")
+                  f"  ratio per worker {rate / k / pil:.2f}")
+            share = ", ".join(f"{g} {v / (n_rows * args.repeats) * 1e3:.1f}" for g, v in used.items())
+            print(f"[cpu]  {label:33s} {per_cpu_s:7.1f} rows per CPU-second (ratio {per_cpu_s / pil:.2f}); "
+                  f"CPU ms a row: {share}")
         ray.shutdown()
 
     # padding: MATH-Vision (448 geometry) and the synthetic corpus (tiny 56 px geometry)

@@ -51,12 +51,13 @@ def table_rows(table) -> list[dict[str, Any]]:
         if column.null_count:
             raise ValueError(f"{name} has nulls: not a preprocessed batch")
         if name == "pixel_values":
-            offsets = np.frombuffer(column.buffers()[1], dtype=np.int32)[column.offset : column.offset + len(column) + 1]
+            lo = column.offset
+            offsets = np.frombuffer(column.buffers()[1], dtype=np.int32)[lo : lo + len(column) + 1]
             data = column.buffers()[2]
             values = memoryview(data) if data is not None else memoryview(b"")
         else:
             offsets = column.offsets.to_numpy()
             values = column.values.to_numpy(zero_copy_only=False)  # a copy only for odd types (null)
-        for row, lo, hi in zip(rows, offsets[:-1], offsets[1:], strict=True):
-            row[name] = values[lo:hi]
+        for row, start, end in zip(rows, offsets[:-1], offsets[1:], strict=True):
+            row[name] = values[start:end]
     return rows

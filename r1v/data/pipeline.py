@@ -240,8 +240,9 @@ def preprocessed_dataset(corpus: str, model_dir: str, pre: PreprocessConfig, wit
                          concurrency: int | None = None):
     """A lazy Ray Dataset of preprocessed rows (order preserved so that resume can skip consumed rows).
 
-    The corpus is read a few row groups per task (`r1v.data.reader`), so every free CPU preprocesses; pass
-    `concurrency` to cap the number of preprocessing tasks at once (default: Ray Data's autoscaling).
+    Each Ray task reads a few row groups of the corpus and preprocesses them `BATCH_ROWS` at a time
+    (`r1v.data.reader`), so every free CPU preprocesses, even for a corpus in one file; `concurrency` caps
+    the number of tasks at once (default: as many as there are free CPUs).
     """
     import ray.data
 
@@ -249,10 +250,10 @@ def preprocessed_dataset(corpus: str, model_dir: str, pre: PreprocessConfig, wit
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
-    ds = read_corpus(corpus, columns=["id", "images", "messages", "answer", "source"])
-    kwargs = {} if concurrency is None else {"compute": ray.data.TaskPoolStrategy(size=concurrency)}
-    return ds.map_batches(preprocess_batch, batch_format="pyarrow", batch_size=BATCH_ROWS, **kwargs,
-                          fn_kwargs={"model_dir": model_dir, "pre": pre.model_dump(), "with_labels": with_labels})
+    transform = functools.partial(preprocess_batch, model_dir=model_dir, pre=pre.model_dump(),
+                                  with_labels=with_labels)
+    return read_corpus(corpus, columns=["id", "images", "messages", "answer", "source"], rows_per_task=32,
+                       batch_rows=BATCH_ROWS, transform=transform, concurrency=concurrency)
 
 
 def prepare_prompts(rows: list[dict[str, Any]], model_dir: str, pre: PreprocessConfig

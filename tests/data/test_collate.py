@@ -30,3 +30,25 @@ def test_table_rows_match_to_pylist_without_copying(tiny_assets):
     assert batch["pixel_values"].dtype.is_floating_point is False
     np.testing.assert_array_equal(batch["pixel_values"].numpy().reshape(-1), ref)
     assert (batch["attention_mask"].sum(1).tolist() == [len(r["input_ids"]) for r in good])
+
+
+def test_batch_pixel_buffer_matches_rows_one_by_one(tiny_assets):
+    """`preprocess_batch` tiles every row into one shared buffer; broken rows in between take no bytes."""
+    from r1v.data.pipeline import PREPROCESSED_SCHEMA, RowError, preprocess_row
+
+    corpus = pq.read_table(tiny_assets["train"])
+    pre = PreprocessConfig()
+    table = preprocess_batch(corpus, tiny_assets["model"], pre.model_dump())
+    assert table.schema == PREPROCESSED_SCHEMA
+    errors = 0
+    for row, got in zip(corpus.to_pylist(), table.to_pylist(), strict=True):
+        try:
+            one = preprocess_row(row, tiny_assets["model"], pre)
+        except RowError as e:
+            errors += 1
+            assert (got["error"], got["pixel_values"], got["n_tiles"]) == (e.reason, b"", 0)
+            continue
+        assert got["error"] == "" and got["n_tiles"] == one["n_tiles"]
+        assert got["pixel_values"] == one["pixel_values"]
+        assert (got["input_ids"], got["labels"]) == (one["input_ids"], one["labels"])
+    assert errors == 2  # the fixture's two truncated images
