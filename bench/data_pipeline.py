@@ -96,8 +96,9 @@ def timed(fn: Callable[[], int], repeats: int, warmup: bool = True) -> tuple[flo
 
 
 def cpu_seconds() -> dict[str, float]:
-    """CPU time (user + system) so far of this process, of its Ray worker processes (`ray::...`), and of Ray's
-    other processes (raylet, GCS, agents): `ray.init` starts them all as descendants of this one."""
+    """CPU time (user + system) so far of this process, of the Ray worker processes that run data tasks, and of
+    Ray's other processes (raylet, GCS, agents, its own actors): `ray.init` starts them all as descendants of
+    this one."""
     import psutil
 
     out = {"driver": 0.0, "ray workers": 0.0, "ray daemons": 0.0}
@@ -108,7 +109,10 @@ def cpu_seconds() -> dict[str, float]:
             cmd = " ".join(proc.cmdline())
         except psutil.Error:  # exited meanwhile
             continue
-        group = "driver" if proc.pid == me.pid else "ray workers" if cmd.startswith("ray::") else "ray daemons"
+        # Data tasks run in `ray::IDLE` / `ray::ReadRowGroupSource...` processes; Ray's own actors
+        # (`ray::_StatsActor`, `ray::DashboardAgent`, ...) are daemons here.
+        task = cmd.startswith("ray::") and not cmd[5:].startswith(("_", "DashboardAgent", "RuntimeEnvAgent"))
+        group = "driver" if proc.pid == me.pid else "ray workers" if task else "ray daemons"
         out[group] += t.user + t.system + t.children_user + t.children_system
     return out
 
