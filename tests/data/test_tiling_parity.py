@@ -358,3 +358,17 @@ def test_thumbnail_and_order_match_reference_at_448() -> None:
     ours = image_to_pixel_values(data, tile_size=448, max_tiles=6)
     assert ours.shape == (7, 3, 448, 448)
     np.testing.assert_array_equal(ours, ref)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (37, 5), (1344, 896), (2100, 2100)])
+def test_rgb_view_equals_numpy_copy(size) -> None:
+    """The zero-copy pixel view (Pillow's Arrow export) and its fallback for images Pillow keeps in several
+    memory blocks (2100 x 2100 x 4 bytes is over its 16 MB block) both give `np.asarray`'s pixels."""
+    from r1v.model.tiling import _rgb_view
+
+    w, h = size
+    pixels = np.random.default_rng(w * h).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    view = _rgb_view(image)
+    assert view.shape == (h, w, 3) and view.dtype == np.uint8
+    np.testing.assert_array_equal(view, pixels)
