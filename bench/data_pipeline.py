@@ -5,8 +5,8 @@ What it measures (each a median over --repeats runs, after a warm-up run):
 - `pil_only`: one core decodes each image with PIL (`Image.open(...).convert("RGB")`, as InternVL's loader)
   and does the same bicubic resizes to the tile grid plus the thumbnail. No tiling into arrays, no
   normalisation, no tokenisation. This is the floor the full pipeline is compared with.
-- `full_1core`: the same rows through `preprocess_batch` (decode, tile, tokenise, Arrow batch of 16 rows, uint8
-  tiles) and then what the trainer does with a batch: `table_rows` (zero-copy pixel views) and
+- `full_1core`: the same rows through `preprocess_batch` (decode, tile, tokenise; Arrow batches of 8 rows,
+  uint8 tiles) and then what the trainer does with a batch: `table_rows` (zero-copy views) and
   `collate_packed` -- in one process.
 - `normalise_cpu`: the uint8 -> float ImageNet normalisation of the same tiles. The pipeline ships uint8 tiles
   and the training step normalises them next to the model (on the accelerator in real training), so it is

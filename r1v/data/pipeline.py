@@ -193,7 +193,8 @@ def preprocess_row(row: dict[str, Any], model_dir: str, pre: PreprocessConfig, w
 
 
 def preprocess_batch(batch: pa.Table, model_dir: str, pre: dict[str, Any], with_labels: bool = True) -> pa.Table:
-    """Ray Data map_batches function: never raises for a bad row, marks it with `error` instead.
+    """Preprocess a batch of corpus rows (run inside the read tasks, see `preprocessed_dataset`): never raises
+    for a bad row, marks it with `error` instead.
 
     Two passes: decode + tokenise every row (which fixes each row's tile count), then tile them all into one
     uint8 buffer that becomes the `pixel_values` column as is. Building the column from per-row bytes would

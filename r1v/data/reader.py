@@ -1,10 +1,10 @@
 """A Ray Data source that reads a corpus a few Parquet row groups per task.
 
 Why not `ray.data.read_parquet`: it makes one read task per *file* (Ray 2.60; `override_num_blocks` does not
-split a file), and Ray Data fuses the read with the preprocessing `map_batches`, so a corpus in one part file
-was preprocessed by a single task on a single core however many CPUs were free. Row groups are the unit
-Parquet can read independently; the writers bound their size (`write_corpus`, the importer's
-`buffer_bytes`), so tasks stay small enough to spread over every worker.
+split a file) and that task yields the file as one block (up to 128 MB), which one preprocessing task then
+took whole: a corpus in one part file was preprocessed on a single core however many CPUs were free. Row
+groups are the unit Parquet can read independently; the writers bound their size (`write_corpus`, the
+importer's `CorpusWriter`), so tasks stay small enough to spread over every worker.
 
 Tasks come in file order and row-group order, so with `preserve_order` the rows come out in corpus order (the
 SFT resume skips consumed rows by count).
