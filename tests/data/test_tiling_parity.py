@@ -372,3 +372,20 @@ def test_rgb_view_equals_numpy_copy(size) -> None:
     view = _rgb_view(image)
     assert view.shape == (h, w, 3) and view.dtype == np.uint8
     np.testing.assert_array_equal(view, pixels)
+
+
+@pytest.mark.parametrize(("rows", "cols", "tile"), [(1, 1, 28), (2, 3, 28), (3, 1, 448)])
+def test_cut_tiles_word_path_equals_strided_copy(rows, cols, tile) -> None:
+    """The tile cut reads Pillow's RGBX memory as 32-bit words; a contiguous HWC array takes numpy's strided
+    copy. Both give the reference cut of every tile, channel by channel."""
+    from r1v.model.tiling import _cut_tiles, _rgb_view
+
+    pixels = np.random.default_rng(rows * 10 + cols).integers(0, 256, (rows * tile, cols * tile, 3), dtype=np.uint8)
+    view = _rgb_view(Image.fromarray(pixels))
+    assert view.strides[1:] == (4, 1)  # the word path is the one taken
+    expected = np.stack([pixels[r * tile : (r + 1) * tile, c * tile : (c + 1) * tile].transpose(2, 0, 1)
+                         for r in range(rows) for c in range(cols)])
+    for source in (view, pixels):
+        grid = np.zeros((rows, cols, 3, tile, tile), dtype=np.uint8)
+        _cut_tiles(source, grid)
+        np.testing.assert_array_equal(grid.reshape(-1, 3, tile, tile), expected)
