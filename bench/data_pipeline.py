@@ -19,9 +19,11 @@ What it measures (each a median over --repeats runs, after a warm-up run):
   is also counted: rows per CPU-second is the per-core rate whatever else runs on the machine.
 - `pil_only_x2`: `pil_only` in two processes at once: whether the machine's two cores scale at all.
 
-The ratio per core is (rows/s / workers) / pil_only rows/s, each measurement paired with a pil_only run just
-before it (median of the pairs' ratios: this shared machine drifts by +-10% over minutes); the CPU ratio is
-(rows per CPU-second) / the median pil_only rows/s. The target is >= 0.8.
+The ratio per core is (rows/s / workers) / pil_only rows/s, every measured run bracketed by pil_only runs
+(ratio to their mean; median over the runs), since this shared machine drifts by +-10% over minutes. The CPU
+ratios are rows per CPU-second / the median of the pil_only runs between the Ray runs, over every process
+(driver, workers, Ray's own) or over the Ray workers alone (the preprocessing per core it used, whatever else
+shares the cores). The target is >= 0.8.
 
 Geometry: 448 px tiles, patch 14 (256 tokens per tile), --max-tiles 6 by default (InternVL uses 6 or 12);
 the tiny random model only supplies the tokenizer and the config (its 56 px default would flatter us).
@@ -45,7 +47,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 
@@ -97,24 +99,32 @@ def timed(fn: Callable[[], int], repeats: int, warmup: bool = True) -> tuple[flo
     return statistics.median(rates), rates
 
 
-def paired(fn: Callable[[], int], base: Callable[[], int], repeats: int, warmup: bool = True
-           ) -> tuple[float, float, list[float], list[float]]:
-    """`fn` and the baseline `base` run alternately, `repeats` times each: (median rows/s of fn, median of the
-    ratios fn/base of each pair, fn's rates, the ratios). Why pairs: this machine's speed drifts by +-10%
-    over minutes (a shared VM), so a ratio of two rates measured minutes apart is mostly that drift."""
+class Paired(NamedTuple):
+    rate: float  # median rows/s of fn
+    ratio: float  # median over fn's runs of fn / (mean of the base runs just before and after it)
+    rates: list[float]
+    ratios: list[float]
+    base: float  # median rows/s of the base runs
+
+
+def paired(fn: Callable[[], int], base: Callable[[], int], repeats: int, warmup: bool = True) -> Paired:
+    """`fn` between runs of the baseline `base`: base, fn, base, fn, ..., base. Why: this machine's speed
+    drifts by +-10% over minutes (a shared VM), so a ratio of two rates measured minutes apart is mostly that
+    drift; bracketing each run cancels a drift that is linear over it."""
+    def rate(f: Callable[[], int]) -> float:
+        t0 = time.perf_counter()
+        n = f()
+        return n / (time.perf_counter() - t0)
+
     if warmup:
         base()
         fn()
-    rates, ratios = [], []
+    bases, rates = [rate(base)], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        n_base = base()
-        base_rate = n_base / (time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        n = fn()
-        rates.append(n / (time.perf_counter() - t0))
-        ratios.append(rates[-1] / base_rate)
-    return statistics.median(rates), statistics.median(ratios), rates, ratios
+        rates.append(rate(fn))
+        bases.append(rate(base))
+    ratios = [r / ((lo + hi) / 2) for r, lo, hi in zip(rates, bases, bases[1:], strict=False)]
+    return Paired(statistics.median(rates), statistics.median(ratios), rates, ratios, statistics.median(bases))
 
 
 def cpu_seconds() -> dict[str, float]:
@@ -291,7 +301,7 @@ def main() -> None:
 
     def report(name: str, fn: Callable[[], int], per: int = 1) -> float:
         """Print fn's rows/s and its ratio to pil_only run alternately with it (per core: divided by `per`)."""
-        rate, ratio, runs, ratios = paired(fn, base, args.repeats)
+        rate, ratio, runs, ratios, _ = paired(fn, base, args.repeats)
         res[name] = rate
         res[name + " ratio"] = ratio / per
         print(f"[rate] {name + ':':33s} {rate:7.1f} rows/s  runs {[round(r, 1) for r in runs]}"
@@ -343,27 +353,31 @@ def main() -> None:
         for k in [int(x) for x in args.workers.split(",")]:
             run = functools.partial(ray_run, corpus, model_dir, pre, k, pad_id, tile, max_tokens, n_rows)
             run()  # warm-up
-            # pil_only and the Ray run alternately (see `paired`); CPU time is counted over the Ray runs only
-            rates, ratios, used = [], [], {}
-            for _ in range(args.repeats):
-                t0 = time.perf_counter()
-                base_rate = base() / (time.perf_counter() - t0)
+            used: dict[str, float] = {}  # CPU seconds of each process group, over the Ray runs only
+
+            def counted(run: Callable[[], int] = run, used: dict[str, float] = used) -> int:
                 before = cpu_seconds()
-                t0 = time.perf_counter()
-                rates.append(run() / (time.perf_counter() - t0))
-                ratios.append(rates[-1] / k / base_rate)
+                n = run()
                 after = cpu_seconds()
-                used = {g: used.get(g, 0.0) + after[g] - before[g] for g in after}
-            rate, ratio = statistics.median(rates), statistics.median(ratios)
+                for g in after:
+                    used[g] = used.get(g, 0.0) + after[g] - before[g]
+                return n
+
+            rate, ratio, rates, ratios, pil_here = paired(counted, base, args.repeats, warmup=False)
+            ratio, ratios = ratio / k, [r / k for r in ratios]
             per_cpu_s = n_rows * args.repeats / sum(used.values())
             res[f"ray_c{k}"], res[f"ray_c{k} ratio"] = rate, ratio
             res[f"ray_c{k}_rows_per_cpu_s"] = per_cpu_s
+            # the preprocessing alone, per core it used: rows per CPU-second of the Ray workers
+            per_worker_cpu_s = n_rows * args.repeats / used["ray workers"]
+            res[f"ray_c{k}_rows_per_worker_cpu_s"] = per_worker_cpu_s
             label = f"Ray Data, {k} worker(s):"
             print(f"[rate] {label:33s} {rate:7.1f} rows/s  runs {[round(r, 1) for r in rates]}"
                   f"  ratio per worker {ratio:.2f} (pairs {[round(r, 2) for r in ratios]})")
             share = ", ".join(f"{g} {v / (n_rows * args.repeats) * 1e3:.1f}" for g, v in used.items())
-            print(f"[cpu]  {label:33s} {per_cpu_s:7.1f} rows per CPU-second (ratio {per_cpu_s / pil:.2f}); "
-                  f"CPU ms a row: {share}")
+            print(f"[cpu]  {label:33s} {per_cpu_s:7.1f} rows per CPU-second (ratio {per_cpu_s / pil_here:.2f}); "
+                  f"CPU ms a row: {share}; {per_worker_cpu_s:.1f} rows per worker CPU-second (ratio "
+                  f"{per_worker_cpu_s / pil_here:.2f}; pil_only between these runs: {pil_here:.1f} rows/s)")
         ray.shutdown()
 
     # padding: MATH-Vision (448 geometry) and the synthetic corpus (tiny 56 px geometry)
