@@ -198,7 +198,7 @@ def preprocess_batch(batch: pa.Table, model_dir: str, pre: dict[str, Any], with_
 
     Two passes: decode + tokenise every row (which fixes each row's tile count), then tile them all into one
     uint8 buffer that becomes the `pixel_values` column as is. Building the column from per-row bytes would
-    copy every tile twice more (3.6 MB per MATH-Vision row at 448 px; bench/data_pipeline.py).
+    copy every tile twice more (2.4 MB per MATH-Vision row on average at 448 px, max 6 tiles).
     """
     cfg = PreprocessConfig.model_validate(pre)
     tile, _ = vision_geometry(model_dir)
@@ -260,9 +260,9 @@ def preprocessed_dataset(corpus: str, model_dir: str, pre: PreprocessConfig, wit
                                   with_labels=with_labels)
     ds = read_corpus(corpus, columns=["id", "images", "messages", "answer", "source"], rows_per_task=ROWS_PER_TASK,
                      batch_rows=BATCH_ROWS, transform=transform, concurrency=concurrency)
-    # Small blocks: a task then hands each preprocessed batch on as soon as it is made, instead of holding a
-    # task's batches (~115 MB at 448 px) until a 128 MB block is full. Holding them costs memory and made
-    # every batch's pixel buffer land in fresh pages: 17.2-19.2 vs 16.6 ms a row (bench/data_pipeline.py).
+    # Small blocks: a task then hands each preprocessed batch on as soon as it is made, instead of holding its
+    # batches until a 128 MB block is full (about 50 MATH-Vision rows at 448 px). Holding them costs memory and
+    # made every batch's pixel buffer land in fresh pages: 17.2-19.2 vs 16.6 ms a row (bench/data_pipeline.py).
     ds.context.target_max_block_size = BLOCK_BYTES
     return ds
 
