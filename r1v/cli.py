@@ -8,19 +8,27 @@ import sys
 from pathlib import Path
 
 
-def init_ray(address: str | None, num_cpus: int | None) -> None:
-    """Join RAY_ADDRESS / `address` when given, else start a local cluster (dashboard on: Ray Train needs it)."""
+def init_ray(address: str | None, num_cpus: int | None, verbose: bool = True) -> bool:
+    """Join RAY_ADDRESS / `address` when given, else start a local cluster (dashboard on: Ray Train needs it).
+
+    Returns whether this call started Ray (then the caller shuts it down). A local cluster's workers inherit this
+    process's environment; a joined cluster's get the noise switches through the job's runtime_env.
+    """
+    from r1v.console import quiet_libraries, worker_env
+
+    quiet_libraries(verbose)  # before `import ray`: Ray reads some of these at import
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": worker_env(verbose)})
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
+    return True
 
 
 def _print_status(runner) -> None:
@@ -34,38 +42,74 @@ def _print_status(runner) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    import r1v.stages  # noqa: F401  (registers the stage kinds)
-    from r1v.config import load_workflow
-    from r1v.workflow import Runner
+    from r1v.console import Console
 
-    wf = load_workflow(args.workflow, args.overrides)
-    runner = Runner.create(wf, Path(args.run_dir) if args.run_dir else None)
-    print(f"r1v: run directory {runner.run_dir}")
-    return _execute(runner, wf.config.ray.address, wf.config.ray.num_cpus, args.only)
+    with Console(args.verbose) as con:  # from here until the table, output goes to RUN/logs unless --verbose
+        import r1v.stages  # noqa: F401  (registers the stage kinds)
+        from r1v.config import load_workflow
+        from r1v.workflow import Runner
+
+        wf = load_workflow(args.workflow, args.overrides)
+        runner = Runner.create(wf, Path(args.run_dir) if args.run_dir else None)
+        con.attach(runner.run_dir)
+        con.line(f"r1v: run directory {runner.run_dir}")
+        outcome = _execute(runner, con, wf.config.ray.address, wf.config.ray.num_cpus, args.only)
+    return _report(runner, outcome, con)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    import r1v.stages  # noqa: F401
-    from r1v.workflow import Runner
+    from r1v.console import Console
 
-    runner = Runner.open(Path(args.run), args.overrides)
-    print(f"r1v: resuming {runner.run_dir}")
-    return _execute(runner, runner.wf.config.ray.address, runner.wf.config.ray.num_cpus, args.only)
+    with Console(args.verbose) as con:
+        import r1v.stages  # noqa: F401
+        from r1v.workflow import Runner
+
+        runner = Runner.open(Path(args.run), args.overrides)
+        con.attach(runner.run_dir)
+        con.line(f"r1v: resuming {runner.run_dir}")
+        outcome = _execute(runner, con, runner.wf.config.ray.address, runner.wf.config.ray.num_cpus, args.only)
+    return _report(runner, outcome, con)
 
 
-def _execute(runner, address: str | None, num_cpus: int | None, only: list[str] | None) -> int:
+def _execute(runner, con, address: str | None, num_cpus: int | None, only: list[str] | None):
+    """Run the stages with `con` reporting; returns {stage: 'ran' | 'skipped'} or the StageFailed."""
     from r1v.workflow import StageFailed
 
-    init_ray(address, num_cpus)
+    runner.console = con
+    started = init_ray(address, num_cpus, con.verbose)
     try:
-        what = runner.run(only=only)
+        return runner.run(only=only)
     except StageFailed as e:
-        print(f"r1v: {e}", file=sys.stderr)
+        return e
+    finally:
+        if started:  # inside the capture: Ray's shutdown messages and late worker lines go to driver.log
+            import ray
+
+            ray.shutdown()
+
+
+def _report(runner, outcome, con) -> int:
+    """After the capture ended: the status table and what to do next."""
+    from r1v.console import show_path
+    from r1v.workflow import StageFailed
+
+    logs = f"r1v: full logs in {show_path(con.log_dir)}/" if con.log_dir and not con.verbose else None
+    if isinstance(outcome, StageFailed):
+        if con.verbose:
+            print(f"r1v: {outcome}", file=sys.stderr)
+        else:
+            print(f"r1v: stage {outcome.stage!r} failed; fix the cause, then: r1v resume {outcome.run_dir}",
+                  file=sys.stderr)
         _print_status(runner)
+        if logs:
+            print(logs)
         return 1
     _print_status(runner)
-    ran = [s for s, w in what.items() if w == "ran"]
-    print(f"r1v: done; ran {ran}, skipped {[s for s, w in what.items() if w == 'skipped']}")
+    print(f"r1v: done; ran {[s for s, w in outcome.items() if w == 'ran']}, "
+          f"skipped {[s for s, w in outcome.items() if w == 'skipped']}")
+    if logs:
+        print(logs)
+    # The results table of the finished run (r1v.results) goes here: successful run/resume only.
     return 0
 
 
@@ -86,12 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="config overrides key.path=value")
     run.add_argument("--run-dir", help="run directory (default RUN_ROOT/NAME-TIMESTAMP)")
     run.add_argument("--only", nargs="+", help="run only these stages (their needs must be done)")
+    run.add_argument("-v", "--verbose", action="store_true",
+                     help="print everything (Ray workers, progress bars) to the console instead of RUN/logs")
     run.set_defaults(fn=cmd_run)
 
     res = sub.add_parser("resume", help="resume a run: skip finished stages, restart failed ones from checkpoints")
     res.add_argument("run")
     res.add_argument("overrides", nargs="*", help="config overrides; changed stages re-run from scratch")
     res.add_argument("--only", nargs="+")
+    res.add_argument("-v", "--verbose", action="store_true", help="print everything to the console")
     res.set_defaults(fn=cmd_resume)
 
     st = sub.add_parser("status", help="print each stage's state")

@@ -10,6 +10,7 @@ Run directory layout::
     RUN/workflow.yaml       the resolved config (after overrides) that resume uses
     RUN/events.jsonl        one line per stage event (started, skipped, finished, failed)
     RUN/stages/NAME/        the stage's working dir: state.json, checkpoints, outputs
+    RUN/logs/               console output of `r1v run/resume`: driver.log, NAME.log per stage (r1v.console)
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pydantic import BaseModel
 
 from r1v import tracking
 from r1v.config import ConfigError, Workflow, validate_workflow
+from r1v.console import StageReporter
 from r1v.fsutil import atomic_write_json, atomic_write_text, read_json
 from r1v.registry import Registry
 
@@ -133,6 +135,7 @@ class Runner:
         self.wf = wf
         self.run_dir = run_dir.resolve()  # workers run in other cwds: every path they get is absolute
         self.meta = read_json(run_dir / "run.json", {})
+        self.console: StageReporter = StageReporter()  # the CLI sets an r1v.console.Console: lines and logs
 
     # ----------------------------------------------------------------- creation / loading
     @classmethod
@@ -230,15 +233,17 @@ class Runner:
         tracking.set_status(uri, parent, "RUNNING")
         fps = self.fingerprints()
         what: dict[str, str] = {}
+        order = [n for n in topo_order(self.wf) if not only or n in only]
         try:
-            for name in topo_order(self.wf):
-                if only and name not in only:
-                    continue
+            for i, name in enumerate(order, 1):
+                kind = self.wf.config.stages[name].kind
                 if self.is_done(name, fps[name]):
                     what[name] = "skipped"
                     _append_event(self.run_dir, name, "skipped", fingerprint=fps[name])
+                    self.console.skipped(name, kind, i, len(order))
                     continue
-                self._run_stage(name, fps[name])
+                with self.console.stage(name, kind, i, len(order)):
+                    self._run_stage(name, fps[name])
                 what[name] = "ran"
         except BaseException:
             tracking.set_status(uri, parent, "FAILED")

@@ -17,13 +17,16 @@ def worker_context() -> tuple[int, int]:
 
 
 def setup_worker(trainer: TrainerConfig) -> tuple[int, int]:
-    """Per-worker process settings: thread count (2-core machines oversubscribe fast) and seeds."""
+    """Per-worker process settings: thread count (2-core machines oversubscribe fast), seeds, and less noise."""
     import random
     import warnings
 
     import numpy as np
     import torch
 
+    from r1v.console import quiet_worker
+
+    quiet_worker(trainer.use_gpu)  # before DeepSpeed picks its accelerator
     # DeepSpeed still calls torch.distributed's deprecated collectives: one warning per call floods the log.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     torch.set_num_threads(trainer.torch_threads)
