@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import r1v.data.import_stage  # noqa: F401  (registers data.import)
+import r1v.world.stages  # noqa: F401  (registers data.world, model.world)
 from r1v.config import (
     EvalConfig,
     GRPOConfig,

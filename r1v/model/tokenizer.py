@@ -66,12 +66,13 @@ def _corpus(texts: Iterable[str] | None) -> list[str]:
 
 
 def build_tiny_tokenizer(
-    texts: Iterable[str] | None = None, vocab_size: int = 512
+    texts: Iterable[str] | None = None, vocab_size: int = 512, split_digits: bool = False
 ) -> PreTrainedTokenizerFast:
     """Train a deterministic byte-level BPE of at most `vocab_size` ids (added tokens included).
 
     The added tokens take the last ids, as in Qwen's tokenizers; eos is `<|im_end|>` (ends a chat turn) and
-    pad is `<|endoftext|>`.
+    pad is `<|endoftext|>`. `split_digits` gives every digit its own token, as Qwen2's pre-tokenizer does
+    (arithmetic then works digit by digit instead of on memorised number tokens).
     """
     n_added = len(SPECIAL_TOKENS) + len(PLAIN_ADDED_TOKENS)
     alphabet = pre_tokenizers.ByteLevel.alphabet()
@@ -81,7 +82,9 @@ def build_tiny_tokenizer(
             f"{n_added} added tokens"
         )
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if split_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(

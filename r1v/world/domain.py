@@ -1,0 +1,138 @@
+"""The miniature world's domain: four digits A, B, C, D and arithmetic over them, in text and in images.
+
+Why this domain: a tiny transformer reads four digits easily but computes a multi-step expression far better
+step by step than in one go, so a chain of thought has something to add (the "reasoning ability" the recipe
+transfers), and every answer is an integer a rule can check.
+
+A problem is a digit tuple (A, B, C, D) plus an expression over some of the letters. Difficulty level = number
+of operations (1..3). The train/test split is a fixed function of the digit tuple (never of a seed): the test
+tuples never appear in any training text or image, including the backbones' pretraining.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+
+LETTERS = ("A", "B", "C", "D")
+TEST_FRACTION_PERMILLE = 200  # 20% of the 10,000 digit tuples are held out
+
+# Expression templates by level; x, y, z, w are distinct letters. Multiplication only ever joins two
+# single digits, so every step is a fact a tiny model can learn.
+TEMPLATES: dict[int, tuple[str, ...]] = {
+    1: ("{x} + {y}", "{x} * {y}"),
+    2: ("{x} * {y} + {z}", "{x} + {y} + {z}", "{x} * {y} - {z}"),
+    3: ("{x} * {y} + {z} * {w}", "{x} + {y} + {z} + {w}", "{x} * {y} - {z} * {w}"),
+}
+THINK_END = "</think>"
+
+
+def split_of(digits: tuple[int, ...]) -> str:
+    """'test' or 'train', a fixed hash of the tuple: the same split for every seed and every build."""
+    h = int(hashlib.sha256("".join(map(str, digits)).encode()).hexdigest()[:8], 16) % 1000
+    return "test" if h < TEST_FRACTION_PERMILLE else "train"
+
+
+def sample_digits(rng: random.Random, split: str) -> tuple[int, int, int, int]:
+    while True:
+        d = tuple(rng.randrange(10) for _ in range(4))
+        if split_of(d) == split:
+            return d  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class Problem:
+    digits: tuple[int, int, int, int]
+    expr: str  # e.g. "A * C + D"
+    level: int
+
+    @property
+    def values(self) -> dict[str, int]:
+        return dict(zip(LETTERS, self.digits, strict=True))
+
+    def steps(self) -> list[tuple[int, str, int, int]]:
+        """(left, op, right, result) in evaluation order: products first, then left to right."""
+        toks = self.expr.split()
+        vals: list[int | str] = [self.values[t] if t in LETTERS else t for t in toks]
+        out: list[tuple[int, str, int, int]] = []
+        i = 1
+        while i < len(vals):  # products
+            if vals[i] == "*":
+                a, b = int(vals[i - 1]), int(vals[i + 1])
+                out.append((a, "*", b, a * b))
+                vals[i - 1 : i + 2] = [a * b]
+            else:
+                i += 2
+        acc = int(vals[0])
+        for j in range(1, len(vals), 2):
+            op, b = str(vals[j]), int(vals[j + 1])
+            r = acc + b if op == "+" else acc - b
+            out.append((acc, op, b, r))
+            acc = r
+        return out
+
+    @property
+    def answer(self) -> int:
+        s = self.steps()
+        return s[-1][3]
+
+    def used_letters(self) -> list[str]:
+        seen: list[str] = []
+        for t in self.expr.split():
+            if t in LETTERS and t not in seen:
+                seen.append(t)
+        return seen
+
+    def question(self) -> str:
+        return f"Compute {self.expr}."
+
+    def chain(self) -> str:
+        """The reasoning: read the letters it needs, then one line per operation."""
+        reads = ", ".join(f"{k} = {self.values[k]}" for k in self.used_letters())
+        steps = " ".join(f"{a} {op} {b} = {r}." for a, op, b, r in self.steps())
+        return f"{reads}. {steps}"
+
+
+def make_problem(rng: random.Random, split: str, level: int | None = None) -> Problem:
+    level = level or rng.choice((1, 2, 3))
+    template = rng.choice(TEMPLATES[level])
+    names = rng.sample(LETTERS, 4)
+    expr = template.format(x=names[0], y=names[1], z=names[2], w=names[3])
+    return Problem(sample_digits(rng, split), expr, level)
+
+
+def digits_text(digits: tuple[int, ...]) -> str:
+    return "".join(map(str, digits))
+
+
+def text_question(p: Problem) -> str:
+    """The text-only form of a problem: the digits written out where the image would be."""
+    return f"Digits: {digits_text(p.digits)}\n{p.question()}"
+
+
+def image_question(p: Problem) -> str:
+    return f"<image>\n{p.question()}"
+
+
+def reasoning_answer(p: Problem) -> str:
+    return f"<think>\n{p.chain()}\n{THINK_END}\nAnswer: \\boxed{{{p.answer}}}"
+
+
+def direct_answer(answer: object) -> str:
+    """The instruct model's style: an empty think block, then the answer."""
+    return f"<think>\n{THINK_END}\nAnswer: \\boxed{{{answer}}}"
+
+
+# ----------------------------------------------------------------------------- perception questions
+
+def perception_qa(rng: random.Random, digits: tuple[int, ...]) -> tuple[str, str]:
+    """A question about what the digits are (no arithmetic), and its answer."""
+    kind = rng.random()
+    if kind < 0.4:
+        return "List the digits.", digits_text(digits)
+    if kind < 0.8:
+        k = rng.randrange(4)
+        return f"What is {LETTERS[k]}?", str(digits[k])
+    d = rng.randrange(10)
+    return f"Is there a {d}?", "yes" if d in digits else "no"

@@ -1,0 +1,119 @@
+"""Training the miniature world's language models in one process: the base LM and its two children.
+
+Plain torch, no Ray: these are the "released checkpoints" the recipe starts from, built once by
+`r1v world build` and shipped; the recipe itself (align, SFT, GRPO) runs on Ray like any real run.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
+
+from r1v.data.prompt import IGNORE_INDEX, encode_prompt, encode_sft
+from r1v.model.tokens import PAD
+from r1v.rl.rewards import accuracy
+from r1v.world.domain import Problem, text_question
+
+
+def build_lm(tok: PreTrainedTokenizerBase, hidden: int, layers: int, heads: int, kv_heads: int,
+             intermediate: int, seed: int) -> Qwen2ForCausalLM:
+    config = Qwen2Config(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
+        tie_word_embeddings=False, bos_token_id=None, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.convert_tokens_to_ids(PAD), rope_theta=10000.0,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Qwen2ForCausalLM(config)
+
+
+def document_example(tok: PreTrainedTokenizerBase, text: str) -> dict[str, list[int]]:
+    ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids(PAD)]
+    return {"input_ids": ids, "labels": list(ids)}
+
+
+def chat_example(tok: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> dict[str, list[int]]:
+    return encode_sft(messages, tok, [], 1, max_length=512)
+
+
+def _collate(rows: list[dict[str, list[int]]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), n), pad, dtype=torch.long)
+    labels = torch.full((len(rows), n), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), n), dtype=torch.long)
+    for i, r in enumerate(rows):
+        k = len(r["input_ids"])
+        ids[i, :k] = torch.tensor(r["input_ids"])
+        labels[i, :k] = torch.tensor(r["labels"])
+        mask[i, :k] = 1
+    return ids, labels, mask
+
+
+def train_lm(model: Qwen2ForCausalLM, examples: Callable[[random.Random], dict[str, list[int]]], *, steps: int,
+             batch: int, lr: float, seed: int, pad_id: int, desc: str, warmup: int = 50,
+             freeze_embeddings: bool = False, progress: Callable[[str], None] = print) -> list[float]:
+    """AdamW with warm-up and cosine decay over freshly drawn examples; returns the loss curve."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    model.train()
+    model.get_input_embeddings().weight.requires_grad_(not freeze_embeddings)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps))))
+    losses: list[float] = []
+    t0 = time.time()
+    for step in range(steps):
+        ids, labels, mask = _collate([examples(rng) for _ in range(batch)], pad_id)
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(out.loss))
+        if (step + 1) % max(1, steps // 10) == 0 or step + 1 == steps:
+            recent = sum(losses[-20:]) / len(losses[-20:])
+            progress(f"[world] {desc}: step {step + 1}/{steps}, loss {recent:.3f}, {time.time() - t0:.0f}s")
+    model.get_input_embeddings().weight.requires_grad_(True)
+    return losses
+
+
+@torch.no_grad()
+def greedy_text_accuracy(model: Qwen2ForCausalLM, tok: PreTrainedTokenizerBase, problems: list[Problem],
+                         max_new_tokens: int = 64, batch: int = 256) -> dict[str, Any]:
+    """Greedy accuracy on text-only problems, overall and by level (the ceiling a frozen LLM puts on VLMs)."""
+    model.eval()
+    pad = tok.convert_tokens_to_ids(PAD)
+    correct: list[bool] = []
+    for start in range(0, len(problems), batch):
+        chunk = problems[start : start + batch]
+        prompts = [encode_prompt([{"role": "user", "content": text_question(p)}], tok, [], 1) for p in chunk]
+        n = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), n), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            ids[i, n - len(p):] = torch.tensor(p)
+            mask[i, n - len(p):] = 1
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=tok.eos_token_id, pad_token_id=pad)
+        for p, seq in zip(chunk, out[:, n:], strict=True):
+            text = tok.decode(seq, skip_special_tokens=True)
+            correct.append(bool(accuracy(text, {"answer": str(p.answer)})))
+    by_level: dict[int, list[bool]] = {}
+    for p, c in zip(problems, correct, strict=True):
+        by_level.setdefault(p.level, []).append(c)
+    return {"accuracy": sum(correct) / len(correct), "n": len(correct),
+            "by_level": {str(lv): sum(v) / len(v) for lv, v in sorted(by_level.items())}}
+
+
+def batches_forever(fn: Callable[[random.Random], Any], rng: random.Random) -> Iterator[Any]:
+    while True:
+        yield fn(rng)

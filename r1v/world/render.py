@@ -1,0 +1,50 @@
+"""Images of the miniature world: four digits A, B, C, D in the quadrants of one tile, in reading order.
+
+One 56-pixel tile is one vision-tower input; after the tower's 14-pixel patches and InternVL's pixel shuffle
+it becomes a 2 x 2 grid of image tokens, one per quadrant, so each digit has a token of its own.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from functools import lru_cache
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+TILE = 56
+
+
+@lru_cache(maxsize=16)
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
+
+
+def render_digits(digits: tuple[int, ...], rng: random.Random, size: int = TILE) -> Image.Image:
+    """A light, noisy background with each digit drawn in its quadrant: jittered, in a random dark colour."""
+    bg = np.array([rng.randint(170, 255) for _ in range(3)], dtype=np.int16)
+    noise = np.random.default_rng(rng.getrandbits(32)).integers(-25, 26, (size, size, 3))
+    img = Image.fromarray(np.clip(bg + noise, 0, 255).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(img)
+    half = size // 2
+    for k, d in enumerate(digits):
+        font = _font(rng.randint(16, 24))
+        x0, y0 = (k % 2) * half, (k // 2) * half
+        left, top, right, bottom = draw.textbbox((0, 0), str(d), font=font)
+        w, h = right - left, bottom - top
+        x = x0 + rng.randint(0, max(0, half - w - 1)) - left
+        y = y0 + rng.randint(0, max(0, half - h - 1)) - top
+        draw.text((x, y), str(d), fill=tuple(rng.randint(0, 110) for _ in range(3)), font=font)
+    return img
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    out = io.BytesIO()
+    img.save(out, format="PNG")
+    return out.getvalue()
+
+
+def tile_array(img: Image.Image) -> np.ndarray:
+    """uint8 [3, H, W], the layout r1v's pipeline hands to the vision tower."""
+    return np.asarray(img.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1).copy()
