@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from r1v.model.spec import TinySpec
 from r1v.registry import Registry
@@ -188,8 +188,27 @@ class EvalConfig(Strict):
     grader: str = Field("accuracy", description="reward/grader name used for a corpus")
     preprocess: PreprocessConfig = PreprocessConfig()
     sampling: SamplingConfig = SamplingConfig(temperature=0.6, top_p=0.95, max_new_tokens=64)
-    engine: EngineConfig = EngineConfig()
+    engine: EngineConfig = EngineConfig(max_batch=512)  # big batches: eval keeps no logits, see r1v.eval.stage
     seed: int = 0
+    mode: Literal["vlm", "no_image", "text"] = Field(
+        "vlm", description="vlm: the corpus as is; no_image: every tile blanked (uint8 zeros, same count), so the "
+        "answer cannot come from the image; text: `model` is a causal LM asked meta.text_question (corpus only)")
+    greedy: bool = Field(True, description="one greedy generation per item gives `accuracy` (corpus only); the "
+                         "`samples` sampled ones give pass_at_1")
+    torch_threads: int | None = Field(1, ge=1, description="torch threads while generating (None: every CPU this "
+                                      "process may use); 1 is fastest for tiny models and robust on busy CPUs")
+    report_stage: str | None = Field(None, description="the results-table row this eval fills: the name of the "
+                                     "stage whose model it evaluates")
+    report_baseline: str | None = Field(None, description="the results-table baseline this eval fills "
+                                        "(no_image, substitute_vlm, text_reasoning, text_instruct, ...)")
+
+    @model_validator(mode="after")
+    def _check_roles(self) -> EvalConfig:
+        if self.report_stage and self.report_baseline:
+            raise ValueError("set at most one of report_stage and report_baseline")
+        if self.mode != "vlm" and self.corpus is None:
+            raise ValueError(f"mode {self.mode!r} needs a corpus (benchmarks are evaluated in vlm mode)")
+        return self
 
 
 # --------------------------------------------------------------------------- workflow
@@ -206,6 +225,7 @@ class WorkflowConfig(Strict):
     run_root: str = "runs"
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
+    seed: int | None = Field(None, description="when set, reseeds every stage: see `reseed`")
     stages: dict[str, StageSpec]
 
 
@@ -278,10 +298,61 @@ def validate_workflow(raw: dict[str, Any], source: str = "<config>") -> Workflow
             stage_configs[name] = STAGE_CONFIGS.get(spec.kind).model_validate(spec.config)
         except ValidationError as e:
             raise ConfigError(_format_errors(source, f"stages.{name}.config", e)) from None
+        if cfg.seed is not None:
+            try:
+                stage_configs[name] = reseed(stage_configs[name], cfg.seed)
+            except ValidationError as e:
+                raise ConfigError(_format_errors(source, f"stages.{name}.config (after seed={cfg.seed})", e)
+                                  ) from None
         for dep in spec.needs:
             if dep not in cfg.stages:
                 raise ConfigError(f"{source}: stages.{name}.needs: unknown stage {dep!r}")
+    _check_report_roles(cfg, stage_configs, source)
     return Workflow(source=source, raw=raw, config=cfg, stage_configs=stage_configs)
+
+
+def reseed(config: BaseModel, seed: int) -> BaseModel:
+    """`config` with every field named `seed`, at any depth, set to `seed` (so `r1v run wf.yaml seed=3` reruns the
+    whole recipe under another seed, and every fingerprint changes with it).
+
+    A model's other `*_seed` fields take seed+1, seed+2, ... in declaration order, because they exist to differ
+    from its `seed` (TinyModelConfig.reasoning_seed: the reasoning LLM must not be the substitute LLM).
+    """
+    return type(config).model_validate(_reseeded(config, seed))
+
+
+def _reseeded(m: BaseModel, seed: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    offset = 0
+    for name in type(m).model_fields:
+        value = getattr(m, name)
+        if name == "seed":
+            out[name] = seed
+        elif name.endswith("_seed"):
+            offset += 1
+            out[name] = seed + offset
+        elif isinstance(value, BaseModel):
+            out[name] = _reseeded(value, seed)
+        else:
+            out[name] = value
+    return out
+
+
+def _check_report_roles(cfg: WorkflowConfig, stage_configs: dict[str, BaseModel], source: str) -> None:
+    """Each results-table row is filled by at most one eval stage, and a reported stage exists."""
+    seen: dict[tuple[str, str], str] = {}
+    for name, c in stage_configs.items():
+        if not isinstance(c, EvalConfig):
+            continue
+        if c.report_stage and c.report_stage not in cfg.stages:
+            raise ConfigError(f"{source}: stages.{name}.config.report_stage: unknown stage {c.report_stage!r}")
+        role = ("report_stage", c.report_stage) if c.report_stage else ("report_baseline", c.report_baseline)
+        if role[1] is None:
+            continue
+        if role in seen:
+            raise ConfigError(f"{source}: stages.{name}.config.{role[0]}: {role[1]!r} is already reported by "
+                              f"stage {seen[role]!r}")
+        seen[role] = name
 
 
 def load_workflow(path: str | Path, overrides: list[str] | None = None) -> Workflow:

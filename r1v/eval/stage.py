@@ -1,67 +1,256 @@
-"""The `eval` stage on an r1v corpus with answers: generate K samples per item, grade, pass@1 over K.
+"""The `eval` stage on an r1v corpus with answers: one greedy generation per item gives `accuracy`, K sampled ones
+give pass@1 (their mean); both are reported, with standard errors, so that rows of the results table compare.
 
-Benchmarks (MMMU, MathVista, ...) go through `r1v.eval.runner`, which shares the generation half below.
+Modes make the baselines the same code path as the model under test: `vlm` (the corpus as is), `no_image`
+(every tile blanked: what the model scores without looking) and `text` (a causal LM asked each row's
+`meta.text_question`: the numbers written out, no image). Benchmarks (MMMU, MathVista, ...) go through
+`r1v.eval.runner`, which shares `generate_samples`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import os
+import time
+from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from r1v.config import EvalConfig
+import torch
+
+from r1v.config import EvalConfig, PreprocessConfig
 from r1v.fsutil import atomic_write_json, atomic_write_text
 
-
-def generate_samples(model_dir: str, prompts: list[dict[str, Any]], c: EvalConfig) -> list[list[Any]]:
-    """K completions per preprocessed prompt, from a rollout engine built in this process."""
-    from tqdm import tqdm
-
-    from r1v.rl.engines import ENGINES, Request
-
-    engine = ENGINES.get(c.engine.kind)(model_dir, max_batch=c.engine.max_batch)
-    per_call = max(1, c.engine.max_batch // c.samples)
-    out: list[list[Any]] = []
-    for start in tqdm(range(0, len(prompts), per_call), desc="eval generate", unit="batch"):
-        chunk = prompts[start : start + per_call]
-        reqs = [Request(p["input_ids"], p["pixel_values"], p["n_tiles"]) for p in chunk]
-        out.extend(engine.generate(reqs, c.sampling.model_dump(), c.samples, c.seed + start))
-    return out
+GREEDY: dict[str, Any] = {"temperature": 0.0, "top_p": 1.0, "repetition_penalty": 1.0}
 
 
-def run_eval(c: EvalConfig, stage_dir: Path, log) -> dict[str, Any]:
+# --------------------------------------------------------------------------- prompts
+
+
+def _meta(row: dict[str, Any]) -> dict[str, Any]:
+    try:
+        meta = json.loads(row.get("meta") or "{}")
+    except (TypeError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def text_prompts(rows: list[dict[str, Any]], model_dir: str, pre: PreprocessConfig
+                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Prompts from `meta.text_question` as one user turn without images (the prompt builder of every other
+    prompt, so the assistant turn opens with `<think>\\n`); rows without one are quarantined, never dropped."""
+    from r1v.data.pipeline import load_tokenizer
+    from r1v.data.prompt import encode_prompt
+
+    tok = load_tokenizer(model_dir)
+    good, bad = [], []
+    for row in rows:
+        q = _meta(row).get("text_question")
+        reason, detail = "", ""
+        if not isinstance(q, str) or not q.strip():
+            reason, detail = "no_text_question", "meta has no text_question"
+        else:
+            try:
+                ids = encode_prompt([{"role": "user", "content": q}], tok, [], 1, system=pre.system_prompt)
+                if len(ids) > pre.max_length:
+                    reason, detail = "too_long", f"prompt has {len(ids)} tokens, max_length is {pre.max_length}"
+            except ValueError as e:
+                reason, detail = "image_markers", str(e)
+        if reason:
+            bad.append({"id": row["id"], "reason": reason, "detail": detail[:500], "source": row.get("source") or ""})
+        else:
+            good.append({**row, "input_ids": ids, "labels": [], "n_tiles": 0, "pixel_values": b""})
+    return good, bad
+
+
+def blank_tiles(prompts: list[dict[str, Any]]) -> None:
+    """Replace every prompt's tiles by uint8 zeros of the same count: the projector then carries no image."""
+    for p in prompts:
+        p["pixel_values"] = bytes(len(p["pixel_values"]))
+
+
+def load_items(c: EvalConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
+    """(prompts, quarantine records, rows read) for `c.corpus` in `c.mode`; each prompt carries its `level`."""
+    import pyarrow.dataset as pads
     import pyarrow.parquet as pq
 
     from r1v.data.pipeline import prepare_prompts
+
+    names = set(pads.dataset(c.corpus, format="parquet").schema.names)  # corpora written before `meta` lack it
+    cols = [k for k in ("id", "images", "messages", "answer", "source", "meta") if k in names]
+    rows = pq.read_table(c.corpus, columns=cols).to_pylist()
+    rows = rows[: c.limit] if c.limit else rows
+    if c.mode == "text":
+        prompts, bad = text_prompts(rows, c.model, c.preprocess)
+    else:
+        from r1v.rl.engines import is_vlm_dir
+
+        if not is_vlm_dir(c.model):
+            raise ValueError(f"eval mode {c.mode!r} needs a VLM, and {c.model} holds a causal LM: use mode 'text'")
+        prompts, bad = prepare_prompts(rows, c.model, c.preprocess)
+        if c.mode == "no_image":
+            blank_tiles(prompts)
+    for p in prompts:
+        level = _meta(p).get("level")
+        p["level"] = level if isinstance(level, int) and not isinstance(level, bool) else None
+    return prompts, bad, len(rows)
+
+
+# --------------------------------------------------------------------------- generation
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[int]:
+    """Generate on `n` threads (default: every CPU this process may use), then restore the caller's setting."""
+    prev = torch.get_num_threads()
+    if n is None:
+        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(prev)
+
+
+def make_engine(model_dir: str, c: EvalConfig):
+    """The rollout engine of `c.engine`, without log-probs (eval grades text only) and with a static KV cache on
+    CPU where the engine offers them."""
+    import inspect
+
+    from r1v.rl.engines import ENGINES
+
+    cls = ENGINES.get(c.engine.kind)
+    params = inspect.signature(cls).parameters
+    extra = {k: v for k, v in (("logprobs", False), ("static_cache", True)) if k in params}
+    return cls(model_dir, max_batch=c.engine.max_batch, **extra)
+
+
+def generate(engine, prompts: list[dict[str, Any]], sampling: dict[str, Any], n: int, seed: int, batch: int,
+             desc: str = "eval generate") -> list[list[Any]]:
+    """n completions per prompt, `batch` sequences per engine call, in input order.
+
+    Prompts are batched in order of (tiles, length) so that a batch pads little; each call's seed is `seed` +
+    its first position in that order (so sampled runs repeat for the same `batch`; greedy ones for any).
+    """
+    from tqdm import tqdm
+
+    from r1v.rl.engines import Request
+
+    order = sorted(range(len(prompts)), key=lambda i: (prompts[i]["n_tiles"], len(prompts[i]["input_ids"])))
+    per_call = max(1, batch // n)
+    out: list[list[Any]] = [[] for _ in prompts]
+    for start in tqdm(range(0, len(order), per_call), desc=desc, unit="batch", mininterval=5):
+        idx = order[start : start + per_call]
+        reqs = [Request(prompts[i]["input_ids"], prompts[i]["pixel_values"], prompts[i]["n_tiles"]) for i in idx]
+        for i, group in zip(idx, engine.generate(reqs, sampling, n, seed + start), strict=True):
+            out[i] = group
+    return out
+
+
+def generate_samples(model_dir: str, prompts: list[dict[str, Any]], c: EvalConfig, engine=None) -> list[list[Any]]:
+    """K sampled completions per preprocessed prompt, from a rollout engine built in this process."""
+    engine = engine or make_engine(model_dir, c)
+    with torch_threads(c.torch_threads):
+        return generate(engine, prompts, c.sampling.model_dump(), c.samples, c.seed, c.engine.max_batch)
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def binomial_stderr(p: float, n: int) -> float:
+    return math.sqrt(p * (1 - p) / n) if n else 0.0
+
+
+def summarize(prompts: list[dict[str, Any]], greedy: list[float] | None, sampled: list[list[float]],
+              greedy_tokens: list[int], sampled_tokens: list[int], c: EvalConfig) -> dict[str, Any]:
+    """Accuracy (greedy), pass@1 (mean over K samples) with standard errors over items, and per-level scores.
+
+    stderr = sqrt(p(1-p)/n) for the greedy accuracy; pass_at_1_stderr = std over items of the per-item mean
+    correctness / sqrt(n). pass_at_1_std (the spread across the K sample runs) is kept for older readers.
+    """
     from r1v.eval.passk import pass_at_1
+
+    n = len(prompts)
+    per_item = [sum(s) / len(s) for s in sampled]
+    p1 = sum(per_item) / n if n else 0.0
+    item_sd = math.sqrt(sum((x - p1) ** 2 for x in per_item) / (n - 1)) if n > 1 else 0.0
+    runs = [[bool(r[j]) for r in sampled] for j in range(c.samples)]
+    _, run_std = pass_at_1(runs) if n else (0.0, 0.0)
+    acc = None if greedy is None else sum(greedy) / n if n else 0.0
+    mean_sampled = sum(sampled_tokens) / len(sampled_tokens) if sampled_tokens else 0.0
+    by_level: dict[int, list[int]] = defaultdict(list)
+    for i, p in enumerate(prompts):
+        if p.get("level") is not None:
+            by_level[p["level"]].append(i)
+    levels = {str(lv): {"n": len(ix), "accuracy": sum(greedy[i] for i in ix) / len(ix) if greedy is not None else None,
+                        "pass_at_1": sum(per_item[i] for i in ix) / len(ix)} for lv, ix in sorted(by_level.items())}
+    return {
+        "mode": c.mode, "n": n, "items": n, "samples": c.samples,
+        "accuracy": acc, "stderr": binomial_stderr(acc, n) if acc is not None else None,
+        "pass_at_1": p1, "pass_at_1_stderr": item_sd / math.sqrt(n) if n else 0.0, "pass_at_1_std": run_std,
+        "accuracy_first_sample": sum(r[0] for r in sampled) / n if n else 0.0,
+        "mean_response_tokens": (sum(greedy_tokens) / len(greedy_tokens) if greedy_tokens else mean_sampled),
+        "mean_response_tokens_sampled": mean_sampled,
+        "accuracy_by_level": levels,
+    }
+
+
+def run_eval(c: EvalConfig, stage_dir: Path, log) -> dict[str, Any]:
     from r1v.rl.rewards import REWARDS
 
     if c.corpus is None:
         from r1v.eval.runner import run_benchmark
 
         return run_benchmark(c, stage_dir, log)
+    stage_dir = Path(stage_dir)
     grade = REWARDS.get(c.grader)
-    rows = pq.read_table(c.corpus, columns=["id", "images", "messages", "answer", "source"]).to_pylist()
-    rows = rows[: c.limit] if c.limit else rows
-    prompts, bad = prepare_prompts(rows, c.model, c.preprocess)
-    comps = generate_samples(c.model, prompts, c)
-    preds, correct = [], []
-    for p, group in zip(prompts, comps, strict=True):
-        scores = [grade(cp.text, p) for cp in group]
-        correct.append(scores)
-        preds += [{"id": p["id"], "sample": j, "response": cp.text, "answer": p["answer"], "correct": s}
-                  for j, (cp, s) in enumerate(zip(group, scores, strict=True))]
-    runs = [[bool(r[j]) for r in correct] for j in range(c.samples)]
-    mean, std = pass_at_1(runs) if correct else (0.0, 0.0)
-    first = sum(r[0] for r in correct) / max(1, len(correct))
-    summary = {"items": len(prompts), "quarantined": len(bad), "samples": c.samples, "pass_at_1": mean,
-               "pass_at_1_std": std, "accuracy_first_sample": first,
-               "mean_response_tokens": sum(len(cp.token_ids) for g in comps for cp in g) / max(1, len(preds))}
+    t0 = time.monotonic()
+    prompts, bad, n_rows = load_items(c)
+    t1 = time.monotonic()
+    engine = make_engine(c.model, c)
+    with torch_threads(c.torch_threads) as threads:
+        batch = c.engine.max_batch
+        greedy = (generate(engine, prompts, {**c.sampling.model_dump(), **GREEDY}, 1, c.seed, batch, "eval greedy")
+                  if c.greedy and prompts else None)
+        sampled = generate(engine, prompts, c.sampling.model_dump(), c.samples, c.seed, batch, "eval sample")
+    t2 = time.monotonic()
+    preds: list[dict[str, Any]] = []
+    g_scores: list[float] | None = [] if greedy is not None else None
+    s_scores: list[list[float]] = []
+    for i, p in enumerate(prompts):
+        base = {"id": p["id"], "answer": p["answer"], "level": p["level"]}
+        if greedy is not None:
+            cp = greedy[i][0]
+            g_scores.append(grade(cp.text, p))
+            preds.append({**base, "sample": -1, "greedy": True, "response": cp.text, "n_tokens": len(cp.token_ids),
+                          "correct": g_scores[-1]})
+        s_scores.append([grade(cp.text, p) for cp in sampled[i]])
+        preds += [{**base, "sample": j, "greedy": False, "response": cp.text, "n_tokens": len(cp.token_ids),
+                   "correct": s} for j, (cp, s) in enumerate(zip(sampled[i], s_scores[-1], strict=True))]
+    t3 = time.monotonic()
+    summary = summarize(prompts, g_scores, s_scores, [len(g[0].token_ids) for g in greedy or []],
+                        [len(cp.token_ids) for g in sampled for cp in g], c)
+    reasons: dict[str, int] = defaultdict(int)
+    for b in bad:
+        reasons[b["reason"]] += 1
+    summary.update(rows=n_rows, quarantined=len(bad), quarantine_reasons=dict(reasons), greedy=c.greedy,
+                   report_stage=c.report_stage, report_baseline=c.report_baseline, torch_threads=threads,
+                   seconds={"prepare": t1 - t0, "generate": t2 - t1, "grade": t3 - t2},
+                   generated_sequences=len(prompts) * (c.samples + (1 if greedy is not None else 0)))
     pred_path = stage_dir / "predictions.jsonl"
     atomic_write_text(pred_path, "".join(json.dumps(p) + "\n" for p in preds))
+    if bad:
+        atomic_write_text(stage_dir / "quarantine.jsonl", "".join(json.dumps(b) + "\n" for b in bad))
     atomic_write_json(stage_dir / "summary.json", summary)
-    log.metrics({k: v for k, v in summary.items() if isinstance(v, int | float)}, 0)
+    metrics = {k: v for k, v in summary.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    metrics.update({f"accuracy_level_{lv}": v["accuracy"] for lv, v in summary["accuracy_by_level"].items()})
+    metrics.update({f"seconds_{k}": v for k, v in summary["seconds"].items()})
+    log.metrics(metrics, 0)
     log.artifact(pred_path)
     log.dict(summary, "summary.json")
-    print(f"[eval] {summary}")
+    print(f"[eval] {c.mode} {c.model}: accuracy {summary['accuracy']}, pass@1 {summary['pass_at_1']:.3f} over "
+          f"{summary['n']} items ({len(bad)} quarantined), {t2 - t1:.1f} s generating")
     return {"predictions": pred_path, "summary": stage_dir / "summary.json", **summary}
