@@ -135,7 +135,10 @@ class SFTConfig(Strict):
     grad_accum: int = Field(1, ge=1)
     packing: bool = Field(False, description="pack rows into token-budget sequences (no cross-sample attention)")
     max_tokens: int = Field(4096, ge=16, description="token budget of one packed sequence")
-    pack_buffer: int = Field(256, ge=1, description="rows considered together when forming packed sequences")
+    pack_buffer: int = Field(256, ge=1, description="rows considered together when forming packed sequences, "
+                             "and the window that `shuffle` shuffles on each worker")
+    shuffle: bool = Field(True, description="visit the corpus in a new order every epoch, drawn from trainer.seed: "
+                          "row groups permuted, then rows within each pack_buffer window")
     checkpoint_every: int = Field(10, ge=1, description="optimizer steps between checkpoints")
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(1, ge=1)
@@ -151,6 +154,8 @@ class GRPOConfig(Strict):
     optim: OptimConfig = OptimConfig(lr=1e-6, warmup_ratio=0.0, min_lr_ratio=1.0, weight_decay=0.0)
     steps: int = Field(10, ge=1)
     prompts_per_step: int = Field(2, ge=1, description="prompts per worker per step")
+    shuffle: bool = Field(True, description="each pass over a worker's prompts in a new order drawn from "
+                          "trainer.seed (else file order)")
     group_size: int = Field(8, ge=2, description="samples per prompt (the GRPO group)")
     ppo_epochs: int = Field(1, ge=1)
     clip_eps: float = Field(0.2, gt=0)

@@ -7,6 +7,7 @@ writes them to the quarantine Parquet, so rows in == rows trained + rows quarant
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -244,8 +245,9 @@ BLOCK_BYTES = 16 << 20  # Ray Data block size target of the preprocessed dataset
 
 
 def preprocessed_dataset(corpus: str, model_dir: str, pre: PreprocessConfig, with_labels: bool = True,
-                         concurrency: int | None = None):
-    """A lazy Ray Dataset of preprocessed rows (order preserved so that resume can skip consumed rows).
+                         concurrency: int | None = None, seed: int | Sequence[int] | None = None):
+    """A lazy Ray Dataset of preprocessed rows (order preserved so that resume can skip consumed rows), in corpus
+    order, or with `seed` in that seed's permutation of row groups (`r1v.data.reader.RowGroupSource`).
 
     Each Ray task reads a few row groups of the corpus and preprocesses them `BATCH_ROWS` at a time
     (`r1v.data.reader`), so every free CPU preprocesses, even for a corpus in one file; `concurrency` caps
@@ -260,7 +262,7 @@ def preprocessed_dataset(corpus: str, model_dir: str, pre: PreprocessConfig, wit
     transform = functools.partial(preprocess_batch, model_dir=model_dir, pre=pre.model_dump(),
                                   with_labels=with_labels)
     ds = read_corpus(corpus, columns=["id", "images", "messages", "answer", "source"], rows_per_task=ROWS_PER_TASK,
-                     batch_rows=BATCH_ROWS, transform=transform, concurrency=concurrency)
+                     batch_rows=BATCH_ROWS, transform=transform, concurrency=concurrency, seed=seed)
     # Small blocks: a task then hands each preprocessed batch on as soon as it is made, instead of holding its
     # batches until a 128 MB block is full (about 50 MATH-Vision rows at 448 px). Holding them costs memory and
     # made every batch's pixel buffer land in fresh pages: 17.2-19.2 vs 16.6 ms a row (bench/data_pipeline.py).

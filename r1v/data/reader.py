@@ -6,8 +6,10 @@ took whole: a corpus in one part file was preprocessed on a single core however 
 groups are the unit Parquet can read independently; the writers bound their size (`write_corpus`, the
 importer's `CorpusWriter`), so tasks stay small enough to spread over every worker.
 
-Tasks come in file order and row-group order, so with `preserve_order` the rows come out in corpus order (the
-SFT resume skips consumed rows by count).
+Tasks come in file order and row-group order, so with `preserve_order` the rows come out in corpus order. With a
+`seed` the order is a seeded permutation instead (row groups within each file, then the tasks across files): SFT
+builds one dataset per epoch with seed (trainer seed, epoch), so each epoch visits the corpus in another order
+that a resumed run regenerates exactly (the SFT resume skips consumed rows by count).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import functools
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from ray.data.block import BlockMetadata
@@ -46,8 +49,10 @@ def _read_groups(file: str, groups: Sequence[int], columns: Sequence[str] | None
 
 
 class RowGroupSource(Datasource):
-    """Read tasks of consecutive row groups of one file, each task up to `rows_per_task` rows (a larger row
-    group is a task of its own: Parquet cannot read part of one).
+    """Read tasks of row groups of one file, each task up to `rows_per_task` rows (a larger row group is a task of
+    its own: Parquet cannot read part of one). Without `seed` a task's groups are consecutive and tasks come in
+    corpus order; with one, each file's groups are taken in a permutation drawn from `seed` and the tasks are
+    permuted across files too: the same seed gives the same order.
 
     `transform` maps every `batch_rows`-row table inside the read task. Why not a `map_batches` after the read:
     Ray does not fuse a read with a `map_batches(batch_size=...)` (it may change row counts), so every block
@@ -56,13 +61,15 @@ class RowGroupSource(Datasource):
     """
 
     def __init__(self, path: str | Path, columns: Sequence[str] | None = None, rows_per_task: int = 64,
-                 batch_rows: int = 64, transform: Transform | None = None) -> None:
+                 batch_rows: int = 64, transform: Transform | None = None,
+                 seed: int | Sequence[int] | None = None) -> None:
         if rows_per_task < 1 or batch_rows < 1:
             raise ValueError("rows_per_task and batch_rows must be >= 1")
         self.columns = list(columns) if columns is not None else None
         self.batch_rows, self.transform = batch_rows, transform
         self.chunks: list[tuple[str, list[int], int, int]] = []  # file, row groups, rows, uncompressed bytes
         self.schema: pa.Schema | None = None
+        rng = None if seed is None else np.random.default_rng(seed)
         for file in corpus_files(path):
             meta = pq.ParquetFile(file).metadata
             if self.schema is None:
@@ -70,7 +77,8 @@ class RowGroupSource(Datasource):
                 self.schema = pa.schema([schema.field(c) for c in self.columns]) if self.columns else schema
             groups: list[int] = []
             rows = size = 0
-            for g in range(meta.num_row_groups):
+            order = range(meta.num_row_groups) if rng is None else rng.permutation(meta.num_row_groups).tolist()
+            for g in order:
                 rg = meta.row_group(g)
                 if groups and rows + rg.num_rows > rows_per_task:
                     self.chunks.append((str(file), groups, rows, size))
@@ -80,6 +88,8 @@ class RowGroupSource(Datasource):
                 size += rg.total_byte_size
             if groups:
                 self.chunks.append((str(file), groups, rows, size))
+        if rng is not None:
+            self.chunks = [self.chunks[i] for i in rng.permutation(len(self.chunks))]
 
     def estimate_inmemory_data_size(self) -> int:
         return sum(c[3] for c in self.chunks)
@@ -96,12 +106,13 @@ class RowGroupSource(Datasource):
 
 
 def read_corpus(path: str | Path, columns: Sequence[str] | None = None, rows_per_task: int = 64,
-                batch_rows: int = 64, transform: Transform | None = None, concurrency: int | None = None):
+                batch_rows: int = 64, transform: Transform | None = None, concurrency: int | None = None,
+                seed: int | Sequence[int] | None = None):
     """A Ray Dataset over a corpus, parallel across row groups as well as files; `transform` runs on every
     `batch_rows` rows inside the read tasks, at most `concurrency` of which run at once (default: as many as
-    there are free CPUs)."""
+    there are free CPUs). With `seed`, row groups come in a seeded permutation (see `RowGroupSource`)."""
     import ray.data
 
-    source = RowGroupSource(path, columns, rows_per_task, batch_rows, transform)
+    source = RowGroupSource(path, columns, rows_per_task, batch_rows, transform, seed)
     # As many blocks as chunks: otherwise Ray splits each task's output to reach its own block-count target.
     return ray.data.read_datasource(source, override_num_blocks=max(1, len(source.chunks)), concurrency=concurrency)

@@ -1,6 +1,11 @@
 """Advantage estimators, policy losses and KL estimators as pure tensor functions, chosen by name in config.
 
 Shapes: token tensors are [N, T] with a 0/1 `mask` over response tokens; rewards are [n_groups, group_size].
+
+Token means take an optional `tokens`, the count to divide the masked sum by (default: this batch's `mask.sum()`).
+Data-parallel training passes (response tokens on all ranks) / world size: DeepSpeed then averages the ranks'
+gradients into the gradient of the global token mean, in which a rank's short responses weigh no more than
+another's long ones. A registered policy loss must accept `tokens` as a keyword.
 """
 
 from __future__ import annotations
@@ -17,8 +22,11 @@ POLICY_LOSSES: Registry[Callable[..., tuple[Tensor, Tensor]]] = Registry("policy
 KL_ESTIMATORS: Registry[Callable[[Tensor, Tensor], Tensor]] = Registry("KL estimator")
 
 
-def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+def masked_mean(x: Tensor, mask: Tensor, tokens: float | None = None) -> Tensor:
+    """Sum of `x` over the mask divided by `tokens`, by default the number of masked-in entries."""
+    if tokens is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum() / max(tokens, 1e-12)
 
 
 @ADVANTAGES.register("grpo")
@@ -36,9 +44,10 @@ def mean_centred_advantages(rewards: Tensor, eps: float = 0.0) -> Tensor:
 
 
 @POLICY_LOSSES.register("clipped_surrogate")
-def clipped_surrogate(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, clip_eps: float = 0.2
-                      ) -> tuple[Tensor, Tensor]:
-    """PPO's clipped objective per token, averaged over response tokens. Returns (loss, clip fraction).
+def clipped_surrogate(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, clip_eps: float = 0.2,
+                      tokens: float | None = None) -> tuple[Tensor, Tensor]:
+    """PPO's clipped objective per token, summed over response tokens and divided by `tokens` (default: their
+    number, a token mean). Returns (loss, clip fraction), both over that count.
 
     `adv` is one value per sequence [N] and is broadcast over its tokens.
     """
@@ -46,8 +55,8 @@ def clipped_surrogate(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor,
     a = adv.unsqueeze(-1)
     unclipped = ratio * a
     clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps) * a
-    loss = -masked_mean(torch.minimum(unclipped, clipped), mask)
-    clip_frac = masked_mean((clipped < unclipped).float(), mask)
+    loss = -masked_mean(torch.minimum(unclipped, clipped), mask, tokens)
+    clip_frac = masked_mean((clipped < unclipped).float(), mask, tokens)
     return loss, clip_frac.detach()
 
 

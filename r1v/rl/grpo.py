@@ -7,11 +7,16 @@ One step, on every worker (each owns a slice of the prompts, all G samples of a 
   4. old log-probs (current policy) and reference log-probs (frozen backbones + the *starting* projector);
   5. clipped-surrogate (+ optional k3 KL) updates;
   6. gather the trainable tensors; rank 0 pushes them to every engine before the next rollout.
+
+Prompts are taken in passes over the worker's slice, each pass in a permutation seeded by (seed, pass, rank):
+the prompts of a step are a function of the step number alone, so a run resumed at step k takes the same
+prompts as one that never stopped. The policy loss is a token mean over the response tokens of all ranks.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -40,6 +45,23 @@ def load_prompts(c: GRPOConfig, rank: int, world: int) -> tuple[list[dict[str, A
     if not good:
         raise ValueError(f"rank {rank}: no usable prompts in {c.corpus} ({len(bad)} quarantined)")
     return good, bad
+
+
+@functools.lru_cache(maxsize=4)
+def pass_order(n: int, seed: int, epoch: int, rank: int) -> tuple[int, ...]:
+    """The order of pass `epoch` over a rank's `n` prompts, drawn from (seed, epoch, rank) alone."""
+    return tuple(np.random.default_rng([seed % 2**63, epoch, rank]).permutation(n).tolist())
+
+
+def step_prompts(n: int, step: int, per_step: int, seed: int, rank: int, shuffle: bool = True) -> list[int]:
+    """Indices of the prompts a rank takes at `step` (1-based): the next `per_step` of its passes over its `n`
+    prompts, each pass (epoch) in `pass_order`, or in file order without `shuffle`. A pass ends mid-step when
+    `n` is not a multiple of `per_step`: the step then takes the rest of it and the start of the next."""
+    out = []
+    for k in range((step - 1) * per_step, step * per_step):
+        epoch, pos = divmod(k, n)
+        out.append(pass_order(n, seed, epoch, rank)[pos] if shuffle else pos)
+    return out
 
 
 def build_batch(prompts: list[dict[str, Any]], comps: list[list[Any]], pad_id: int
@@ -112,7 +134,7 @@ def grpo_loop(cfg: dict[str, Any]) -> None:
     push_weights()  # engines start from the base checkpoint; after a resume they need the trained tensors
     for step in range(state["step"] + 1, c.steps + 1):
         t0 = time.time()
-        idx = [((step - 1) * c.prompts_per_step + i) % len(prompts) for i in range(c.prompts_per_step)]
+        idx = step_prompts(len(prompts), step, c.prompts_per_step, c.trainer.seed, rank, c.shuffle)
         batch_prompts = [prompts[i] for i in idx]
         reqs = [Request(p["input_ids"], p["pixel_values"], p["n_tiles"]) for p in batch_prompts]
         comps = ray.get(rollout.generate.remote(reqs, c.sampling.model_dump(), c.group_size,
@@ -135,10 +157,12 @@ def grpo_loop(cfg: dict[str, Any]) -> None:
             old = sequence_logprobs(module, batch, feats_rep, temp)
             ref = sequence_logprobs(module, batch, feats_rep, temp, ref_projector) if c.kl_coef > 0 else None
         stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0}
+        # Token means over every rank's response tokens: DeepSpeed averages gradients over ranks, hence / world.
+        tokens = all_reduce_sum([float(mask.sum())])[0] / world
         for _ in range(c.ppo_epochs):
             logp = sequence_logprobs(module, batch, feats_rep, temp)
-            pg, clip_frac = loss_fn(logp, old, adv, mask, c.clip_eps)
-            kl = masked_mean(kl_fn(logp, ref), mask) if ref is not None else torch.zeros(())
+            pg, clip_frac = loss_fn(logp, old, adv, mask, c.clip_eps, tokens=tokens)
+            kl = masked_mean(kl_fn(logp, ref), mask, tokens) if ref is not None else torch.zeros(())
             loss = pg + c.kl_coef * kl
             engine.backward(loss)
             engine.step()

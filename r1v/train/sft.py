@@ -1,11 +1,21 @@
 """Supervised fine-tuning: Ray Data shards -> DeepSpeed ZeRO-3 engines on Ray Train workers.
 
 Reads top to bottom: set up the worker, load and freeze the model, build the engine, restore a checkpoint if
-there is one, then loop epochs -> micro-batches, checkpointing every N optimizer steps, and export at the end.
+there is one, then loop epochs -> accumulation windows of micro-batches, checkpointing every N optimizer steps,
+and export at the end.
 
 ZeRO-3 runs collectives inside every forward, so all ranks must take the same number of micro-steps and call
 the vision tower every time: a rank whose shard ran dry (or whose rows were all quarantined) steps on a
 zero-weight dummy row holding one blank tile.
+
+Order: with `shuffle`, epoch e reads its own dataset, whose row groups come in a permutation seeded by
+(trainer seed, e), and each worker shuffles its rows within windows of `pack_buffer` rows with an rng seeded by
+(seed, e, rank, window). Ray's split hands blocks to ranks deterministically for a given order (`preserve_order`),
+so a resumed run regenerates the same stream per rank; the worker state records the rows of finished windows
+and the micro-steps done in the current one, and resume skips exactly those.
+
+Loss: every label token of an accumulation window weighs the same, whichever micro-batch or rank holds it (see
+`window_loss`).
 """
 
 from __future__ import annotations
@@ -13,10 +23,11 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from r1v.config import SFTConfig
@@ -35,13 +46,49 @@ def dummy_row(image_token_id: int, tokens_per_tile: int, tile_size: int) -> dict
             "pixel_values": blank, "n_tiles": 1}
 
 
+def label_tokens(labels: torch.Tensor) -> int:
+    """Labelled next-token targets in a batch: the tokens `token_nll` sums over."""
+    return int((labels[:, 1:] != IGNORE).sum())
+
+
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Summed next-token NLL over labelled positions, and how many there were."""
     shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, 1:]
     nll = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
                                             shift_labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
-    return nll, int((shift_labels != IGNORE).sum())
+    return nll, label_tokens(labels)
+
+
+def window_loss(nll_sum: torch.Tensor, window_tokens: float, world: int) -> torch.Tensor:
+    """What one micro-batch backpropagates: its summed NLL over the label tokens of the whole window, on all ranks.
+
+    Why: DeepSpeed averages gradients over ranks, and `backward_window` sums them over the window's micro-batches
+    (no 1/gradient_accumulation_steps), so the step's gradient is that of (NLL summed over the window on every
+    rank) / (label tokens of the window on every rank). A mean of per-micro-batch means would weigh a token of a
+    short micro-batch (or of a rank with short rows) more than one of a long one.
+    """
+    return nll_sum / max(window_tokens, 1.0) * world
+
+
+def backward_window(engine, batches: Sequence[Any], nll_fn: Callable[[Any], torch.Tensor], tokens: Sequence[int],
+                    world: int) -> tuple[float, float]:
+    """Forward and backward every micro-batch of one accumulation window (the caller then calls `engine.step()`).
+
+    `tokens[i]` is batch i's label-token count, known before its forward so the window's global count is one
+    all-reduce. The accumulation boundary is set by hand, so a window may hold fewer micro-batches than
+    gradient_accumulation_steps (the last one of an epoch). Every rank must pass the same number of batches
+    (ZeRO-3 gathers parameters inside forward). Returns the window's (summed NLL, label tokens) over all ranks.
+    """
+    (g_tok,) = all_reduce_sum([float(sum(tokens))])
+    nll_sum = 0.0
+    for i, batch in enumerate(batches):
+        engine.set_gradient_accumulation_boundary(i == len(batches) - 1)
+        nll = nll_fn(batch)
+        engine.backward(window_loss(nll, g_tok, world), scale_wrt_gas=False)
+        nll_sum += float(nll.detach())
+    (g_nll,) = all_reduce_sum([nll_sum])
+    return g_nll, g_tok
 
 
 def _rows(shard, chunk: int) -> Iterator[dict[str, Any]]:
@@ -49,41 +96,67 @@ def _rows(shard, chunk: int) -> Iterator[dict[str, Any]]:
         yield from table_rows(table)
 
 
-def micro_batches(shard, c: SFTConfig, state: dict[str, Any]) -> Iterator[list[dict[str, Any]]]:
+def window_size(c: SFTConfig) -> int:
+    """Rows per window: `pack_buffer`, rounded up to whole micro-steps without packing."""
+    return c.pack_buffer if c.packing else math.ceil(c.pack_buffer / c.batch_size) * c.batch_size
+
+
+def window_rng(key: Sequence[int], window: int) -> np.random.Generator:
+    """The rng of one window; `key` is (seed, epoch, rank). Seeds may be negative: SeedSequence wants >= 0."""
+    return np.random.default_rng([k % 2**63 for k in (*key, window)])
+
+
+def window_groups(buf: list[dict[str, Any]], c: SFTConfig, rng: np.random.Generator | None
+                  ) -> list[list[dict[str, Any]]]:
+    """One window's micro-steps. Without packing, `batch_size` rows each; with packing, `batch_size` token-budget
+    bins each (first-fit decreasing), the window's bad rows riding with the first so that they are counted.
+
+    With `rng`, the rows are shuffled first and, with packing, the micro-steps too (first-fit decreasing would
+    otherwise order them longest first).
+    """
+    if rng is not None:
+        buf = [buf[i] for i in rng.permutation(len(buf))]
+    if not c.packing:
+        return [buf[k : k + c.batch_size] for k in range(0, len(buf), c.batch_size)]
+    good = [r for r in buf if not r["error"]]
+    bins = token_budget_batches([len(r["input_ids"]) for r in good], c.max_tokens)
+    groups = [[good[i] for b in bins[k : k + c.batch_size] for i in b] for k in range(0, len(bins), c.batch_size)]
+    if rng is not None:
+        groups = [groups[i] for i in rng.permutation(len(groups))]
+    groups = groups or [[]]
+    groups[0] = [r for r in buf if r["error"]] + groups[0]
+    return groups
+
+
+def micro_batches(shard, c: SFTConfig, state: dict[str, Any], key: Sequence[int] | None = None
+                  ) -> Iterator[list[dict[str, Any]]]:
     """This rank's preprocessed rows (good and quarantined alike), one list per micro-step, resuming after
     what `state` records as consumed.
 
-    Without packing a micro-step takes `batch_size` rows in stream order. With packing, `pack_buffer` rows at a
-    time are grouped into token-budget bins (first-fit decreasing, one packed sequence each) and a micro-step
-    takes `batch_size` bins; a buffer's bad rows ride with its first micro-step so they are counted. Resume
-    skips the finished buffers, re-forms the current one (the same bins) and skips its finished micro-steps.
+    The stream is cut into windows of `window_size` rows, each cut into micro-steps by `window_groups`, shuffled
+    with `window_rng(key, window index)` when `key` (seed, epoch, rank) is given. `state["buffer_start"]` counts
+    the rows of finished windows and `state["groups_done"]` the micro-steps handed out from the current one
+    (updated as they are yielded: the caller checkpoints only after training them). Resume skips the finished
+    windows, re-forms the current one (the same rng, hence the same micro-steps) and skips its finished ones.
     """
-    rows = _rows(shard, max(c.batch_size, 1 if not c.packing else min(c.pack_buffer, 64)))
-    if not c.packing:
-        skip = state["rows_consumed"]
-        while chunk := list(itertools.islice(rows, c.batch_size)):
-            if skip:  # resume: drop rows this rank consumed before the checkpoint
-                dropped = min(skip, len(chunk))
-                chunk, skip = chunk[dropped:], skip - dropped
-                if not chunk:
-                    continue
-            yield chunk
-        return
+    size = window_size(c)
+    rows = _rows(shard, min(size, 64))
     for _ in itertools.islice(rows, state["buffer_start"]):
         pass
-    while buf := list(itertools.islice(rows, c.pack_buffer)):
-        good = [r for r in buf if not r["error"]]
-        bins = token_budget_batches([len(r["input_ids"]) for r in good], c.max_tokens)
-        groups = [[good[i] for b in bins[k : k + c.batch_size] for i in b] for k in range(0, len(bins), c.batch_size)]
-        groups = groups or [[]]
-        groups[0] = [r for r in buf if r["error"]] + groups[0]
-        for g, group in enumerate(groups):
+    while buf := list(itertools.islice(rows, size)):
+        rng = window_rng(key, state["buffer_start"] // size) if key is not None else None
+        for g, group in enumerate(window_groups(buf, c, rng)):
             if g < state["groups_done"]:
                 continue
             state["groups_done"] = g + 1
             yield group
         state["buffer_start"] += len(buf)
         state["groups_done"] = 0
+
+
+def epoch_dataset(c: SFTConfig, epoch: int) -> str:
+    """The name of the dataset an epoch reads: with `shuffle` every epoch has its own order, hence dataset."""
+    return f"train-{epoch}" if c.shuffle else "train"
 
 
 def sft_loop(cfg: dict[str, Any]) -> None:
@@ -118,48 +191,44 @@ def sft_loop(cfg: dict[str, Any]) -> None:
         print(f"[sft] rank0: trainable {counts}; ~{total} optimizer steps; starting at step {state['step']}")
         if state["step"]:
             log.tags({"r1v.resumed_from_step": str(state["step"])})
-    shard = ray.train.get_dataset_shard("train")
     t_last, tokens_since = time.time(), 0
+
+    def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        good = count_rows(rows, state)
+        if not any(r["n_tiles"] for r in good):  # keep the vision tower in every forward (ZeRO-3)
+            good.append(dummy_row(image_token, per_tile, tile))
+        if c.packing:
+            return collate_packed(good, tok.pad_token_id, tile, c.max_tokens)
+        return collate_sft(good, tok.pad_token_id, tile)
+
+    def nll_of(batch: dict[str, Any]) -> torch.Tensor:
+        pixels = normalize_pixels(batch["pixel_values"], engine.module.dtype)
+        if c.packing:
+            out = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                         pixel_values=pixels)
+        else:
+            out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=pixels)
+        return token_nll(out.logits, batch["labels"])[0]
 
     for epoch in range(state["epoch"], c.epochs):
         if state["step"] >= limit:
             break
-        it = micro_batches(shard, c, state)
+        shard = ray.train.get_dataset_shard(epoch_dataset(c, epoch))
+        it = micro_batches(shard, c, state, (c.trainer.seed, epoch, rank) if c.shuffle else None)
         while True:
-            rows = next(it, None)
-            if not all_reduce_max(int(rows is not None)):
+            window = list(itertools.islice(it, c.grad_accum))
+            n = all_reduce_max(len(window))
+            if not n:
                 break  # every rank's shard is exhausted
-            good: list[dict[str, Any]] = []
-            for r in rows or []:
-                if r["error"]:
-                    state["quarantined"].append({"id": r["id"], "reason": r["error"], "detail": r["detail"],
-                                                 "source": r["source"]})
-                else:
-                    good.append(r)
-            state["rows_consumed"] += len(rows or [])
-            state["trained"] += len(good)
-            if not any(r["n_tiles"] for r in good):  # keep the vision tower in every forward (ZeRO-3)
-                good.append(dummy_row(image_token, per_tile, tile))
-            if c.packing:
-                batch = collate_packed(good, tok.pad_token_id, tile, c.max_tokens)
-                out = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
-                             pixel_values=normalize_pixels(batch["pixel_values"], engine.module.dtype))
-            else:
-                batch = collate_sft(good, tok.pad_token_id, tile)
-                out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             pixel_values=normalize_pixels(batch["pixel_values"], engine.module.dtype))
-            nll, n_tok = token_nll(out.logits, batch["labels"])
-            g_nll, g_tok = all_reduce_sum([float(nll.detach()), float(n_tok)])
-            # Mean over the *global* token count; DeepSpeed averages gradients over ranks, hence * world.
-            loss = nll / max(g_tok, 1.0) * world
-            engine.backward(loss)
+            # The window's micro-batches are formed first: its global token count normalises every one of them.
+            batches = [collate(rows) for rows in window + [[]] * (n - len(window))]
+            g_nll, g_tok = backward_window(engine, batches, nll_of, [label_tokens(b["labels"]) for b in batches],
+                                           world)
             engine.step()
-            state["micro"] += 1
-            tokens_since += int(g_tok)
-            if state["micro"] % c.grad_accum:
-                continue
+            state["micro"] += n
             state["step"] += 1
             step = state["step"]
+            tokens_since += int(g_tok)
             if rank == 0 and step % c.log_every == 0:
                 now = time.time()
                 log.metrics({"loss": g_nll / max(g_tok, 1), "lr": engine.get_lr()[0],
@@ -175,6 +244,16 @@ def sft_loop(cfg: dict[str, Any]) -> None:
         checkpoint.save(engine, state["step"], state, {"epoch": epoch}, rank, name=f"epoch-{epoch:03d}-end")
 
     export_model(engine, c.model, Path(cfg["stage_dir"]) / "model", rank)
+
+
+def count_rows(rows: list[dict[str, Any]], state: dict[str, Any]) -> list[dict[str, Any]]:
+    """Record a micro-step's rows in `state` (consumed, trained, quarantined); returns the ones to train on."""
+    good = [r for r in rows if not r["error"]]
+    state["quarantined"] += [{"id": r["id"], "reason": r["error"], "detail": r["detail"], "source": r["source"]}
+                             for r in rows if r["error"]]
+    state["rows_consumed"] += len(rows)
+    state["trained"] += len(good)
+    return good
 
 
 def _finish_epoch(state: dict[str, Any], epoch: int, rank: int, log, stage_dir: str) -> None:
@@ -211,10 +290,15 @@ def train_sft(c: SFTConfig, stage_dir: Path, tracking_uri: str | None, run_id: s
     rows = pads.dataset(c.corpus, format="parquet").count_rows()
     if rows == 0:
         raise ValueError(f"corpus {c.corpus} has no rows")
-    ds = preprocessed_dataset(c.corpus, c.model, c.preprocess, with_labels=True)
+    # With shuffle, one dataset (one idle Ray Data split coordinator until its epoch starts) per epoch that can
+    # start: every epoch takes at least one optimizer step, so no more than max_steps of them.
+    n = min(c.epochs, c.max_steps or c.epochs) if c.shuffle else 1
+    datasets = {epoch_dataset(c, e): preprocessed_dataset(c.corpus, c.model, c.preprocess, with_labels=True,
+                                                          seed=[c.trainer.seed % 2**63, e] if c.shuffle else None)
+                for e in range(n)}
     loop_cfg = {"config": c.model_dump(mode="json"), "tracking_uri": tracking_uri, "run_id": run_id,
                 "stage_dir": str(stage_dir), "rows": rows}
-    fit(sft_loop, loop_cfg, c.trainer, stage_dir / "ray", c.keep_checkpoints, datasets={"train": ds})
+    fit(sft_loop, loop_cfg, c.trainer, stage_dir / "ray", c.keep_checkpoints, datasets=datasets)
     counts = [read_json(p) for p in sorted(stage_dir.glob("epoch-*-counts.json"))]
     for cnt in counts:
         if cnt["rows_in"] != rows and c.max_steps is None:

@@ -74,3 +74,37 @@ def test_score_weights_rewards():
     total, per = score(["x\n</think>\n\\boxed{2}", "junk"], [{"answer": "2"}] * 2, {"accuracy": 1.0, "format": 0.5})
     assert total == [1.5, 0.0] and per["format"] == [1.0, 0.0]
     assert extract_answer("a \\boxed{1} </think> b") is None
+
+
+def test_global_token_mean_over_ranks_weighs_every_token_alike():
+    """With tokens = global response tokens / world, DeepSpeed's average over ranks of each rank's loss is the
+    token mean over all ranks' tokens, however unevenly the responses are spread."""
+    loss_fn = POLICY_LOSSES.get("clipped_surrogate")
+    gen = torch.Generator().manual_seed(0)
+    ranks = []
+    for n_tok in (2, 11):  # rank 0: short responses, rank 1: long ones
+        mask = torch.zeros(2, 12)
+        mask[:, :n_tok] = 1
+        ranks.append((torch.randn(2, 12, generator=gen), torch.randn(2, 12, generator=gen),
+                      torch.randn(2, generator=gen), mask))
+    world, total = len(ranks), sum(float(r[3].sum()) for r in ranks)
+    per_rank = [loss_fn(lp, old, adv, mask, 0.2, tokens=total / world)[0] for lp, old, adv, mask in ranks]
+    lp, old, adv, mask = (torch.cat(t) for t in zip(*ranks, strict=True))
+    assert torch.allclose(sum(per_rank) / world, loss_fn(lp, old, adv, mask, 0.2)[0])
+    assert masked_mean(torch.ones(3), torch.tensor([1.0, 1.0, 0.0]), tokens=4.0) == 0.5
+
+
+def test_prompt_passes_are_seeded_permutations_and_resume_exactly():
+    from r1v.rl.grpo import step_prompts
+
+    n, per = 7, 3
+    taken = [i for step in range(1, 15) for i in step_prompts(n, step, per, seed=5, rank=1)]  # 6 passes
+    passes = [taken[k : k + n] for k in range(0, 6 * n, n)]
+    assert all(sorted(p) == list(range(n)) for p in passes)  # each pass visits every prompt once
+    assert len({tuple(p) for p in passes}) > 1  # and in a new order
+    assert passes[0] != list(range(n))
+    resumed = [i for step in range(9, 15) for i in step_prompts(n, step, per, seed=5, rank=1)]
+    assert resumed == taken[8 * per :]  # a run resumed at step 9 takes what the uninterrupted one took
+    assert step_prompts(n, 3, per, seed=5, rank=0) != step_prompts(n, 3, per, seed=5, rank=1)
+    assert step_prompts(n, 3, per, seed=6, rank=1) != step_prompts(n, 3, per, seed=5, rank=1)
+    assert [i for s in (1, 2, 3) for i in step_prompts(n, s, per, 5, 1, shuffle=False)] == [*range(7), 0, 1]
