@@ -109,8 +109,19 @@ def _report(runner, outcome, con) -> int:
           f"skipped {[s for s, w in outcome.items() if w == 'skipped']}")
     if logs:
         print(logs)
-    # The results table of the finished run (r1v.results) goes here: successful run/resume only.
+    _print_results(runner.run_dir)
     return 0
+
+
+def _print_results(run_dir: Path) -> None:
+    """The run's results table (evals that declare a report row): RUN/results.json, parent MLflow run, console."""
+    from r1v.console import show_path
+    from r1v.results import format_table, report
+
+    results = report(run_dir)
+    if results is not None:
+        print(format_table(results))
+        print(f"r1v: results in {show_path(Path(run_dir) / 'results.json')} and the parent MLflow run")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -153,9 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev_sub = ev.add_subparsers(dest="eval_command", required=True)
     from r1v.eval.grade_cli import add_grade_parser
     from r1v.eval.runner import add_run_parser
+    from r1v.world.cli import add_world_parser
 
     add_grade_parser(ev_sub)
     add_run_parser(ev_sub)
+    add_world_parser(sub)
     return p
 
 
