@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from r1v.config import ConfigError, SFTConfig, load_workflow
+from r1v.config import ConfigError, EvalConfig, SFTConfig, load_workflow
 
 TINY = Path(__file__).resolve().parent.parent / "workflows" / "tiny.yaml"
 
@@ -19,7 +19,9 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_tiny_workflow_loads_with_typed_stage_configs():
     wf = load_workflow(TINY)
-    assert list(wf.config.stages) == ["data", "models", "align", "reassemble", "sft", "grpo", "eval"]
+    assert list(wf.config.stages)[:6] == ["data", "models", "align", "reassemble", "sft", "grpo"]
+    roles = {c.report_stage or c.report_baseline for c in wf.stage_configs.values() if isinstance(c, EvalConfig)}
+    assert roles == {"reassemble", "sft", "grpo", "no_image", "substitute_vlm", "text_reasoning", "text_instruct"}
     sft = wf.stage_configs["sft"]
     assert isinstance(sft, SFTConfig) and sft.trainable == ["projector"] and sft.optim.lr == 1e-3
 

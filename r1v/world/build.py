@@ -21,6 +21,7 @@ import pydantic
 import torch
 
 from r1v.fsutil import atomic_directory
+from r1v.world.lm import say
 
 WORLD_DIR = Path(__file__).parent / "backbones"
 """The shipped build (made by `r1v world build --out r1v/world/backbones`)."""
@@ -36,10 +37,10 @@ class WorldBuildConfig(pydantic.BaseModel):
     num_heads: int = 2
     num_kv_heads: int = 2
     intermediate_size: int = 512
-    base_steps: int = 900
+    base_steps: int = 800
     base_batch: int = 48
     base_lr: float = 3e-3
-    child_steps: int = 300
+    child_steps: int = 500
     child_batch: int = 48
     child_lr: float = 1e-3
     freeze_child_embeddings: bool = pydantic.Field(
@@ -48,11 +49,11 @@ class WorldBuildConfig(pydantic.BaseModel):
     vision_hidden_size: int = 64
     vision_layers: int = 2
     vision_heads: int = 2
-    vision_steps: int = 300
-    vision_batch: int = 64
+    vision_steps: int = 3000
+    vision_batch: int = 32
     vision_lr: float = 2e-3
     eval_items: int = 1000
-    threads: int = 2
+    threads: int = 1
 
 
 def _bf16_round(model: torch.nn.Module) -> None:
@@ -66,7 +67,7 @@ def file_checksums(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file() and p.name != "world.json"}
 
 
-def build_world(out: str | Path, c: WorldBuildConfig, progress: Callable[[str], None] = print) -> dict[str, Any]:
+def build_world(out: str | Path, c: WorldBuildConfig, progress: Callable[[str], None] = say) -> dict[str, Any]:
     from transformers import InternVLConfig
     from transformers.models.internvl.modeling_internvl import InternVLMultiModalProjector
 

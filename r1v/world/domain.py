@@ -106,9 +106,14 @@ def digits_text(digits: tuple[int, ...]) -> str:
     return "".join(map(str, digits))
 
 
+def labelled_digits(digits: tuple[int, ...]) -> str:
+    """`A7 B7 C6 D3`: what the image shows, written out (each letter next to its digit)."""
+    return " ".join(f"{k}{d}" for k, d in zip(LETTERS, digits, strict=True))
+
+
 def text_question(p: Problem) -> str:
-    """The text-only form of a problem: the digits written out where the image would be."""
-    return f"Digits: {digits_text(p.digits)}\n{p.question()}"
+    """The text-only form of a problem: the labelled digits written out where the image would be."""
+    return f"Grid: {labelled_digits(p.digits)}\n{p.question()}"
 
 
 def image_question(p: Problem) -> str:

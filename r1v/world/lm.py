@@ -21,6 +21,11 @@ from r1v.rl.rewards import accuracy
 from r1v.world.domain import Problem, text_question
 
 
+def say(text: str) -> None:
+    """Progress lines reach a log file as they happen, not when its buffer fills."""
+    print(text, flush=True)
+
+
 def build_lm(tok: PreTrainedTokenizerBase, hidden: int, layers: int, heads: int, kv_heads: int,
              intermediate: int, seed: int) -> Qwen2ForCausalLM:
     config = Qwen2Config(
@@ -58,7 +63,7 @@ def _collate(rows: list[dict[str, list[int]]], pad: int) -> tuple[torch.Tensor, 
 
 def train_lm(model: Qwen2ForCausalLM, examples: Callable[[random.Random], dict[str, list[int]]], *, steps: int,
              batch: int, lr: float, seed: int, pad_id: int, desc: str, warmup: int = 50,
-             freeze_embeddings: bool = False, progress: Callable[[str], None] = print) -> list[float]:
+             freeze_embeddings: bool = False, progress: Callable[[str], None] = say) -> list[float]:
     """AdamW with warm-up and cosine decay over freshly drawn examples; returns the loss curve."""
     rng = random.Random(seed)
     torch.manual_seed(seed)

@@ -1,7 +1,9 @@
-"""Images of the miniature world: four digits A, B, C, D in the quadrants of one tile, in reading order.
+"""Images of the miniature world: a labelled grid `A 7 B 7 / C 6 D 3`, one symbol per 28-pixel cell.
 
-One 56-pixel tile is one vision-tower input; after the tower's 14-pixel patches and InternVL's pixel shuffle
-it becomes a 2 x 2 grid of image tokens, one per quadrant, so each digit has a token of its own.
+One 112-pixel tile is one vision-tower input; after the tower's 14-pixel patches and InternVL's pixel shuffle
+it becomes a 4 x 4 grid of image tokens, one per cell: the first two rows hold the letters and their digits in
+reading order, the last two are empty. So each symbol has an image token of its own, as each has a text token
+in the written form `A7 B7 C6 D3`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-TILE = 56
+TILE = 112
+CELL = 28
 
 
 @lru_cache(maxsize=16)
@@ -27,16 +30,23 @@ def render_digits(digits: tuple[int, ...], rng: random.Random, size: int = TILE)
     noise = np.random.default_rng(rng.getrandbits(32)).integers(-25, 26, (size, size, 3))
     img = Image.fromarray(np.clip(bg + noise, 0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(img)
-    half = size // 2
-    for k, d in enumerate(digits):
+    for k, symbol in enumerate(cell_symbols(digits)):
+        if not symbol:
+            continue
         font = _font(rng.randint(16, 24))
-        x0, y0 = (k % 2) * half, (k // 2) * half
-        left, top, right, bottom = draw.textbbox((0, 0), str(d), font=font)
+        x0, y0 = (k % 4) * CELL, (k // 4) * CELL
+        left, top, right, bottom = draw.textbbox((0, 0), symbol, font=font)
         w, h = right - left, bottom - top
-        x = x0 + rng.randint(0, max(0, half - w - 1)) - left
-        y = y0 + rng.randint(0, max(0, half - h - 1)) - top
-        draw.text((x, y), str(d), fill=tuple(rng.randint(0, 110) for _ in range(3)), font=font)
+        x = x0 + rng.randint(0, max(0, CELL - w - 1)) - left
+        y = y0 + rng.randint(0, max(0, CELL - h - 1)) - top
+        draw.text((x, y), symbol, fill=tuple(rng.randint(0, 110) for _ in range(3)), font=font)
     return img
+
+
+def cell_symbols(digits: tuple[int, ...]) -> list[str]:
+    """What each of the 16 cells shows, in reading order ('' for an empty cell)."""
+    pairs = [s for k, d in zip("ABCD", digits, strict=True) for s in (k, str(d))]
+    return pairs + [""] * (16 - len(pairs))
 
 
 def png_bytes(img: Image.Image) -> bytes:

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from r1v.world.domain import (
     LETTERS,
     Problem,
-    digits_text,
     direct_answer,
+    labelled_digits,
     make_problem,
     perception_qa,
     reasoning_answer,
@@ -24,7 +24,7 @@ from r1v.world.domain import (
     text_question,
 )
 
-HEADERS = ("Digits:", "Grid:", "Code", "Read:", "Tile", "Cells:", "Board", "Numbers:")
+HEADERS = ("Grid:", "Board:", "Cells", "Read:", "Tile", "Values:", "Card", "Panel:")
 
 
 def _assign(digits: tuple[int, ...]) -> str:
@@ -34,7 +34,7 @@ def _assign(digits: tuple[int, ...]) -> str:
 def base_document(rng: random.Random) -> str:
     """One pretraining document; its kind is drawn at random."""
     r = rng.random()
-    if r < 0.15:  # arithmetic facts
+    if r < 0.25:  # arithmetic facts
         facts = []
         for _ in range(rng.randint(3, 6)):
             a, b = rng.randrange(10), rng.randrange(10)
@@ -45,16 +45,16 @@ def base_document(rng: random.Random) -> str:
                 facts.append(f"{x} + {y} = {x + y}." if rng.random() < 0.6 else f"{x} - {y} = {x - y}.")
         return " ".join(facts)
     p = make_problem(rng, "train")
-    head = f"{rng.choice(HEADERS)} {digits_text(p.digits)}"
-    if r < 0.35:  # the digits, then what each letter is
+    head = f"{rng.choice(HEADERS)} {labelled_digits(p.digits)}"
+    if r < 0.4:  # the digits, then what each letter is
         return f"{head}. {_assign(p.digits)}."
-    if r < 0.5:  # perception questions answered
+    if r < 0.55:  # perception questions answered
         parts = [head + "."]
         for _ in range(rng.randint(1, 3)):
             q, a = perception_qa(rng, p.digits)
             parts.append(f"{q} {a}.")
         return " ".join(parts)
-    if r < 0.85:  # worked problems
+    if r < 0.88:  # worked problems
         return f"{head}\n{p.question()}\n{p.chain()} So the answer is {p.answer}."
     return f"{head}\n{p.question()} The answer is {p.answer}."  # unworked problems
 
@@ -64,7 +64,7 @@ def instruct_chat(rng: random.Random, p_perception: float = 0.3) -> list[dict[st
     p = make_problem(rng, "train")
     if rng.random() < p_perception:
         q, a = perception_qa(rng, p.digits)
-        return [{"role": "user", "content": f"Digits: {digits_text(p.digits)}\n{q}"},
+        return [{"role": "user", "content": f"Grid: {labelled_digits(p.digits)}\n{q}"},
                 {"role": "assistant", "content": direct_answer(a)}]
     return [{"role": "user", "content": text_question(p)},
             {"role": "assistant", "content": direct_answer(p.answer)}]
@@ -75,7 +75,7 @@ def reasoning_chat(rng: random.Random, p_perception: float = 0.1) -> list[dict[s
     p = make_problem(rng, "train")
     if rng.random() < p_perception:
         q, a = perception_qa(rng, p.digits)
-        return [{"role": "user", "content": f"Digits: {digits_text(p.digits)}\n{q}"},
+        return [{"role": "user", "content": f"Grid: {labelled_digits(p.digits)}\n{q}"},
                 {"role": "assistant", "content": f"<think>\n{_assign(p.digits)}.\n</think>\nAnswer: \\boxed{{{a}}}"}]
     return [{"role": "user", "content": text_question(p)},
             {"role": "assistant", "content": reasoning_answer(p)}]
@@ -95,4 +95,4 @@ def tokenizer_texts(seed: int = 0, n: int = 3000) -> Iterator[str]:
     for _ in range(n // 3):
         for m in instruct_chat(rng) + reasoning_chat(rng):
             yield m["content"]
-    yield f"Digits: {digits_text(sample_digits(rng, 'train'))}"
+    yield f"Grid: {labelled_digits(sample_digits(rng, 'train'))}"
