@@ -66,15 +66,18 @@ def _corpus(texts: Iterable[str] | None) -> list[str]:
 
 
 def build_tiny_tokenizer(
-    texts: Iterable[str] | None = None, vocab_size: int = 512, split_digits: bool = False
+    texts: Iterable[str] | None = None, vocab_size: int = 512, split_digits: bool = False,
+    extra_tokens: Iterable[str] = (),
 ) -> PreTrainedTokenizerFast:
     """Train a deterministic byte-level BPE of at most `vocab_size` ids (added tokens included).
 
     The added tokens take the last ids, as in Qwen's tokenizers; eos is `<|im_end|>` (ends a chat turn) and
     pad is `<|endoftext|>`. `split_digits` gives every digit its own token, as Qwen2's pre-tokenizer does
-    (arithmetic then works digit by digit instead of on memorised number tokens).
+    (arithmetic then works digit by digit instead of on memorised number tokens). `extra_tokens` are added as
+    single-id, non-special tokens (a domain's vocabulary), before the `<think>` tags.
     """
-    n_added = len(SPECIAL_TOKENS) + len(PLAIN_ADDED_TOKENS)
+    extra = list(extra_tokens)
+    n_added = len(SPECIAL_TOKENS) + len(PLAIN_ADDED_TOKENS) + len(extra)
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size < len(alphabet) + n_added:
         raise ValueError(
@@ -92,7 +95,7 @@ def build_tiny_tokenizer(
     )
     tok.train_from_iterator(_corpus(texts), trainer=trainer)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in PLAIN_ADDED_TOKENS])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in (*extra, *PLAIN_ADDED_TOKENS)])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token=IM_END,

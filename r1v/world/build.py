@@ -31,7 +31,7 @@ class WorldBuildConfig(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid")
 
     seed: int = 0
-    vocab_size: int = 384
+    vocab_size: int = 400
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 2
@@ -49,7 +49,7 @@ class WorldBuildConfig(pydantic.BaseModel):
     vision_hidden_size: int = 64
     vision_layers: int = 2
     vision_heads: int = 2
-    vision_steps: int = 3000
+    vision_steps: int = 2000
     vision_batch: int = 32
     vision_lr: float = 2e-3
     eval_items: int = 1000
@@ -77,12 +77,14 @@ def build_world(out: str | Path, c: WorldBuildConfig, progress: Callable[[str], 
     from r1v.model.tiny import DOWNSAMPLE_RATIO, tiny_vision_config
     from r1v.model.tokenizer import build_tiny_tokenizer
     from r1v.world import lm, text
+    from r1v.world.domain import CELL_TOKENS
     from r1v.world.render import TILE
     from r1v.world.vision import pretrain_tower
 
     torch.set_num_threads(c.threads)
     t0 = time.time()
-    tok = build_tiny_tokenizer(text.tokenizer_texts(c.seed), vocab_size=c.vocab_size, split_digits=True)
+    tok = build_tiny_tokenizer(text.tokenizer_texts(c.seed), vocab_size=c.vocab_size, split_digits=True,
+                               extra_tokens=CELL_TOKENS)
     pad = tok.pad_token_id
     base = lm.build_lm(tok, c.hidden_size, c.num_layers, c.num_heads, c.num_kv_heads, c.intermediate_size, c.seed)
     progress(f"[world] base LM: {sum(p.numel() for p in base.parameters()):,} parameters, vocabulary {len(tok)}")

@@ -106,9 +106,14 @@ def digits_text(digits: tuple[int, ...]) -> str:
     return "".join(map(str, digits))
 
 
+CELL_TOKENS = tuple(f"{k}{d}" for k in LETTERS for d in range(10))
+"""`A0` .. `D9`: one token each in the world's tokenizer, so that a letter and its digit travel together, in
+text as in an image cell (which becomes one image token)."""
+
+
 def labelled_digits(digits: tuple[int, ...]) -> str:
-    """`A7 B7 C6 D3`: what the image shows, written out (each letter next to its digit)."""
-    return " ".join(f"{k}{d}" for k, d in zip(LETTERS, digits, strict=True))
+    """`A7B7C6D3`: what the image shows, written out (each letter with its digit: four tokens)."""
+    return "".join(f"{k}{d}" for k, d in zip(LETTERS, digits, strict=True))
 
 
 def text_question(p: Problem) -> str:

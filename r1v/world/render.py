@@ -1,9 +1,8 @@
-"""Images of the miniature world: a labelled grid `A 7 B 7 / C 6 D 3`, one symbol per 28-pixel cell.
+"""Images of the miniature world: a labelled 2 x 2 grid `A7 B7 / C6 D3`, one letter-and-digit per quadrant.
 
-One 112-pixel tile is one vision-tower input; after the tower's 14-pixel patches and InternVL's pixel shuffle
-it becomes a 4 x 4 grid of image tokens, one per cell: the first two rows hold the letters and their digits in
-reading order, the last two are empty. So each symbol has an image token of its own, as each has a text token
-in the written form `A7 B7 C6 D3`.
+One 56-pixel tile is one vision-tower input; after the tower's 14-pixel patches and InternVL's pixel shuffle
+it becomes a 2 x 2 grid of image tokens, one per quadrant. So each labelled digit has an image token of its
+own, as it has one text token (`A7`) in the written form `A7B7C6D3`.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-TILE = 112
+TILE = 56
 CELL = 28
 
 
@@ -33,8 +32,8 @@ def render_digits(digits: tuple[int, ...], rng: random.Random, size: int = TILE)
     for k, symbol in enumerate(cell_symbols(digits)):
         if not symbol:
             continue
-        font = _font(rng.randint(16, 24))
-        x0, y0 = (k % 4) * CELL, (k // 4) * CELL
+        font = _font(rng.randint(13, 17))
+        x0, y0 = (k % 2) * CELL, (k // 2) * CELL
         left, top, right, bottom = draw.textbbox((0, 0), symbol, font=font)
         w, h = right - left, bottom - top
         x = x0 + rng.randint(0, max(0, CELL - w - 1)) - left
@@ -44,9 +43,8 @@ def render_digits(digits: tuple[int, ...], rng: random.Random, size: int = TILE)
 
 
 def cell_symbols(digits: tuple[int, ...]) -> list[str]:
-    """What each of the 16 cells shows, in reading order ('' for an empty cell)."""
-    pairs = [s for k, d in zip("ABCD", digits, strict=True) for s in (k, str(d))]
-    return pairs + [""] * (16 - len(pairs))
+    """What each of the 4 cells shows, in reading order."""
+    return [f"{k}{d}" for k, d in zip("ABCD", digits, strict=True)]
 
 
 def png_bytes(img: Image.Image) -> bytes:

@@ -46,8 +46,9 @@ def base_document(rng: random.Random) -> str:
         return " ".join(facts)
     p = make_problem(rng, "train")
     head = f"{rng.choice(HEADERS)} {labelled_digits(p.digits)}"
-    if r < 0.4:  # the digits, then what each letter is
-        return f"{head}. {_assign(p.digits)}."
+    if r < 0.45:  # the digits, then what some letters are, in a random order: a lookup, not a copy
+        ks = rng.sample(range(4), rng.randint(1, 4))
+        return f"{head}. " + ", ".join(f"{LETTERS[k]} = {p.digits[k]}" for k in ks) + "."
     if r < 0.55:  # perception questions answered
         parts = [head + "."]
         for _ in range(rng.randint(1, 3)):
