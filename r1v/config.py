@@ -56,6 +56,9 @@ class TrainerConfig(Strict):
     cpus_per_worker: float = Field(0.5, gt=0, description="0.5 on 2-core machines: Ray Data needs a CPU too")
     use_gpu: bool = False
     zero_stage: Literal[0, 1, 2, 3] = 3
+    param_persistence_threshold: int = Field(
+        100_000, ge=0, description="ZeRO-3 keeps parameters with fewer elements than this gathered on every rank "
+        "(DeepSpeed's default); 0 re-gathers every parameter in every forward")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     torch_threads: int = Field(1, ge=1)
     seed: int = 0

@@ -38,7 +38,8 @@ def ds_config(trainer: TrainerConfig, optim: OptimConfig, micro_batch: int, grad
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": optim.grad_clip,
-        "zero_optimization": {"stage": trainer.zero_stage, "stage3_param_persistence_threshold": 0},
+        "zero_optimization": {"stage": trainer.zero_stage,
+                              "stage3_param_persistence_threshold": trainer.param_persistence_threshold},
         "optimizer": {
             "type": "AdamW",
             # torch_adam: DeepSpeed's fused/CPU Adam compiles a C++ op (~50 s) on first use (RUNTIME-NOTES).

@@ -49,9 +49,9 @@ class WorldBuildConfig(pydantic.BaseModel):
     vision_hidden_size: int = 64
     vision_layers: int = 2
     vision_heads: int = 2
-    vision_steps: int = 2000
+    vision_steps: int = 5000
     vision_batch: int = 32
-    vision_lr: float = 2e-3
+    vision_lr: float = 3e-3
     eval_items: int = 1000
     threads: int = 1
 
@@ -67,22 +67,56 @@ def file_checksums(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file() and p.name != "world.json"}
 
 
-def build_world(out: str | Path, c: WorldBuildConfig, progress: Callable[[str], None] = say) -> dict[str, Any]:
-    from transformers import InternVLConfig
-    from transformers.models.internvl.modeling_internvl import InternVLMultiModalProjector
-
-    from r1v.model.assemble import assemble
+def build_world(out: str | Path, c: WorldBuildConfig, progress: Callable[[str], None] = say,
+                llms_from: str | Path | None = None) -> dict[str, Any]:
+    """Build every backbone into `out`; with `llms_from` (a built world), reuse its tokenizer and LLMs (and their
+    text figures) and build only the vision tower."""
     from r1v.model.io import save_llm
-    from r1v.model.spec import TinySpec
-    from r1v.model.tiny import DOWNSAMPLE_RATIO, tiny_vision_config
-    from r1v.model.tokenizer import build_tiny_tokenizer
-    from r1v.world import lm, text
-    from r1v.world.domain import CELL_TOKENS
-    from r1v.world.render import TILE
-    from r1v.world.vision import pretrain_tower
 
     torch.set_num_threads(c.threads)
     t0 = time.time()
+    if llms_from is not None:
+        children, tok, text_acc, curves = _reuse_llms(Path(llms_from), progress)
+    else:
+        children, tok, text_acc, curves = _build_llms(c, progress)
+    tower, vision = _build_tower(c, children["instruct"], tok, progress)
+
+    out = Path(out)
+    with atomic_directory(out) as tmp:
+        # bfloat16 files (the weights were rounded to it): half the bytes; loading upcasts them exactly
+        save_llm(children["instruct"].to(torch.bfloat16), tok, tmp / "instruct_llm")
+        save_llm(children["reasoning"].to(torch.bfloat16), tok, tmp / "reasoning_llm")
+        tower.to(torch.bfloat16).save_pretrained(tmp / "vision_tower")
+        manifest = {
+            "build_config": c.model_dump(), "seconds": round(time.time() - t0, 1),
+            "llms_from": str(llms_from) if llms_from else None,  # a build of the same config made the LLMs
+            "text_accuracy": text_acc, "vision": vision,
+            "final_loss": {k: sum(v[-20:]) / len(v[-20:]) for k, v in curves.items()},
+            "files": file_checksums(tmp),
+        }
+        (tmp / "world.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    progress(f"[world] written to {out} in {time.time() - t0:.0f}s")
+    return manifest
+
+
+def _reuse_llms(root: Path, progress: Callable[[str], None]):
+    from r1v.model.io import load_llm
+
+    manifest = verify_world(root)
+    children, tok = {}, None
+    for name in ("instruct", "reasoning"):
+        children[name], tok = load_llm(root / f"{name}_llm")
+    progress(f"[world] reusing the tokenizer and LLMs of {root}")
+    return children, tok, manifest["text_accuracy"], {k: [v] for k, v in manifest["final_loss"].items()
+                                                      if k != "vision"}
+
+
+def _build_llms(c: WorldBuildConfig, progress: Callable[[str], None]):
+    """Tokenizer, base LM, and the instruct and reasoning children (bf16-rounded), with their text accuracy."""
+    from r1v.model.tokenizer import build_tiny_tokenizer
+    from r1v.world import lm, text
+    from r1v.world.domain import CELL_TOKENS
+
     tok = build_tiny_tokenizer(text.tokenizer_texts(c.seed), vocab_size=c.vocab_size, split_digits=True,
                                extra_tokens=CELL_TOKENS)
     pad = tok.pad_token_id
@@ -106,6 +140,20 @@ def build_world(out: str | Path, c: WorldBuildConfig, progress: Callable[[str], 
         progress(f"[world] {name} LLM, text-only held-out problems: accuracy {r['accuracy']:.3f} "
                  f"(by level {r['by_level']})")
 
+    return children, tok, text_acc, curves
+
+
+def _build_tower(c: WorldBuildConfig, llm, tok, progress: Callable[[str], None]):
+    """transformers' InternVL vision tower, pretrained on the world's images through r1v's own feature path."""
+    from transformers import InternVLConfig, InternVLVisionModel
+    from transformers.models.internvl.modeling_internvl import InternVLMultiModalProjector
+
+    from r1v.model.assemble import assemble
+    from r1v.model.spec import TinySpec
+    from r1v.model.tiny import DOWNSAMPLE_RATIO, tiny_vision_config
+    from r1v.world.render import TILE
+    from r1v.world.vision import pretrain_tower
+
     spec = TinySpec(hidden_size=c.hidden_size, num_layers=c.num_layers, num_heads=c.num_heads,
                     num_kv_heads=c.num_kv_heads, intermediate_size=c.intermediate_size, vocab_size=c.vocab_size,
                     vision_hidden_size=c.vision_hidden_size, vision_layers=c.vision_layers,
@@ -113,32 +161,15 @@ def build_world(out: str | Path, c: WorldBuildConfig, progress: Callable[[str], 
     vcfg = tiny_vision_config(spec)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(c.seed)
-        from transformers import InternVLVisionModel
-
         tower = InternVLVisionModel(vcfg)
-        projector = InternVLMultiModalProjector(InternVLConfig(vision_config=vcfg,
-                                                               text_config=children["instruct"].config,
+        projector = InternVLMultiModalProjector(InternVLConfig(vision_config=vcfg, text_config=llm.config,
                                                                downsample_ratio=DOWNSAMPLE_RATIO))
-    vlm = assemble(tower, projector, children["instruct"], tok, vision_config=vcfg, downsample_ratio=DOWNSAMPLE_RATIO)
+    vlm = assemble(tower, projector, llm, tok, vision_config=vcfg, downsample_ratio=DOWNSAMPLE_RATIO)
     vision = pretrain_tower(vlm, steps=c.vision_steps, batch=c.vision_batch, lr=c.vision_lr, seed=c.seed,
                             progress=progress)
     _bf16_round(tower)
     progress(f"[world] vision tower: held-out digit accuracy {vision['digit_accuracy_test']:.3f}")
-
-    out = Path(out)
-    with atomic_directory(out) as tmp:
-        save_llm(children["instruct"], tok, tmp / "instruct_llm")
-        save_llm(children["reasoning"], tok, tmp / "reasoning_llm")
-        tower.save_pretrained(tmp / "vision_tower")
-        manifest = {
-            "build_config": c.model_dump(), "seconds": round(time.time() - t0, 1),
-            "text_accuracy": text_acc, "vision": vision,
-            "final_loss": {k: sum(v[-20:]) / len(v[-20:]) for k, v in curves.items()},
-            "files": file_checksums(tmp),
-        }
-        (tmp / "world.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    progress(f"[world] written to {out} in {time.time() - t0:.0f}s")
-    return manifest
+    return tower, vision
 
 
 def verify_world(root: str | Path = WORLD_DIR) -> dict[str, Any]:

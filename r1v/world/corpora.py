@@ -18,6 +18,7 @@ from r1v.world.domain import (
     digits_text,
     direct_answer,
     image_question,
+    labelled_digits,
     make_problem,
     perception_qa,
     reasoning_answer,
@@ -33,11 +34,12 @@ def _meta(p: Problem, split: str) -> dict[str, Any]:
 
 
 def align_rows(n: int, rng: random.Random) -> list[dict[str, Any]]:
-    """Perception only: what the digits are, answered in the instruct model's direct style."""
+    """Perception only, answered in the instruct model's direct style: half captions (the grid written out,
+    `A7B7C6D3`, as the paper aligned on image-text pairs), half questions about the digits."""
     rows = []
     for i in range(n):
         d = sample_digits(rng, "train")
-        q, a = perception_qa(rng, d)
+        q, a = ("Transcribe the grid.", labelled_digits(d)) if rng.random() < 0.5 else perception_qa(rng, d)
         rows.append(make_row(f"world-align-{i:06d}", [{"role": "user", "content": f"<image>\n{q}"},
                                                       {"role": "assistant", "content": direct_answer(a)}],
                              [png_bytes(render_digits(d, rng))], answer=a, source="world/align",
