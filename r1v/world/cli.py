@@ -7,16 +7,15 @@ import json
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from r1v.config import apply_overrides
+    from pydantic import ValidationError
+
+    from r1v.config import ConfigError, _format_errors, apply_overrides
     from r1v.world.build import WorldBuildConfig, build_world
 
-    raw = apply_overrides({}, args.overrides)
     try:
-        c = WorldBuildConfig.model_validate(raw)
-    except Exception as e:  # pydantic's message names the field
-        from r1v.config import ConfigError
-
-        raise ConfigError(f"world build config: {e}") from None
+        c = WorldBuildConfig.model_validate(apply_overrides({}, args.overrides))
+    except ValidationError as e:
+        raise ConfigError(_format_errors("r1v world build", "", e)) from None
     manifest = build_world(args.out, c)
     print(json.dumps({k: manifest[k] for k in ("text_accuracy", "vision", "seconds")}, indent=2))
     return 0
