@@ -65,3 +65,18 @@ def test_substitute_vlm_is_the_shipped_tower_and_instruct_llm(tmp_path) -> None:
     vlm1, _ = load_model(other["model"])
     assert not torch.equal(vlm.model.multi_modal_projector.linear_1.weight,
                            vlm1.model.multi_modal_projector.linear_1.weight)
+
+
+def test_world_build_command_writes_a_verifiable_world_and_names_bad_keys(tmp_path, capsys) -> None:
+    from r1v.cli import main
+
+    out = tmp_path / "w"
+    small = ["base_steps=3", "child_steps=3", "vision_steps=3", "eval_items=6", "base_batch=2", "child_batch=2",
+             "vision_batch=2"]
+    assert main(["world", "build", "--out", str(out), *small]) == 0
+    manifest = verify_world(out)
+    assert manifest["build_config"]["base_steps"] == 3 and manifest["text_accuracy"]["reasoning"]["n"] == 6
+    assert {"instruct_llm/model.safetensors", "reasoning_llm/model.safetensors",
+            "vision_tower/model.safetensors"} <= set(manifest["files"])
+    assert main(["world", "build", "--out", str(tmp_path / "x"), "base_stepz=3"]) == 2
+    assert "base_stepz" in capsys.readouterr().err
