@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -83,7 +83,7 @@ def train_lm(model: Qwen2ForCausalLM, examples: Callable[[random.Random], dict[s
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(out.loss))
+        losses.append(float(out.loss.detach()))
         if (step + 1) % max(1, steps // 10) == 0 or step + 1 == steps:
             recent = sum(losses[-20:]) / len(losses[-20:])
             progress(f"[world] {desc}: step {step + 1}/{steps}, loss {recent:.3f}, {time.time() - t0:.0f}s")
@@ -117,8 +117,3 @@ def greedy_text_accuracy(model: Qwen2ForCausalLM, tok: PreTrainedTokenizerBase, 
         by_level.setdefault(p.level, []).append(c)
     return {"accuracy": sum(correct) / len(correct), "n": len(correct),
             "by_level": {str(lv): sum(v) / len(v) for lv, v in sorted(by_level.items())}}
-
-
-def batches_forever(fn: Callable[[random.Random], Any], rng: random.Random) -> Iterator[Any]:
-    while True:
-        yield fn(rng)
