@@ -3,8 +3,9 @@
 The shipped backbones (r1v/world/backbones) were made by `r1v world build`; this script reruns that build
 (same config from the shipped world.json unless overridden; minutes on 2 cores) into a temporary directory
 and prints both builds' figures: text accuracy of the instruct and reasoning LLMs on held-out problems (by
-level) and the vision tower's held-out digit accuracy. It exits 1 when the rebuilt world misses the documented
-floors (reasoning text accuracy >= 0.6 and at least 0.2 above instruct; digit accuracy >= 0.95).
+level) and the vision tower's held-out digit accuracy. It exits 1 when the rebuilt world does not reach the
+documented (shipped) figures: reasoning text accuracy at least the shipped one minus 0.05, at least 0.2 above
+the rebuilt instruct LLM, and digit accuracy >= 0.95.
 
     python bench/world_build.py [--out DIR] [key=value build overrides ...]
 """
@@ -39,7 +40,7 @@ def main() -> int:
     print(f"{'vision tower, digit accuracy':<34}{va:>10.3f}{vb:>10.3f}")
     print(f"{'build seconds':<34}{shipped['seconds']:>10.0f}{rebuilt['seconds']:>10.0f}")
     r, i = rebuilt["text_accuracy"]["reasoning"]["accuracy"], rebuilt["text_accuracy"]["instruct"]["accuracy"]
-    ok = r >= 0.6 and r - i >= 0.2 and vb >= 0.95
+    ok = r >= shipped["text_accuracy"]["reasoning"]["accuracy"] - 0.05 and r - i >= 0.2 and vb >= 0.95
     print(json.dumps({"rebuilt_at": out, "meets_floors": ok}))
     return 0 if ok else 1
 
