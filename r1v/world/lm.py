@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from transformers import PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
+from transformers import PreTrainedTokenizerBase, Qwen2ForCausalLM
 
 from r1v.data.prompt import IGNORE_INDEX, encode_prompt, encode_sft
 from r1v.model.tokens import PAD
@@ -28,15 +28,13 @@ def say(text: str) -> None:
 
 def build_lm(tok: PreTrainedTokenizerBase, hidden: int, layers: int, heads: int, kv_heads: int,
              intermediate: int, seed: int) -> Qwen2ForCausalLM:
-    config = Qwen2Config(
-        vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
-        tie_word_embeddings=False, bos_token_id=None, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.convert_tokens_to_ids(PAD), rope_theta=10000.0,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return Qwen2ForCausalLM(config)
+    """A fresh Qwen2 of the world's size: r1v's tiny-model factory, with a 512-token context."""
+    from r1v.model.spec import TinySpec
+    from r1v.model.tiny import build_tiny_llm
+
+    spec = TinySpec(hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads,
+                    intermediate_size=intermediate, vocab_size=len(tok), max_position_embeddings=512, seed=seed)
+    return build_tiny_llm(spec, tok)
 
 
 def document_example(tok: PreTrainedTokenizerBase, text: str) -> dict[str, list[int]]:
