@@ -57,7 +57,7 @@ def pretrain_tower(vlm: InternVLForConditionalGeneration, *, steps: int, batch: 
         opt.zero_grad(set_to_none=True)
         accs.append(float((logits.argmax(-1) == digits).float().mean()))
         if (step + 1) % max(1, steps // 10) == 0 or step + 1 == steps:
-            progress(f"[world] vision tower: step {step + 1}/{steps}, loss {float(loss):.3f}, "
+            progress(f"[world] vision tower: step {step + 1}/{steps}, loss {float(loss.detach()):.3f}, "
                      f"cell accuracy {np.mean(accs[-20:]):.3f}, {time.time() - t0:.0f}s")
     tower.eval()
     with torch.no_grad():
