@@ -37,10 +37,10 @@ class WorldBuildConfig(pydantic.BaseModel):
     num_heads: int = 2
     num_kv_heads: int = 2
     intermediate_size: int = 512
-    base_steps: int = 800
+    base_steps: int = 2400
     base_batch: int = 48
     base_lr: float = 3e-3
-    child_steps: int = 500
+    child_steps: int = 1200
     child_batch: int = 48
     child_lr: float = 1e-3
     freeze_child_embeddings: bool = pydantic.Field(

@@ -15,6 +15,8 @@ import hashlib
 import random
 from dataclasses import dataclass
 
+from r1v.model.tokens import IMG_END, IMG_START
+
 LETTERS = ("A", "B", "C", "D")
 TEST_FRACTION_PERMILLE = 200  # 20% of the 10,000 digit tuples are held out
 
@@ -116,9 +118,17 @@ def labelled_digits(digits: tuple[int, ...]) -> str:
     return "".join(f"{k}{d}" for k, d in zip(LETTERS, digits, strict=True))
 
 
+def grid_text(digits: tuple[int, ...]) -> str:
+    """`<img>A7B7C6D3</img>`: the grid written out inside the image's own delimiters, token for token where the
+    image form has `<img>`, its four image tokens and `</img>`. The LLMs read grids in this frame from
+    pretraining on, so a projector that writes the cells' embeddings gives the reasoning LLM its text input
+    (with a bare `Grid: ` frame instead, such a perfect projector scored 0.41 against 0.92 on text)."""
+    return f"{IMG_START}{labelled_digits(digits)}{IMG_END}"
+
+
 def text_question(p: Problem) -> str:
     """The text-only form of a problem: the labelled digits written out where the image would be."""
-    return f"Grid: {labelled_digits(p.digits)}\n{p.question()}"
+    return f"{grid_text(p.digits)}\n{p.question()}"
 
 
 def image_question(p: Problem) -> str:
@@ -139,7 +149,9 @@ def direct_answer(answer: object) -> str:
 def perception_qa(rng: random.Random, digits: tuple[int, ...]) -> tuple[str, str]:
     """A question about what the digits are (no arithmetic), and its answer."""
     kind = rng.random()
-    if kind < 0.4:
+    if kind < 0.3:  # a caption: the grid transcribed, as image-text pairs describe their image
+        return "Transcribe the grid.", labelled_digits(digits)
+    if kind < 0.5:
         return "List the digits.", digits_text(digits)
     if kind < 0.8:
         k = rng.randrange(4)

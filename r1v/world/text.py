@@ -16,6 +16,7 @@ from r1v.world.domain import (
     LETTERS,
     Problem,
     direct_answer,
+    grid_text,
     labelled_digits,
     make_problem,
     perception_qa,
@@ -45,7 +46,8 @@ def base_document(rng: random.Random) -> str:
                 facts.append(f"{x} + {y} = {x + y}." if rng.random() < 0.6 else f"{x} - {y} = {x - y}.")
         return " ".join(facts)
     p = make_problem(rng, "train")
-    head = f"{rng.choice(HEADERS)} {labelled_digits(p.digits)}"
+    # half the documents frame the grid as the VLM's prompts do (`<img>A7B7C6D3</img>`), half under a header
+    head = grid_text(p.digits) if rng.random() < 0.5 else f"{rng.choice(HEADERS)} {labelled_digits(p.digits)}"
     if r < 0.45:  # the digits, then what some letters are, in a random order: a lookup, not a copy
         ks = rng.sample(range(4), rng.randint(1, 4))
         return f"{head}. " + ", ".join(f"{LETTERS[k]} = {p.digits[k]}" for k in ks) + "."
@@ -65,7 +67,7 @@ def instruct_chat(rng: random.Random, p_perception: float = 0.3) -> list[dict[st
     p = make_problem(rng, "train")
     if rng.random() < p_perception:
         q, a = perception_qa(rng, p.digits)
-        return [{"role": "user", "content": f"Grid: {labelled_digits(p.digits)}\n{q}"},
+        return [{"role": "user", "content": f"{grid_text(p.digits)}\n{q}"},
                 {"role": "assistant", "content": direct_answer(a)}]
     return [{"role": "user", "content": text_question(p)},
             {"role": "assistant", "content": direct_answer(p.answer)}]
@@ -76,7 +78,7 @@ def reasoning_chat(rng: random.Random, p_perception: float = 0.1) -> list[dict[s
     p = make_problem(rng, "train")
     if rng.random() < p_perception:
         q, a = perception_qa(rng, p.digits)
-        return [{"role": "user", "content": f"Grid: {labelled_digits(p.digits)}\n{q}"},
+        return [{"role": "user", "content": f"{grid_text(p.digits)}\n{q}"},
                 {"role": "assistant", "content": f"<think>\n{_assign(p.digits)}.\n</think>\nAnswer: \\boxed{{{a}}}"}]
     return [{"role": "user", "content": text_question(p)},
             {"role": "assistant", "content": reasoning_answer(p)}]
@@ -96,4 +98,4 @@ def tokenizer_texts(seed: int = 0, n: int = 3000) -> Iterator[str]:
     for _ in range(n // 3):
         for m in instruct_chat(rng) + reasoning_chat(rng):
             yield m["content"]
-    yield f"Grid: {labelled_digits(sample_digits(rng, 'train'))}"
+    yield grid_text(sample_digits(rng, 'train'))

@@ -38,7 +38,7 @@ def test_split_is_fixed_and_about_a_fifth_is_held_out() -> None:
 
 
 def test_text_question_writes_the_digits_out() -> None:
-    assert text_question(Problem((0, 1, 2, 3), "A + B", 1)) == "Grid: A0B1C2D3\nCompute A + B."
+    assert text_question(Problem((0, 1, 2, 3), "A + B", 1)) == "<img>A0B1C2D3</img>\nCompute A + B."
 
 
 def test_render_is_seeded_and_digits_differ_by_quadrant() -> None:
