@@ -169,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_grade_parser(ev_sub)
     add_run_parser(ev_sub)
     add_world_parser(sub)
+    from r1v.model.cli import add_model_parser
+
+    add_model_parser(sub)
+    from r1v.plan import add_plan_parser
+
+    add_plan_parser(sub)
     return p
 
 

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from r1v.model.spec import TinySpec
+from r1v.plan_arch import PlanConfig
 from r1v.registry import Registry
 
 
@@ -124,6 +125,17 @@ class ReassembleConfig(Strict):
     llm: str = Field(description="causal LM directory that replaces the VLM's language model")
 
 
+@STAGE_CONFIGS.register("model.assemble")
+class AssembleConfig(Strict):
+    """A VLM from real parts: a vision tower (and maybe its projector) and a reasoning LLM."""
+
+    vision: str = Field(description="InternVL-chat or HF InternVL checkpoint: its vision tower (and projector)")
+    llm: str = Field(description="local HF Qwen2 causal LM directory (the DeepSeek-R1-Distill-Qwen layout)")
+    projector: Literal["fresh", "from_vision"] = "fresh"
+    seed: int = 0
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"
+
+
 @STAGE_CONFIGS.register("sft")
 class SFTConfig(Strict):
     model: str
@@ -182,6 +194,17 @@ class GRPOConfig(Strict):
             raise ValueError("at least one reward is needed")
         return v
 
+    @model_validator(mode="after")
+    def _kl_needs_frozen_backbones(self) -> GRPOConfig:
+        # The KL reference is the frozen vision tower and LLM plus a copy of the starting projector: it is only
+        # the starting policy while the backbones do not train. No frozen copy of a trained backbone is kept.
+        moving = sorted(set(self.trainable) - {"projector"})
+        if self.kl_coef > 0 and moving:
+            raise ValueError(f"kl_coef {self.kl_coef} > 0 with trainable {moving}: the KL reference keeps only the "
+                             "starting projector and shares the backbones with the policy, so it would drift "
+                             "with them; set kl_coef: 0 or train the projector only")
+        return self
+
 
 @STAGE_CONFIGS.register("eval")
 class EvalConfig(Strict):
@@ -235,6 +258,15 @@ class WorkflowConfig(Strict):
     ray: RayConfig = RayConfig()
     seed: int | None = Field(None, description="when set, reseeds every stage: see `reseed`")
     stages: dict[str, StageSpec]
+    plan: PlanConfig | None = Field(None, description="architectures and assumptions for `r1v plan`; "
+                                    "`r1v run` ignores it")
+
+    @field_validator("plan")
+    @classmethod
+    def _plan_names_stages(cls, v: PlanConfig | None, info: Any) -> PlanConfig | None:
+        if v is not None and "stages" in info.data:
+            v.check_stages({name: s.kind for name, s in info.data["stages"].items()})
+        return v
 
 
 class Workflow(BaseModel):

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import r1v.data.import_stage  # noqa: F401  (registers data.import)
+import r1v.model.assemble_stage  # noqa: F401  (registers model.assemble)
 import r1v.world.stages  # noqa: F401  (registers data.world, model.world)
 from r1v.config import (
     EvalConfig,
@@ -61,13 +62,21 @@ def reassemble_stage(ctx: StageContext, c: ReassembleConfig) -> dict[str, Any]:
     return {"model": str(out)}
 
 
+def _hf_model(c: Any) -> Any:
+    """`c` with its `model` in the HF layout: an InternVL-chat / Skywork-R1V checkpoint is converted once, here in
+    the driver, so that workers and engines never race to convert it."""
+    from r1v.model.convert import hf_view
+
+    return c.model_copy(update={"model": str(hf_view(c.model))})
+
+
 @STAGES.register("sft")
 def sft_stage(ctx: StageContext, c: SFTConfig) -> dict[str, Any]:
     from r1v.train.sft import train_sft
 
     if ctx.attempt > 1:
         ctx.event("resuming", attempt=ctx.attempt)
-    res = train_sft(c, ctx.stage_dir, ctx.tracking_uri, ctx.mlflow_run_id)
+    res = train_sft(_hf_model(c), ctx.stage_dir, ctx.tracking_uri, ctx.mlflow_run_id)
     for cnt in res["counts"]:
         ctx.log.dict(cnt, f"counts/epoch-{cnt['epoch']}.json")
     quarantine = ctx.stage_dir / "quarantine"
@@ -81,7 +90,7 @@ def grpo_stage(ctx: StageContext, c: GRPOConfig) -> dict[str, Any]:
 
     if ctx.attempt > 1:
         ctx.event("resuming", attempt=ctx.attempt)
-    res = train_grpo(c, ctx.stage_dir, ctx.tracking_uri, ctx.mlflow_run_id)
+    res = train_grpo(_hf_model(c), ctx.stage_dir, ctx.tracking_uri, ctx.mlflow_run_id)
     return {"model": str(res["model"])}
 
 
@@ -89,5 +98,5 @@ def grpo_stage(ctx: StageContext, c: GRPOConfig) -> dict[str, Any]:
 def eval_stage(ctx: StageContext, c: EvalConfig) -> dict[str, Any]:
     from r1v.eval.stage import run_eval
 
-    res = run_eval(c, ctx.stage_dir, ctx.log)
+    res = run_eval(_hf_model(c), ctx.stage_dir, ctx.log)
     return {"predictions": str(res["predictions"]), "summary": str(res["summary"])}

@@ -40,8 +40,11 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path:
 def load_model(
     path: str | os.PathLike, dtype: torch.dtype = torch.float32
 ) -> tuple[InternVLForConditionalGeneration, PreTrainedTokenizerBase]:
-    """Load a VLM saved by `save_model` (local files only) in eval mode."""
-    p = _require_dir(path)
+    """Load a VLM saved by `save_model` (local files only) in eval mode; an InternVL-chat / Skywork-R1V
+    checkpoint is converted to the HF layout first (once, cached beside it: `r1v.model.convert.hf_view`)."""
+    from r1v.model.convert import hf_view
+
+    p = hf_view(_require_dir(path))
     model = InternVLForConditionalGeneration.from_pretrained(p, dtype=dtype, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
     return model.eval(), tokenizer

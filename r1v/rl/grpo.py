@@ -2,10 +2,10 @@
 
 One step, on every worker (each owns a slice of the prompts, all G samples of a prompt stay on one worker):
   1. ask its rollout engine for G samples of each of its prompts;
-  2. score rewards, compute group advantages;
-  3. vision features once per prompt (frozen tower), reused by the old, reference and policy passes;
-  4. old log-probs (current policy) and reference log-probs (frozen backbones + the *starting* projector);
-  5. clipped-surrogate (+ optional k3 KL) updates;
+  2-5. `r1v.rl.update.grpo_update`, which needs no Ray: score rewards, compute group advantages; vision
+     features once per prompt (frozen tower), reused by the old, reference and policy passes; old log-probs
+     (current policy) and reference log-probs (frozen backbones + the *starting* projector); clipped-surrogate
+     (+ optional k3 KL) updates;
   6. gather the trainable tensors; rank 0 pushes them to every engine before the next rollout.
 
 Prompts are taken in passes over the worker's slice, each pass in a permutation seeded by (seed, pass, rank):
@@ -15,21 +15,19 @@ prompts as one that never stopped. The policy loss is a token mean over the resp
 
 from __future__ import annotations
 
-import copy
 import functools
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from r1v.config import GRPOConfig
-from r1v.data.collate import tiles_from_bytes
-from r1v.rl.algos import ADVANTAGES, KL_ESTIMATORS, POLICY_LOSSES, masked_mean, token_logprobs
 from r1v.rl.engines import Request
-from r1v.rl.rewards import load_reward_modules, score
+from r1v.rl.rewards import load_reward_modules
+from r1v.rl.update import RolloutBatch, grpo_update, reference_projector
 from r1v.train import checkpoint
+from r1v.train.device import engine_device, engine_dtype
 from r1v.train.engine import all_reduce_sum, barrier, export_model, init_engine, named_tensors
 from r1v.train.launch import setup_worker
 
@@ -64,40 +62,12 @@ def step_prompts(n: int, step: int, per_step: int, seed: int, rank: int, shuffle
     return out
 
 
-def build_batch(prompts: list[dict[str, Any]], comps: list[list[Any]], pad_id: int
-                ) -> dict[str, torch.Tensor]:
-    """Right-padded prompt+response rows, in prompt-major order, with a mask over response targets."""
-    seqs, resp_start = [], []
-    for p, group in zip(prompts, comps, strict=True):
-        for comp in group:
-            seqs.append(list(p["input_ids"]) + list(comp.token_ids))
-            resp_start.append(len(p["input_ids"]))
-    longest = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), longest), pad_id, dtype=torch.long)
-    attn = torch.zeros_like(ids)
-    resp = torch.zeros((len(seqs), longest - 1), dtype=torch.float32)  # over shifted targets
-    for i, (s, st) in enumerate(zip(seqs, resp_start, strict=True)):
-        ids[i, : len(s)] = torch.tensor(s)
-        attn[i, : len(s)] = 1
-        resp[i, st - 1 : len(s) - 1] = 1.0
-    return {"input_ids": ids, "attention_mask": attn, "response_mask": resp}
-
-
-def sequence_logprobs(model, batch: dict[str, torch.Tensor], features: torch.Tensor, temperature: float,
-                      projector: torch.nn.Module | None = None) -> torch.Tensor:
-    from r1v.model.forward import multimodal_logits
-
-    logits = multimodal_logits(model, batch["input_ids"], batch["attention_mask"], projector=projector,
-                               features=features)
-    return token_logprobs(logits[:, :-1], batch["input_ids"][:, 1:], temperature)
-
-
 def grpo_loop(cfg: dict[str, Any]) -> None:
-    """Ray Train worker function."""
+    """Ray Train worker function: Ray brings the prompts' completions (rollout actors) and the checkpoints; the
+    update itself is `r1v.rl.update.grpo_update`, which runs without Ray."""
     import ray
 
     from r1v.model.assemble import tile_size
-    from r1v.model.forward import vision_features
     from r1v.model.freeze import apply_freeze
     from r1v.model.io import load_model
     from r1v.tracking import RunLogger
@@ -110,15 +80,14 @@ def grpo_loop(cfg: dict[str, Any]) -> None:
     rollout = engines[rank % len(engines)]
     prompts, bad = load_prompts(c, rank, world)
     model, tok = load_model(c.model)
-    ref_projector = copy.deepcopy(model.model.multi_modal_projector).requires_grad_(False).eval()
     counts = apply_freeze(model, c.trainable)
     engine = init_engine(model, c.trainer, c.optim, c.steps * c.ppo_epochs, c.prompts_per_step * c.group_size)
+    # The KL reference: frozen backbones + the projector as it starts, on the engine's device and in its dtype.
+    ref_projector = (reference_projector(engine.module, engine_device(engine), engine_dtype(engine))
+                     if c.kl_coef > 0 else None)
     state = checkpoint.restore(engine, rank) or {"step": 0}
     module = engine.module
-    adv_fn, loss_fn, kl_fn = ADVANTAGES.get(c.advantage), POLICY_LOSSES.get(c.policy_loss), KL_ESTIMATORS.get(
-        c.kl_estimator)
     tile = tile_size(model)
-    temp = c.sampling.temperature if c.sampling.temperature > 0 else 1.0
     quarantined = sum(all_reduce_sum([float(len(bad))]))
     if rank == 0:
         log.params({"trainable_params": counts})
@@ -140,37 +109,13 @@ def grpo_loop(cfg: dict[str, Any]) -> None:
         comps = ray.get(rollout.generate.remote(reqs, c.sampling.model_dump(), c.group_size,
                                                 c.trainer.seed * 100_003 + step * 1009 + rank))
         t_gen = time.time() - t0
-        flat = [cp for g in comps for cp in g]
-        samples = [p for p in batch_prompts for _ in range(c.group_size)]
-        total, per = score([cp.text for cp in flat], samples, c.rewards)
-        rewards = torch.tensor(total, dtype=torch.float32).view(len(batch_prompts), c.group_size)
-        adv = adv_fn(rewards).reshape(-1)
-        batch = build_batch(batch_prompts, comps, tok.pad_token_id)
-        mask = batch["response_mask"]
-        pixels = torch.from_numpy(np.concatenate([  # uint8: vision_features normalises next to the model
-            tiles_from_bytes(p["pixel_values"], p["n_tiles"], tile) for p in batch_prompts]))
-        with torch.set_grad_enabled("vision" in c.trainable):
-            feats = vision_features(module, pixels)
-        per_prompt = torch.split(feats, [p["n_tiles"] for p in batch_prompts])
-        feats_rep = torch.cat([f for f in per_prompt for _ in range(c.group_size)])
-        with torch.no_grad():
-            old = sequence_logprobs(module, batch, feats_rep, temp)
-            ref = sequence_logprobs(module, batch, feats_rep, temp, ref_projector) if c.kl_coef > 0 else None
-        stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0}
-        # Token means over every rank's response tokens: DeepSpeed averages gradients over ranks, hence / world.
-        tokens = all_reduce_sum([float(mask.sum())])[0] / world
-        for _ in range(c.ppo_epochs):
-            logp = sequence_logprobs(module, batch, feats_rep, temp)
-            pg, clip_frac = loss_fn(logp, old, adv, mask, c.clip_eps, tokens=tokens)
-            kl = masked_mean(kl_fn(logp, ref), mask, tokens) if ref is not None else torch.zeros(())
-            loss = pg + c.kl_coef * kl
-            engine.backward(loss)
-            engine.step()
-            stats = {"loss": float(loss.detach()), "kl": float(kl.detach()), "clip_frac": float(clip_frac)}
+        rb = RolloutBatch(batch_prompts, comps)
+        out = grpo_update(engine, rb, c, tok.pad_token_id, tile, world, ref_projector)
         push_weights()
+        flat, samples, total, per = rb.flat, rb.samples, out["total"], out["per"]
         n = float(len(flat))
         sums = all_reduce_sum([sum(total), sum(per.get("accuracy", [0.0])), sum(len(cp.token_ids) for cp in flat),
-                               n, stats["loss"], stats["kl"], stats["clip_frac"],
+                               n, out["loss"], out["kl"], out["clip_frac"],
                                float(sum(cp.finished for cp in flat)), t_gen])
         if rank == 0:
             metrics = {"reward": sums[0] / sums[3], "accuracy": sums[1] / sums[3],

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from r1v.config import OptimConfig, TrainerConfig
+from r1v.train.device import collective_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -121,14 +122,15 @@ def barrier() -> None:
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
+    """Element-wise sum over ranks, on the device the process group needs (see `collective_device`)."""
+    t = torch.tensor(values, dtype=torch.float64, device=collective_device())
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
+    return t.cpu().tolist()
 
 
 def all_reduce_max(value: int) -> int:
-    t = torch.tensor([value], dtype=torch.long)
+    t = torch.tensor([value], dtype=torch.long, device=collective_device())
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())

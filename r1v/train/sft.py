@@ -35,6 +35,7 @@ from r1v.data.collate import IGNORE, collate_sft, table_rows
 from r1v.data.packing import collate_packed, token_budget_batches
 from r1v.model.forward import normalize_pixels
 from r1v.train import checkpoint
+from r1v.train.device import engine_device, engine_dtype, to_device
 from r1v.train.engine import all_reduce_max, all_reduce_sum, export_model, gather_objects, init_engine
 from r1v.train.launch import setup_worker
 
@@ -69,6 +70,29 @@ def window_loss(nll_sum: torch.Tensor, window_tokens: float, world: int) -> torc
     short micro-batch (or of a rank with short rows) more than one of a long one.
     """
     return nll_sum / max(window_tokens, 1.0) * world
+
+
+def batch_nll(engine, batch: dict[str, Any], packing: bool) -> torch.Tensor:
+    """Summed label-token NLL of one collated micro-batch, moved to the engine's device first (pixels as uint8:
+    they are normalised there, in the engine's dtype)."""
+    batch = to_device(batch, engine_device(engine))
+    pixels = normalize_pixels(batch["pixel_values"], engine_dtype(engine))
+    if packing:
+        out = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                     pixel_values=pixels)
+    else:
+        out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=pixels)
+    return token_nll(out.logits, batch["labels"])[0]
+
+
+def sft_step(engine, batches: Sequence[dict[str, Any]], packing: bool, world: int) -> tuple[float, float]:
+    """One optimizer step over one accumulation window of collated micro-batches: no Ray involved, so a Ray Train
+    worker and a plain single process (`bench/gpu_step.py`) run the same step. Returns the window's (summed NLL,
+    label tokens) over all ranks."""
+    out = backward_window(engine, batches, lambda b: batch_nll(engine, b, packing),
+                          [label_tokens(b["labels"]) for b in batches], world)
+    engine.step()
+    return out
 
 
 def backward_window(engine, batches: Sequence[Any], nll_fn: Callable[[Any], torch.Tensor], tokens: Sequence[int],
@@ -201,15 +225,6 @@ def sft_loop(cfg: dict[str, Any]) -> None:
             return collate_packed(good, tok.pad_token_id, tile, c.max_tokens)
         return collate_sft(good, tok.pad_token_id, tile)
 
-    def nll_of(batch: dict[str, Any]) -> torch.Tensor:
-        pixels = normalize_pixels(batch["pixel_values"], engine.module.dtype)
-        if c.packing:
-            out = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
-                         pixel_values=pixels)
-        else:
-            out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=pixels)
-        return token_nll(out.logits, batch["labels"])[0]
-
     for epoch in range(state["epoch"], c.epochs):
         if state["step"] >= limit:
             break
@@ -222,9 +237,7 @@ def sft_loop(cfg: dict[str, Any]) -> None:
                 break  # every rank's shard is exhausted
             # The window's micro-batches are formed first: its global token count normalises every one of them.
             batches = [collate(rows) for rows in window + [[]] * (n - len(window))]
-            g_nll, g_tok = backward_window(engine, batches, nll_of, [label_tokens(b["labels"]) for b in batches],
-                                           world)
-            engine.step()
+            g_nll, g_tok = sft_step(engine, batches, c.packing, world)
             state["micro"] += n
             state["step"] += 1
             step = state["step"]

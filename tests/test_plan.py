@@ -1,0 +1,354 @@
+"""`r1v plan` and the 38B recipe: the arithmetic against DeepSpeed's estimators, instantiated models and torch's
+saved tensors; the workflow file; the command's table and its refusals."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from r1v.cli import main
+from r1v.config import STAGE_CONFIGS, ConfigError, EvalConfig, GRPOConfig, SFTConfig, load_workflow
+from r1v.plan import Planner, parse_memory
+from r1v.plan_arch import PRESETS, LLMArch, VLMArch, arch_from_config, arch_from_dir
+from r1v.plan_cost import llm_activations, model_states
+
+ROOT = Path(__file__).resolve().parent.parent
+R1V_38B = ROOT / "workflows" / "r1v-38b.yaml"
+OUTPUTS = {  # what each stage kind returns (r1v.stages and friends): every @stage.output must be one of these
+    "data.import": {"corpus", "quarantine", "report"},
+    "model.assemble": {"model"},
+    "reassemble": {"model"},
+    "sft": {"model", "quarantine"},
+    "grpo": {"model"},
+    "eval": {"predictions", "summary"},
+}
+
+
+# --------------------------------------------------------------------------- arithmetic
+
+
+@pytest.mark.parametrize("n_nodes,per_node", [(1, 1), (1, 8), (8, 8)])
+@pytest.mark.parametrize("params,largest", [(38_392_158_592, 778_567_680), (1_543_714_304, 233_373_696)])
+def test_model_states_equal_deepspeeds_estimators(params, largest, n_nodes, per_node):
+    """All parameters trainable at 16 bits, no offload: the case DeepSpeed's own estimators cover."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    n = n_nodes * per_node
+    _, z3, _ = estimate_zero3_model_states_mem_needs(
+        params, largest, num_gpus_per_node=per_node, num_nodes=n_nodes, cpu_offload=False
+    )
+    _, z2 = estimate_zero2_model_states_mem_needs(
+        params, num_gpus_per_node=per_node, num_nodes=n_nodes, cpu_offload=False
+    )
+    assert sum(model_states(params, params, largest, n, 3, "bfloat16")) == pytest.approx(z3, abs=2)
+    assert sum(model_states(params, params, largest, n, 2, "bfloat16")) == pytest.approx(z2, abs=2)
+
+
+def test_frozen_parameters_have_weights_only():
+    """The R1V case: 38B weights sharded, gradients and Adam states for the 92M projector only."""
+    p, t, big, n = 38_392_158_592, 91_786_240, 778_567_680, 64
+    w, g, o = model_states(p, t, big, n, 3, "bfloat16")
+    assert w == 2 * p / n + 4 * big and g == 4 * t / n and o == 12 * t / n
+    w0, g0, o0 = model_states(p, t, big, n, 0, "bfloat16")
+    assert (w0, g0, o0) == (2 * p, 6 * t, 12 * t)
+    assert model_states(p, t, big, n, 3, "float32") == (4 * p / n + 4 * big, 4 * t / n, 8 * t / n)
+
+
+@pytest.mark.parametrize(
+    "spec_kw",
+    [
+        {},
+        {
+            "num_layers": 3,
+            "hidden_size": 96,
+            "num_heads": 6,
+            "num_kv_heads": 2,
+            "vision_layers": 2,
+            "vision_hidden_size": 48,
+            "vision_heads": 4,
+        },
+    ],
+)
+def test_parameter_count_equals_the_instantiated_tiny_model(tmp_path, spec_kw):
+    from deepspeed.runtime.zero.stage3 import model_to_params
+
+    from r1v.model.freeze import GROUPS, apply_freeze
+    from r1v.model.io import save_model
+    from r1v.model.spec import TinySpec
+    from r1v.model.tiny import build_tiny_vlm
+
+    model, tok = build_tiny_vlm(TinySpec(**spec_kw))
+    arch = arch_from_dir(save_model(model, tok, tmp_path / "vlm"))  # read back from the saved config.json
+    assert isinstance(arch, VLMArch)
+    assert arch.params() == sum(p.numel() for p in model.parameters())
+    assert (arch.params(), arch.largest_module()) == model_to_params(model)  # DeepSpeed's own count
+    assert arch.groups() == apply_freeze(model, GROUPS)  # per trainable group, as r1v freezes them
+    assert arch.tokens_per_tile() == model.config.image_seq_length
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"use_qk_norm": True, "norm_type": "rms_norm", "attention_bias": False},  # InternViT-6B's choices
+        {"use_qk_norm": False, "norm_type": "layer_norm", "attention_bias": True, "use_mean_pooling": False},
+    ],
+)
+def test_vision_formula_equals_the_instantiated_tower(variant):
+    from transformers import InternVLVisionConfig, InternVLVisionModel
+
+    cfg = InternVLVisionConfig(
+        hidden_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=5,
+        intermediate_size=96,
+        image_size=56,
+        patch_size=14,
+        **variant,
+    )
+    tower = InternVLVisionModel(cfg)
+    assert arch_from_config(cfg.to_dict()).params() == sum(p.numel() for p in tower.parameters())
+
+
+def _hf_config(arch: VLMArch):
+    from transformers import InternVLConfig, InternVLVisionConfig, Qwen2Config
+
+    v, lm = arch.vision, arch.llm
+    vision = InternVLVisionConfig(
+        hidden_size=v.hidden,
+        num_hidden_layers=v.layers,
+        num_attention_heads=v.heads,
+        intermediate_size=v.intermediate,
+        attention_bias=v.qkv_bias,
+        use_qk_norm=v.qk_norm,
+        norm_type=v.norm,
+        image_size=v.image_size,
+        patch_size=v.patch_size,
+    )
+    text = Qwen2Config(
+        hidden_size=lm.hidden,
+        num_hidden_layers=lm.layers,
+        num_attention_heads=lm.heads,
+        num_key_value_heads=lm.kv_heads,
+        intermediate_size=lm.intermediate,
+        vocab_size=lm.vocab,
+        tie_word_embeddings=lm.tie_embeddings,
+    )
+    return InternVLConfig(vision_config=vision, text_config=text, tie_word_embeddings=lm.tie_embeddings)
+
+
+def test_38b_presets_equal_a_meta_device_model():
+    """The presets at full size, counted by transformers on the meta device (no memory): 38.39B, projector 92M."""
+    from transformers import InternVLForConditionalGeneration
+
+    arch = PRESETS["Skywork-R1V-38B"]
+    with torch.device("meta"):
+        model = InternVLForConditionalGeneration(_hf_config(arch))
+    assert arch.params() == sum(p.numel() for p in model.parameters()) == 38_392_158_592
+    assert arch.groups()["projector"] == sum(p.numel() for p in model.model.multi_modal_projector.parameters())
+    assert round(arch.groups()["projector"] / 1e6) == 92  # the paper's "about 92M"
+    assert arch.tokens_per_tile() == 256
+
+
+@pytest.mark.parametrize("trainable", [False, True])
+def test_llm_activation_bytes_equal_torchs_saved_tensors(trainable):
+    """What autograd keeps in a small Qwen2 (SDPA, bf16, 5.4h SwiGLU and GQA like the 32B) against the formula."""
+    from transformers import Qwen2Config, Qwen2Model
+
+    h, i, layers, s = 640, 3456, 2, 256
+    cfg = Qwen2Config(
+        hidden_size=h,
+        intermediate_size=i,
+        num_hidden_layers=layers,
+        num_attention_heads=5,
+        num_key_value_heads=1,
+        vocab_size=64,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    model = Qwen2Model(cfg).to(torch.bfloat16).requires_grad_(trainable)
+    x = torch.randn(1, s, h, dtype=torch.bfloat16, requires_grad=True)  # the projector's output flows in
+    skip = {p.untyped_storage().data_ptr() for p in model.parameters()} | {x.untyped_storage().data_ptr()}
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if (ptr := t.untyped_storage().data_ptr()) not in skip:
+            kept[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(inputs_embeds=x)
+    llm = arch_from_config({**cfg.to_dict(), "model_type": "qwen2"})
+    assert isinstance(llm, LLMArch)
+    predicted = llm_activations(llm, s, 2, trainable, checkpointing=False)
+    assert predicted == pytest.approx(sum(kept.values()), rel=0.02)
+
+
+def test_parse_memory():
+    assert parse_memory("80GB") == 80e9 and parse_memory("24G") == 24e9 and parse_memory("80") == 80e9
+    assert parse_memory("141GiB") == 141 * 2**30
+    with pytest.raises(Exception, match="not a memory size"):
+        parse_memory("eighty")
+
+
+# --------------------------------------------------------------------------- the 38B workflow
+
+
+def test_r1v_38b_loads_with_the_papers_numbers():
+    from r1v.workflow import topo_order
+
+    wf = load_workflow(R1V_38B)  # placeholder paths: nothing needs to exist
+    stages = wf.config.stages
+    assert all(s.kind in STAGE_CONFIGS for s in stages.values())
+    assert [s for s in topo_order(wf) if stages[s].kind != "data.import"][:6] == [
+        "substitute",
+        "align_2m",
+        "align_hq",
+        "align_cot",
+        "reassemble",
+        "sft",
+    ]
+    for name, c in wf.stage_configs.items():  # every reference names an output its stage kind makes
+        for value in c.model_dump(mode="json").values():
+            if isinstance(value, str) and (m := re.match(r"^@(\w+)\.(\w+)$", value)):
+                assert m.group(2) in OUTPUTS[stages[m.group(1)].kind], (name, value)
+    assert {stages[n].kind for n in ("substitute", "reassemble")} == {"model.assemble"}
+    assert wf.stage_configs["reassemble"].projector == "from_vision"
+
+    sfts = {n: c for n, c in wf.stage_configs.items() if isinstance(c, SFTConfig)}
+    assert {n: c.optim.lr for n, c in sfts.items()} == {
+        "align_2m": 2e-4,
+        "align_hq": 4e-5,
+        "align_cot": 4e-5,
+        "sft": 4e-5,
+    }
+    for c in sfts.values():
+        t = c.trainer
+        assert t.num_workers * c.batch_size * c.grad_accum == 512 and c.epochs == 1
+        assert (c.optim.weight_decay, c.optim.warmup_ratio, c.preprocess.max_length) == (0.05, 0.03, 16384)
+        assert (t.use_gpu, t.dtype, t.zero_stage, c.trainable, c.preprocess.max_tiles) == (
+            True,
+            "bfloat16",
+            3,
+            ["projector"],
+            12,
+        )
+    g = wf.stage_configs["grpo"]
+    assert isinstance(g, GRPOConfig)
+    assert (g.optim.lr, g.group_size, g.sampling.temperature, g.sampling.max_new_tokens) == (1e-6, 8, 1.0, 8192)
+    evals = [c for c in wf.stage_configs.values() if isinstance(c, EvalConfig)]
+    assert {c.benchmark for c in evals} == {"mmmu", "mathvista", "math500", "aime24"}
+    for c in evals:
+        s = c.sampling
+        assert (c.samples, s.temperature, s.top_p, s.repetition_penalty, s.max_new_tokens) == (
+            5,
+            0.6,
+            0.95,
+            1.05,
+            65536,
+        )
+
+
+def test_r1v_38b_plan_fits_64_gpus_of_80gb(capsys):
+    assert main(["plan", str(R1V_38B), "--gpus", "64", "--gpu-memory", "80GB"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(
+        r"^stage\s+kind\s+role\s+GPUs\s+params\s+train\s+weights\s+grads\s+optim\s+activ\s+total", out, re.M
+    )
+    wf = load_workflow(R1V_38B)
+    for name in wf.config.stages:
+        assert re.search(rf"^{name}\s", out, re.M), name
+    assert re.search(r"^align_2m\s+sft\s+train\s+64\s+38\.39B\s+91\.79M\s.*\syes\s", out, re.M)
+    assert "activation_checkpointing: align_2m" in out and "grpo_micro_batch=1: grpo" in out
+    assert "every stage fits on 64 GPUs x 80.0 GB" in out
+
+
+def test_impossible_plan_is_refused_naming_stage_and_shortfall(capsys):
+    assert main(["plan", str(R1V_38B), "--gpus", "1", "--gpu-memory", "24GB"]) == 1
+    err = capsys.readouterr().err
+    assert "refused: stage 'align_2m' needs 64 GPUs, 63 more than the 1 given" in err
+    m = re.search(
+        r"refused: stage 'align_2m' \(train\) needs ([\d.]+) GB per GPU, ([\d.]+) GB more than the "
+        r"24\.0 GB given",
+        err,
+    )
+    assert m and float(m.group(1)) - float(m.group(2)) == pytest.approx(24.0, abs=0.11)
+
+
+def test_without_the_assumptions_the_papers_sizes_do_not_fit(capsys):
+    """r1v as it is (no activation checkpointing, a GRPO group in one forward) at 16K tokens: refused."""
+    argv = [
+        "plan",
+        str(R1V_38B),
+        "--gpus",
+        "64",
+        "--gpu-memory",
+        "80GB",
+        "plan.assume.activation_checkpointing=false",
+        "plan.assume.grpo_micro_batch=null",
+    ]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert "refused: stage 'sft' (train) needs" in captured.err
+    assert "refused: stage 'grpo' (train) needs" in captured.err
+    assert "activation_checkpointing:" not in captured.out and "grpo_micro_batch" not in captured.out
+
+
+# --------------------------------------------------------------------------- the plan section and folders
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "wf.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_plan_section_is_validated(tmp_path):
+    base = "name: x\nstages:\n  a: {kind: model.assemble, config: {vision: /v, llm: /l}}\n"
+    with pytest.raises(ConfigError, match="plan.architectures: .*unknown architecture preset 'Qwen-33B'"):
+        load_workflow(_write(tmp_path, base + "plan: {architectures: {a.llm: Qwen-33B}}\n"))
+    with pytest.raises(ConfigError, match="plan: .*'b.llm' names no stage"):
+        load_workflow(_write(tmp_path, base + "plan: {architectures: {b.llm: Qwen2.5-32B}}\n"))
+    with pytest.raises(ConfigError, match="plan: .*a model.assemble stage has no model field 'corpus'"):
+        load_workflow(_write(tmp_path, base + "plan: {architectures: {a.corpus: Qwen2.5-32B}}\n"))
+    with pytest.raises(ConfigError, match="plan.assume.grpo_micro_batch"):
+        load_workflow(_write(tmp_path, base + "plan: {assume: {grpo_micro_batch: 0}}\n"))
+    assert load_workflow(_write(tmp_path, base)).config.plan is None  # optional
+
+
+def test_a_model_without_config_json_or_preset_is_named(tmp_path, capsys):
+    p = _write(
+        tmp_path,
+        "name: x\nstages:\n  a: {kind: model.assemble, config: {vision: /v, llm: /l}}\n"
+        "plan: {architectures: {a.vision: InternViT-300M-448px}}\n",
+    )
+    assert main(["plan", str(p), "--gpus", "1", "--gpu-memory", "80GB"]) == 2
+    assert "stages.a.config.llm: no config.json at '/l'" in capsys.readouterr().err
+
+
+def test_local_config_json_wins_over_presets(tmp_path):
+    """Folders that exist are read, whatever preset the plan names; an SFT stage on them sizes the real model."""
+    from r1v.model.io import save_llm, save_model
+    from r1v.model.spec import TinySpec
+    from r1v.model.tiny import build_tiny_llm, build_tiny_vlm
+
+    vlm, tok = build_tiny_vlm()
+    llm = build_tiny_llm(TinySpec(), tok, seed=3)
+    vdir, ldir = save_model(vlm, tok, tmp_path / "vlm"), save_llm(llm, tok, tmp_path / "llm")
+    p = _write(
+        tmp_path,
+        f"""name: x
+plan: {{architectures: {{a.vision: InternViT-6B-448px, a.llm: Qwen2.5-32B}}}}
+stages:
+  a: {{kind: model.assemble, config: {{vision: {vdir}, llm: {ldir}}}}}
+  s: {{kind: sft, config: {{model: "@a.model", corpus: /nowhere, trainer: {{num_workers: 2, use_gpu: true}}}}}}
+""",
+    )
+    plan = Planner(load_workflow(p), 2, 80e9).run()
+    rows = {r.stage: r for r in plan.rows}
+    assert rows["a"].params == rows["s"].params == sum(x.numel() for x in vlm.parameters())
+    assert rows["s"].trainable == sum(x.numel() for x in vlm.model.multi_modal_projector.parameters())
+    assert any(n.startswith("a.vision: ") and n.endswith("/config.json") for n in plan.notes)
