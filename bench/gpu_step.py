@@ -73,10 +73,10 @@ def build_model(size: str, dtype: torch.dtype, device: str, attn: str):
     tcfg = Qwen2Config(**shapes["llm"], tie_word_embeddings=False, max_position_embeddings=32768)
     cfg = InternVLConfig(vision_config=vcfg, text_config=tcfg, downsample_ratio=DOWNSAMPLE_RATIO,
                          image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"), vision_feature_layer=-1,
-                         vision_feature_select_strategy="default")
+                         vision_feature_select_strategy="default", tie_word_embeddings=False)
     cfg._attn_implementation = attn
-    with torch.device(device):
-        model = InternVLForConditionalGeneration(cfg).to(dtype)
+    with torch.device(device):  # built in `dtype` directly: no fp32 transient of the whole model
+        model = InternVLForConditionalGeneration._from_config(cfg, dtype=dtype)
     return model, tok
 
 

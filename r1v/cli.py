@@ -172,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     from r1v.model.cli import add_model_parser
 
     add_model_parser(sub)
+    from r1v.model.export_cli import add_export_parser
+
+    add_export_parser(sub)
     from r1v.plan import add_plan_parser
 
     add_plan_parser(sub)

@@ -72,8 +72,12 @@ def assemble(
     vision_feature_layer: int = -1,
     vision_feature_select_strategy: str = "default",
     projector_hidden_act: str = "gelu",
+    meta: bool = False,
 ) -> InternVLForConditionalGeneration:
-    """Join a vision tower, an InternVL projector and a causal LM (`.model` + `lm_head`) into one VLM."""
+    """Join a vision tower, an InternVL projector and a causal LM (`.model` + `lm_head`) into one VLM.
+
+    With `meta`, the parts may live on the meta device (no weights): the checks and the config only, which is
+    what `r1v.model.manifest.reassemble_model` writes."""
     in_dim, out_dim = _projector_dims(projector)
     hidden = llm.config.get_text_config().hidden_size
     if out_dim != hidden:
@@ -107,7 +111,7 @@ def assemble(
     model.model.language_model = llm.base_model
     model.lm_head = llm.get_output_embeddings()
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
-    if leftover:
+    if leftover and not meta:
         raise RuntimeError(f"assembly left tensors on the meta device: {leftover[:5]}")
     model.generation_config = copy.deepcopy(llm.generation_config)
     if model.generation_config.eos_token_id is None:
@@ -118,7 +122,8 @@ def assemble(
 
 
 def reassemble(
-    vlm: InternVLForConditionalGeneration, llm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
+    vlm: InternVLForConditionalGeneration, llm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+    *, meta: bool = False,
 ) -> InternVLForConditionalGeneration:
     """Put `vlm`'s vision tower and projector in front of `llm` (the modules are shared, not copied).
 
@@ -148,6 +153,7 @@ def reassemble(
         vision_feature_layer=vlm.config.vision_feature_layer,
         vision_feature_select_strategy=vlm.config.vision_feature_select_strategy,
         projector_hidden_act=vlm.config.projector_hidden_act,
+        meta=meta,
     )
 
 

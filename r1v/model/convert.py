@@ -41,6 +41,7 @@ from r1v.model.convert_keys import (
     plan_to_chat,
     plan_to_hf,
 )
+from r1v.model.manifest import record_checksums
 from r1v.model.tokens import IMG_CONTEXT
 
 __all__ = ["ConversionError", "detect_layout", "hf_view", "read_hf_tensors", "to_hf", "to_internvl_chat"]
@@ -52,6 +53,7 @@ PROVENANCE = "r1v_conversion.json"
 """Written into every converted directory: source path, direction and a stamp of the source files."""
 DEFAULT_SHARD_BYTES = 5 * 2**30
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".index.json")
+_NOT_COPIED = ("config.json", PROVENANCE, "r1v_checksums.json", "r1v_manifest.json")
 _DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
 
 
@@ -204,11 +206,12 @@ def _write_dir(
     with atomic_directory(dst) as tmp:
         _write_weights(tmp, entries, shapes, w, max_shard_bytes)
         for f in sorted(src.iterdir()):  # tokenizer, chat template, generation config, remote code, README ...
-            if f.is_file() and f.name not in ("config.json", PROVENANCE) and not f.name.endswith(_WEIGHT_SUFFIXES):
+            if f.is_file() and f.name not in _NOT_COPIED and not f.name.endswith(_WEIGHT_SUFFIXES):
                 shutil.copy2(f, tmp / f.name)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         provenance = {"source": str(src.absolute()), "layout": layout, "source_stamp": _stamp(src)}
         (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
+        record_checksums(tmp)  # a base that manifests can name without hashing it again
     return dst.absolute()
 
 
@@ -216,6 +219,9 @@ def _source(src: str | os.PathLike, layout: str) -> tuple[Path, dict[str, Any]]:
     p = Path(src)
     if not (p / "config.json").is_file():
         raise FileNotFoundError(f"no checkpoint at {p}: {p / 'config.json'} does not exist")
+    if (p / "r1v_manifest.json").is_file():
+        raise ConversionError(f"{p} holds a projector and a manifest of frozen parts, not full weights: "
+                              f"`r1v export {p} --out DIR --layout {'internvl-chat' if layout == 'hf' else 'hf'}`")
     found = detect_layout(p)
     if found != layout:
         raise ConversionError(

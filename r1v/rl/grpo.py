@@ -30,6 +30,7 @@ from r1v.train import checkpoint
 from r1v.train.device import engine_device, engine_dtype
 from r1v.train.engine import all_reduce_sum, barrier, export_model, init_engine, named_tensors
 from r1v.train.launch import setup_worker
+from r1v.train.loading import load_for_training
 
 
 def load_prompts(c: GRPOConfig, rank: int, world: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -69,7 +70,6 @@ def grpo_loop(cfg: dict[str, Any]) -> None:
 
     from r1v.model.assemble import tile_size
     from r1v.model.freeze import apply_freeze
-    from r1v.model.io import load_model
     from r1v.tracking import RunLogger
 
     c = GRPOConfig.model_validate(cfg["config"])
@@ -79,7 +79,7 @@ def grpo_loop(cfg: dict[str, Any]) -> None:
     engines = cfg["engines"]
     rollout = engines[rank % len(engines)]
     prompts, bad = load_prompts(c, rank, world)
-    model, tok = load_model(c.model)
+    model, tok = load_for_training(c.model, c.trainer)  # ZeRO-3: partitioned from the start
     counts = apply_freeze(model, c.trainable)
     engine = init_engine(model, c.trainer, c.optim, c.steps * c.ppo_epochs, c.prompts_per_step * c.group_size)
     # The KL reference: frozen backbones + the projector as it starts, on the engine's device and in its dtype.

@@ -22,7 +22,9 @@ def save(engine, step: int, worker_state: dict[str, Any], metrics: dict[str, flo
 
     tmp = Path(tempfile.mkdtemp(prefix=f"r1v-ckpt-{rank}-"))
     try:
-        engine.save_checkpoint(str(tmp), tag=TAG)
+        # Frozen weights stay out: they are the stage's input model, reloaded from it on resume (at 38B they would
+        # add the whole frozen model to every checkpoint).
+        engine.save_checkpoint(str(tmp), tag=TAG, exclude_frozen_parameters=True)
         (tmp / f"r1v_state_rank{rank}.json").write_text(json.dumps(worker_state))
         ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
                          checkpoint_dir_name=name or f"step-{step:06d}")
@@ -38,5 +40,5 @@ def restore(engine, rank: int) -> dict[str, Any] | None:
     if ckpt is None:
         return None
     with ckpt.as_directory() as d:
-        engine.load_checkpoint(d, tag=TAG)
+        engine.load_checkpoint(d, tag=TAG, load_module_strict=False)  # frozen weights: from the model dir
         return json.loads((Path(d) / f"r1v_state_rank{rank}.json").read_text())

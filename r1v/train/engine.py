@@ -54,15 +54,21 @@ def ds_config(trainer: TrainerConfig, optim: OptimConfig, micro_batch: int, grad
     }
 
 
-def init_engine(model: torch.nn.Module, trainer: TrainerConfig, optim: OptimConfig, total_steps: int,
-                micro_batch: int, grad_accum: int = 1):
+def prepare_deepspeed():
+    """Import DeepSpeed with this machine's settings (before any DeepSpeed call in a process)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     import deepspeed
     import deepspeed.ops
 
     if not torch.cuda.is_available():
         # The CPU shared-memory allreduce op compiles for ~80 s on first use; gloo does the job here.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    return deepspeed
+
+
+def init_engine(model: torch.nn.Module, trainer: TrainerConfig, optim: OptimConfig, total_steps: int,
+                micro_batch: int, grad_accum: int = 1):
+    deepspeed = prepare_deepspeed()
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters: check `trainable` in the stage config")
@@ -99,20 +105,39 @@ def named_tensors(module: torch.nn.Module, only_trainable: bool, rank: int) -> d
 
 
 def export_model(engine, base_model_dir: str, out_dir: Path, rank: int) -> None:
-    """Gather every weight (frozen ones too, so a bug that moves them shows) into an HF checkpoint."""
-    from r1v.model.io import load_model, save_model
+    """Write the trained model to `out_dir`; every rank must call it (it gathers), rank 0 writes.
 
-    state = named_tensors(engine.module, only_trainable=False, rank=rank)
-    if rank == 0:
-        model, tok = load_model(base_model_dir)
-        params = dict(model.named_parameters())
-        missing = set(params) - set(state)
-        if missing:
-            raise RuntimeError(f"export: no gathered tensor for {sorted(missing)[:5]}")
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(state[name].to(p.dtype))
-        save_model(model, tok, out_dir)
+    Projector-only training (no trainable parameter outside `multi_modal_projector`): only the projector's
+    tensors are gathered, and `out_dir` becomes a manifest directory naming the frozen parts of
+    `base_model_dir` (`r1v.model.manifest`): MBs, where a copy of the model is 77 GB at 38B. Otherwise a full HF
+    checkpoint, streamed one gathered parameter at a time into safetensors shards in the parameters' dtype (no
+    second copy of the model on rank 0), with the base's config and tokenizer files.
+    """
+    from contextlib import nullcontext
+
+    from r1v.fsutil import atomic_directory
+    from r1v.model.convert_keys import hf_disk_key
+    from r1v.model.manifest import PROJECTOR_PREFIX, ShardWriter, finish_full, write_projector_model
+
+    named = [(hf_disk_key(n), p) for n, p in engine.module.named_parameters()]
+    if all(k.startswith(PROJECTOR_PREFIX) for k, p in named if p.requires_grad):
+        state: dict[str, torch.Tensor] = {}
+        for key, p in named:
+            if key.startswith(PROJECTOR_PREFIX):
+                with gathered([p]):
+                    if rank == 0:
+                        state[key] = p.detach().to("cpu", copy=True)
+        if rank == 0:
+            write_projector_model(out_dir, base_model_dir, state)
+    else:
+        with atomic_directory(out_dir) if rank == 0 else nullcontext() as tmp:
+            writer = ShardWriter(tmp) if rank == 0 else None
+            for key, p in named:
+                with gathered([p]):
+                    if writer is not None:
+                        writer.add(key, p.detach().to("cpu", copy=True))
+            if writer is not None:
+                finish_full(tmp, base_model_dir, writer)
     barrier()
 
 

@@ -38,6 +38,7 @@ from r1v.train import checkpoint
 from r1v.train.device import engine_device, engine_dtype, to_device
 from r1v.train.engine import all_reduce_max, all_reduce_sum, export_model, gather_objects, init_engine
 from r1v.train.launch import setup_worker
+from r1v.train.loading import load_for_training
 
 
 def dummy_row(image_token_id: int, tokens_per_tile: int, tile_size: int) -> dict[str, Any]:
@@ -189,13 +190,12 @@ def sft_loop(cfg: dict[str, Any]) -> None:
 
     from r1v.data.pipeline import vision_geometry
     from r1v.model.freeze import apply_freeze
-    from r1v.model.io import load_model
     from r1v.tracking import RunLogger
 
     c = SFTConfig.model_validate(cfg["config"])
     rank, world = setup_worker(c.trainer)
     log = RunLogger(cfg["tracking_uri"], cfg["run_id"]) if rank == 0 else RunLogger(None, None)
-    model, tok = load_model(c.model)
+    model, tok = load_for_training(c.model, c.trainer)  # ZeRO-3: partitioned from the start
     counts = apply_freeze(model, c.trainable)
     tile, per_tile = vision_geometry(c.model)
     image_token = model.config.image_token_id
