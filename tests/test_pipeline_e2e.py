@@ -110,12 +110,14 @@ def test_tiny_workflow_end_to_end(ray_cluster, tmp_path, capsys):
     assert {"results/results.json", "results/results.png"} <= arts
     acc = {k: v["accuracy"] for k, v in rows.items()} | {k: v["accuracy"] for k, v in base.items()}
     # What the world delivers today (README, "The results table"): the reasoning LLM's lead on text, the text
-    # ceiling over every visual score, and image information reaching the answers once the projector has been
-    # trained on the reasoning LLM. The recipe's ordering (sft > reassemble, grpo > sft, reassemble above both
-    # baselines) is measured by bench/world_recipe.py and not yet met, so it is not asserted here.
+    # ceiling over every visual score, image information reaching the answers once the projector has been
+    # trained on the reasoning LLM, and SFT beating re-assembly (by 3.2 to 10.1 standard errors over seeds 0-2 in
+    # bench/world_recipe.py). GRPO over SFT and re-assembly over both baselines are measured there and not yet
+    # met on every seed, so they are not asserted here.
     assert acc["text_reasoning"] > acc["text_instruct"]
     assert all(acc["text_reasoning"] > acc[k] for k in ("reassemble", "sft", "grpo", "no_image", "substitute_vlm"))
     assert min(acc["sft"], acc["grpo"]) > acc["no_image"]
+    assert acc["sft"] > acc["reassemble"]
 
     assert main(["status", str(run_dir)]) == 0
     assert "eval_grpo        eval             done" in capsys.readouterr().out
