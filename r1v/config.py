@@ -89,6 +89,31 @@ class EngineConfig(Strict):
     max_batch: int = Field(64, ge=1, description="sequences per generate() call inside the engine")
 
 
+class EvalEngineConfig(EngineConfig):
+    """The eval stage's engines: Ray actors, each holding the model with these resources, while the workflow's
+    driver only reads the corpus, sends the requests in chunks and grades (`r1v.eval.stage`)."""
+
+    kind: str = Field("transformers", min_length=1, description="rollout engine by name (the `r1v.rl.engines."
+                      "ENGINES` registry: transformers today); checked when the stage starts")
+    num_engines: int = Field(1, ge=1, description="engine actors sharing the requests; each chunk carries its own "
+                             "seed, so predictions do not depend on this number")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves for each engine actor")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per engine actor (0: generate on CPU)")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="weights and activations of the engine's model; None: bfloat16 when num_gpus > 0, else "
+        "float32 (CPU numbers stay those of fp32); float16 only with num_gpus > 0")
+
+    @model_validator(mode="after")
+    def _dtype_fits_device(self) -> EvalEngineConfig:
+        if self.dtype == "float16" and self.num_gpus == 0:
+            raise ValueError("dtype float16 needs num_gpus > 0: on CPU use float32 (or bfloat16)")
+        return self
+
+    def resolved_dtype(self) -> str:
+        """`dtype`, or its default for the device: bfloat16 with GPUs, float32 without."""
+        return self.dtype or ("bfloat16" if self.num_gpus > 0 else "float32")
+
+
 Group = Literal["vision", "projector", "llm"]
 
 
@@ -219,15 +244,16 @@ class EvalConfig(Strict):
     grader: str = Field("accuracy", description="reward/grader name used for a corpus")
     preprocess: PreprocessConfig = PreprocessConfig()
     sampling: SamplingConfig = SamplingConfig(temperature=0.6, top_p=0.95, max_new_tokens=64)
-    engine: EngineConfig = EngineConfig(max_batch=512)  # big batches: eval keeps no logits, see r1v.eval.stage
+    engine: EvalEngineConfig = EvalEngineConfig(max_batch=512)  # big batches: eval keeps no logits (r1v.eval.stage)
     seed: int = 0
     mode: Literal["vlm", "no_image", "text"] = Field(
         "vlm", description="vlm: the corpus as is; no_image: every tile blanked (uint8 zeros, same count), so the "
         "answer cannot come from the image; text: `model` is a causal LM asked meta.text_question (corpus only)")
     greedy: bool = Field(True, description="one greedy generation per item gives `accuracy` (corpus only); the "
                          "`samples` sampled ones give pass_at_1")
-    torch_threads: int | None = Field(1, ge=1, description="torch threads while generating (None: every CPU this "
-                                      "process may use); 1 is fastest for tiny models and robust on busy CPUs")
+    torch_threads: int | None = Field(1, ge=1, description="torch threads of each engine (None: engine.num_cpus in "
+                                      "an actor, at least 1; every CPU it may use in-process); 1 is fastest for tiny "
+                                      "models and robust on busy CPUs")
     report_stage: str | None = Field(None, description="the results-table row this eval fills: the name of the "
                                      "stage whose model it evaluates")
     report_baseline: str | None = Field(None, description="the results-table baseline this eval fills "

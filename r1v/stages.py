@@ -50,15 +50,22 @@ def tiny_models(ctx: StageContext, c: TinyModelConfig) -> dict[str, Any]:
     return {"model": str(model_dir), "llm": str(llm_dir)}
 
 
+def off_driver(fn: Any, *args: Any, num_cpus: float = 1, num_gpus: float = 0) -> Any:
+    """`fn(*args)` as a Ray task when Ray is up (as when `r1v run` runs stages): the driver never loads models."""
+    import ray
+
+    if not ray.is_initialized():
+        return fn(*args)
+    return ray.get(ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(fn).remote(*args))
+
+
 @STAGES.register("reassemble")
 def reassemble_stage(ctx: StageContext, c: ReassembleConfig) -> dict[str, Any]:
-    from r1v.model.assemble import reassemble
-    from r1v.model.io import load_llm, load_model, save_model
+    """The aligned VLM's vision tower and projector in front of the reasoning LLM, written as a manifest (the
+    projector plus the parts' paths and checksums: no weight is copied), in a Ray task."""
+    from r1v.model.manifest import reassemble_model
 
-    vlm, _ = load_model(c.model)
-    llm, tok = load_llm(c.llm)
-    model = reassemble(vlm, llm, tok)
-    out = save_model(model, tok, ctx.stage_dir / "model")
+    out = off_driver(reassemble_model, c.model, c.llm, ctx.stage_dir / "model")
     return {"model": str(out)}
 
 
@@ -96,7 +103,13 @@ def grpo_stage(ctx: StageContext, c: GRPOConfig) -> dict[str, Any]:
 
 @STAGES.register("eval")
 def eval_stage(ctx: StageContext, c: EvalConfig) -> dict[str, Any]:
+    """Generate in engine actors (`c.engine`: count, CPUs, GPUs, dtype) when Ray is up, as under `r1v run`; the
+    driver reads, sends requests and grades; the actors stay a few seconds for the next eval stage, which then
+    only loads its model into them. Without Ray, in this process."""
+    import ray
+
+    from r1v.eval.actors import KEEP_WARM_S
     from r1v.eval.stage import run_eval
 
-    res = run_eval(_hf_model(c), ctx.stage_dir, ctx.log)
+    res = run_eval(_hf_model(c), ctx.stage_dir, ctx.log, actors=ray.is_initialized(), keep_warm_s=KEEP_WARM_S)
     return {"predictions": str(res["predictions"]), "summary": str(res["summary"])}

@@ -129,16 +129,19 @@ def _summary(benchmark: str, c: EvalConfig, report: Any, n_items: int, bad: list
 
 
 def run_benchmark(c: EvalConfig, stage_dir: Path, log: Any, dataset: Path | None = None,
-                  data_root: Path | None = None, workers: int | None = None) -> dict[str, Any]:
+                  data_root: Path | None = None, workers: int | None = None, actors: bool = False,
+                  keep_warm_s: float = 0.0) -> dict[str, Any]:
     """Generate ``c.samples`` responses per item of ``c.benchmark``, grade them, write and log the results.
 
     ``data_root``/``dataset`` fall back to same-named config fields when the config has them, then to
-    ``$R1V_BENCHMARKS`` / the shared data folder.  Returns the written paths and the summary's fields.
+    ``$R1V_BENCHMARKS`` / the shared data folder.  With ``actors`` the model runs in Ray actors as ``c.engine``
+    asks, kept ``keep_warm_s`` seconds for a next eval (the eval stage), else in this process (``r1v eval run``).
+    Returns the written paths and the summary's fields.
     """
     from r1v.eval.graders import categories_of
     from r1v.eval.grading import DEFAULT_TIMEOUT_S, GradeReport, Verdict, grade_predictions
     from r1v.eval.predictions import Prediction
-    from r1v.eval.stage import generate_samples
+    from r1v.eval.stage import engine_pool, generate_samples
 
     if not c.benchmark:
         raise ValueError("run_benchmark needs an EvalConfig with 'benchmark' set")
@@ -150,14 +153,15 @@ def run_benchmark(c: EvalConfig, stage_dir: Path, log: Any, dataset: Path | None
     dataset = Path(dataset) if dataset else None
     workers = min(4, os.cpu_count() or 1) if workers is None else workers
 
-    t0 = time.monotonic()
-    items = load_items(benchmark, root, dataset, c.limit)
-    posed, bad = _pose(benchmark, items, c)
-    t1 = time.monotonic()
-    print(f"[eval] {benchmark}: {len(items)} items, {len(posed)} posed, {len(bad)} quarantined, "
-          f"{c.samples} samples each")
-    comps = generate_samples(c.model, [p for _, p in posed], c) if posed else []
-    t2 = time.monotonic()
+    with engine_pool(c.model, c, actors, keep_warm_s) as pool:  # actors load the model while the items are posed
+        t0 = time.monotonic()
+        items = load_items(benchmark, root, dataset, c.limit)
+        posed, bad = _pose(benchmark, items, c)
+        t1 = time.monotonic()
+        print(f"[eval] {benchmark}: {len(items)} items, {len(posed)} posed, {len(bad)} quarantined, "
+              f"{c.samples} samples each")
+        comps = generate_samples(c.model, [p for _, p in posed], c, engine=pool) if posed else []
+        t2 = time.monotonic()
 
     preds: list[Prediction] = []
     lines = []
@@ -230,7 +234,9 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=8192, help="longest prompt in tokens (images included)")
     p.add_argument("--max-tiles", type=int, default=6, help="image tiles per image")
     p.add_argument("--system-prompt", default=None)
-    p.add_argument("--engine", default="transformers", help="rollout engine (r1v.rl.engines)")
+    p.add_argument("--engine", default="transformers",
+                   help="rollout engine (r1v.rl.engines), run in this process: `r1v eval run` starts no Ray "
+                   "cluster (the workflow's eval stage runs its engines as Ray actors)")
     p.add_argument("--max-batch", type=int, default=64, help="sequences per engine generate() call")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None, help="grading processes (0: in this process)")
@@ -243,7 +249,8 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def add_run_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
     """Add ``run`` to the ``r1v eval`` sub-parser group."""
     return _configure(subparsers.add_parser(
-        "run", help="generate K samples per benchmark item with a model, grade them, log to MLflow",
+        "run", help="generate K samples per benchmark item with a model (in this process, no Ray), grade them, "
+        "log to MLflow",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
 
 

@@ -5,6 +5,11 @@ Modes make the baselines the same code path as the model under test: `vlm` (the 
 (every tile blanked: what the model scores without looking) and `text` (a causal LM asked each row's
 `meta.text_question`: the numbers written out, no image). Benchmarks (MMMU, MathVista, ...) go through
 `r1v.eval.runner`, which shares `generate_samples`.
+
+Where the model runs: in the workflow (Ray up) the engines are Ray actors (`EvalEngineConfig`: how many, their
+CPUs, GPUs and dtype) and this process only reads, sends chunks of requests, gathers and grades; without Ray
+(`r1v eval run`, direct calls) one engine runs in this process. Chunks and their seeds do not depend on where
+they run, so both give the same predictions, for any number of engines.
 """
 
 from __future__ import annotations
@@ -17,12 +22,15 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from r1v.config import EvalConfig, PreprocessConfig
 from r1v.fsutil import atomic_write_json, atomic_write_text
+
+if TYPE_CHECKING:
+    from r1v.eval.actors import EnginePool
 
 GREEDY: dict[str, Any] = {"temperature": 0.0, "top_p": 1.0, "repetition_penalty": 1.0}
 
@@ -115,43 +123,107 @@ def torch_threads(n: int | None) -> Iterator[int]:
         torch.set_num_threads(prev)
 
 
-def make_engine(model_dir: str, c: EvalConfig):
-    """The rollout engine of `c.engine`, without log-probs (eval grades text only) and with a static KV cache on
-    CPU where the engine offers them."""
-    import inspect
-
+def engine_class(c: EvalConfig) -> type:
+    """The engine class `c.engine.kind` names; a ValueError naming the field when none is registered."""
     from r1v.rl.engines import ENGINES
 
-    cls = ENGINES.get(c.engine.kind)
-    params = inspect.signature(cls).parameters
-    extra = {k: v for k, v in (("logprobs", False), ("static_cache", True)) if k in params}
+    try:
+        return ENGINES.get(c.engine.kind)
+    except KeyError as e:
+        raise ValueError(f"engine.kind: {e.args[0]}") from None
+
+
+def engine_options(c: EvalConfig) -> dict[str, Any]:
+    """No log-probs (eval grades text only) and a static KV cache on CPU, where the engine class offers them."""
+    import inspect
+
+    params = inspect.signature(engine_class(c)).parameters
+    return {k: v for k, v in (("logprobs", False), ("static_cache", True)) if k in params}
+
+
+def engine_threads(c: EvalConfig) -> int:
+    """Torch threads of each engine actor: `torch_threads`, else the CPUs the actor reserves (at least 1)."""
+    return c.torch_threads or max(1, int(c.engine.num_cpus))
+
+
+def make_engine(model_dir: str, c: EvalConfig):
+    """The rollout engine of `c.engine` in this process, in its dtype, with `engine_options`."""
+    import inspect
+
+    cls = engine_class(c)
+    extra = engine_options(c)
+    if "dtype" in inspect.signature(cls).parameters:
+        extra["dtype"] = c.engine.resolved_dtype()
     return cls(model_dir, max_batch=c.engine.max_batch, **extra)
+
+
+@contextlib.contextmanager
+def engine_pool(model_dir: str, c: EvalConfig, actors: bool, keep_warm_s: float = 0.0
+                ) -> Iterator[EnginePool | None]:
+    """Engine actors for `c` (`r1v.eval.actors`: a warm pool that fits, else new ones, loading while the caller
+    prepares its prompts) when `actors`, else None (generate in this process). On a clean exit the actors are kept
+    `keep_warm_s` seconds for the next eval stage; on an error they stop at once."""
+    engine_class(c)  # an unknown engine fails before anything starts
+    if not actors:
+        yield None
+        return
+    from r1v.eval import actors as eval_actors
+
+    e = c.engine
+    pool = eval_actors.acquire(model_dir, e.kind, e.num_engines, e.num_cpus, e.num_gpus, e.max_batch,
+                               engine_threads(c), e.resolved_dtype(), engine_options(c))
+    try:
+        yield pool
+    except BaseException:
+        pool.close()
+        raise
+    eval_actors.release(pool, keep_warm_s)
+
+
+def generate_jobs(engine, prompts: list[dict[str, Any]], jobs: list[tuple[dict[str, Any], int]], seed: int,
+                  batch: int, desc: str = "eval generate") -> list[list[list[Any]]]:
+    """For each job (sampling, n): n completions per prompt, `batch` sequences per engine call, in input order.
+
+    Prompts are batched in order of (tiles, length) so that a batch pads little; each call's seed is `seed` +
+    its first position in that order (so sampled runs repeat for the same `batch`, on any number of engines;
+    greedy ones for any `batch`). `engine` is an in-process engine or an `EnginePool`, which gets the calls of
+    every job at once.
+    """
+    from tqdm import tqdm
+
+    from r1v.eval.actors import EnginePool
+    from r1v.rl.engines import Request
+
+    order = sorted(range(len(prompts)), key=lambda i: (prompts[i]["n_tiles"], len(prompts[i]["input_ids"])))
+    calls: list[tuple[list[Any], dict[str, Any], int, int]] = []
+    where: list[tuple[int, list[int]]] = []
+    for j, (sampling, n) in enumerate(jobs):
+        per_call = max(1, batch // n)
+        for start in range(0, len(order), per_call):
+            idx = order[start : start + per_call]
+            reqs = [Request(prompts[i]["input_ids"], prompts[i]["pixel_values"], prompts[i]["n_tiles"]) for i in idx]
+            calls.append((reqs, sampling, n, seed + start))
+            where.append((j, idx))
+    if isinstance(engine, EnginePool):
+        results = engine.run(calls, desc)
+    else:
+        results = [engine.generate(*call) for call in tqdm(calls, desc=desc, unit="batch", mininterval=5)]
+    out: list[list[list[Any]]] = [[[] for _ in prompts] for _ in jobs]
+    for (j, idx), groups in zip(where, results, strict=True):
+        for i, group in zip(idx, groups, strict=True):
+            out[j][i] = group
+    return out
 
 
 def generate(engine, prompts: list[dict[str, Any]], sampling: dict[str, Any], n: int, seed: int, batch: int,
              desc: str = "eval generate") -> list[list[Any]]:
-    """n completions per prompt, `batch` sequences per engine call, in input order.
-
-    Prompts are batched in order of (tiles, length) so that a batch pads little; each call's seed is `seed` +
-    its first position in that order (so sampled runs repeat for the same `batch`; greedy ones for any).
-    """
-    from tqdm import tqdm
-
-    from r1v.rl.engines import Request
-
-    order = sorted(range(len(prompts)), key=lambda i: (prompts[i]["n_tiles"], len(prompts[i]["input_ids"])))
-    per_call = max(1, batch // n)
-    out: list[list[Any]] = [[] for _ in prompts]
-    for start in tqdm(range(0, len(order), per_call), desc=desc, unit="batch", mininterval=5):
-        idx = order[start : start + per_call]
-        reqs = [Request(prompts[i]["input_ids"], prompts[i]["pixel_values"], prompts[i]["n_tiles"]) for i in idx]
-        for i, group in zip(idx, engine.generate(reqs, sampling, n, seed + start), strict=True):
-            out[i] = group
-    return out
+    """n completions per prompt, `batch` sequences per engine call, in input order (see `generate_jobs`)."""
+    return generate_jobs(engine, prompts, [(sampling, n)], seed, batch, desc)[0]
 
 
 def generate_samples(model_dir: str, prompts: list[dict[str, Any]], c: EvalConfig, engine=None) -> list[list[Any]]:
-    """K sampled completions per preprocessed prompt, from a rollout engine built in this process."""
+    """K sampled completions per preprocessed prompt, from `engine` (an `EnginePool` or an in-process engine;
+    default: one built in this process)."""
     engine = engine or make_engine(model_dir, c)
     with torch_threads(c.torch_threads):
         return generate(engine, prompts, c.sampling.model_dump(), c.samples, c.seed, c.engine.max_batch)
@@ -198,25 +270,31 @@ def summarize(prompts: list[dict[str, Any]], greedy: list[float] | None, sampled
     }
 
 
-def run_eval(c: EvalConfig, stage_dir: Path, log) -> dict[str, Any]:
+def run_eval(c: EvalConfig, stage_dir: Path, log, actors: bool = False, keep_warm_s: float = 0.0) -> dict[str, Any]:
+    """Generate (greedy and sampled), grade, write predictions.jsonl and summary.json, log to MLflow.
+
+    With `actors` the engines are Ray actors (`c.engine`) that load the model while the corpus is read, kept
+    `keep_warm_s` seconds afterwards for the next eval (`engine_pool`); else one engine runs in this process."""
     from r1v.rl.rewards import REWARDS
 
     if c.corpus is None:
         from r1v.eval.runner import run_benchmark
 
-        return run_benchmark(c, stage_dir, log)
+        return run_benchmark(c, stage_dir, log, actors=actors, keep_warm_s=keep_warm_s)
     stage_dir = Path(stage_dir)
     grade = REWARDS.get(c.grader)
-    t0 = time.monotonic()
-    prompts, bad, n_rows = load_items(c)
-    t1 = time.monotonic()
-    engine = make_engine(c.model, c)
-    with torch_threads(c.torch_threads) as threads:
-        batch = c.engine.max_batch
-        greedy = (generate(engine, prompts, {**c.sampling.model_dump(), **GREEDY}, 1, c.seed, batch, "eval greedy")
-                  if c.greedy and prompts else None)
-        sampled = generate(engine, prompts, c.sampling.model_dump(), c.samples, c.seed, batch, "eval sample")
-    t2 = time.monotonic()
+    with engine_pool(c.model, c, actors, keep_warm_s) as pool:
+        t0 = time.monotonic()
+        prompts, bad, n_rows = load_items(c)
+        t1 = time.monotonic()
+        engine = pool or make_engine(c.model, c)
+        jobs = [({**c.sampling.model_dump(), **GREEDY}, 1)] if c.greedy and prompts else []
+        jobs.append((c.sampling.model_dump(), c.samples))
+        threads_ctx = contextlib.nullcontext(engine_threads(c)) if pool else torch_threads(c.torch_threads)
+        with threads_ctx as threads:
+            *first, sampled = generate_jobs(engine, prompts, jobs, c.seed, c.engine.max_batch)
+        greedy = first[0] if first else None
+        t2 = time.monotonic()
     preds: list[dict[str, Any]] = []
     g_scores: list[float] | None = [] if greedy is not None else None
     s_scores: list[list[float]] = []

@@ -70,7 +70,7 @@ class TransformersEngine(RolloutEngine):
     """
 
     def __init__(self, model_dir: str, max_batch: int = 64, device: str | None = None, logprobs: bool = True,
-                 static_cache: bool = False) -> None:
+                 static_cache: bool = False, dtype: str = "float32") -> None:
         from r1v.model.tokens import IM_END, IMG_CONTEXT, IMG_END, IMG_START, PAD
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -79,12 +79,12 @@ class TransformersEngine(RolloutEngine):
             from r1v.model.assemble import tile_size
             from r1v.model.io import load_model
 
-            self.model, self.tok = load_model(model_dir)
+            self.model, self.tok = load_model(model_dir, dtype=getattr(torch, dtype))
             self.tile = tile_size(self.model)
         else:
             from r1v.model.io import load_llm
 
-            self.model, self.tok = load_llm(model_dir)
+            self.model, self.tok = load_llm(model_dir, dtype=getattr(torch, dtype))
             self.tile = 0
         self.model.to(self.device).eval()
         self.max_batch = max_batch
@@ -180,9 +180,10 @@ class TransformersEngine(RolloutEngine):
 class EngineHost:
     """The Ray actor body: builds the engine named in config and forwards calls."""
 
-    def __init__(self, kind: str, model_dir: str, max_batch: int, torch_threads: int = 1) -> None:
+    def __init__(self, kind: str, model_dir: str, max_batch: int, torch_threads: int = 1, dtype: str = "float32",
+                 options: dict[str, Any] | None = None) -> None:
         torch.set_num_threads(torch_threads)
-        self.engine = ENGINES.get(kind)(model_dir, max_batch=max_batch)
+        self.engine = ENGINES.get(kind)(model_dir, max_batch=max_batch, dtype=dtype, **(options or {}))
 
     def ready(self) -> bool:
         return True
@@ -195,12 +196,17 @@ class EngineHost:
         return self.engine.update_weights(named_tensors)
 
 
-def start_engines(kind: str, model_dir: str, num: int, num_cpus: float, num_gpus: float, max_batch: int):
-    """Create `num` engine actors and wait until each has loaded its model."""
+def start_engines(kind: str, model_dir: str, num: int, num_cpus: float, num_gpus: float, max_batch: int,
+                  torch_threads: int = 1, dtype: str = "float32", options: dict[str, Any] | None = None,
+                  wait: bool = True, host: type[EngineHost] | None = None):
+    """Create `num` engine actors and (with `wait`) wait until each has loaded its model; `options` are further
+    keyword arguments of the engine class, `host` a subclass of EngineHost to run instead."""
     import ray
 
-    actor = ray.remote(EngineHost)
-    handles = [actor.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(kind, model_dir, max_batch)
+    actor = ray.remote(host or EngineHost)
+    handles = [actor.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(kind, model_dir, max_batch, torch_threads,
+                                                                          dtype, options)
                for _ in range(num)]
-    ray.get([h.ready.remote() for h in handles])
+    if wait:
+        ray.get([h.ready.remote() for h in handles])
     return handles
