@@ -60,9 +60,17 @@ class TrainerConfig(Strict):
     param_persistence_threshold: int = Field(
         100_000, ge=0, description="ZeRO-3 keeps parameters with fewer elements than this gathered on every rank "
         "(DeepSpeed's default); 0 re-gathers every parameter in every forward")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="engine dtype; None: bfloat16 with use_gpu (DeepSpeed keeps fp32 master weights of the "
+        "trainable parameters), float32 without")
     torch_threads: int = Field(1, ge=1)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _default_dtype(self) -> TrainerConfig:
+        if self.dtype is None:  # resolved here, so a dumped config (and its fingerprint) names the dtype used
+            self.__dict__["dtype"] = "bfloat16" if self.use_gpu else "float32"
+        return self
 
 
 class OptimConfig(Strict):

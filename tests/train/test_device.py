@@ -157,3 +157,12 @@ def test_kl_needs_frozen_backbones():
     GRPOConfig(model="m", corpus="c", kl_coef=0.0, trainable=["projector", "llm"])  # no KL: fine
     with pytest.raises(ValidationError, match=r"kl_coef 0.1 > 0 with trainable \['llm'\]"):
         GRPOConfig(model="m", corpus="c", kl_coef=0.1, trainable=["projector", "llm"])
+
+
+def test_trainer_dtype_defaults_to_bf16_on_gpus_only():
+    from r1v.config import TrainerConfig
+
+    assert TrainerConfig().dtype == "float32"
+    assert TrainerConfig(use_gpu=True).dtype == "bfloat16"
+    assert TrainerConfig(use_gpu=True, dtype="float32").dtype == "float32"
+    assert TrainerConfig(use_gpu=True).model_dump()["dtype"] == "bfloat16"  # resolved in the logged config
