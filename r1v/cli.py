@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     from r1v.model.export_cli import add_export_parser
 
     add_export_parser(sub)
-    from r1v.plan import add_plan_parser
+    from r1v.plan_cli import add_plan_parser
 
     add_plan_parser(sub)
     return p

@@ -64,7 +64,8 @@ def export(src: str | Path, out: str | Path, layout: str = "hf", stage: str | No
            variant: str | None = None, template: str | None = None, max_shard_bytes: int | None = None) -> Path:
     """Write the model `src` stands for as a complete checkpoint in `layout` at `out` (atomically)."""
     from r1v.model.convert import DEFAULT_SHARD_BYTES, detect_layout, to_internvl_chat
-    from r1v.model.manifest import export_full, is_manifest_dir
+    from r1v.model.full_export import export_full
+    from r1v.model.manifest import is_manifest_dir
 
     shard = max_shard_bytes or DEFAULT_SHARD_BYTES
     model = model_dir_of(src, stage)

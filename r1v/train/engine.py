@@ -117,7 +117,8 @@ def export_model(engine, base_model_dir: str, out_dir: Path, rank: int) -> None:
 
     from r1v.fsutil import atomic_directory
     from r1v.model.convert_keys import hf_disk_key
-    from r1v.model.manifest import PROJECTOR_PREFIX, ShardWriter, finish_full, write_projector_model
+    from r1v.model.full_export import ShardWriter, finish_full
+    from r1v.model.manifest import PROJECTOR_PREFIX, write_projector_model
 
     named = [(hf_disk_key(n), p) for n, p in engine.module.named_parameters()]
     if all(k.startswith(PROJECTOR_PREFIX) for k, p in named if p.requires_grad):

@@ -19,12 +19,12 @@ from r1v.cli import main
 from r1v.model import build_tiny_llm, load_model, reassemble, save_llm, save_model
 from r1v.model.convert_keys import hf_disk_key
 from r1v.model.freeze import apply_freeze
+from r1v.model.full_export import export_full
 from r1v.model.io import load_llm
 from r1v.model.manifest import (
     MANIFEST,
     PROJECTOR_FILE,
     ManifestError,
-    export_full,
     model_tensors,
     part_record,
     read_manifest,
