@@ -66,28 +66,17 @@ def trim_heap() -> None:
 
 
 def checkpoint_tensors(model_dir: str | os.PathLike) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
-    """(name on disk, loader) for every tensor of an HF safetensors checkpoint, file by file; a loader reads one
-    tensor when called, so nothing else of the file is held."""
-    from r1v.model.manifest import is_manifest_dir, tensor_locations
+    """(name on disk, loader) for every tensor of a full HF safetensors checkpoint or of a projector-only stage's
+    manifest directory (its frozen parts, verified, and its projector), file by file; a loader reads one tensor
+    when called, so nothing else of the file is held."""
+    from r1v.model.manifest import tensor_locations
 
-    p = Path(model_dir)
-    if is_manifest_dir(p):  # a projector-only stage's output: the frozen parts it names (verified), its projector
-        headers: dict[Path, tuple[dict[str, Any], int]] = {}
-        for key, (f, name) in tensor_locations(p).items():
-            if f not in headers:
-                headers[f] = _safetensors_header(f)
-            header, base = headers[f]
-            yield key, (lambda f=f, e=header[name], b=base: _read_tensor(f, e, b))
-        return
-    index = p / "model.safetensors.index.json"
-    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
-             else ["model.safetensors"])
-    for name in files:
-        if not (p / name).is_file():
-            raise FileNotFoundError(f"{p}: weight file {name} is missing (only safetensors checkpoints stream)")
-        header, base = _safetensors_header(p / name)
-        for key, entry in header.items():
-            yield key, (lambda f=p / name, e=entry, b=base: _read_tensor(f, e, b))
+    headers: dict[Path, tuple[dict[str, Any], int]] = {}
+    for key, (f, name) in tensor_locations(model_dir).items():
+        if f not in headers:
+            headers[f] = _safetensors_header(f)
+        header, base = headers[f]
+        yield key, (lambda f=f, e=header[name], b=base: _read_tensor(f, e, b))
 
 
 def _zero_init_config(trainer: TrainerConfig) -> dict[str, Any]:
