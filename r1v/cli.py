@@ -35,10 +35,11 @@ def _print_status(runner) -> None:
     rows = runner.status_rows()
     print(f"run {runner.run_dir}  (MLflow run {runner.meta.get('parent_run_id')}, "
           f"store {runner.meta.get('tracking_uri')})")
-    print(f"{'stage':<16} {'kind':<16} {'status':<9} {'tries':>5} {'seconds':>8}  error")
+    w = max([16, *(len(r["stage"]) for r in rows)])  # repeat blocks make long names (round4_generate)
+    print(f"{'stage':<{w}} {'kind':<16} {'status':<9} {'tries':>5} {'seconds':>8}  error")
     for r in rows:
         secs = "" if r["seconds"] is None else f"{r['seconds']:.1f}"
-        print(f"{r['stage']:<16} {r['kind']:<16} {r['status']:<9} {r['attempts']:>5} {secs:>8}  {r['error'][0]}")
+        print(f"{r['stage']:<{w}} {r['kind']:<16} {r['status']:<9} {r['attempts']:>5} {secs:>8}  {r['error'][0]}")
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -8,7 +8,9 @@ bytes it writes. Exits 1, naming each stage and its shortfall, when one does not
 `r1v.plan_cost`, the architectures in `r1v.plan_arch`.
 
 It models r1v as it is, except where `plan.assume` says otherwise; those assumptions, and engine kinds r1v does not
-register, are listed under the table.
+register, are listed under the table. Stages of iterative SFT: `generate` is sized like eval (its engines), with
+FLOPs per corpus row in a note because the row count is the corpus's; `score` counts the GPUs of a `local` scorer
+and none for an `openai` judge (served elsewhere; noted); `select` runs on the driver's CPU.
 """
 
 from __future__ import annotations
@@ -306,6 +308,43 @@ class Planner:
             )
         ]
 
+    def _generate(self, name: str, c: Any) -> list[Row]:
+        """The eval stage's engines answering a corpus: memory like eval, FLOPs per row (the corpus sets the count)."""
+        arch = self.field_arch(name, "model")
+        if not isinstance(arch, VLMArch):
+            _need(arch, LLMArch, name, "model")
+        s = c.preprocess.max_length + c.sampling.max_new_tokens
+        n = int(c.greedy) + c.samples
+        per_row = generate_flops(arch, n, s, sample_tiles(c.preprocess))
+        self.plan.note(f"generate: at most {per_row / 1e15:.3g} PFLOP per corpus row ({n} x {s} tokens)", name)
+        return [
+            self._engine_row(
+                name,
+                "generate",
+                "engine",
+                arch,
+                c.engine,
+                c.engine.max_batch,
+                s,
+                c.sampling.max_new_tokens,
+                False,
+                None,
+            )
+        ]
+
+    def _score(self, name: str, c: Any) -> list[Row]:
+        """A scorer's GPUs (a `local` one's actors); an `openai` judge runs outside the planned GPUs."""
+        s = c.scorer
+        gpus = math.ceil(getattr(s, "num_actors", 1) * getattr(s, "num_gpus", 0.0))
+        if s.kind == "openai":
+            self.plan.note(f"scorer at {s.base_url} (model {s.model!r}): served outside the GPUs planned here", name)
+        elif gpus:
+            self.plan.note(f"{s.kind} scorer: its {gpus} GPUs are counted, its model's memory is not sized", name)
+        return [Row(name, "score", s.kind, gpus)]
+
+    def _select(self, name: str, c: Any) -> list[Row]:
+        return [Row(name, "select", "cpu")]
+
     def _engine_row(
         self,
         name: str,
@@ -329,8 +368,8 @@ class Planner:
                 self.plan.note(f"vLLM KV cache room for ~{int(spare // act)} sequences of {s} tokens per engine", name)
             if not _engine_registered("vllm"):
                 self._assume("engine kind 'vllm' (not registered in r1v.rl.engines)", name)
-        n = e.num_engines if kind == "grpo" else 1  # eval builds one engine in the stage's process
-        gpus = n * tp if e.num_gpus > 0 or kind == "eval" else 0
+        # grpo's rollout engines, or the engine actors of eval and generate (r1v.eval.actors), num_gpus each
+        gpus = e.num_engines * tp if e.num_gpus > 0 else 0
         return Row(name, kind, role, gpus, arch.params(), None, (weights, None, None, act), flops, out)
 
 

@@ -339,6 +339,7 @@ MODEL_FIELDS: dict[str, tuple[str, ...]] = {
     "grpo": ("model",),
     "eval": ("model",),
     "data.import": ("model",),
+    "generate": ("model",),
 }
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import r1v.data.import_stage  # noqa: F401  (registers data.import)
 import r1v.model.assemble_stage  # noqa: F401  (registers model.assemble)
+import r1v.score.stages  # noqa: F401  (registers score, generate, select)
 import r1v.world.stages  # noqa: F401  (registers data.world, model.world)
 from r1v.config import (
     EvalConfig,

@@ -24,6 +24,9 @@ OUTPUTS = {  # what each stage kind returns (r1v.stages and friends): every @sta
     "sft": {"model", "quarantine"},
     "grpo": {"model"},
     "eval": {"predictions", "summary"},
+    "score": {"corpus", "quarantine", "summary"},
+    "generate": {"corpus", "samples", "quarantine", "summary"},
+    "select": {"corpus", "counts", "quarantine"},
 }
 
 
@@ -198,33 +201,53 @@ def test_parse_memory():
 
 
 def test_r1v_38b_loads_with_the_papers_numbers():
+    from r1v.score.config import GenerateConfig, ScoreConfig, SelectConfig
     from r1v.workflow import topo_order
 
     wf = load_workflow(R1V_38B)  # placeholder paths: nothing needs to exist
-    stages = wf.config.stages
+    stages, cfg = wf.config.stages, wf.stage_configs
     assert all(s.kind in STAGE_CONFIGS for s in stages.values())
-    assert [s for s in topo_order(wf) if stages[s].kind != "data.import"][:6] == [
+    rounds = [f"round{t}_{s}" for t in (1, 2, 3, 4) for s in ("generate", "select", "sft")]
+    order = [s for s in topo_order(wf) if stages[s].kind not in ("data.import", "eval")]
+    assert order == [
         "substitute",
         "align_2m",
+        "judge_align",
+        "data_hq",
         "align_hq",
         "align_cot",
         "reassemble",
         "sft",
+        "rm_full",
+        *rounds,
+        "grpo_prompts",
+        "grpo",
     ]
-    for name, c in wf.stage_configs.items():  # every reference names an output its stage kind makes
+    for name, c in cfg.items():  # every reference names an output its stage kind makes
         for value in c.model_dump(mode="json").values():
             if isinstance(value, str) and (m := re.match(r"^@(\w+)\.(\w+)$", value)):
                 assert m.group(2) in OUTPUTS[stages[m.group(1)].kind], (name, value)
     assert {stages[n].kind for n in ("substitute", "reassemble")} == {"model.assemble"}
-    assert wf.stage_configs["reassemble"].projector == "from_vision"
+    assert cfg["reassemble"].projector == "from_vision"
 
-    sfts = {n: c for n, c in wf.stage_configs.items() if isinstance(c, SFTConfig)}
+    # projector initialisation: 2M at 2e-4, the judge's subset at 4e-5, 40K CoT at 4e-5; then the hybrid
+    # optimisation: Stage 1, and four rounds at 1e-4 then 2e-5
+    sfts = {n: c for n, c in cfg.items() if isinstance(c, SFTConfig)}
     assert {n: c.optim.lr for n, c in sfts.items()} == {
         "align_2m": 2e-4,
         "align_hq": 4e-5,
         "align_cot": 4e-5,
         "sft": 4e-5,
+        "round1_sft": 1e-4,
+        "round2_sft": 2e-5,
+        "round3_sft": 2e-5,
+        "round4_sft": 2e-5,
     }
+    assert [sfts[n].model for n in ("align_2m", "align_hq", "align_cot")] == [
+        "@substitute.model",
+        "@align_2m.model",
+        "@align_hq.model",
+    ]
     for c in sfts.values():
         t = c.trainer
         assert t.num_workers * c.batch_size * c.grad_accum == 512 and c.epochs == 1
@@ -236,12 +259,45 @@ def test_r1v_38b_loads_with_the_papers_numbers():
             ["projector"],
             12,
         )
-    g = wf.stage_configs["grpo"]
-    assert isinstance(g, GRPOConfig)
+
+    # the judge-chosen subset: an LLM judge (a served endpoint, key from the environment) scores the 2M corpus
+    judge, hq = cfg["judge_align"], cfg["data_hq"]
+    assert isinstance(judge, ScoreConfig) and isinstance(hq, SelectConfig)
+    assert judge.corpus == "@data_align.corpus" and judge.scorer.kind == "openai"
+    assert judge.scorer.api_key_env and judge.scorer.images
+    assert (hq.corpus, hq.score_column, hq.errors) == ("@judge_align.corpus", judge.column, None)
+    assert sfts["align_hq"].corpus == "@data_hq.corpus"
+
+    # iterative SFT: round t answers D with M_{t-1}, selects RM >= tau_t plus those errors, trains M_{t-1} on it
+    rm = cfg["rm_full"]
+    assert isinstance(rm, ScoreConfig) and rm.corpus == "@data_full.corpus" and rm.scorer.kind == "openai"
+    assert (rm.column, rm.min_score, rm.max_score) == ("rm_score", 0, 5)
+    for t, tau in zip((1, 2, 3, 4), (2, 3, 4, 5), strict=True):
+        gen, sel, sft = cfg[f"round{t}_generate"], cfg[f"round{t}_select"], cfg[f"round{t}_sft"]
+        assert isinstance(gen, GenerateConfig) and isinstance(sel, SelectConfig)
+        m_prev = "@sft.model" if t == 1 else f"@round{t - 1}_sft.model"
+        assert (gen.model, gen.corpus, gen.greedy) == (m_prev, "@data_full.corpus", True)
+        assert (sel.corpus, sel.score_column, sel.tau) == ("@rm_full.corpus", "rm_score", tau)
+        assert (sel.errors, sel.error_if) == (f"@round{t}_generate.corpus", "wrong")
+        assert (sft.model, sft.corpus) == (m_prev, f"@round{t}_select.corpus")
+        assert cfg[f"round{t}_eval"].model == f"@round{t}_sft.model"
+        assert cfg[f"round{t}_eval"].report_stage == f"round{t}_sft"
+
+    # GRPO on the prompts of D with RM = 5, from the last round's model
+    g, prompts = cfg["grpo"], cfg["grpo_prompts"]
+    assert isinstance(g, GRPOConfig) and isinstance(prompts, SelectConfig)
+    assert (g.model, g.corpus) == ("@round4_sft.model", "@grpo_prompts.corpus")
+    assert (prompts.corpus, prompts.tau, prompts.errors) == ("@rm_full.corpus", rm.max_score, None)
     assert (g.optim.lr, g.group_size, g.sampling.temperature, g.sampling.max_new_tokens) == (1e-6, 8, 1.0, 8192)
-    evals = [c for c in wf.stage_configs.values() if isinstance(c, EvalConfig)]
-    assert {c.benchmark for c in evals} == {"mmmu", "mathvista", "math500", "aime24"}
-    for c in evals:
+    evals = {n: c for n, c in cfg.items() if isinstance(c, EvalConfig)}
+    assert {c.benchmark for c in evals.values()} == {"mmmu", "mathvista", "math500", "aime24"}
+    assert {evals[n].benchmark for n in evals if evals[n].model == "@grpo.model"} == {
+        "mmmu",
+        "mathvista",
+        "math500",
+        "aime24",
+    }
+    for c in evals.values():
         s = c.sampling
         assert (c.samples, s.temperature, s.top_p, s.repetition_penalty, s.max_new_tokens) == (
             5,
@@ -262,7 +318,15 @@ def test_r1v_38b_plan_fits_64_gpus_of_80gb(capsys):
     for name in wf.config.stages:
         assert re.search(rf"^{name}\s", out, re.M), name
     assert re.search(r"^align_2m\s+sft\s+train\s+64\s+38\.39B\s+91\.79M\s.*\syes\s", out, re.M)
-    assert "activation_checkpointing: align_2m" in out and "grpo_micro_batch=1: grpo" in out
+    for t in (1, 2, 3, 4):  # the rounds: 64 GPUs of vLLM engines answer D; the judge's endpoint costs none here
+        assert re.search(rf"^round{t}_generate\s+generate\s+engine\s+64\s+38\.39B\s.*\syes\s", out, re.M)
+        assert re.search(rf"^round{t}_select\s+select\s+cpu\s+-\s", out, re.M)
+        assert re.search(rf"^round{t}_sft\s+sft\s+train\s+64\s.*\syes\s", out, re.M)
+    assert re.search(r"^rm_full\s+score\s+openai\s+-\s", out, re.M)
+    assert re.search(r"served outside the GPUs planned here \(rm_full\)", out)
+    assert re.search(r"generate: at most [\d.]+ PFLOP per corpus row .*\(round1_generate, round2_generate", out)
+    assert "activation_checkpointing: align_2m" in out and "round4_sft, grpo" in out
+    assert "grpo_micro_batch=1: grpo" in out
     assert "every stage fits on 64 GPUs x 80.0 GB" in out
 
 
@@ -352,3 +416,35 @@ stages:
     assert rows["a"].params == rows["s"].params == sum(x.numel() for x in vlm.parameters())
     assert rows["s"].trainable == sum(x.numel() for x in vlm.model.multi_modal_projector.parameters())
     assert any(n.startswith("a.vision: ") and n.endswith("/config.json") for n in plan.notes)
+
+
+def test_generate_score_select_are_sized(tmp_path, capsys):
+    """generate: engine actors x tensor-parallel GPUs, like eval; score: a local scorer's GPUs, an openai judge
+    none; select: CPU. Too few GPUs for the engines is refused, naming the stage."""
+    p = _write(
+        tmp_path,
+        """name: x
+plan: {architectures: {a.vision: InternViT-300M-448px, a.llm: Qwen2.5-1.5B-Instruct}}
+stages:
+  a: {kind: model.assemble, config: {vision: /v, llm: /l}}
+  rm: {kind: score, config: {corpus: /c, scorer: {kind: local, model: /rm, head: reward, num_actors: 3,
+                                                    num_gpus: 0.5}}}
+  judge: {kind: score, config: {corpus: /c, scorer: {kind: openai, base_url: "http://j:1/v1", model: j}}}
+  gen: {kind: generate, config: {model: "@a.model", corpus: /c, greedy: true, samples: 3,
+                                 sampling: {max_new_tokens: 1000}, preprocess: {max_length: 1000},
+                                 engine: {kind: vllm, num_engines: 3, num_gpus: 2}}}
+  ev: {kind: eval, config: {model: "@a.model", benchmark: math500, engine: {num_engines: 2, num_gpus: 1}}}
+  sel: {kind: select, config: {corpus: "@rm.corpus", tau: 3, errors: "@gen.corpus"}}
+""",
+    )
+    plan = Planner(load_workflow(p), 8, 80e9).run()
+    rows = {r.stage: r for r in plan.rows}
+    assert (rows["gen"].gpus, rows["gen"].role, rows["gen"].params) == (6, "engine", rows["a"].params)
+    assert rows["gen"].mem[0] == pytest.approx(2.0 * rows["a"].params / 2)  # bf16 weights over 2-way TP
+    assert (rows["ev"].gpus, rows["rm"].gpus, rows["judge"].gpus, rows["sel"].gpus) == (2, 2, 0, 0)
+    assert (rows["rm"].role, rows["judge"].role, rows["sel"].role) == ("local", "openai", "cpu")
+    note = next(n for n in plan.notes if n.startswith("generate: "))
+    assert "(4 x 2000 tokens)" in note  # one greedy + 3 sampled generations of 1000 + 1000 tokens per row
+    assert any("http://j:1/v1" in n for n in plan.notes) and any(n.startswith("local scorer") for n in plan.notes)
+    assert main(["plan", str(p), "--gpus", "4", "--gpu-memory", "80GB"]) == 1
+    assert "refused: stage 'gen' needs 6 GPUs, 2 more than the 4 given" in capsys.readouterr().err

@@ -75,7 +75,7 @@ def image_features(
     return out.reshape(-1, out.shape[-1])
 
 
-def multimodal_logits(
+def multimodal_hidden(
     model: InternVLForConditionalGeneration,
     input_ids: Tensor,
     attention_mask: Tensor | None = None,
@@ -85,9 +85,10 @@ def multimodal_logits(
     features: Tensor | None = None,
     position_ids: Tensor | None = None,
 ) -> Tensor:
-    """Logits [B, T, V]: image features scattered into the `<IMG_CONTEXT>` slots, then the LLM and lm_head.
+    """The LLM's last hidden states [B, T, H], image features scattered into the `<IMG_CONTEXT>` slots.
 
-    Equals `model(input_ids, attention_mask, pixel_values).logits` when `projector` is None.
+    Callers that need only some positions' logits (GRPO: the response tokens) cut these before `lm_head`, so
+    no [B, T, V] tensor of the whole batch is built.
     """
     embeds = model.get_input_embeddings()(input_ids)
     mask = input_ids == model.config.image_token_id
@@ -102,7 +103,25 @@ def multimodal_logits(
         embeds = embeds.masked_scatter(mask.unsqueeze(-1), feats)
     elif n_slots:
         raise ValueError(f"input_ids hold {n_slots} <IMG_CONTEXT> tokens but no pixel_values were given")
-    hidden = model.model.language_model(
+    return model.model.language_model(
         inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     ).last_hidden_state
+
+
+def multimodal_logits(
+    model: InternVLForConditionalGeneration,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    pixel_values: Tensor | None = None,
+    projector: nn.Module | None = None,
+    *,
+    features: Tensor | None = None,
+    position_ids: Tensor | None = None,
+) -> Tensor:
+    """Logits [B, T, V] (`multimodal_hidden`, then lm_head).
+
+    Equals `model(input_ids, attention_mask, pixel_values).logits` when `projector` is None.
+    """
+    hidden = multimodal_hidden(model, input_ids, attention_mask, pixel_values, projector, features=features,
+                               position_ids=position_ids)
     return model.lm_head(hidden)

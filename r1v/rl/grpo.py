@@ -1,16 +1,20 @@
 """GRPO with rule-based rewards: rollout actors generate, Ray Train workers under DeepSpeed update.
 
-One step, on every worker (each owns a slice of the prompts, all G samples of a prompt stay on one worker):
-  1. ask its rollout engine for G samples of each of its prompts;
-  2-5. `r1v.rl.update.grpo_update`, which needs no Ray: score rewards, compute group advantages; vision
-     features once per prompt (frozen tower), reused by the old, reference and policy passes; old log-probs
-     (current policy) and reference log-probs (frozen backbones + the *starting* projector); clipped-surrogate
-     (+ optional k3 KL) updates;
-  6. gather the trainable tensors; rank 0 pushes them to every engine before the next rollout.
+One step, on every worker (each owns a slice of the prompts, all G samples of a prompt stay on one worker),
+in named phases (the shape of EasyR1's trainer):
+  rollout   its engine actor returns G samples per prompt (`r1v.rl.rollout.collect`, which also scores them
+            and, with DAPO's dynamic sampling, drops zero-signal groups and rolls out more); ranks ask their own
+            engines at the same time (one engine actor per rank is the fast layout)
+  replay    optional: R1V2's Selective Sample Buffer puts earlier non-zero-advantage samples in the place of
+            zero-advantage groups
+  prepare, logprobs, update   `r1v.rl.update.grpo_update`, without Ray: vision features once per prompt;
+            PPO mini-batches of micro-batches, the loss normalised over all ranks and micro-batches
+  sync      the trainable tensors, gathered, go from rank 0 to every engine
+then the step's metrics, all-reduced by name.
 
 Prompts are taken in passes over the worker's slice, each pass in a permutation seeded by (seed, pass, rank):
 the prompts of a step are a function of the step number alone, so a run resumed at step k takes the same
-prompts as one that never stopped. The policy loss is a token mean over the response tokens of all ranks.
+prompts as one that never stopped.
 """
 
 from __future__ import annotations
@@ -25,10 +29,18 @@ import numpy as np
 from r1v.config import GRPOConfig
 from r1v.rl.engines import Request
 from r1v.rl.rewards import load_reward_modules
-from r1v.rl.update import RolloutBatch, grpo_update, reference_projector
+from r1v.rl.update import RolloutBatch, batch_sizes, grpo_update, reference_projector
 from r1v.train import checkpoint
 from r1v.train.device import engine_device, engine_dtype
-from r1v.train.engine import all_reduce_sum, barrier, export_model, init_engine, named_tensors
+from r1v.train.engine import (
+    all_reduce_named,
+    all_reduce_sum,
+    apply_activation_checkpointing,
+    barrier,
+    export_model,
+    init_engine,
+    named_tensors,
+)
 from r1v.train.launch import setup_worker
 from r1v.train.loading import load_for_training
 
@@ -63,13 +75,68 @@ def step_prompts(n: int, step: int, per_step: int, seed: int, rank: int, shuffle
     return out
 
 
+def step_metrics(rounds: list[RolloutBatch], rb: RolloutBatch, out: dict[str, Any], extra: dict[str, float]
+                 ) -> dict[str, float]:
+    """This rank's sums for a step, by name (`finish_metrics` turns the all-ranks sums into means). Rewards are
+    those of every sample generated this step (all dynamic-sampling rounds), not only the ones trained on."""
+    gen = [(cp, r) for b in rounds for cp, r in zip(b.flat, b.rewards, strict=True)]
+    sums = {"samples": float(len(gen)), "reward": sum(r for _, r in gen),
+            "response_length": float(sum(len(cp.token_ids) for cp, _ in gen)),
+            "finished_fraction": float(sum(cp.finished for cp, _ in gen)),
+            "loss": out["loss"], "kl": out["kl"], "loss_tokens": out["loss_tokens"],
+            "mismatch_abs_sum": out["mismatch_abs_sum"], "mismatch_tokens": out["mismatch_tokens"],
+            "optimizer_steps": out["optimizer_steps"]}
+    for b in rounds:
+        for k, v in b.reward_parts.items():
+            sums[f"reward_{k}"] = sums.get(f"reward_{k}", 0.0) + sum(v)
+    for k, v in out["token_stats"].items():
+        sums[f"tok_{k}"] = v
+    for k, v in out["failures"].items():
+        sums[f"reward_failures_{k}"] = float(v)
+    for k, v in out["timings"].items():
+        sums[f"time_{k}"] = v
+    return {**sums, **extra}
+
+
+def finish_metrics(g: dict[str, float], world: int) -> dict[str, float]:
+    """Means over samples / tokens / ranks from the all-reduced sums of `step_metrics`."""
+    n, tok = max(g.pop("samples"), 1.0), max(g.pop("loss_tokens"), 1.0)
+    m = {"reward": g.pop("reward") / n, "response_length": g.pop("response_length") / n,
+         "finished_fraction": g.pop("finished_fraction") / n, "loss": g.pop("loss") / world,
+         "kl": g.pop("kl") / world, "optimizer_steps": g.pop("optimizer_steps") / world}
+    mis_tok = g.pop("mismatch_tokens")
+    mis = g.pop("mismatch_abs_sum")
+    if mis_tok:
+        m["logprob_mismatch"] = mis / mis_tok  # mean |trainer - rollout engine| log-prob per response token
+    for k in list(g):
+        if k.startswith("reward_failures_") or k in ("replayed", "sync_bytes") or k.startswith("groups_"):
+            m[k] = g.pop(k)
+        elif k.startswith("reward_"):
+            m[k] = g.pop(k) / n
+        elif k.startswith("tok_"):
+            m[k[4:]] = g.pop(k) / tok
+        elif k.startswith("time_"):
+            m[f"{k[5:]}_seconds"] = g.pop(k) / world  # mean over ranks
+        else:
+            m[k] = g.pop(k) / world
+    if "reward_accuracy" in m:
+        m["accuracy"] = m["reward_accuracy"]
+    return m
+
+
 def grpo_loop(cfg: dict[str, Any]) -> None:
     """Ray Train worker function: Ray brings the prompts' completions (rollout actors) and the checkpoints; the
-    update itself is `r1v.rl.update.grpo_update`, which runs without Ray."""
+    phases after the rollout (`r1v.rl.update`) run without Ray.
+
+    One step: rollout (+ score, dynamic sampling: `r1v.rl.rollout.collect`) -> replay (optional) -> prepare,
+    log-probs, update (`grpo_update`) -> sync (trainable tensors to the engines) -> metrics, all-reduced by name.
+    """
     import ray
 
     from r1v.model.assemble import tile_size
     from r1v.model.freeze import apply_freeze
+    from r1v.rl.rollout import collect, replay
+    from r1v.rl.sampling import SelectiveSampleBuffer
     from r1v.tracking import RunLogger
 
     c = GRPOConfig.model_validate(cfg["config"])
@@ -79,13 +146,23 @@ def grpo_loop(cfg: dict[str, Any]) -> None:
     engines = cfg["engines"]
     rollout = engines[rank % len(engines)]
     prompts, bad = load_prompts(c, rank, world)
+    for i, p in enumerate(prompts):
+        p["_index"] = i  # the replay buffer keeps this index, not the row (its state goes into a JSON checkpoint)
     model, tok = load_for_training(c.model, c.trainer)  # ZeRO-3: partitioned from the start
     counts = apply_freeze(model, c.trainable)
-    engine = init_engine(model, c.trainer, c.optim, c.steps * c.ppo_epochs, c.prompts_per_step * c.group_size)
+    if c.trainer.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    n_batch = c.prompts_per_step * c.group_size
+    mini, micro = batch_sizes(c, n_batch)
+    engine = init_engine(model, c.trainer, c.optim, c.steps * c.ppo_epochs * (n_batch // mini), micro,
+                         mini // micro)
     # The KL reference: frozen backbones + the projector as it starts, on the engine's device and in its dtype.
     ref_projector = (reference_projector(engine.module, engine_device(engine), engine_dtype(engine))
                      if c.kl_coef > 0 else None)
     state = checkpoint.restore(engine, rank) or {"step": 0}
+    buffer = SelectiveSampleBuffer(c.replay.capacity)
+    if state.get("replay"):
+        buffer.load_state_dict(state["replay"])
     module = engine.module
     tile = tile_size(model)
     quarantined = sum(all_reduce_sum([float(len(bad))]))
@@ -94,44 +171,53 @@ def grpo_loop(cfg: dict[str, Any]) -> None:
         log.metrics({"prompts_quarantined": quarantined}, 0)
         print(f"[grpo] trainable {counts}; {len(prompts)} prompts on rank 0; starting at step {state['step']}")
 
-    def push_weights() -> None:
+    def push_weights() -> tuple[float, float]:
+        t0 = time.perf_counter()
         tensors = named_tensors(module, only_trainable=True, rank=rank)
         if rank == 0:
             ray.get([e.update_weights.remote(tensors) for e in engines])
         barrier()
+        return time.perf_counter() - t0, float(sum(t.numel() * t.element_size() for t in tensors.values()))
 
     push_weights()  # engines start from the base checkpoint; after a resume they need the trained tensors
     for step in range(state["step"] + 1, c.steps + 1):
-        t0 = time.time()
-        idx = step_prompts(len(prompts), step, c.prompts_per_step, c.trainer.seed, rank, c.shuffle)
-        batch_prompts = [prompts[i] for i in idx]
-        reqs = [Request(p["input_ids"], p["pixel_values"], p["n_tiles"]) for p in batch_prompts]
-        comps = ray.get(rollout.generate.remote(reqs, c.sampling.model_dump(), c.group_size,
-                                                c.trainer.seed * 100_003 + step * 1009 + rank))
-        t_gen = time.time() - t0
-        rb = RolloutBatch(batch_prompts, comps)
+        t0 = time.perf_counter()
+
+        def prompts_for_round(r: int, step: int = step) -> list[dict[str, Any]]:
+            # round 0 is the step's own prompts; refill rounds draw from streams of their own, so the prompts
+            # of (step, round) are fixed whatever happened before: a resumed run takes the same ones
+            idx = step_prompts(len(prompts), step, c.prompts_per_step, c.trainer.seed + 1_000_003 * r, rank,
+                               c.shuffle or r > 0)
+            return [prompts[i] for i in idx]
+
+        def generate(ps: list[dict[str, Any]], r: int, step: int = step) -> list[list[Any]]:
+            reqs = [Request(p["input_ids"], p["pixel_values"], p["n_tiles"]) for p in ps]
+            return ray.get(rollout.generate.remote(reqs, c.sampling.model_dump(), c.group_size,
+                                                   c.trainer.seed * 100_003 + step * 1009 + rank + 7919 * r))
+
+        rb, extra, rounds = collect(generate, prompts_for_round, c)
+        if c.replay.enabled:
+            rng = np.random.default_rng([c.trainer.seed % 2**63, step, rank, 17])
+            rb, extra["replayed"] = replay(rb, buffer, c, prompts, rng)
         out = grpo_update(engine, rb, c, tok.pad_token_id, tile, world, ref_projector)
-        push_weights()
-        flat, samples, total, per = rb.flat, rb.samples, out["total"], out["per"]
-        n = float(len(flat))
-        sums = all_reduce_sum([sum(total), sum(per.get("accuracy", [0.0])), sum(len(cp.token_ids) for cp in flat),
-                               n, out["loss"], out["kl"], out["clip_frac"],
-                               float(sum(cp.finished for cp in flat)), t_gen])
+        t_sync, sync_bytes = push_weights()
+        out["timings"]["sync"] = t_sync
+        extra["sync_bytes"] = sync_bytes / world  # rank 0's tensors, summed over ranks by the all-reduce
+        sums = all_reduce_named(step_metrics(rounds, rb, out, extra))
         if rank == 0:
-            metrics = {"reward": sums[0] / sums[3], "accuracy": sums[1] / sums[3],
-                       "response_length": sums[2] / sums[3], "finished_fraction": sums[7] / sums[3],
-                       "loss": sums[4] / world, "kl": sums[5] / world, "clip_frac": sums[6] / world,
-                       "lr": engine.get_lr()[0], "rollout_seconds": sums[8] / world,
-                       "step_seconds": time.time() - t0}
-            metrics.update({f"reward_{k}": sum(v) / len(v) for k, v in per.items()})
+            metrics = finish_metrics(dict(sums), world)
+            metrics.update(lr=engine.get_lr()[0], step_seconds=time.perf_counter() - t0)
             log.metrics(metrics, step)
             print(f"[grpo] step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
             if step % c.sample_log_every == 0 or step == 1:
+                first = rounds[0]
                 log.table_rows([{"step": step, "id": s["id"], "answer": s["answer"], "completion": cp.text,
-                                 "reward": r} for s, cp, r in zip(samples, flat, total, strict=True)],
+                                 "reward": r} for s, cp, r in zip(first.samples, first.flat, first.rewards,
+                                                                   strict=True)],
                                f"samples/step-{step:05d}.jsonl")
         if step % c.checkpoint_every == 0 or step == c.steps:
-            checkpoint.save(engine, step, {"step": step}, {"reward": sums[0] / sums[3]}, rank)
+            checkpoint.save(engine, step, {"step": step, "replay": buffer.state_dict() if c.replay.enabled else None},
+                            {"reward": sums["reward"] / max(sums["samples"], 1.0)}, rank)
 
     export_model(engine, c.model, Path(cfg["stage_dir"]) / "model", rank)
 

@@ -155,6 +155,26 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.cpu().tolist()
 
 
+def all_reduce_named(values: dict[str, float]) -> dict[str, float]:
+    """Sums over ranks by name. Ranks may hold different names (e.g. a reward failure seen on one rank only):
+    the union is taken first, a name a rank lacks counts 0 there."""
+    names = sorted(set().union(*[set(k) for k in gather_objects(sorted(values))]))
+    return dict(zip(names, all_reduce_sum([float(values.get(k, 0.0)) for k in names]), strict=True))
+
+
+def apply_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute the LLM's layer activations in backward (non-reentrant: gradients reach the projector through
+    the frozen LLM's inputs). HF layers checkpoint only in training mode, hence `train()` on the LLM; r1v's
+    models have no dropout, so that changes nothing else."""
+    lm = model.model.language_model
+    kwargs = {"use_reentrant": False}
+    if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns there
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    lm.train()
+
+
 def all_reduce_max(value: int) -> int:
     t = torch.tensor([value], dtype=torch.long, device=collective_device())
     if dist.is_available() and dist.is_initialized():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from r1v.rl.algos import ADVANTAGES, KL_ESTIMATORS, POLICY_LOSSES, masked_mean, token_logprobs
+from r1v.rl.algos import ADVANTAGES, KL_ESTIMATORS, clipped_surrogate, masked_mean, token_logprobs
 from r1v.rl.rewards import REWARDS, extract_answer, score
 
 
@@ -22,7 +22,7 @@ def test_mean_centred_advantages_do_not_rescale():
 
 
 def test_clipped_surrogate_clips_and_pushes_towards_advantage():
-    loss_fn = POLICY_LOSSES.get("clipped_surrogate")
+    loss_fn = clipped_surrogate
     old = torch.zeros(2, 3)
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
     adv = torch.tensor([1.0, -1.0])
@@ -52,7 +52,7 @@ def test_token_logprobs_and_masked_mean():
 
 
 def test_unknown_estimator_names_the_known_ones():
-    with pytest.raises(KeyError, match="known: grpo"):
+    with pytest.raises(KeyError, match="known: dr_grpo, grpo"):
         ADVANTAGES.get("nope")
 
 
@@ -79,7 +79,7 @@ def test_score_weights_rewards():
 def test_global_token_mean_over_ranks_weighs_every_token_alike():
     """With tokens = global response tokens / world, DeepSpeed's average over ranks of each rank's loss is the
     token mean over all ranks' tokens, however unevenly the responses are spread."""
-    loss_fn = POLICY_LOSSES.get("clipped_surrogate")
+    loss_fn = clipped_surrogate
     gen = torch.Generator().manual_seed(0)
     ranks = []
     for n_tok in (2, 11):  # rank 0: short responses, rank 1: long ones

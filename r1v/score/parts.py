@@ -1,0 +1,77 @@
+"""Corpus versions written part by part, so that a long stage resumes where it stopped.
+
+A stage writes its parts into `STAGE/work/` (each part file atomically: temp name, then rename; the part is
+written last, after its quarantine, so its presence means "done") and, when every part is there, renames the
+folder to its output name in one step. A resumed attempt skips the parts already there. Output corpora keep the
+input's columns (extra score columns included) and add their own.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from r1v.data.reader import corpus_files
+from r1v.data.schema import QUARANTINE_SCHEMA
+
+ROW_GROUP_ROWS = 64  # the reader's unit of parallelism (r1v.data.schema.write_corpus)
+
+
+def write_table(table: pa.Table, path: Path) -> None:
+    """`table` as one Parquet file, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS)
+    os.replace(tmp, path)
+
+
+def quarantine_table(records: list[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist([{k: str(r.get(k) or "") for k in QUARANTINE_SCHEMA.names} for r in records],
+                                schema=QUARANTINE_SCHEMA)
+
+
+def merge_quarantine(work: Path, out: Path) -> pa.Table:
+    """Every `quarantine-*.parquet` of `work` as one file `out` (written even when empty)."""
+    tables = [pq.read_table(p) for p in sorted(work.glob("quarantine-*.parquet"))]
+    table = pa.concat_tables(tables) if tables else QUARANTINE_SCHEMA.empty_table()
+    write_table(table, out)
+    return table
+
+
+def publish(work: Path, target: Path, pattern: str = "part-*.parquet") -> Path:
+    """Move `work`'s files matching `pattern` into a new directory `target`, renamed in one step (nothing to do
+    when `target` exists: a resumed stage that had published it)."""
+    if target.exists():
+        return target
+    staging = work / f".{target.name}"
+    staging.mkdir(parents=True, exist_ok=True)
+    for p in sorted(work.glob(pattern)):
+        os.replace(p, staging / p.name)
+    if not any(staging.iterdir()):
+        raise RuntimeError(f"{work}: no {pattern} to publish")
+    os.replace(staging, target)
+    return target
+
+
+def iter_chunks(corpus: str | Path, rows: int, columns: list[str] | None = None
+                ) -> Iterator[tuple[int, int, pa.Table]]:
+    """(chunk index, rows before it, table) over the corpus's files in order, `rows` rows at most per chunk;
+    chunks never span files, so the same corpus always gives the same chunks."""
+    k = offset = 0
+    for f in corpus_files(corpus):
+        pf = pq.ParquetFile(f)
+        cols = [c for c in columns if c in pf.schema_arrow.names] if columns else None
+        for batch in pf.iter_batches(batch_size=rows, columns=cols):
+            yield k, offset, pa.Table.from_batches([batch])
+            k += 1
+            offset += batch.num_rows
+
+
+def corpus_schema(corpus: str | Path) -> pa.Schema:
+    """The schema of the corpus's first part file."""
+    return pq.ParquetFile(corpus_files(corpus)[0]).schema_arrow
