@@ -1,226 +1,113 @@
-"""A small LaTeX-to-SymPy converter for answer strings.
+"""LaTeX answers to SymPy through ``latex2sympy2``, the parser the official scorers call.
 
-The official MATH/AIME and MATH-Vision scorers lean on ``latex2sympy2`` (an ANTLR grammar pinned to an old
-runtime).  Final answers are short expressions, so a dependency-free converter covering fractions, roots,
-powers, the usual functions and constants, and implicit multiplication is enough and keeps the project
-installable.  The output of :func:`latex_to_python` uses a fixed vocabulary and is checked before SymPy's
-``parse_expr`` (which evaluates Python) ever sees it, so model output cannot run code.
+MATH-Vision's ``evaluation/utils.py`` and Qwen2.5-Math's ``evaluation/grader.py`` both convert answers with
+``latex2sympy2.latex2sympy`` (Qwen vendors the same 1.9 code, regenerated for antlr 4.11; the PyPI wheel pins
+antlr runtime 4.7.2).  Using the library itself, rather than a look-alike, keeps its leniency where the
+official scorer relies on it: it reads the longest valid prefix, so MATH-V's
+``\\frac{7}{32}}.theansweris:\\frac{7}{32`` is 7/32 for us as for them.  The MATH/AIME grader and the
+rewards ask for a ``strict`` parse of the whole string instead (Qwen's grader gets that strictness from the
+two parsers it tries first, below).
+
+``math-verify`` is not used: its ``latex2sympy2_extended`` needs antlr runtime >= 4.9.3, which cannot be
+installed next to the 4.7.2 that ``latex2sympy2`` pins.  SymPy's own ``parse_latex`` (tried first by Qwen's
+grader) needs antlr 4.11 for the same reason and is skipped; ``parse_expr`` (tried second) executes Python on
+model output and is skipped too.
+
+Parsing and evaluation can take unbounded time on hostile input (``9^{9^{9^9}}``): callers run them under
+the per-item time bound of :mod:`r1v.eval.pool`.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from functools import lru_cache
+from typing import Any
 
-import sympy
-from sympy.parsing.sympy_parser import (
-    convert_xor,
-    implicit_multiplication_application,
-    parse_expr,
-    standard_transformations,
-)
+import latex2sympy2
+from antlr4 import CommonTokenStream, InputStream, Token
 
-FUNCTIONS = {
-    "sin",
-    "cos",
-    "tan",
-    "cot",
-    "sec",
-    "csc",
-    "arcsin",
-    "arccos",
-    "arctan",
-    "sinh",
-    "cosh",
-    "tanh",
-    "log",
-    "ln",
-    "exp",
-    "sqrt",
-    "root",
-    "binomial",
-    "Abs",
-    "factorial",
-}
-_CONSTANTS = {"pi", "oo"}
-_COMMAND_MAP = {
-    "cdot": "*",
-    "times": "*",
-    "ast": "*",
-    "div": "/",
-    "pi": " pi ",
-    "infty": " oo ",
-    "infinity": " oo ",
-    "ln": " log ",
-    "log": " log ",
-    "exp": " exp ",
-    "lfloor": "",
-    "rfloor": "",
-    "lceil": "",
-    "rceil": "",
-}
-for _f in ("sin", "cos", "tan", "cot", "sec", "csc", "arcsin", "arccos", "arctan", "sinh", "cosh", "tanh"):
-    _COMMAND_MAP[_f] = f" {_f} "
-_DROP = re.compile(r"\\(left|right|displaystyle|!|,|;|:|quad|qquad|big|Big|bigg|Bigg)(?![a-zA-Z])|\\ |\$")
-_WRAPPERS = ("text", "mathrm", "textbf", "mathbf", "mbox", "operatorname", "boldsymbol", "mathit")
-_TRANSFORMS = standard_transformations + (implicit_multiplication_application, convert_xor)
-_SAFE = re.compile(r"^[A-Za-z0-9\s+\-*/().,]*$")
+# Module-level state the library keeps between calls: ``:=`` assignments and matrix symbols in ``variances`` and
+# ``var``; a differential such as ``dx`` (or the ``do`` of a lower-cased "dog") even rebinds ``var`` to a Symbol,
+# after which every letter fails to parse until the process ends.  A fresh state per call makes a verdict
+# independent of which items the same worker graded before.
+_GLOBAL_STATE = ("variances", "var")
 
 
 class LatexError(ValueError):
-    """Raised when an answer string is outside the LaTeX subset this converter understands."""
+    """The library could not parse an answer string (its own errors are bare ``Exception``)."""
 
 
-def _group(s: str, i: int) -> tuple[str, int]:
-    """Read one argument at ``s[i]``: a brace group, a ``\\command``, or a single character."""
-    while i < len(s) and s[i] == " ":
-        i += 1
-    if i >= len(s):
-        raise LatexError("missing argument")
-    if s[i] == "{":
-        depth = 0
-        for j in range(i, len(s)):
-            if s[j] == "{":
-                depth += 1
-            elif s[j] == "}":
-                depth -= 1
-                if depth == 0:
-                    return s[i + 1 : j], j + 1
-        raise LatexError("unbalanced braces")
-    if s[i] == "\\":
-        m = re.match(r"\\[a-zA-Z]+", s[i:])
-        if m:
-            return m.group(0), i + m.end()
-    return s[i], i + 1
+@lru_cache(maxsize=8192)
+def latex2sympy(latex: str, strict: bool = False) -> Any:
+    """``latex2sympy2.latex2sympy(latex)`` from a clean parser state; any failure raises :class:`LatexError`.
 
-
-def _convert(s: str, depth: int = 0) -> str:
-    """Rewrite LaTeX into Python syntax, recursing into arguments (depth-bounded: pathological input)."""
-    if depth > 50:
-        raise LatexError("nesting too deep")
-    out: list[str] = []
-    i = 0
-    while i < len(s):
-        ch = s[i]
-        if ch == "\\":
-            m = re.match(r"\\([a-zA-Z]+)", s[i:])
-            if not m:
-                raise LatexError(f"bad command at {s[i : i + 5]!r}")
-            name = m.group(1)
-            i += m.end()
-            if name in ("frac", "dfrac", "tfrac", "cfrac", "binom", "dbinom", "tbinom"):
-                a, i = _group(s, i)
-                b, i = _group(s, i)
-                a, b = _convert(a, depth + 1), _convert(b, depth + 1)
-                out.append(f"(({a})/({b}))" if "frac" in name else f" binomial({a},{b}) ")
-            elif name == "sqrt":
-                idx = None
-                while i < len(s) and s[i] == " ":
-                    i += 1
-                if i < len(s) and s[i] == "[":
-                    close = s.find("]", i)
-                    if close < 0:
-                        raise LatexError("unclosed root index")
-                    idx, i = _convert(s[i + 1 : close], depth + 1), close + 1
-                a, i = _group(s, i)
-                a = _convert(a, depth + 1)
-                out.append(f" sqrt({a}) " if idx is None else f" root({a},{idx}) ")
-            elif name in _WRAPPERS:
-                a, i = _group(s, i)
-                out.append(_convert(a, depth + 1))
-            elif name in _COMMAND_MAP:
-                out.append(_COMMAND_MAP[name])
-            else:
-                raise LatexError(f"unsupported command \\{name}")
-        elif ch in "^":
-            a, i = _group(s, i + 1)
-            out.append(f"**({_convert(a, depth + 1)})")
-        elif ch == "{":
-            a, i = _group(s, i)
-            out.append(f"({_convert(a, depth + 1)})")
-        elif ch == "[":
-            out.append("(")
-            i += 1
-        elif ch == "]":
-            out.append(")")
-            i += 1
-        elif ch == "!":
-            out.append(" factorial_ ")
-            i += 1
-        else:
-            out.append(ch)
-            i += 1
-    return "".join(out)
-
-
-def _split_identifiers(expr: str) -> str:
-    """Keep known names; split other letter runs into single-letter symbols (``xy`` means ``x*y``)."""
-
-    def repl(m: re.Match[str]) -> str:
-        word = m.group(0)
-        if word in FUNCTIONS or word in _CONSTANTS or word == "factorial_":
-            return word
-        return "*".join(word)
-
-    return re.sub(r"[A-Za-z_]+", repl, expr)
-
-
-def latex_to_python(latex: str) -> str:
-    """Translate an answer string to a restricted Python expression; raise :class:`LatexError` otherwise."""
-    s = latex.strip()
-    s = s.replace("^{\\circ}", "").replace("^\\circ", "").replace("\\%", "").replace("%", "")
-    s = _DROP.sub(" ", s)
-    s = s.replace("\\{", "(").replace("\\}", ")")
-    expr = _convert(s)
-    expr = re.sub(
-        r"(\))\s*factorial_|(\w+)\s*factorial_", lambda m: f" factorial({m.group(1) or m.group(2)})", expr
-    )
-    if "factorial_" in expr:
-        raise LatexError("dangling factorial")
-    expr = _split_identifiers(expr)
-    expr = re.sub(r"(\d)\.(?!\d)", r"\1", expr)
-    expr = re.sub(r"(?<![\d.])0+(?=\d)", "", expr)
-    if not _SAFE.match(expr) or re.search(r"\.(?!\d)", expr) or "**(" * 20 in expr:
-        raise LatexError(f"unsafe or unsupported expression {expr!r}")
-    if not expr.strip():
-        raise LatexError("empty expression")
-    return expr
-
-
-_LOCALS: dict[str, object] = {
-    name: getattr(sympy, name) for name in ("sqrt", "root", "binomial", "Abs", "exp")
-}
-_LOCALS.update(
-    {
-        "sin": sympy.sin,
-        "cos": sympy.cos,
-        "tan": sympy.tan,
-        "cot": sympy.cot,
-        "sec": sympy.sec,
-        "csc": sympy.csc,
-        "arcsin": sympy.asin,
-        "arccos": sympy.acos,
-        "arctan": sympy.atan,
-        "sinh": sympy.sinh,
-        "cosh": sympy.cosh,
-        "tanh": sympy.tanh,
-        "log": sympy.log,
-        "ln": sympy.log,
-        "factorial": sympy.factorial,
-        "pi": sympy.pi,
-        "oo": sympy.oo,
-        "i": sympy.I,
-    }
-)
-for _c in "abcdefghjklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ":
-    _LOCALS[_c] = sympy.Symbol(_c)
-
-
-@lru_cache(maxsize=4096)
-def parse_latex_expr(latex: str) -> sympy.Expr:
-    """Parse an answer string to a SymPy expression (``i`` is the imaginary unit, other letters symbols)."""
-    expr = latex_to_python(latex)
+    The result is what the library returns: a SymPy expression, a relation, or a list for ``a, b`` (do not
+    mutate it: results are cached, since the pure-Python ANTLR parser takes milliseconds and gold answers
+    repeat across samples).  ``strict`` also fails when the grammar stops before the end of the input, where
+    the library silently returns the prefix (``52_8+x-x+2`` is 52): see :func:`parses_completely`.
+    """
+    if strict and not parses_completely(latex):
+        raise LatexError(f"trailing text the grammar does not read in {latex[:40]!r}")
+    for name in _GLOBAL_STATE:
+        setattr(latex2sympy2, name, {})
     try:
-        return parse_expr(expr, local_dict=dict(_LOCALS), transformations=_TRANSFORMS, evaluate=True)
-    except Exception as exc:  # parse_expr raises many types (SyntaxError, TypeError, TokenError...)
-        raise LatexError(f"cannot parse {expr!r}: {exc}") from exc
+        return latex2sympy2.latex2sympy(latex)
+    except RecursionError as exc:
+        raise LatexError(f"nesting too deep in {latex[:40]!r}") from exc
+    except Exception as exc:  # the library raises bare Exception (syntax) and many SymPy types
+        raise LatexError(str(exc).split("\n", 1)[0] or type(exc).__name__) from exc
+
+
+def _library_preprocess(latex: str) -> str:
+    """The string rewrites ``latex2sympy2.latex2sympy`` 1.9.1 applies before lexing (copied: it has no hook)."""
+    s = latex.replace(r"\dfrac", r"\frac").replace(r"\tfrac", r"\frac")
+    s = s.replace(r"\mathrm{T}", "T", -1)
+    s = s.replace(r"\mathrm{d}", "d", -1).replace(r"{\rm d}", "d", -1)
+    s = s.replace(r"\left[\begin{matrix}", r"\begin{bmatrix}", -1)
+    s = s.replace(r"\end{matrix}\right]", r"\end{bmatrix}", -1)
+    s = re.sub(r"\(([a-zA-Z0-9+\-*/\\ ]+?)\)_{([a-zA-Z0-9+\-*/\\ ]+?)}", r"\\frac{(\1)!}{((\1)-(\2))!}", s)
+    s = s.replace(r"\displaystyle", " ", -1)
+    s = s.replace(r"\quad", " ", -1).replace(r"\qquad", " ", -1).replace(r"~", " ", -1).replace(r"\,", " ", -1)
+    return s.replace(r"$", " ", -1)
+
+
+def parses_completely(latex: str) -> bool:
+    """Whether the library's grammar reads all of ``latex``.
+
+    Its top rule has no end-of-input anchor, so parsing stops quietly at the first token that cannot continue
+    the expression and the rest is dropped.  MATH-V's scorer depends on that (its greedy box extraction leaves
+    text after the answer); a reward or a MATH grader should not credit ``42)(43`` as 42.
+    """
+    text = _library_preprocess(latex)
+    listener = latex2sympy2.MathErrorListener(text)
+    lexer = latex2sympy2.PSLexer(InputStream(text))
+    lexer.removeErrorListeners()
+    lexer.addErrorListener(listener)
+    parser = latex2sympy2.PSParser(CommonTokenStream(lexer))
+    parser.removeErrorListeners()
+    parser.addErrorListener(listener)
+    try:
+        parser.math()
+    except Exception:  # a syntax error: the listener raises bare Exception; deep nesting raises RecursionError
+        return False
+    return parser.getCurrentToken().type == Token.EOF
+
+
+# What ``eval`` sees in MATH-V's ``utils.py``: ``from math import *`` at module level (so ``pi``, ``tau``,
+# ``log(100, 10)``, ``sqrt`` work while SymPy's ``E``, ``I``, ``oo`` and bare symbols are NameErrors).
+_MATH_NAMESPACE: dict[str, Any] = {k: getattr(math, k) for k in dir(math) if not k.startswith("_")}
+_SAFE_BUILTINS = {"abs": abs, "round": round, "min": min, "max": max, "int": int, "float": float}
+# SymPy's printer emits names, numbers, arithmetic, comparison and logic operators, brackets and commas
+# (``1 < 2`` evaluates to True, which upstream rounds to 1).  Anything else (attribute access, dunders, strings)
+# cannot come from an answer's expression, and refusing it keeps ``eval`` from running code.
+_PRINTED = re.compile(r"[\w\s+\-*/().,\[\]<>=~&|]*")
+_ATTRIBUTE = re.compile(r"__|\.\s*[A-Za-z_]")
+
+
+def eval_printed(expr: Any) -> Any:
+    """``eval(str(expr))`` as MATH-V's scorer does it, in its ``math`` namespace; raises on anything unsafe."""
+    text = str(expr)
+    if not _PRINTED.fullmatch(text) or _ATTRIBUTE.search(text):
+        raise LatexError(f"refusing to evaluate {text[:40]!r}")
+    return eval(text, {"__builtins__": _SAFE_BUILTINS, **_MATH_NAMESPACE})  # noqa: S307 - checked above

@@ -2,18 +2,19 @@
 
 Order of checks (cheapest first, as the official graders do): normalised strings, numbers (relative tolerance
 1e-4, percentages allowed), tuples/intervals element by element (bracket kinds must agree), equations, then
-SymPy.  SymPy can take unbounded time on hostile input (power towers), so callers run this inside the
-time-bounded pool of :mod:`r1v.eval.pool`; nothing here tries to be clever about time.
+SymPy on what ``latex2sympy2`` parses (Qwen's ``symbolic_equal``).  SymPy can take unbounded time on hostile
+input (power towers), so callers run this inside the time-bounded pool of :mod:`r1v.eval.pool`.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from typing import Any
 
 import sympy
 
-from r1v.eval.latex_sym import LatexError, parse_latex_expr
+from r1v.eval.latex_sym import LatexError, latex2sympy
 
 _TEXT_UNIT_AT_END = re.compile(r"\\(?:text|mbox|mathrm)\{\s*[^{}]*\}$")
 
@@ -93,12 +94,12 @@ def numeric_equal(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-12)
 
 
-def _numbers_equal(pred: str, ref: str) -> bool | None:
-    """True/False when both are plain numbers (reference may be a percentage of the prediction), else None."""
+def _numbers_equal(pred: str, ref: str, include_percentage: bool = True) -> bool | None:
+    """True/False when both are plain numbers (the reference may be read as a percentage), else None."""
     p, r = _parse_number(pred), _parse_number(ref)
     if p is None or r is None:
         return None
-    return any(numeric_equal(p, cand) for cand in (r, r / 100, r * 100))
+    return any(numeric_equal(p, cand) for cand in ((r, r / 100, r * 100) if include_percentage else (r,)))
 
 
 def _split_top(s: str) -> list[str]:
@@ -122,27 +123,68 @@ def _is_bracketed(s: str) -> bool:
     return len(s) >= 2 and s[0] in "([" and s[-1] in ")]"
 
 
+def _parse(s: str) -> Any:
+    """Qwen's ``_parse`` with its third parser only (see :mod:`r1v.eval.latex_sym` for why): ``latex2sympy`` on
+    ``s`` with ``\\\\`` read as ``\\``, then on ``s``; the string itself when neither parses.
+
+    Strict: the whole string must parse.  Qwen reaches the lenient ``latex2sympy`` only after SymPy's strict
+    ``parse_latex`` and ``parse_expr`` failed; alone, its prefix reading would make ``52_8+x-x+2`` equal 52.
+    """
+    for text in (s.replace("\\\\", "\\"), s):
+        try:
+            return latex2sympy(text, strict=True)
+        except LatexError:
+            pass
+    return s
+
+
+def _real_constant(x: Any) -> float | None:
+    """The value of a SymPy expression without free symbols when it is a finite real number, else None."""
+    try:
+        if not isinstance(x, sympy.Expr) or x.free_symbols:
+            return None
+        v = complex(sympy.N(x))
+    except Exception:  # SymPy cannot evaluate it: leave it to the symbolic checks
+        return None
+    return v.real if v.imag == 0 and math.isfinite(v.real) else None
+
+
 def symbolic_equal(pred: str, ref: str) -> bool:
-    """SymPy equality: identical trees, numeric closeness when constant, else ``simplify(a - b) == 0``."""
+    """Qwen2.5-Math's ``symbolic_equal``: same printed form or ``==``; ``equals`` or ``simplify(a - b) == 0``;
+    equations equal up to sign; numerically equal (relative 1e-4); matrices equal to 3 decimals.
+
+    Two real constants are decided by the numeric check at once: Qwen's chain reaches the same verdict (its
+    symbolic checks cannot prove different numbers equal), but ``equals`` spends up to 0.1 s on each wrong one.
+    """
+    a, b = _parse(pred), _parse(ref)
     try:
-        a, b = parse_latex_expr(pred), parse_latex_expr(ref)
-    except LatexError:
-        return False
-    if isinstance(a, tuple) or isinstance(b, tuple):
-        return False
-    try:
-        if a == b:
+        if str(a) == str(b) or a == b:
             return True
-        if not a.free_symbols and not b.free_symbols:
-            va, vb = complex(sympy.N(a)), complex(sympy.N(b))
-            return numeric_equal(va.real, vb.real) and numeric_equal(va.imag, vb.imag)
-        return bool(sympy.simplify(a - b) == 0)
-    except Exception:  # SymPy raises many types on odd input; an unprovable equality is not equal
-        return False
+    except Exception:  # printing a huge integer raises ValueError; go on to the other checks
+        pass
+    va, vb = _real_constant(a), _real_constant(b)
+    if va is not None and vb is not None:
+        return numeric_equal(va, vb)
+    checks = (
+        lambda: a.equals(b) or sympy.simplify(a - b) == 0,
+        lambda: abs(a.lhs - a.rhs).equals(abs(b.lhs - b.rhs)),
+        lambda: numeric_equal(float(sympy.N(a)), float(sympy.N(b))),
+        lambda: a.shape == b.shape and a.applyfunc(lambda x: round(x, 3)).equals(b.applyfunc(lambda x: round(x, 3))),
+    )
+    for check in checks:
+        try:
+            if check():
+                return True
+        except Exception:  # as upstream: a check that does not apply (or SymPy cannot decide) is skipped
+            pass
+    return False
 
 
-def math_equal(pred: str | None, ref: str, depth: int = 0) -> bool:
-    """Whether prediction ``pred`` is mathematically equal to the reference answer ``ref``."""
+def quick_equal(pred: str | None, ref: str, include_percentage: bool = True) -> bool | None:
+    """The verdict :func:`math_equal` reaches from strings and plain numbers alone, or None when it needs more.
+
+    Cheap and bounded (no SymPy), so a training reward can decide most answers in-process.
+    """
     if pred is None:
         return False
     pred, ref = str(pred).strip(), str(ref).strip()
@@ -150,9 +192,19 @@ def math_equal(pred: str | None, ref: str, depth: int = 0) -> bool:
         return True
     if not pred:
         return False
-    num = _numbers_equal(pred, ref)
-    if num is not None:
-        return num
+    return _numbers_equal(pred, ref, include_percentage)
+
+
+def math_equal(pred: str | None, ref: str, depth: int = 0, include_percentage: bool = True) -> bool:
+    """Whether prediction ``pred`` is mathematically equal to the reference answer ``ref``.
+
+    ``include_percentage`` (Qwen's flag, on for benchmarks) also accepts ``ref / 100`` and ``ref * 100``; a
+    reward turns it off so that a policy cannot earn credit for an answer off by a factor of 100.
+    """
+    quick = quick_equal(pred, ref, include_percentage)
+    if quick is not None:
+        return quick
+    pred, ref = str(pred).strip(), str(ref).strip()
     if re.sub(r"[{}()]", "", pred).lower() == re.sub(r"[{}()]", "", ref).lower() and not (
         _is_bracketed(pred) and _is_bracketed(ref)
     ):
@@ -162,7 +214,7 @@ def math_equal(pred: str | None, ref: str, depth: int = 0) -> bool:
         if mats[0] and mats[1]:
             rows = [[line.split("&") for line in m.group(1).split("\\\\") if line.strip()] for m in mats]
             return [len(r) for r in rows[0]] == [len(r) for r in rows[1]] and all(
-                math_equal(x, y, depth + 1)
+                math_equal(x, y, depth + 1, include_percentage)
                 for r0, r1 in zip(*rows, strict=True)
                 for x, y in zip(r0, r1, strict=True)
             )
@@ -175,13 +227,15 @@ def math_equal(pred: str | None, ref: str, depth: int = 0) -> bool:
             return (
                 len(pred_parts) == len(ref_parts)
                 and depth < 3
-                and all(math_equal(x, y, depth + 1) for x, y in zip(pred_parts, ref_parts, strict=True))
+                and all(
+                    math_equal(x, y, depth + 1, include_percentage) for x, y in zip(pred_parts, ref_parts, strict=True)
+                )
             )
     elif len(pred_parts) > 1 or len(ref_parts) > 1:
         return (
             len(pred_parts) == len(ref_parts)
             and depth < 3
-            and all(math_equal(x, y, depth + 1) for x, y in zip(pred_parts, ref_parts, strict=True))
+            and all(math_equal(x, y, depth + 1, include_percentage) for x, y in zip(pred_parts, ref_parts, strict=True))
         )
     if pred.count("=") == 1 and ref.count("=") == 1:
         pl, pr = pred.split("=")
@@ -189,9 +243,9 @@ def math_equal(pred: str | None, ref: str, depth: int = 0) -> bool:
         a, b = f"{pl}-({pr})", f"{rl}-({rr})"
         return symbolic_equal(a, b) or symbolic_equal(f"-({a})", b)
     if pred.count("=") == 1 and "=" not in ref and len(pred.split("=")[0].strip()) <= 2:
-        return math_equal(pred.split("=")[1], ref, depth + 1)
+        return math_equal(pred.split("=")[1], ref, depth + 1, include_percentage)
     if ref.count("=") == 1 and "=" not in pred and len(ref.split("=")[0].strip()) <= 2:
-        return math_equal(pred, ref.split("=")[1], depth + 1)
+        return math_equal(pred, ref.split("=")[1], depth + 1, include_percentage)
     return symbolic_equal(pred, ref)
 
 

@@ -3,19 +3,18 @@
 The official scorer re-extracts an answer from the raw response (a few "the answer is" phrasings, option
 letters, the last ``\\boxed{}``), normalises it with its own ``_strip_string``, and judges it equal to the
 gold letter or the gold option text by lower-cased string equality, by tuple evaluation, or by evaluating both
-sides numerically (``latex2sympy`` then Python ``eval``) rounded to 2 decimals.  :func:`latex_value`
-reproduces what that numeric path accepts and rejects (for example it rejects bare letters and ``\\ln``, and
-reads ``\\log`` as base 10), using our own converter instead of ``latex2sympy2``.
+sides numerically (``latex2sympy`` then Python ``eval``) rounded to 2 decimals.  :func:`latex_value` is that
+numeric path, through the same library (:mod:`r1v.eval.latex_sym`), so it accepts and rejects what upstream
+does: bare letters, ``e`` and ``\\ln`` fail in ``eval``; ``\\log 100`` is base 10; trailing text after a
+complete expression is ignored.
 """
 
 from __future__ import annotations
 
-import math
 import re
+from typing import Any
 
-import sympy
-
-from r1v.eval.latex_sym import LatexError, parse_latex_expr
+from r1v.eval.latex_sym import eval_printed, latex2sympy
 
 _FLAGS = ("the final answer is", "the answer is", "the correct answer is", "the answer should be")
 
@@ -134,71 +133,28 @@ def extract_answer(response: str) -> str:
     return ans.rstrip(".").lstrip(":").strip()
 
 
-_UNSUPPORTED = re.compile(
-    r"\\(?:ln|text|mathrm|infty|circ|sec|csc|cot|exp|!)(?![a-zA-Z])|°|\||(?<!\\)%|\s\\%"
-)
+def latex_value(s: str) -> Any:
+    """``eval(str(latex2sympy(s)))``, the numeric reading MATH-V's ``is_equal`` compares; raises where it fails.
 
-
-def _fracs_fully_braced(s: str) -> bool:
-    """latex2sympy rejects ``\\frac12`` and ``\\frac{1}2``: both arguments must be brace groups."""
-    for m in re.finditer(r"\\[dt]?frac", s):
-        i = m.end()
-        for _ in range(2):
-            if i >= len(s) or s[i] != "{":
-                return False
-            depth = 0
-            while i < len(s):
-                depth += {"{": 1, "}": -1}.get(s[i], 0)
-                i += 1
-                if depth == 0:
-                    break
-    return True
-
-
-def latex_value(s: str) -> float | None:
-    """The number ``eval(str(latex2sympy(s)))`` would give, or None where that upstream path fails.
-
-    The rules below mirror latex2sympy2's observed behaviour on answer strings: ``\\%`` divides by 100 (but
-    not after a space), commas before three digits are thousands separators and other commas make a list,
-    ``e`` only means Euler's number in ``e^x``, bare letters and a few functions fail in ``eval``.
+    The result is whatever that evaluation gives (usually a number; a list for ``1,2``), exactly as upstream,
+    so that ``round(..., 2)`` fails or succeeds on the same inputs.
     """
-    s = s.strip()
-    if not s or _UNSUPPORTED.search(s) or re.search(r"\\sqrt(?![\s{\[])", s) or not _fracs_fully_braced(s):
-        return None
-    s = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", s)
-    if "," in s:
-        return None
-    s = re.sub(r"(?<![a-zA-Z\\])e(?=\^)", "(2.718281828459045)", s)
-    if re.search(r"[a-zA-Z]", re.sub(r"\\[a-zA-Z]+", "", s)):
-        return None
-    s = s.replace("\\%", "\\cdot\\frac{1}{100}").replace(":", "/")
-    s = re.sub(r"\\log\s*(\{[^{}]*\}|\d+(?:\.\d+)?)", r"\\frac{\\ln\1}{\\ln{10}}", s)
-    if "\\log" in s:
-        return None
-    try:
-        expr = parse_latex_expr(s.replace("\\ln", "\\log"))
-        if isinstance(expr, tuple) or expr.free_symbols or expr.has(sympy.I, sympy.oo, sympy.zoo, sympy.nan):
-            return None
-        value = complex(sympy.N(expr))
-    except (LatexError, TypeError, ValueError, ZeroDivisionError, OverflowError):
-        return None
-    return value.real if value.imag == 0 and math.isfinite(value.real) else None
+    return eval_printed(latex2sympy(s))
 
 
 def _eval_tuple(s: str) -> str:
+    """MATH-V's ``eval_tuple``: ``(a,b)`` / ``[a,b]`` with each element evaluated and rounded to 2 decimals."""
     parts = s[1:-1].split(",")
-    if len(s) < 2 or len(parts) <= 1 or (s[0], s[-1]) not in (("(", ")"), ("[", "]")):
+    try:
+        if len(parts) > 1 and (s[0], s[-1]) in (("(", ")"), ("[", "]")):
+            inner = ",".join(
+                str(round(latex_value(sub), 2)) if "infty" not in sub and sub not in ("a", "-a") else sub
+                for sub in parts
+            )
+            return s[0] + inner + s[-1]
+    except Exception:  # upstream: any failure leaves the string as it was
         return s
-    out = []
-    for sub in parts:
-        if "infty" in sub or sub in ("a", "-a"):
-            out.append(sub)
-            continue
-        v = latex_value(sub)
-        if v is None:
-            return s
-        out.append(str(round(v, 2)))
-    return s[0] + ",".join(out) + s[-1]
+    return s
 
 
 def is_equal(asw: str, gt: str) -> bool:
@@ -211,8 +167,10 @@ def is_equal(asw: str, gt: str) -> bool:
     asw, gt = _eval_tuple(asw), _eval_tuple(gt)
     if gt == asw:
         return True
-    a, g = latex_value(asw), latex_value(gt)
-    return a is not None and g is not None and round(g, 2) == round(a, 2)
+    try:
+        return bool(round(latex_value(gt), 2) == round(latex_value(asw), 2))
+    except Exception:  # upstream: any failure (parse, NameError in eval, round of a list) means not equal
+        return False
 
 
 def grade_mathv(response: str, answer: str, options: list[str]) -> tuple[bool, str]:

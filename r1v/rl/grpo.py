@@ -20,6 +20,7 @@ prompts as one that never stopped.
 from __future__ import annotations
 
 import functools
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -91,8 +92,8 @@ def step_metrics(rounds: list[RolloutBatch], rb: RolloutBatch, out: dict[str, An
             sums[f"reward_{k}"] = sums.get(f"reward_{k}", 0.0) + sum(v)
     for k, v in out["token_stats"].items():
         sums[f"tok_{k}"] = v
-    for k, v in out["failures"].items():
-        sums[f"reward_failures_{k}"] = float(v)
+    for k, v in out["failures"].items():  # e.g. accuracy/timeout, raises/error/ZeroDivisionError
+        sums["reward_failures_" + re.sub(r"[^\w/.-]", "_", k)] = float(v)
     for k, v in out["timings"].items():
         sums[f"time_{k}"] = v
     return {**sums, **extra}

@@ -32,15 +32,7 @@ from r1v.data.collate import tiles_from_bytes
 from r1v.rl import algos
 from r1v.rl.engines import Completion
 from r1v.rl.logprobs import build_batch, reference_projector, response_logprobs, sequence_logprobs
-
-try:
-    from r1v.rl.rewards import score_safe
-except ImportError:  # TEMP until the rewards helper lands
-    from r1v.rl.rewards import score as _score
-
-    def score_safe(c, s, w):
-        t, p = _score(c, s, w)
-        return t, p, {}
+from r1v.rl.rewards import score_safe
 from r1v.train.device import engine_device, engine_dtype, to_device
 from r1v.train.engine import all_reduce_sum
 

@@ -65,10 +65,24 @@ def test_equivalent_answers(pred, gold):
         (r"\sqrt{2}", "1.5"),
         ("", "0"),
         (r"\begin{pmatrix}1\\2\end{pmatrix}+x", r"\begin{pmatrix}1\\2\end{pmatrix}"),
+        ("52_8+x-x+2", "52_8"),  # latex2sympy alone reads both as 52 (it drops what its grammar cannot read)
+        ("42)(43", "42"),
+        (r"\frac{1}{3}", r"2\sqrt{3}"),
     ],
 )
 def test_different_answers(pred, gold):
     assert not math_equal(strip_string(pred), strip_string(gold))
+
+
+def test_latex2sympy_prefix_reading_is_kept_for_mathv_and_refused_for_math():
+    from r1v.eval.latex_sym import LatexError, latex2sympy, parses_completely
+
+    assert str(latex2sympy("52_8+x-x+2")) == "52" and str(latex2sympy("\\frac{7}{32}}.x")) == "7/32"
+    assert not parses_completely("52_8+x-x+2") and not parses_completely("\\frac{7}{32}}.x")
+    assert parses_completely("\\dfrac{1}{2}") and parses_completely("x=5") and parses_completely("1,2")
+    with pytest.raises(LatexError, match="trailing text"):
+        latex2sympy("52_8", strict=True)
+    assert str(latex2sympy("\\dfrac{\\sqrt{3}}{2}", strict=True)) == "sqrt(3)/2"
 
 
 def test_reasoning_output_think_is_ignored_and_answer_line_wins():
