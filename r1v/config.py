@@ -91,12 +91,47 @@ class SamplingConfig(Strict):
     repetition_penalty: float = Field(1.0, gt=0)
 
 
+class VLLMOptions(Strict):
+    """Settings of the `vllm` engine (`r1v.rl.engine_vllm`); the transformers engine ignores them."""
+
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine; the actor's num_gpus must equal it")
+    gpu_memory_utilization: float = Field(0.8, gt=0, le=1, description="vLLM's share of each GPU (the vision "
+                                          "tower and projector are held beside it, in torch)")
+    max_model_len: int | None = Field(None, ge=1, description="None: the model config's")
+    kv_cache_gb: float = Field(1.0, gt=0, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE)")
+    enforce_eager: bool | None = Field(None, description="None: eager on CPU (compiling costs ~40 s a start), "
+                                       "CUDA graphs on GPU")
+
+
 class EngineConfig(Strict):
-    kind: str = Field("transformers", description="rollout engine: transformers (CPU/GPU) or vllm (GPU)")
+    kind: str = Field("transformers", description="rollout engine (`r1v.rl.engines.ENGINES`): transformers "
+                      "(CPU/GPU) or vllm (vLLM on GPU, vllm-cpu on CPU)")
     num_engines: int = Field(1, ge=1)
     num_cpus: float = Field(0.0, ge=0, description="0 so that engines never starve the trainer of CPUs")
     num_gpus: float = Field(0.0, ge=0)
     max_batch: int = Field(64, ge=1, description="sequences per generate() call inside the engine")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="weights and activations of the engine's model; None: bfloat16 when num_gpus > 0, else "
+        "float32 (CPU numbers stay those of fp32); float16 only with num_gpus > 0")
+    vllm: VLLMOptions = VLLMOptions()
+
+    @model_validator(mode="after")
+    def _dtype_fits_device(self) -> EngineConfig:
+        if self.dtype == "float16" and self.num_gpus == 0:
+            raise ValueError("dtype float16 needs num_gpus > 0: on CPU use float32 (or bfloat16)")
+        tp = self.vllm.tensor_parallel_size
+        if self.kind == "vllm" and self.num_gpus > 0 and self.num_gpus != tp:
+            raise ValueError(f"num_gpus {self.num_gpus} per vllm engine must equal vllm.tensor_parallel_size {tp}: "
+                             "vLLM's workers run on the actor's own GPUs")
+        return self
+
+    def resolved_dtype(self) -> str:
+        """`dtype`, or its default for the device: bfloat16 with GPUs, float32 without."""
+        return self.dtype or ("bfloat16" if self.num_gpus > 0 else "float32")
+
+    def kind_options(self) -> dict[str, Any]:
+        """Keyword arguments of the engine class that belong to its kind (the vllm settings for `vllm`)."""
+        return self.vllm.model_dump() if self.kind == "vllm" else {}
 
 
 class EvalEngineConfig(EngineConfig):
@@ -104,24 +139,11 @@ class EvalEngineConfig(EngineConfig):
     driver only reads the corpus, sends the requests in chunks and grades (`r1v.eval.stage`)."""
 
     kind: str = Field("transformers", min_length=1, description="rollout engine by name (the `r1v.rl.engines."
-                      "ENGINES` registry: transformers today); checked when the stage starts")
+                      "ENGINES` registry: transformers, vllm); checked when the stage starts")
     num_engines: int = Field(1, ge=1, description="engine actors sharing the requests; each chunk carries its own "
                              "seed, so predictions do not depend on this number")
     num_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves for each engine actor")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per engine actor (0: generate on CPU)")
-    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
-        None, description="weights and activations of the engine's model; None: bfloat16 when num_gpus > 0, else "
-        "float32 (CPU numbers stay those of fp32); float16 only with num_gpus > 0")
-
-    @model_validator(mode="after")
-    def _dtype_fits_device(self) -> EvalEngineConfig:
-        if self.dtype == "float16" and self.num_gpus == 0:
-            raise ValueError("dtype float16 needs num_gpus > 0: on CPU use float32 (or bfloat16)")
-        return self
-
-    def resolved_dtype(self) -> str:
-        """`dtype`, or its default for the device: bfloat16 with GPUs, float32 without."""
-        return self.dtype or ("bfloat16" if self.num_gpus > 0 else "float32")
 
 
 Group = Literal["vision", "projector", "llm"]

@@ -432,7 +432,7 @@ stages:
   judge: {kind: score, config: {corpus: /c, scorer: {kind: openai, base_url: "http://j:1/v1", model: j}}}
   gen: {kind: generate, config: {model: "@a.model", corpus: /c, greedy: true, samples: 3,
                                  sampling: {max_new_tokens: 1000}, preprocess: {max_length: 1000},
-                                 engine: {kind: vllm, num_engines: 3, num_gpus: 2}}}
+                                 engine: {kind: vllm, num_engines: 3, num_gpus: 2, vllm: {tensor_parallel_size: 2}}}}
   ev: {kind: eval, config: {model: "@a.model", benchmark: math500, engine: {num_engines: 2, num_gpus: 1}}}
   sel: {kind: select, config: {corpus: "@rm.corpus", tau: 3, errors: "@gen.corpus"}}
 """,

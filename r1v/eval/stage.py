@@ -138,7 +138,8 @@ def engine_options(c: EvalConfig) -> dict[str, Any]:
     import inspect
 
     params = inspect.signature(engine_class(c)).parameters
-    return {k: v for k, v in (("logprobs", False), ("static_cache", True)) if k in params}
+    base = {k: v for k, v in (("logprobs", False), ("static_cache", True)) if k in params}
+    return {**base, **c.engine.kind_options()}
 
 
 def engine_threads(c: EvalConfig) -> int:

