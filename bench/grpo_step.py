@@ -101,6 +101,8 @@ def run_engine(kind: str, model_dir: str, prompts: list[dict[str, Any]], a: argp
         times = dict(out["timings"], sync=time.perf_counter() - t_sync)
         total = time.perf_counter() - t_step
         tokens = sum(len(cp.token_ids) for b in rounds for cp in b.flat)
+        print(f"  {kind} step {step}{' (warm-up)' if step == 0 else ''}: {total:.3f}s = "
+              + ", ".join(f"{p} {times.get(p, 0.0):.3f}" for p in PHASES), flush=True)
         if step == 0:
             continue  # warm-up
         rows.append({**{p: times.get(p, 0.0) for p in PHASES}, "step": total, "tokens": float(tokens),

@@ -10,6 +10,9 @@ assembled from the run directory alone, after the run or long after it::
 `stages` is in workflow order (of the stages evaluated). Rows also carry `pass_at_1_stderr`,
 `accuracy_by_level` and `eval_stage` (the eval stage that produced them); reporting eval stages without a
 summary of their current config (not run, failed, or stale) are listed under `missing`, present only then.
+A stage row whose stage trained on a corpus carries `corpus_rows` (its size), and when a `select` stage made
+that corpus, `corpus_by_score` and `corpus_as_errors` (its counts.json): iterative SFT's rounds differ in their
+corpora, and the table shows by how much.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 from r1v.fsutil import atomic_write_json, atomic_write_text, read_json
 
 FIELDS = ("accuracy", "stderr", "n", "pass_at_1", "pass_at_1_stderr", "mean_response_tokens")
+CORPUS_FIELDS = ("corpus_rows", "corpus_by_score", "corpus_as_errors")
 
 
 def _row(summary: dict[str, Any], eval_stage: str) -> dict[str, Any]:
@@ -30,6 +34,30 @@ def _row(summary: dict[str, Any], eval_stage: str) -> dict[str, Any]:
     row["accuracy_by_level"] = summary.get("accuracy_by_level") or {}
     row["eval_stage"] = eval_stage
     return row
+
+
+def _corpus_fields(runner: Any, stage: str) -> dict[str, Any]:
+    """`corpus_rows` (and select's split of it) of the corpus `stage` trained on; {} when it has none or it is
+    gone. Read from Parquet footers and counts.json: no rows are loaded."""
+    import pyarrow.parquet as pq
+
+    from r1v.workflow import REF
+
+    corpus = getattr(runner.wf.stage_configs.get(stage), "corpus", None)
+    if not isinstance(corpus, str):
+        return {}
+    m = REF.match(corpus)
+    outputs = runner.state(m.group(1)).get("outputs", {}) if m else {}
+    path = Path(outputs.get(m.group(2), "")) if m else Path(corpus)
+    files = sorted(path.rglob("*.parquet")) if path.is_dir() else []
+    if not files:
+        return {}
+    out: dict[str, Any] = {"corpus_rows": sum(pq.ParquetFile(f).metadata.num_rows for f in files)}
+    counts = read_json(outputs["counts"]) if outputs.get("counts") else None
+    if isinstance(counts, dict) and isinstance(counts.get("totals"), dict):
+        out["corpus_by_score"] = counts["totals"].get("kept_by_score", 0)
+        out["corpus_as_errors"] = counts["totals"].get("added_as_errors", 0)
+    return out
 
 
 def collect(run_dir: str | Path) -> dict[str, Any]:
@@ -55,7 +83,8 @@ def collect(run_dir: str | Path) -> dict[str, Any]:
             missing.append(name)
             continue
         if c.report_stage:
-            stages.append((order.index(c.report_stage), {"stage": c.report_stage, **_row(summary, name)}))
+            stages.append((order.index(c.report_stage), {"stage": c.report_stage, **_row(summary, name),
+                                                          **_corpus_fields(runner, c.report_stage)}))
         else:
             baselines[c.report_baseline] = _row(summary, name)
     out: dict[str, Any] = {"stages": [r for _, r in sorted(stages, key=lambda x: x[0])], "baselines": baselines}
@@ -85,6 +114,14 @@ def _rows(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
             + [(f"baseline: {k}", r) for k, r in results.get("baselines", {}).items()])
 
 
+def _corpus_cell(r: dict[str, Any]) -> str:
+    if r.get("corpus_rows") is None:
+        return "-"
+    if r.get("corpus_by_score") is None:
+        return str(r["corpus_rows"])
+    return f"{r['corpus_rows']} ({r['corpus_by_score']} + {r['corpus_as_errors']} err)"
+
+
 def _pm(value: float | None, err: float | None) -> str:
     if value is None:
         return "-"
@@ -92,12 +129,17 @@ def _pm(value: float | None, err: float | None) -> str:
 
 
 def format_table(results: dict[str, Any]) -> str:
-    """A console table: stages, then baselines; accuracy ± stderr, pass@1 ± stderr, n, mean response tokens."""
-    head = ("row", "accuracy", "pass@1", "n", "mean tokens")
-    body = [(name, _pm(r.get("accuracy"), r.get("stderr")), _pm(r.get("pass_at_1"), r.get("pass_at_1_stderr")),
-             str(r.get("n") if r.get("n") is not None else "-"),
-             f"{r['mean_response_tokens']:.1f}" if r.get("mean_response_tokens") is not None else "-")
-            for name, r in _rows(results)]
+    """A console table: stages, then baselines; accuracy ± stderr, pass@1 ± stderr, n, mean response tokens, and
+    the rows of the corpus a stage trained on (`score + errors` when a select stage made it), when any has one."""
+    head: tuple[str, ...] = ("row", "accuracy", "pass@1", "n", "mean tokens")
+    body: list[tuple[str, ...]] = [
+        (name, _pm(r.get("accuracy"), r.get("stderr")), _pm(r.get("pass_at_1"), r.get("pass_at_1_stderr")),
+         str(r.get("n") if r.get("n") is not None else "-"),
+         f"{r['mean_response_tokens']:.1f}" if r.get("mean_response_tokens") is not None else "-")
+        for name, r in _rows(results)]
+    if any(r.get("corpus_rows") is not None for _, r in _rows(results)):
+        head = (*head, "corpus rows")
+        body = [(*b, _corpus_cell(r)) for b, (_, r) in zip(body, _rows(results), strict=True)]
     widths = [max(len(x[i]) for x in (head, *body)) for i in range(len(head))]
 
     def line(cells: tuple[str, ...]) -> str:
@@ -165,7 +207,7 @@ def log_results(run_dir: str | Path, results: dict[str, Any], files: list[Path])
     metrics: dict[str, float] = {}
     for prefix, r in ([(f"results/{r['stage']}", r) for r in results["stages"]]
                       + [(f"results/baseline/{k}", r) for k, r in results["baselines"].items()]):
-        metrics.update({f"{prefix}/{k}": r[k] for k in FIELDS if isinstance(r.get(k), int | float)})
+        metrics.update({f"{prefix}/{k}": r[k] for k in (*FIELDS, *CORPUS_FIELDS) if isinstance(r.get(k), int | float)})
     log.metrics(metrics, 0)
     for f in files:
         log.artifact(f, "results")

@@ -2,9 +2,31 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Any
+
+from pydantic import Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 from r1v.config import STAGE_CONFIGS, Strict
+
+
+class SftNoiseConfig(Strict):
+    """Fractions of the SFT rows whose chain is flawed, per kind (`r1v.world.corpora.FLAWS`); disjoint rows.
+
+    Why: the world's reference chains are all right, so a reward model (or the `rule` scorer) grades every row 5
+    and iterative SFT's thresholds select nothing out; the paper's teacher data has flaws of varying quality."""
+
+    wrong_answer: float = Field(0.0, ge=0, le=1, description="a slipped step carried to a wrong final answer")
+    no_think_end: float = Field(0.0, ge=0, le=1, description="no `</think>` before the answer")
+    no_box: float = Field(0.0, ge=0, le=1, description="the final answer not in `\\boxed{}`")
+    overlong: float = Field(0.0, ge=0, le=1, description="the reasoning restated until several times its length")
+    truncated: float = Field(0.0, ge=0, le=1, description="the chain cut off midway: no `</think>`, no answer")
+
+    @model_validator(mode="after")
+    def _at_most_all(self) -> SftNoiseConfig:
+        total = sum(self.model_dump().values())
+        if total > 1 + 1e-9:
+            raise ValueError(f"the fractions sum to {total:g} > 1")
+        return self
 
 
 @STAGE_CONFIGS.register("data.world")
@@ -19,6 +41,15 @@ class WorldDataConfig(Strict):
     seed: int = 0
     corrupt_rows: int = Field(0, ge=0, description="alignment rows with truncated images (they must be "
                                                    "quarantined, not trained on)")
+    sft_noise: SftNoiseConfig | None = Field(None, description="flawed SFT chains, by kind (default: none)")
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_noise(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Without noise the dump, hence the stage's fingerprint, is what it was before the option existed."""
+        out = handler(self)
+        if out.get("sft_noise") is None:
+            out.pop("sft_noise", None)
+        return out
 
 
 @STAGE_CONFIGS.register("model.world")

@@ -4,16 +4,23 @@ thought), GRPO prompts and the held-out test, all rendered from a seed.
 Training corpora draw digit tuples from the train split only; the test corpus from the test split only, so no
 test combination appears in training (nor in the backbones' pretraining). Test rows carry in `meta` the
 problem's level and its text-only form (`text_question`), for the text baselines.
+
+SFT chains are all correct and well formed unless `sft_noise` asks for flawed ones (`FLAWS`, `add_noise`): the
+paper's SFT data comes from teachers and has errors of varying quality, which its reward model grades and its
+iterative SFT rounds filter; a corpus with nothing to filter would make those rounds a no-op.
 """
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import Any
 
 from r1v.data.schema import make_row, write_corpus
 from r1v.world.domain import (
+    LETTERS,
+    THINK_END,
     Problem,
     digits_text,
     direct_answer,
@@ -61,6 +68,85 @@ def problem_rows(n: int, rng: random.Random, split: str, with_reasoning: bool, p
     return rows
 
 
+FLAWS = ("wrong_answer", "no_think_end", "no_box", "overlong", "truncated")
+"""Ways a teacher's chain goes wrong, and what the `rule` scorer (defaults: accuracy 3, format 1, length 1 with
+max_chars below `OVERLONG_MIN_CHARS`) gives each: a slipped step that carries to a wrong answer (2); no
+`</think>` (3: the answer still counts); the answer not boxed (1); the reasoning restated until overlong (4);
+the chain cut off before its end, with no answer (0). Clean chains score 5."""
+CHECK_REPEATS = 3  # an overlong chain: the chain, then CHECK_REPEATS restatements
+CLEAN_MAX_CHARS = 120  # the longest clean reasoning is shorter (tests/world/test_world_noise.py checks it)
+OVERLONG_MIN_CHARS = 4 * CLEAN_MAX_CHARS // 3  # and every overlong one is longer: a scorer's max_chars between
+
+
+def slipped_steps(p: Problem, at: int, delta: int) -> list[tuple[int, str, int, int]]:
+    """`p.steps()` with step `at`'s result off by `delta`, and the slip carried into the steps after it."""
+    toks = p.expr.split()
+    vals: list[int | str] = [p.values[t] if t in LETTERS else t for t in toks]
+    out: list[tuple[int, str, int, int]] = []
+
+    def emit(a: int, op: str, b: int, r: int) -> int:
+        r += delta if len(out) == at else 0
+        out.append((a, op, b, r))
+        return r
+
+    i = 1
+    while i < len(vals):  # products first, as Problem.steps
+        if vals[i] == "*":
+            a, b = int(vals[i - 1]), int(vals[i + 1])
+            vals[i - 1 : i + 2] = [emit(a, "*", b, a * b)]
+        else:
+            i += 2
+    acc = int(vals[0])
+    for j in range(1, len(vals), 2):
+        op, b = str(vals[j]), int(vals[j + 1])
+        acc = emit(acc, op, b, acc + b if op == "+" else acc - b)
+    return out
+
+
+def flawed_answer(p: Problem, flaw: str, rng: random.Random) -> str:
+    """The reasoning answer of `p` with one flaw of `FLAWS`."""
+    reads = ", ".join(f"{k} = {p.values[k]}" for k in p.used_letters())
+    if flaw == "wrong_answer":
+        n = len(p.steps())
+        steps = slipped_steps(p, rng.randrange(n), rng.choice((-3, -2, -1, 1, 2, 3)))
+        text = " ".join(f"{a} {op} {b} = {r}." for a, op, b, r in steps)
+        return f"<think>\n{reads}. {text}\n{THINK_END}\nAnswer: \\boxed{{{steps[-1][3]}}}"
+    if flaw == "no_think_end":
+        return f"<think>\n{p.chain()}\nAnswer: \\boxed{{{p.answer}}}"
+    if flaw == "no_box":
+        return f"<think>\n{p.chain()}\n{THINK_END}\nAnswer: {p.answer}"
+    if flaw == "overlong":
+        chain = p.chain()
+        while len(chain) < OVERLONG_MIN_CHARS + 1:  # short chains restated more often
+            chain += " Check: " + " ".join([p.chain()] * CHECK_REPEATS)
+        return f"<think>\n{chain}\n{THINK_END}\nAnswer: \\boxed{{{p.answer}}}"
+    if flaw == "truncated":
+        chain = p.chain()
+        return f"<think>\n{chain[: rng.randint(len(chain) // 4, 3 * len(chain) // 4)]}"
+    raise ValueError(f"unknown flaw {flaw!r}; known: {', '.join(FLAWS)}")
+
+
+def add_noise(rows: list[dict[str, Any]], fractions: dict[str, float], seed: int) -> list[dict[str, Any]]:
+    """Replace the reasoning of round(fraction * n) rows per flaw (disjoint rows, drawn with `seed`) by a flawed
+    one; `meta.flaw` names it. Other rows, the images and the `answer` column are untouched, so the ground truth
+    stays right and only the chains carry the flaws."""
+    rng = random.Random(f"sft-noise-{seed}")
+    counts = {k: round(f * len(rows)) for k, f in fractions.items() if f > 0}
+    if sum(counts.values()) > len(rows):
+        raise ValueError(f"sft_noise: {sum(counts.values())} flawed rows asked of {len(rows)}")
+    picked = rng.sample(range(len(rows)), sum(counts.values()))
+    at = 0
+    for flaw in FLAWS:
+        for i in picked[at : at + counts.get(flaw, 0)]:
+            meta = json.loads(rows[i]["meta"])
+            p = Problem(tuple(int(ch) for ch in meta["digits"]), meta["expr"], meta["level"])  # type: ignore[arg-type]
+            rows[i]["messages"] = [rows[i]["messages"][0],
+                                   {"role": "assistant", "content": flawed_answer(p, flaw, rng)}]
+            rows[i]["meta"] = json.dumps({**meta, "flaw": flaw})
+        at += counts.get(flaw, 0)
+    return rows
+
+
 def corrupt(row: dict[str, Any], rng: random.Random) -> dict[str, Any]:
     """Truncated image bytes: a broken download that must land in the quarantine, not in training."""
     data = row["images"][0]
@@ -69,12 +155,14 @@ def corrupt(row: dict[str, Any], rng: random.Random) -> dict[str, Any]:
 
 
 def generate(out: Path, n_align: int, n_sft: int, n_grpo: int, n_test: int, seed: int,
-             corrupt_rows: int = 0) -> dict[str, Path]:
+             corrupt_rows: int = 0, sft_noise: dict[str, float] | None = None) -> dict[str, Path]:
     rng = random.Random(seed)
     align = align_rows(n_align, rng)
     for i in rng.sample(range(n_align), min(corrupt_rows, n_align)):
         align[i] = corrupt(align[i], rng)
     sft = problem_rows(n_sft, rng, "train", True, "sft")
+    if sft_noise:  # its own generator: the other corpora are the same with and without noise
+        sft = add_noise(sft, sft_noise, seed)
     grpo = problem_rows(n_grpo, rng, "train", False, "grpo")
     test = problem_rows(n_test, random.Random(10_000 + seed), "test", False, "test", balanced_levels=True)
     return {name: write_corpus(rows, out / name)
