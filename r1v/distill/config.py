@@ -1,0 +1,143 @@
+"""Config of the `distill.score` stage kind (QDAM, VTIA and DRLC of METHOD.md section 4), validated at load."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from pydantic import Field, SerializeAsAny, field_validator, model_validator
+
+import r1v.score.config  # noqa: F401  (registers the scorer kinds: openai, local, rule)
+from r1v.config import STAGE_CONFIGS, Strict
+from r1v.distill.cues import ImageCueParams, TextCueParams
+from r1v.score.base import ScorerConfig, scorer_config
+
+_REPLY = "\n\nReply with the score only, as: Score: N"
+DEFAULT_PROMPTS = {
+    "vision": "Rate the attached image from 0 to 5 for clarity (sharp, legible, well framed) and for how necessary "
+              "it is to answer the question (0: the text alone suffices or the image is unreadable; 5: the "
+              "question cannot be answered without a close look at it).\n\nQuestion:\n{question}" + _REPLY,
+    "text": "Rate the question from 0 to 5 for quality (well posed, unambiguous), difficulty and reasoning demand "
+            "(0: trivial lookup or ill-posed; 5: a hard, well-posed multi-step problem).\n\nQuestion:\n{question}"
+            + _REPLY,
+    "integration": "Rate from 0 to 5 how tightly answering the question integrates the image with the text "
+                   "(0: plain what/where identification of one thing; 5: causal why/how reasoning over several "
+                   "objects, their spatial relations and domain knowledge).\n\nQuestion:\n{question}" + _REPLY,
+}
+"""Question-rating prompts given to an `openai` judge whose config names no `prompt` (its default rates a
+response, which is not what QDAM/VTIA ask)."""
+
+
+class JudgeConfig(Strict):
+    """A judge part of one score: a scorer of the registry (#8) rating each row in [min_score, max_score],
+    mapped to [0, 1] and mixed with the cue part: score = (1 - weight) * cue + weight * judge."""
+
+    scorer: SerializeAsAny[ScorerConfig] = Field(description="{kind: openai | local | rule, ...its fields}")
+    min_score: float = 0.0
+    max_score: float = 5.0
+    weight: float = Field(0.5, ge=0, le=1, description="share of the judge in the score (the cues get the rest)")
+
+    @field_validator("scorer", mode="before")
+    @classmethod
+    def _by_kind(cls, v: Any) -> ScorerConfig:
+        return scorer_config(v)
+
+    @model_validator(mode="after")
+    def _range(self) -> JudgeConfig:
+        if self.min_score >= self.max_score:
+            raise ValueError(f"min_score {self.min_score} must be < max_score {self.max_score}")
+        return self
+
+
+def _with_default_prompt(v: Any, which: str) -> Any:
+    if isinstance(v, dict) and isinstance(v.get("scorer"), dict) and v["scorer"].get("kind") == "openai":
+        s = dict(v["scorer"])
+        s.setdefault("prompt", DEFAULT_PROMPTS[which])
+        if which == "vision":
+            s.setdefault("images", True)
+        return {**v, "scorer": s}
+    return v
+
+
+class ImageCueConfig(Strict):
+    """Reference points and weights of the image cues (`r1v.distill.cues.ImageCueParams`)."""
+
+    blur_ref: float = Field(ImageCueParams.blur_ref, gt=0, description="Laplacian variance scoring 0.5")
+    target_side: float = Field(ImageCueParams.target_side, gt=0, description="sqrt(w*h) from which res is 1")
+    aspect_ok: float = Field(ImageCueParams.aspect_ok, gt=0, le=1, description="short/long from which aspect is 1")
+    w_blur: float = Field(ImageCueParams.w_blur, ge=0)
+    w_res: float = Field(ImageCueParams.w_res, ge=0)
+    w_aspect: float = Field(ImageCueParams.w_aspect, ge=0)
+
+    @model_validator(mode="after")
+    def _weights(self) -> ImageCueConfig:
+        if self.w_blur + self.w_res + self.w_aspect <= 0:
+            raise ValueError("w_blur + w_res + w_aspect must be > 0")
+        return self
+
+    def params(self) -> ImageCueParams:
+        return ImageCueParams(**self.model_dump())
+
+
+class TextCueConfig(Strict):
+    """Reference points and weights of the question (S_t) and integration (S_I) cues."""
+
+    length_ref: float = Field(TextCueParams.length_ref, gt=0)
+    ops_ref: float = Field(TextCueParams.ops_ref, gt=0)
+    reason_ref: float = Field(TextCueParams.reason_ref, gt=0)
+    w_length: float = Field(TextCueParams.w_length, ge=0)
+    w_ops: float = Field(TextCueParams.w_ops, ge=0)
+    w_reason: float = Field(TextCueParams.w_reason, ge=0)
+    spatial_ref: float = Field(TextCueParams.spatial_ref, gt=0)
+    domain_ref: float = Field(TextCueParams.domain_ref, gt=0)
+    w_causal: float = Field(TextCueParams.w_causal, ge=0)
+    w_spatial: float = Field(TextCueParams.w_spatial, ge=0)
+    w_domain: float = Field(TextCueParams.w_domain, ge=0)
+    w_what_where: float = Field(TextCueParams.w_what_where, ge=0)
+
+    @model_validator(mode="after")
+    def _weights(self) -> TextCueConfig:
+        if self.w_length + self.w_ops + self.w_reason <= 0:
+            raise ValueError("w_length + w_ops + w_reason must be > 0")
+        if self.w_causal + self.w_spatial + self.w_domain <= 0:
+            raise ValueError("w_causal + w_spatial + w_domain must be > 0")
+        return self
+
+    def params(self) -> TextCueParams:
+        return TextCueParams(**self.model_dump())
+
+
+@STAGE_CONFIGS.register("distill.score")
+class DistillScoreConfig(Strict):
+    """Add S_v, S_t, S_I (with their components) and the DRLC repetition penalty to a corpus (a new version under
+    the stage directory). Without a judge a score is its cue part alone. Rows whose image cannot be decoded or
+    whose judge gives no valid score are quarantined with the reason, never given a default."""
+
+    corpus: str = Field(description="input corpus (Parquet dataset directory)")
+    vision_judge: JudgeConfig | None = Field(None, description="judge of S_v (image clarity and necessity)")
+    text_judge: JudgeConfig | None = Field(None, description="judge of S_t (question quality, difficulty)")
+    integration_judge: JudgeConfig | None = Field(None, description="judge of S_I (vision-text integration)")
+    image_cues: ImageCueConfig = ImageCueConfig()
+    text_cues: TextCueConfig = TextCueConfig()
+    alpha: float = Field(math.log(2), ge=0, description="DRLC alpha (not given by the paper); ln 2 maps the "
+                         "scores onto penalties [1, 2] without reaching the cap early")
+    beta: float = Field(1.0, ge=0, description="DRLC weight of S_t (not given by the paper)")
+    gamma: float = Field(1.0, ge=0, description="DRLC weight of S_I (not given by the paper)")
+    batch_rows: int = Field(64, ge=1, description="rows handed to the judges at a time")
+    max_quarantined_fraction: float = Field(0.2, ge=0, le=1, description="fail the stage when more rows than "
+                                            "this fraction are quarantined")
+
+    @field_validator("vision_judge", mode="before")
+    @classmethod
+    def _vision_prompt(cls, v: Any) -> Any:
+        return _with_default_prompt(v, "vision")
+
+    @field_validator("text_judge", mode="before")
+    @classmethod
+    def _text_prompt(cls, v: Any) -> Any:
+        return _with_default_prompt(v, "text")
+
+    @field_validator("integration_judge", mode="before")
+    @classmethod
+    def _integration_prompt(cls, v: Any) -> Any:
+        return _with_default_prompt(v, "integration")
