@@ -553,5 +553,6 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 # Stage configs that live next to their feature; imported last because they import from this module.
 import r1v.data.import_config  # noqa: E402,F401
 import r1v.distill.config  # noqa: E402,F401
+import r1v.distill.distill_config  # noqa: E402,F401
 import r1v.score.config  # noqa: E402,F401
 import r1v.world.config  # noqa: E402,F401

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import r1v.data.import_stage  # noqa: F401  (registers data.import)
+import r1v.distill.distill_stage  # noqa: F401  (registers distill)
 import r1v.distill.stages  # noqa: F401  (registers distill.score)
 import r1v.model.assemble_stage  # noqa: F401  (registers model.assemble)
 import r1v.score.stages  # noqa: F401  (registers score, generate, select)

@@ -182,13 +182,15 @@ def engine_pool(model_dir: str, c: EvalConfig, actors: bool, keep_warm_s: float 
 
 
 def generate_jobs(engine, prompts: list[dict[str, Any]], jobs: list[tuple[dict[str, Any], int]], seed: int,
-                  batch: int, desc: str = "eval generate") -> list[list[list[Any]]]:
+                  batch: int, desc: str = "eval generate", penalty_key: str | None = None
+                  ) -> list[list[list[Any]]]:
     """For each job (sampling, n): n completions per prompt, `batch` sequences per engine call, in input order.
 
     Prompts are batched in order of (tiles, length) so that a batch pads little; each call's seed is `seed` +
     its first position in that order (so sampled runs repeat for the same `batch`, on any number of engines;
     greedy ones for any `batch`). `engine` is an in-process engine or an `EnginePool`, which gets the calls of
-    every job at once.
+    every job at once. With `penalty_key`, each prompt's value under that key is its request's repetition
+    penalty (AL-CoTD's per-sample penalties); otherwise the sampling's applies to all.
     """
     from tqdm import tqdm
 
@@ -202,7 +204,8 @@ def generate_jobs(engine, prompts: list[dict[str, Any]], jobs: list[tuple[dict[s
         per_call = max(1, batch // n)
         for start in range(0, len(order), per_call):
             idx = order[start : start + per_call]
-            reqs = [Request(prompts[i]["input_ids"], prompts[i]["pixel_values"], prompts[i]["n_tiles"]) for i in idx]
+            reqs = [Request(prompts[i]["input_ids"], prompts[i]["pixel_values"], prompts[i]["n_tiles"],
+                            repetition_penalty=prompts[i][penalty_key] if penalty_key else None) for i in idx]
             calls.append((reqs, sampling, n, seed + start))
             where.append((j, idx))
     if isinstance(engine, EnginePool):

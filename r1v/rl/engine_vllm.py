@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from r1v.rl.engines import ENGINES, Completion, Request, RolloutEngine, is_vlm_dir
+from r1v.rl.engines import ENGINES, Completion, Request, RolloutEngine, is_vlm_dir, request_penalty
 
 LLM_PREFIX = "language_model."
 """The language model's tensors in the HF VLM layout on disk (`r1v.model.convert_keys.hf_disk_key`)."""
@@ -278,10 +278,10 @@ class VLLMEngine(RolloutEngine):
         temperature = float(sampling.get("temperature", 1.0))
         common = dict(n=n, temperature=temperature, top_p=float(sampling.get("top_p", 1.0)) if temperature > 0
                       else 1.0, top_k=0, max_tokens=int(sampling.get("max_new_tokens", 64)),
-                      repetition_penalty=float(sampling.get("repetition_penalty", 1.0)),
                       stop_token_ids=self.stop_ids, logprobs=0 if self.logprobs else None, detokenize=False,
                       logit_bias=dict.fromkeys(self.suppress, SUPPRESS_BIAS) or None)
-        params = [SamplingParams(seed=request_seed(seed, i), **common) for i in range(len(requests))]
+        params = [SamplingParams(seed=request_seed(seed, i), repetition_penalty=request_penalty(r, sampling), **common)
+                  for i, r in enumerate(requests)]
         results = self.llm.generate(self.prompts(requests), params, use_tqdm=False)
         stop = set(self.stop_ids)
         out = []

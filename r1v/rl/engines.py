@@ -24,11 +24,22 @@ from r1v.rl.algos import token_logprobs
 
 @dataclass
 class Request:
-    """One prompt: token ids (images already expanded) and its tiles as uint8 bytes [n_tiles, 3, T, T]."""
+    """One prompt: token ids (images already expanded) and its tiles as uint8 bytes [n_tiles, 3, T, T].
+
+    `repetition_penalty` is this request's own (DRLC, METHOD.md section 4: the penalty sets the chain's length
+    per sample); None takes the call's sampling value.
+    """
 
     prompt_ids: list[int]
     pixel_values: bytes = b""
     n_tiles: int = 0
+    repetition_penalty: float | None = None
+
+
+def request_penalty(r: Request, sampling: dict[str, Any]) -> float:
+    """The repetition penalty a request is generated with: its own, else the call's."""
+    return float(r.repetition_penalty if r.repetition_penalty is not None
+                 else sampling.get("repetition_penalty", 1.0))
 
 
 @dataclass
@@ -114,14 +125,23 @@ class TransformersEngine(RolloutEngine):
     @torch.no_grad()
     def generate(self, requests: list[Request], sampling: dict[str, Any], n: int, seed: int
                  ) -> list[list[Completion]]:
-        rows = [(i, r) for i, r in enumerate(requests) for _ in range(n)]
+        """HF `generate` takes one repetition penalty per call: rows are grouped by penalty (first appearance
+        order) and each group is generated as its own call, replaying the call's seed stream. A row's sample so
+        depends only on the seed and its group's rows: a mixed-penalty call gives each group what a call with
+        that group alone would (a per-row logits processor would couple rows through the shared sampler RNG)."""
+        groups: dict[float, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(request_penalty(r, sampling), []).append(i)
         out: list[list[Completion]] = [[] for _ in requests]
-        gen = torch.Generator().manual_seed(seed)
-        for start in range(0, len(rows), self.max_batch):
-            chunk = rows[start : start + self.max_batch]
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-            for (i, _), comp in zip(chunk, self._generate_batch([r for _, r in chunk], sampling), strict=True):
-                out[i].append(comp)
+        for penalty, idx in groups.items():
+            s = {**sampling, "repetition_penalty": penalty}
+            rows = [(i, requests[i]) for i in idx for _ in range(n)]
+            gen = torch.Generator().manual_seed(seed)
+            for start in range(0, len(rows), self.max_batch):
+                chunk = rows[start : start + self.max_batch]
+                torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+                for (i, _), comp in zip(chunk, self._generate_batch([r for _, r in chunk], s), strict=True):
+                    out[i].append(comp)
         return out
 
     def _generate_batch(self, reqs: list[Request], s: dict[str, Any]) -> list[Completion]:

@@ -218,10 +218,11 @@ class OpenAIScorer(Scorer):
             raise Retryable(BAD_REPLY, f"choices[0].message.content is {type(text).__name__}, not text")
         return text
 
-    def score_one(self, row: dict[str, Any]) -> Verdict:
+    def reply(self, row: dict[str, Any]) -> str | Verdict:
+        """The endpoint's reply text for `row`, or a failed verdict: retries with exponential backoff and
+        jitter (honouring Retry-After) on the retryable failures, none on the fatal ones. Scorers and the
+        distill stage's rewriter share this one schedule."""
         c: OpenAIScorerConfig = self.config  # type: ignore[assignment]
-        if uses_field(c.prompt, "response") and not row_fields(row)["response"].strip():
-            return Verdict.fail(NO_RESPONSE, "the prompt rates {response} and the row has no assistant turn")
         payload = json.dumps(self.body(row)).encode()
         last: Retryable | None = None
         for attempt in range(c.retries + 1):
@@ -231,20 +232,27 @@ class OpenAIScorer(Scorer):
                 wait = last.retry_after if last and last.retry_after is not None else base * random.uniform(0.5, 1)
                 time.sleep(min(wait, c.max_backoff_s))
             try:
-                text = self._attempt(payload)
+                return self._attempt(payload)
             except Retryable as e:
                 self._count(f"failed_{e.reason}")
                 last = e
-                continue
             except Fatal as e:
                 self._count(f"failed_{e.reason}")
                 return Verdict.fail(e.reason, e.detail)
-            score = parse_score(text, self.rx)
-            if score is None:
-                return Verdict.fail(UNPARSABLE, f"reply: {text[:500]!r}")
-            return Verdict(score)
         assert last is not None
         return Verdict.fail(last.reason, f"{c.retries + 1} attempt(s); last: {last.detail}")
+
+    def score_one(self, row: dict[str, Any]) -> Verdict:
+        c: OpenAIScorerConfig = self.config  # type: ignore[assignment]
+        if uses_field(c.prompt, "response") and not row_fields(row)["response"].strip():
+            return Verdict.fail(NO_RESPONSE, "the prompt rates {response} and the row has no assistant turn")
+        text = self.reply(row)
+        if isinstance(text, Verdict):
+            return text
+        score = parse_score(text, self.rx)
+        if score is None:
+            return Verdict.fail(UNPARSABLE, f"reply: {text[:500]!r}")
+        return Verdict(score)
 
     def score(self, rows: list[dict[str, Any]]) -> list[Verdict]:
         if self._pool is None:
