@@ -10,7 +10,9 @@ bytes it writes. Exits 1, naming each stage and its shortfall, when one does not
 It models r1v as it is, except where `plan.assume` says otherwise; those assumptions, and engine kinds r1v does not
 register, are listed under the table. Stages of iterative SFT: `generate` is sized like eval (its engines), with
 FLOPs per corpus row in a note because the row count is the corpus's; `score` counts the GPUs of a `local` scorer
-and none for an `openai` judge (served elsewhere; noted); `select` runs on the driver's CPU.
+and none for an `openai` judge (served elsewhere; noted); `select` runs on the driver's CPU. AL-CoTD's stages the
+same way: `distill` like `generate` (one chain per row; its rewriting judge is served elsewhere, noted), and
+`distill.score` like `score`, the GPUs of its `local` judges summed (all three are open at once).
 """
 
 from __future__ import annotations
@@ -83,7 +85,9 @@ class Plan:
     notes: dict[str, list[str]] = field(default_factory=dict)  # note -> stages it applies to
 
     def note(self, text: str, stage: str) -> None:
-        self.notes.setdefault(text, []).append(stage)
+        stages = self.notes.setdefault(text, [])
+        if stage not in stages:  # a stage may say the same thing twice (distill.score: one endpoint, three judges)
+            stages.append(stage)
 
     def host_note(self, what: str, nbytes: float, stage: str) -> None:
         if nbytes >= GB:  # worth a line from 1 GB on
@@ -341,6 +345,41 @@ class Planner:
         elif gpus:
             self.plan.note(f"{s.kind} scorer: its {gpus} GPUs are counted, its model's memory is not sized", name)
         return [Row(name, "score", s.kind, gpus)]
+
+    def _distill(self, name: str, c: Any) -> list[Row]:
+        """Self-distillation: the eval stage's engines write one chain per row, like generate; the judge that
+        rewrites the wrong ones (`rule` on the driver, `openai` served elsewhere) holds none of the planned GPUs."""
+        arch = self.field_arch(name, "model")
+        if not isinstance(arch, VLMArch):
+            _need(arch, LLMArch, name, "model")
+        s = c.preprocess.max_length + c.sampling.max_new_tokens
+        per_row = generate_flops(arch, 1, s, sample_tiles(c.preprocess))
+        self.plan.note(f"distill: at most {per_row / 1e15:.3g} PFLOP per corpus row (1 x {s} tokens)", name)
+        if c.judge.kind == "openai":
+            self.plan.note(
+                f"rewriter at {c.judge.base_url} (model {c.judge.model!r}): served outside the GPUs planned here", name
+            )
+        row = self._engine_row(
+            name, "distill", "engine", arch, c.engine, c.engine.max_batch, s, c.sampling.max_new_tokens, False, None
+        )
+        return [row]
+
+    def _distill_score(self, name: str, c: Any) -> list[Row]:
+        """QDAM/VTIA/DRLC: image and text cues on the driver's CPU, plus up to three judges held open together:
+        the GPUs of the `local` ones add up; an `openai` one is served elsewhere (noted)."""
+        judges = [j.scorer for j in (c.vision_judge, c.text_judge, c.integration_judge) if j is not None]
+        gpus = sum(math.ceil(getattr(s, "num_actors", 1) * getattr(s, "num_gpus", 0.0)) for s in judges)
+        for s in judges:
+            if s.kind == "openai":
+                self.plan.note(
+                    f"scorer at {s.base_url} (model {s.model!r}): served outside the GPUs planned here", name
+                )
+        if gpus:
+            self.plan.note(
+                f"distill.score judges: their {gpus} GPUs are counted, their models' memory is not sized", name
+            )
+        role = "+".join(sorted({s.kind for s in judges})) or "cpu"
+        return [Row(name, "distill.score", role, gpus)]
 
     def _select(self, name: str, c: Any) -> list[Row]:
         return [Row(name, "select", "cpu")]

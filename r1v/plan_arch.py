@@ -340,6 +340,7 @@ MODEL_FIELDS: dict[str, tuple[str, ...]] = {
     "eval": ("model",),
     "data.import": ("model",),
     "generate": ("model",),
+    "distill": ("model",),
 }
 
 

@@ -27,6 +27,8 @@ OUTPUTS = {  # what each stage kind returns (r1v.stages and friends): every @sta
     "score": {"corpus", "quarantine", "summary"},
     "generate": {"corpus", "samples", "quarantine", "summary"},
     "select": {"corpus", "counts", "quarantine"},
+    "distill.score": {"corpus", "quarantine", "summary"},
+    "distill": {"corpus", "dropped", "summary"},
 }
 
 
@@ -201,13 +203,16 @@ def test_parse_memory():
 
 
 def test_r1v_38b_loads_with_the_papers_numbers():
+    from r1v.distill.config import DistillScoreConfig
+    from r1v.distill.distill_config import DistillConfig
+    from r1v.distill.quality import DRLC_COLUMNS
     from r1v.score.config import GenerateConfig, ScoreConfig, SelectConfig
     from r1v.workflow import topo_order
 
     wf = load_workflow(R1V_38B)  # placeholder paths: nothing needs to exist
     stages, cfg = wf.config.stages, wf.stage_configs
     assert all(s.kind in STAGE_CONFIGS for s in stages.values())
-    rounds = [f"round{t}_{s}" for t in (1, 2, 3, 4) for s in ("generate", "select", "sft")]
+    rounds = [f"round{t}_{s}" for t in (1, 2, 3, 4) for s in ("generate", "select", "distill", "sft")]
     order = [s for s in topo_order(wf) if stages[s].kind not in ("data.import", "eval")]
     assert order == [
         "substitute",
@@ -217,6 +222,8 @@ def test_r1v_38b_loads_with_the_papers_numbers():
         "align_hq",
         "align_cot",
         "reassemble",
+        "distill_score",
+        "distill",
         "sft",
         "rm_full",
         *rounds,
@@ -268,18 +275,50 @@ def test_r1v_38b_loads_with_the_papers_numbers():
     assert (hq.corpus, hq.score_column, hq.errors) == ("@judge_align.corpus", judge.column, None)
     assert sfts["align_hq"].corpus == "@data_hq.corpus"
 
-    # iterative SFT: round t answers D with M_{t-1}, selects RM >= tau_t plus those errors, trains M_{t-1} on it
+    # AL-CoTD before Stage 1: D rated once (QDAM/VTIA by served judges, DRLC's penalty column), its chains
+    # rewritten by the re-assembled model at those penalties, wrong ones by the judge; Stage 1 trains on the result
+    qs, d0 = cfg["distill_score"], cfg["distill"]
+    assert isinstance(qs, DistillScoreConfig) and isinstance(d0, DistillConfig)
+    assert qs.corpus == "@data_full.corpus"
+    for j in (qs.vision_judge, qs.text_judge, qs.integration_judge):
+        assert j is not None and j.scorer.kind == "openai" and j.scorer.api_key_env == judge.scorer.api_key_env
+        assert j.scorer.base_url == judge.scorer.base_url
+        assert "{question}" in j.scorer.prompt and "{response}" not in j.scorer.prompt  # rates the question alone
+    assert qs.vision_judge.scorer.images  # S_v rates the image
+    assert (d0.model, d0.corpus, sfts["sft"].model, sfts["sft"].corpus) == (
+        "@reassemble.model",
+        "@distill_score.corpus",
+        "@reassemble.model",
+        "@distill.corpus",
+    )
+    assert d0.penalty_column in DRLC_COLUMNS  # the penalty distill_score writes
+    assert (d0.judge.kind, d0.judge.base_url, d0.judge.api_key_env) == (
+        "openai",
+        judge.scorer.base_url,
+        judge.scorer.api_key_env,
+    )
+    assert d0.judge.images and "{response}" in d0.judge.prompt  # the default rewrite prompt
+    assert d0.preprocess.max_length + d0.sampling.max_new_tokens == sfts["sft"].preprocess.max_length
+    # the file's header: one override sets the rewriter of Stage 1 and of every round (they share the mapping)
+    moved = load_workflow(R1V_38B, ["stages.distill.config.judge.base_url=http://w:1/v1"]).stage_configs
+    assert {moved[n].judge.base_url for n in moved if isinstance(moved[n], DistillConfig)} == {"http://w:1/v1"}
+
+    # iterative SFT: round t answers D with M_{t-1}, selects RM >= tau_t plus those errors, has M_{t-1} distil
+    # that selection's chains, trains M_{t-1} on them. D from Stage 1 on is the distilled corpus.
     rm = cfg["rm_full"]
-    assert isinstance(rm, ScoreConfig) and rm.corpus == "@data_full.corpus" and rm.scorer.kind == "openai"
+    assert isinstance(rm, ScoreConfig) and rm.corpus == "@distill.corpus" and rm.scorer.kind == "openai"
     assert (rm.column, rm.min_score, rm.max_score) == ("rm_score", 0, 5)
     for t, tau in zip((1, 2, 3, 4), (2, 3, 4, 5), strict=True):
         gen, sel, sft = cfg[f"round{t}_generate"], cfg[f"round{t}_select"], cfg[f"round{t}_sft"]
-        assert isinstance(gen, GenerateConfig) and isinstance(sel, SelectConfig)
+        dis = cfg[f"round{t}_distill"]
+        assert isinstance(gen, GenerateConfig) and isinstance(sel, SelectConfig) and isinstance(dis, DistillConfig)
         m_prev = "@sft.model" if t == 1 else f"@round{t - 1}_sft.model"
-        assert (gen.model, gen.corpus, gen.greedy) == (m_prev, "@data_full.corpus", True)
+        assert (gen.model, gen.corpus, gen.greedy) == (m_prev, "@distill.corpus", True)
         assert (sel.corpus, sel.score_column, sel.tau) == ("@rm_full.corpus", "rm_score", tau)
         assert (sel.errors, sel.error_if) == (f"@round{t}_generate.corpus", "wrong")
-        assert (sft.model, sft.corpus) == (m_prev, f"@round{t}_select.corpus")
+        assert (dis.model, dis.corpus) == (m_prev, f"@round{t}_select.corpus")
+        assert dis.model_dump(exclude={"model", "corpus"}) == d0.model_dump(exclude={"model", "corpus"})
+        assert (sft.model, sft.corpus) == (m_prev, f"@round{t}_distill.corpus")
         assert cfg[f"round{t}_eval"].model == f"@round{t}_sft.model"
         assert cfg[f"round{t}_eval"].report_stage == f"round{t}_sft"
 
@@ -325,6 +364,20 @@ def test_r1v_38b_plan_fits_64_gpus_of_80gb(capsys):
     assert re.search(r"^rm_full\s+score\s+openai\s+-\s", out, re.M)
     assert re.search(r"served outside the GPUs planned here \(rm_full\)", out)
     assert re.search(r"generate: at most [\d.]+ PFLOP per corpus row .*\(round1_generate, round2_generate", out)
+    # AL-CoTD: the question judges are served outside (one note, each stage named once); the distill engines
+    # fill the 64 GPUs like generate's, one 16K-token chain per row
+    assert re.search(r"^distill_score\s+distill\.score\s+openai\s+-\s", out, re.M)
+    assert re.search(
+        r"\(model 'judge'\): served outside the GPUs planned here \(judge_align, distill_score\)$", out, re.M
+    )
+    for name in ("distill", *(f"round{t}_distill" for t in (1, 2, 3, 4))):
+        assert re.search(rf"^{name}\s+distill\s+engine\s+64\s+38\.39B\s.*\syes\s", out, re.M), name
+    assert re.search(
+        r"distill: at most [\d.]+ PFLOP per corpus row \(1 x 16384 tokens\) \(distill, round1_distill, "
+        r"round2_distill, round3_distill, round4_distill\)",
+        out,
+    )
+    assert re.search(r"^  rewriter at http://judge\.example:8000/v1 .* \(distill, round1_distill, ", out, re.M)
     assert "activation_checkpointing: align_2m" in out and "round4_sft, grpo" in out
     assert "grpo_micro_batch=1: grpo" in out
     assert "every stage fits on 64 GPUs x 80.0 GB" in out
@@ -448,3 +501,38 @@ stages:
     assert any("http://j:1/v1" in n for n in plan.notes) and any(n.startswith("local scorer") for n in plan.notes)
     assert main(["plan", str(p), "--gpus", "4", "--gpu-memory", "80GB"]) == 1
     assert "refused: stage 'gen' needs 6 GPUs, 2 more than the 4 given" in capsys.readouterr().err
+
+
+def test_distill_and_distill_score_are_sized(tmp_path, capsys):
+    """distill: its engines like generate, one chain per row in the note, an openai rewriter outside the plan;
+    distill.score: the local judges' GPUs summed (held at once), an openai one none, no judge the CPU. A distill
+    model may be named in plan.architectures. Too few GPUs for the distill engines is refused, naming the stage."""
+    p = _write(
+        tmp_path,
+        """name: x
+plan: {architectures: {a.vision: InternViT-300M-448px, a.llm: Qwen2.5-1.5B-Instruct, d2.model: Qwen2.5-1.5B-Instruct}}
+stages:
+  a: {kind: model.assemble, config: {vision: /v, llm: /l}}
+  qs: {kind: distill.score, config: {corpus: /c,
+       vision_judge: {scorer: {kind: local, model: /j, head: reward, num_actors: 3, num_gpus: 0.5}},
+       text_judge: {scorer: {kind: local, model: /j, head: reward, num_actors: 1, num_gpus: 1}},
+       integration_judge: {scorer: {kind: openai, base_url: "http://j:1/v1", model: j}}}}
+  cues: {kind: distill.score, config: {corpus: /c}}
+  d: {kind: distill, config: {model: "@a.model", corpus: "@qs.corpus", sampling: {max_new_tokens: 1000},
+      preprocess: {max_length: 500}, judge: {kind: openai, base_url: "http://w:2/v1", model: w},
+      engine: {kind: vllm, num_engines: 3, num_gpus: 2, vllm: {tensor_parallel_size: 2}}}}
+  d2: {kind: distill, config: {model: /m, corpus: /c, judge: {kind: rule}}}
+""",
+    )
+    plan = Planner(load_workflow(p), 8, 80e9).run()
+    rows = {r.stage: r for r in plan.rows}
+    assert (rows["qs"].gpus, rows["qs"].role, rows["cues"].gpus, rows["cues"].role) == (3, "local+openai", 0, "cpu")
+    assert (rows["d"].gpus, rows["d"].role, rows["d"].params) == (6, "engine", rows["a"].params)
+    assert rows["d"].mem[0] == pytest.approx(2.0 * rows["a"].params / 2)  # bf16 weights over 2-way TP
+    assert rows["d2"].params == PRESETS["Qwen2.5-1.5B-Instruct"].params() and rows["d2"].gpus == 0  # CPU engine
+    assert plan.notes["scorer at http://j:1/v1 (model 'j'): served outside the GPUs planned here"] == ["qs"]
+    assert plan.notes["distill.score judges: their 3 GPUs are counted, their models' memory is not sized"] == ["qs"]
+    assert plan.notes["rewriter at http://w:2/v1 (model 'w'): served outside the GPUs planned here"] == ["d"]
+    assert any(n.startswith("distill: ") and "(1 x 1500 tokens)" in n for n in plan.notes)
+    assert main(["plan", str(p), "--gpus", "4", "--gpu-memory", "80GB"]) == 1
+    assert "refused: stage 'd' needs 6 GPUs, 2 more than the 4 given" in capsys.readouterr().err
