@@ -9,8 +9,10 @@ answer, a failed preprocessing, a bad penalty, a judge failure, a rewrite that s
 
 Outputs: `corpus` (the input's columns with the distilled assistant turn, `distill`, `chain_tokens`: tokens
 generated after the prompt's `<think>\\n`, end of turn included, and `distill_penalty`), `dropped.parquet`,
-`summary.json`; counts reconcile (kept + rewritten + dropped = rows in) or the stage fails. The corpus is
-processed `chunk_rows` rows at a time, each chunk a part, so a resumed stage skips what it already did.
+`summary.json`, `lengths.png` / `lengths.json` (chain length against difficulty and penalty, before and
+after: `r1v.distill.plots`, also MLflow artifacts under `plots/`); counts reconcile (kept + rewritten + dropped =
+rows in) or the stage fails. The corpus is processed `chunk_rows` rows at a time, each chunk a part, so a resumed
+stage skips what it already did.
 """
 
 from __future__ import annotations
@@ -176,6 +178,12 @@ def run_distill(c: DistillConfig, stage_dir: Path, log: Any, actors: bool, keep_
     metrics.update(judge_stats)
     log.metrics(metrics, 0)
     log.dict(summary, "distill_summary.json")
+    try:  # the figure is a view of finished work: a failure to draw it must not fail the distillation
+        from r1v.distill.plots import distill_plots
+
+        distill_plots(c.corpus, target, c.model, stage_dir, log, c.penalty_column)
+    except Exception as e:  # noqa: BLE001
+        print(f"[distill] length plots not drawn: {type(e).__name__}: {e}", flush=True)
     print(f"[distill] {c.model}: {summary['rows_in']} rows in, {summary['kept']} kept, {summary['rewritten']} "
           f"rewritten, {summary['dropped']} dropped", flush=True)
     if summary["rows_in"] and summary["dropped"] > c.max_dropped_fraction * summary["rows_in"]:

@@ -126,8 +126,8 @@ def finish_metrics(g: dict[str, float], world: int) -> dict[str, float]:
             m[k] = g.pop(k)
         elif k.startswith("reward_"):
             m[k] = g.pop(k) / n
-        elif k.startswith("tok_"):
-            m[k[4:]] = g.pop(k) / tok
+        elif k.startswith("tok_"):  # the policy loss's per-token flags: clip -> clip_frac, dual_clip_frac, ...
+            m[f"{k[4:]}_frac"] = g.pop(k) / tok
         elif k.startswith("time_"):
             m[f"{k[5:]}_seconds"] = g.pop(k) / world  # mean over ranks
         else:
