@@ -43,7 +43,7 @@ from r1v.distill.cues import (
 )
 from r1v.fsutil import atomic_write_json
 from r1v.score.base import SCORERS, Scorer, Verdict, row_fields
-from r1v.score.parts import ROW_GROUP_ROWS, merge_quarantine, publish, quarantine_table, write_table
+from r1v.score.parts import merge_quarantine, publish, write_scored_part, write_table
 from r1v.score.scoring import TooManyQuarantined, check_range
 
 SCORE_COLUMNS = ("s_v", "s_t", "s_i")
@@ -119,39 +119,10 @@ def _check_fraction(bad: int, seen: int, limit: float, where: str) -> None:
 
 def score_file(c: DistillScoreConfig, judges: dict[str, Scorer], file: Path, out: Path, qout: Path) -> None:
     """Pass 1 over one input file: its rows with the raw `COLUMNS` into `out`, the rest into `qout`."""
-    pf = pq.ParquetFile(file)
-    schema = pf.schema_arrow
-    clash = [n for n in (*COLUMNS, *DRLC_COLUMNS) if n in schema.names]
+    clash = [n for n in (*COLUMNS, *DRLC_COLUMNS) if n in pq.ParquetFile(file).schema_arrow.names]
     if clash:
         raise ValueError(f"corpus: {file} already has column(s) {clash}; score the corpus they came from")
-    out_schema = schema
-    for name in COLUMNS:
-        out_schema = out_schema.append(pa.field(name, pa.float64()))
-    tmp = out.with_name(f".{out.name}.tmp")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    writer = pq.ParquetWriter(tmp, out_schema)
-    bad: list[dict[str, Any]] = []
-    try:
-        for batch in pf.iter_batches(batch_size=c.batch_rows):
-            table = pa.Table.from_batches([batch], schema=schema)
-            rows = table.to_pylist()
-            res = score_rows(rows, c, judges)
-            keep = [isinstance(o, dict) for o in res]
-            for r, o in zip(rows, res, strict=True):
-                if isinstance(o, Verdict):
-                    bad.append({"id": r.get("id"), "reason": o.reason, "detail": o.detail, "source": r.get("source")})
-            kept = table.filter(pa.array(keep, pa.bool_()))
-            good = [o for o in res if isinstance(o, dict)]
-            for name in COLUMNS:
-                kept = kept.append_column(name, pa.array([o[name] for o in good], pa.float64()))
-            writer.write_table(kept, row_group_size=ROW_GROUP_ROWS)
-        writer.close()
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    write_table(quarantine_table(bad), qout)
-    tmp.replace(out)  # last: its presence marks the file done
+    write_scored_part(file, out, qout, c.batch_rows, list(COLUMNS), lambda rows: score_rows(rows, c, judges))
 
 
 def bounds(raw_parts: list[Path]) -> dict[str, tuple[float, float]]:

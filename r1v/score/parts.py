@@ -9,7 +9,7 @@ input's columns (extra score columns included) and add their own.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,50 @@ def write_table(table: pa.Table, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS)
     os.replace(tmp, path)
+
+
+def write_scored_part(file: Path, out: Path, qout: Path, batch_rows: int, columns: list[str],
+                      score_batch: Callable[[list[dict[str, Any]]], list[Any]],
+                      after_batch: Callable[[int, int], None] | None = None) -> None:
+    """One input file's rows with new float `columns` into the part `out`, the refused rows into `qout`.
+
+    `score_batch(rows)` returns per row a dict of the new columns' values, or a refusal with `reason` and
+    `detail` (a `Verdict`), which quarantines the row. `after_batch(rows, refused)` may raise to stop early.
+    The part is written under a temp name and renamed last, after its quarantine: its presence means done.
+    """
+    pf = pq.ParquetFile(file)
+    schema = pf.schema_arrow
+    out_schema = schema
+    for name in columns:
+        out_schema = out_schema.append(pa.field(name, pa.float64()))
+    tmp = out.with_name(f".{out.name}.tmp")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    writer = pq.ParquetWriter(tmp, out_schema)
+    bad: list[dict[str, Any]] = []
+    try:
+        for batch in pf.iter_batches(batch_size=batch_rows):
+            table = pa.Table.from_batches([batch], schema=schema)
+            rows = table.to_pylist()
+            res = score_batch(rows)
+            if len(res) != len(rows):
+                raise RuntimeError(f"{len(res)} results for {len(rows)} rows of {file}")
+            keep = [isinstance(o, dict) for o in res]
+            bad += [{"id": r.get("id"), "reason": o.reason, "detail": o.detail, "source": r.get("source")}
+                    for r, o in zip(rows, res, strict=True) if not isinstance(o, dict)]
+            kept = table.filter(pa.array(keep, pa.bool_()))
+            good = [o for o in res if isinstance(o, dict)]
+            for name in columns:
+                kept = kept.append_column(name, pa.array([o[name] for o in good], pa.float64()))
+            writer.write_table(kept, row_group_size=ROW_GROUP_ROWS)
+            if after_batch is not None:
+                after_batch(len(rows), len(rows) - sum(keep))
+        writer.close()
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    write_table(quarantine_table(bad), qout)
+    tmp.replace(out)
 
 
 def quarantine_table(records: list[dict[str, Any]]) -> pa.Table:

@@ -20,7 +20,7 @@ from r1v.data.reader import corpus_files
 from r1v.fsutil import atomic_write_json
 from r1v.score.base import OUT_OF_RANGE, SCORERS, Verdict
 from r1v.score.config import ScoreConfig
-from r1v.score.parts import ROW_GROUP_ROWS, merge_quarantine, publish, quarantine_table, write_table
+from r1v.score.parts import merge_quarantine, publish, write_scored_part
 
 EARLY_CHECK_ROWS = 256  # rows scored before the quarantine fraction may stop the stage early
 
@@ -46,41 +46,22 @@ def _check_fraction(bad: int, seen: int, limit: float, where: str) -> None:
 
 def score_file(scorer: Any, c: ScoreConfig, file: Path, out: Path, qout: Path, seen: list[int]) -> None:
     """Score one input file into `out` (+ its quarantine `qout`); `seen` = [rows, quarantined] of this attempt."""
-    pf = pq.ParquetFile(file)
-    schema = pf.schema_arrow
-    if c.column in schema.names:
+    if c.column in pq.ParquetFile(file).schema_arrow.names:
         raise ValueError(f"column: {file} already has a column {c.column!r}; name the new one differently")
-    out_schema = schema.append(pa.field(c.column, pa.float64()))
-    tmp = out.with_name(f".{out.name}.tmp")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    writer = pq.ParquetWriter(tmp, out_schema)
-    bad: list[dict[str, Any]] = []
-    try:
-        for batch in pf.iter_batches(batch_size=c.batch_rows):
-            table = pa.Table.from_batches([batch], schema=schema)
-            rows = table.to_pylist()
-            verdicts = [check_range(v, c.min_score, c.max_score) for v in scorer.score(rows)]
-            if len(verdicts) != len(rows):
-                raise RuntimeError(f"scorer {c.scorer.kind} returned {len(verdicts)} verdicts for {len(rows)} rows")
-            keep = [v.score is not None for v in verdicts]
-            for r, v in zip(rows, verdicts, strict=True):
-                if v.score is None:
-                    bad.append({"id": r.get("id"), "reason": v.reason, "detail": v.detail,
-                                "source": r.get("source")})
-            kept = table.filter(pa.array(keep, pa.bool_()))
-            scores = pa.array([v.score for v in verdicts if v.score is not None], pa.float64())
-            writer.write_table(kept.append_column(c.column, scores), row_group_size=ROW_GROUP_ROWS)
-            seen[0] += len(rows)
-            seen[1] += len(rows) - sum(keep)
-            if seen[0] >= EARLY_CHECK_ROWS:
-                _check_fraction(seen[1], seen[0], c.max_quarantined_fraction, f"stopped early in {file.name}")
-        writer.close()
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    write_table(quarantine_table(bad), qout)
-    tmp.replace(out)  # last: the part's presence marks the file done
+
+    def score_batch(rows: list[dict[str, Any]]) -> list[Any]:
+        verdicts = [check_range(v, c.min_score, c.max_score) for v in scorer.score(rows)]
+        if len(verdicts) != len(rows):
+            raise RuntimeError(f"scorer {c.scorer.kind} returned {len(verdicts)} verdicts for {len(rows)} rows")
+        return [{c.column: v.score} if v.score is not None else v for v in verdicts]
+
+    def after_batch(rows: int, refused: int) -> None:
+        seen[0] += rows
+        seen[1] += refused
+        if seen[0] >= EARLY_CHECK_ROWS:
+            _check_fraction(seen[1], seen[0], c.max_quarantined_fraction, f"stopped early in {file.name}")
+
+    write_scored_part(file, out, qout, c.batch_rows, [c.column], score_batch, after_batch)
 
 
 def score_corpus(c: ScoreConfig, stage_dir: Path, log: Any) -> dict[str, Any]:
