@@ -1,7 +1,7 @@
 """The miniature's iterative SFT rounds over several seeds: does accuracy rise round by round, and by more than the
 run-to-run spread? (Issue 12 item 6; the paper: 62.5 -> 63.9 -> 64.7 -> 65.2 -> 65.6 on MMMU.)
 
-Runs `r1v run workflows/tiny-rounds.yaml seed=N` for each seed (a full demo run each, ~10 minutes on 2 cores), or
+Runs `r1v run workflows/tiny.yaml seed=N` for each seed (a full demo run each, ~10 minutes on 2 cores), or
 reads finished runs (`--runs DIR ...`), and prints per seed the greedy accuracy ± stderr of sft (M0), each round
 and grpo, each round's corpus (rows by score + as errors), and each step's change in standard errors of the
 difference, sqrt(se_a^2 + se_b^2); then, per row, the mean over seeds and the seeds' standard deviation (the
@@ -32,7 +32,7 @@ def z(a: dict, b: dict) -> float:
 
 def run_seed(seed: int, run_root: Path, extra: list[str]) -> Path:
     run_dir = run_root / f"seed-{seed}"
-    cmd = [sys.executable, "-m", "r1v.cli", "run", str(ROOT / "workflows" / "tiny-rounds.yaml"), f"seed={seed}",
+    cmd = [sys.executable, "-m", "r1v.cli", "run", str(ROOT / "workflows" / "tiny.yaml"), f"seed={seed}",
            f"run_root={run_root}", "--run-dir", str(run_dir), *extra]
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)

@@ -19,6 +19,7 @@ import datetime as dt
 import json
 import re
 import shutil
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -85,6 +86,14 @@ def _append_event(run_dir: Path, stage: str, event: str, **info: Any) -> None:
 def read_events(run_dir: str | Path) -> list[dict[str, Any]]:
     p = Path(run_dir) / "events.jsonl"
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.exists() else []
+
+
+def _stop_idle_engines(kind: str) -> None:
+    """Eval stages keep their engine actors warm for the next eval (`r1v.eval.actors`); a stage of another kind
+    must not wait for the CPUs those idle actors hold. Nothing to do when no eval ran in this process."""
+    actors = sys.modules.get("r1v.eval.actors")
+    if actors is not None:
+        actors.stop_warm_before(kind)
 
 
 def topo_order(wf: Workflow) -> list[str]:
@@ -275,6 +284,7 @@ class Runner:
                            upstream={d: self.state(d).get("outputs", {}) for d in deps})
         t0 = time.time()
         try:
+            _stop_idle_engines(spec.kind)
             cfg = self._resolve(name, self.wf.stage_configs[name])
             if attempt == 1:
                 ctx.log.params(cfg.model_dump(mode="json"))

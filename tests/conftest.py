@@ -15,7 +15,8 @@ PLUGINS = Path(__file__).resolve().parent / "plugins"
 # importable there (GRPO workers import `reward_modules` themselves).
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(PLUGINS), os.environ.get("PYTHONPATH", "")) if p)
 sys.path.insert(0, str(PLUGINS))
-os.environ.setdefault("RAY_TMPDIR", "/tmp/r1v-ray-tests")
+# One Ray temp dir per xdist worker: each worker starts its own cluster.
+os.environ.setdefault("RAY_TMPDIR", f"/tmp/r1v-ray-tests-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

@@ -21,6 +21,9 @@ from r1v.rl.engines import ENGINES, EngineHost
 # How long the workflow's eval stage keeps its actors for the next eval stage: more than the few seconds of
 # bookkeeping between two stages; a later stage of another kind waits at most this long for their resources.
 KEEP_WARM_S = 20.0
+# The stage kinds that take their engines from the warm pool. Before any other stage the workflow stops the pool
+# (`stop_warm_before`): a training stage would otherwise wait up to KEEP_WARM_S for the CPUs the idle actors hold.
+WARM_POOL_KINDS = frozenset({"eval", "generate"})
 
 
 class EvalEngineHost(EngineHost):
@@ -149,6 +152,14 @@ def _expire(pool: EnginePool) -> None:
         pool.close()
     except Exception:  # noqa: BLE001  (a timer thread: the cluster may have been shut down meanwhile)
         pass
+
+
+def stop_warm_before(stage_kind: str) -> bool:
+    """Stop the warm pool now unless a stage of `stage_kind` can use it; whether one was stopped."""
+    if stage_kind in WARM_POOL_KINDS or _warm is None:
+        return False
+    stop_warm()
+    return True
 
 
 def stop_warm() -> None:

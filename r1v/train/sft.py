@@ -193,6 +193,7 @@ def sft_loop(cfg: dict[str, Any]) -> None:
     from r1v.tracking import RunLogger
 
     c = SFTConfig.model_validate(cfg["config"])
+    t_setup = time.time()
     rank, world = setup_worker(c.trainer)
     log = RunLogger(cfg["tracking_uri"], cfg["run_id"]) if rank == 0 else RunLogger(None, None)
     model, tok = load_for_training(c.model, c.trainer)  # ZeRO-3: partitioned from the start
@@ -212,7 +213,8 @@ def sft_loop(cfg: dict[str, Any]) -> None:
                                                   "groups_done": 0}
     if rank == 0:
         log.params({"trainable_params": counts, "total_steps": total})
-        print(f"[sft] rank0: trainable {counts}; ~{total} optimizer steps; starting at step {state['step']}")
+        print(f"[sft] rank0: trainable {counts}; ~{total} optimizer steps; starting at step {state['step']} "
+              f"(set up in {time.time() - t_setup:.1f} s)", flush=True)
         if state["step"]:
             log.tags({"r1v.resumed_from_step": str(state["step"])})
     t_last, tokens_since = time.time(), 0
@@ -251,12 +253,19 @@ def sft_loop(cfg: dict[str, Any]) -> None:
                 checkpoint.save(engine, step, state, {"loss": g_nll / max(g_tok, 1)}, rank)
             if step >= limit:
                 break
+        if rank == 0:
+            print(f"[sft] rank0: epoch {epoch} trained to step {state['step']} at {time.time() - t_setup:.1f} s",
+                  flush=True)
         _finish_epoch(state, epoch, rank, log, cfg["stage_dir"])
         state.update(epoch=epoch + 1, rows_consumed=0, trained=0, quarantined=[], buffer_start=0, groups_done=0)
         # An end-of-epoch checkpoint: a crash after this point never redoes (or recounts) the epoch.
         checkpoint.save(engine, state["step"], state, {"epoch": epoch}, rank, name=f"epoch-{epoch:03d}-end")
 
+    t_export = time.time()
     export_model(engine, c.model, Path(cfg["stage_dir"]) / "model", rank)
+    if rank == 0:
+        print(f"[sft] rank0: model exported in {time.time() - t_export:.1f} s ({time.time() - t_setup:.1f} s in "
+              "all)", flush=True)
 
 
 def count_rows(rows: list[dict[str, Any]], state: dict[str, Any]) -> list[dict[str, Any]]:

@@ -97,7 +97,10 @@ def test_warm_actors_serve_the_next_eval_with_its_model_and_dtype(ray_cluster, t
 
 def test_workflow_eval_stages_generate_in_actors_kept_warm_between_them(ray_cluster, tiny_assets, tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two eval stages of a workflow (Ray up): the second reuses the first one's actor; outputs as in-process."""
+    """Two eval stages of a workflow (Ray up): the second reuses the first one's actor; outputs as in-process. A
+    stage of another kind after them stops the idle actors first, instead of leaving them holding CPUs."""
+    import ray
+
     import r1v.stages  # noqa: F401  (registers the stage kinds)
     from r1v.config import validate_workflow
     from r1v.eval import actors
@@ -108,7 +111,8 @@ def test_workflow_eval_stages_generate_in_actors_kept_warm_between_them(ray_clus
     raw = {"name": "evals", "run_root": str(tmp_path / "runs"),
            "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "evals"},
            "stages": {"e1": {"kind": "eval", "config": ev},
-                      "e2": {"kind": "eval", "config": {**ev, "mode": "no_image"}}}}
+                      "e2": {"kind": "eval", "config": {**ev, "mode": "no_image"}},
+                      "after": {"kind": "data.synthetic", "needs": ["e2"], "config": {"n_train": 2, "n_test": 1}}}}
     wf = validate_workflow(raw)
     runner = Runner.create(wf, tmp_path / "runs" / "evals")
     seen = []
@@ -121,9 +125,11 @@ def test_workflow_eval_stages_generate_in_actors_kept_warm_between_them(ray_clus
 
     monkeypatch.setattr(actors, "acquire", spy)
     try:
-        assert runner.run() == {"e1": "ran", "e2": "ran"}
+        assert runner.run() == {"e1": "ran", "e2": "ran", "after": "ran"}
         assert len(seen) == 2 and seen[0] == seen[1]  # e2 loaded its model into e1's actor
-        assert actors._warm is not None  # kept for a next eval stage
+        assert actors._warm is None  # stopped before `after`, not kept KEEP_WARM_S seconds
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(seen[0][0].ready.remote(), timeout=60)
     finally:
         actors.stop_warm()
     for name in ("e1", "e2"):
