@@ -5,7 +5,9 @@ Starting an engine actor costs seconds (a new process imports torch and transfor
 loading another model into a running one costs what loading costs. So a pool the stage no longer needs may be
 kept for `keep_warm_s` seconds: an eval stage that starts within that time and asks for the same actors (kind,
 count, CPUs, GPUs, threads) reloads them with its model instead of starting new ones; otherwise a timer stops
-them. The workflow's eval stages come one after another (tiny.yaml: seven), so only the first pays.
+them. The workflow's eval stages come one after another (tiny.yaml: seven at the end), so only the first pays.
+Before a stage of another kind the workflow stops a pool that holds CPUs or GPUs; one that holds neither (CPU
+engines with num_cpus 0) is kept through it, up to KEEP_FREE_WARM_S (tiny.yaml's iterative SFT rounds).
 """
 
 from __future__ import annotations
@@ -21,9 +23,14 @@ from r1v.rl.engines import ENGINES, EngineHost
 # How long the workflow's eval stage keeps its actors for the next eval stage: more than the few seconds of
 # bookkeeping between two stages; a later stage of another kind waits at most this long for their resources.
 KEEP_WARM_S = 20.0
-# The stage kinds that take their engines from the warm pool. Before any other stage the workflow stops the pool
-# (`stop_warm_before`): a training stage would otherwise wait up to KEEP_WARM_S for the CPUs the idle actors hold.
+# The stage kinds that take their engines from the warm pool. Before any other stage the workflow stops a pool
+# that reserves CPUs or GPUs (`stop_warm_before`): a training stage would otherwise wait up to KEEP_WARM_S for the
+# resources its idle actors hold.
 WARM_POOL_KINDS = frozenset({"eval", "generate"})
+# A pool that reserves nothing (engine.num_cpus 0, no GPUs: idle, it costs only its memory) is kept through the
+# stages of other kinds, up to this long, for the next eval (iterative SFT: round t's SFT between its generate and
+# its eval): an engine actor's start (a process importing torch and transformers) costs seconds each time.
+KEEP_FREE_WARM_S = 300.0
 
 
 class EvalEngineHost(EngineHost):
@@ -52,6 +59,11 @@ class EnginePool:
         self.key = key
         self.handles = handles
         self._loading: list[Any] = []
+
+    @property
+    def reserves_nothing(self) -> bool:
+        """Whether the actors hold no CPUs and no GPUs (the key's num_cpus and num_gpus)."""
+        return self.key[3] == 0 and self.key[4] == 0
 
     @classmethod
     def start(cls, key: tuple[Any, ...], model_dir: str, kind: str, num: int, num_cpus: float, num_gpus: float,
@@ -127,11 +139,14 @@ def acquire(model_dir: str, kind: str, num: int, num_cpus: float, num_gpus: floa
 
 
 def release(pool: EnginePool, keep_warm_s: float) -> None:
-    """Stop `pool`'s actors now, or after `keep_warm_s` seconds unless `acquire` takes them over first."""
+    """Stop `pool`'s actors now (`keep_warm_s` <= 0), or after `keep_warm_s` seconds (at least KEEP_FREE_WARM_S for a
+    pool that reserves nothing) unless `acquire` takes them over first."""
     global _warm
     if keep_warm_s <= 0:
         pool.close()
         return
+    if pool.reserves_nothing:
+        keep_warm_s = max(keep_warm_s, KEEP_FREE_WARM_S)
     timer = threading.Timer(keep_warm_s, _expire, args=(pool,))
     timer.daemon = True
     with _lock:
@@ -155,8 +170,10 @@ def _expire(pool: EnginePool) -> None:
 
 
 def stop_warm_before(stage_kind: str) -> bool:
-    """Stop the warm pool now unless a stage of `stage_kind` can use it; whether one was stopped."""
-    if stage_kind in WARM_POOL_KINDS or _warm is None:
+    """Stop the warm pool now unless a stage of `stage_kind` can use it or the pool holds no resources; whether
+    one was stopped."""
+    warm = _warm
+    if stage_kind in WARM_POOL_KINDS or warm is None or warm[0].reserves_nothing:
         return False
     stop_warm()
     return True

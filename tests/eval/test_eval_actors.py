@@ -4,6 +4,7 @@ and the engine fields of the eval config validate."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,23 @@ def _outputs(d: Path) -> tuple[dict, str]:
     s = json.loads((d / "summary.json").read_text())
     s.pop("seconds")
     return s, (d / "predictions.jsonl").read_text()
+
+
+def assert_stops(handle, within_s: float = 60.0) -> None:
+    """The actor is gone within `within_s`: `ray.kill` is asynchronous, so a call sent right after it may still be
+    served (seen under load); every call after the kill has landed fails."""
+    import time
+
+    import ray
+
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(handle.ready.remote(), timeout=max(1.0, deadline - time.monotonic()))
+        except ray.exceptions.RayActorError:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"actor {handle} still answers {within_s:.0f} s after it was stopped")
 
 
 def test_actors_give_the_in_process_predictions_on_one_or_two_engines(ray_cluster, tiny_assets,
@@ -83,24 +101,20 @@ def test_warm_actors_serve_the_next_eval_with_its_model_and_dtype(ray_cluster, t
                           (host.engine.logprobs, host.engine.static_cache))))
         assert dtype == torch.bfloat16 and threads == 1 and opts == (False, True)
     assert actors._warm is None  # keep_warm_s 0: stopped on exit
-    with pytest.raises(ray.exceptions.RayActorError):
-        ray.get(handles[0].ready.remote(), timeout=60)
+    assert_stops(handles[0])
 
     # Unclaimed, a warm pool stops after keep_warm_s.
     stage.run_eval(_cfg(model, corpus, num_engines=1), tmp_path / "b", log, actors=True, keep_warm_s=0.5)
     left = actors._warm[0].handles
     time.sleep(3)
     assert actors._warm is None
-    with pytest.raises(ray.exceptions.RayActorError):
-        ray.get(left[0].ready.remote(), timeout=60)
+    assert_stops(left[0])
 
 
 def test_workflow_eval_stages_generate_in_actors_kept_warm_between_them(ray_cluster, tiny_assets, tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Two eval stages of a workflow (Ray up): the second reuses the first one's actor; outputs as in-process. A
     stage of another kind after them stops the idle actors first, instead of leaving them holding CPUs."""
-    import ray
-
     import r1v.stages  # noqa: F401  (registers the stage kinds)
     from r1v.config import validate_workflow
     from r1v.eval import actors
@@ -128,8 +142,7 @@ def test_workflow_eval_stages_generate_in_actors_kept_warm_between_them(ray_clus
         assert runner.run() == {"e1": "ran", "e2": "ran", "after": "ran"}
         assert len(seen) == 2 and seen[0] == seen[1]  # e2 loaded its model into e1's actor
         assert actors._warm is None  # stopped before `after`, not kept KEEP_WARM_S seconds
-        with pytest.raises(ray.exceptions.RayActorError):
-            ray.get(seen[0][0].ready.remote(), timeout=60)
+        assert_stops(seen[0][0])
     finally:
         actors.stop_warm()
     for name in ("e1", "e2"):
@@ -166,3 +179,30 @@ def test_unknown_engine_kind_fails_before_anything_starts(tmp_path: Path) -> Non
     c = EvalConfig(model="no-such-model", corpus="no-such-corpus", engine={"kind": "nope"})
     with pytest.raises(ValueError, match="engine.kind: unknown rollout engine 'nope'; known: "):
         stage.run_eval(c, tmp_path, tracking.RunLogger(None, None), actors=True)
+
+
+def test_a_pool_that_reserves_nothing_outlives_stages_of_other_kinds(ray_cluster, tiny_assets, tmp_path: Path) -> None:
+    """Engines with num_cpus 0 hold nothing a trainer needs: kept through another stage (iterative SFT's round SFT
+    between its generate and its eval), past KEEP_WARM_S, and taken over by the next eval; one that reserves
+    CPUs is stopped before that stage instead."""
+    from r1v.eval import actors
+
+    log = tracking.RunLogger(None, None)
+    model, corpus = tiny_assets["model"], tiny_assets["test"]
+    try:
+        stage.run_eval(_cfg(model, corpus, num_cpus=0), tmp_path / "a", log, actors=True, keep_warm_s=0.5)
+        handles = actors._warm[0].handles
+        assert actors.stop_warm_before("sft") is False
+        time.sleep(2)  # past keep_warm_s: a free pool is kept KEEP_FREE_WARM_S
+        assert actors._warm is not None and actors._warm[0].handles == handles
+        stage.run_eval(_cfg(model, corpus, num_cpus=0), tmp_path / "b", log, actors=True, keep_warm_s=0.5)
+        assert actors._warm[0].handles == handles  # the next eval ran in the same actors
+
+        stage.run_eval(_cfg(model, corpus), tmp_path / "c", log, actors=True, keep_warm_s=60)  # reserves 0.5 CPU
+        reserving = actors._warm[0].handles
+        assert reserving != handles
+        assert actors.stop_warm_before("eval") is False and actors.stop_warm_before("sft") is True
+        assert actors._warm is None
+        assert_stops(reserving[0])
+    finally:
+        actors.stop_warm()
