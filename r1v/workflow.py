@@ -88,11 +88,16 @@ def read_events(run_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.exists() else []
 
 
-def _stop_idle_engines(kind: str) -> None:
+def _stop_idle_engines(kind: str | None) -> None:
     """Eval stages keep their engine actors warm for the next eval (`r1v.eval.actors`); a stage of another kind
-    must not wait for the CPUs those idle actors hold. Nothing to do when no eval ran in this process."""
+    must not wait for the CPUs those idle actors hold, and a finished run (kind None) keeps none. Nothing to do
+    when no eval ran in this process."""
     actors = sys.modules.get("r1v.eval.actors")
-    if actors is not None:
+    if actors is None:
+        return
+    if kind is None:
+        actors.stop_warm()
+    else:
         actors.stop_warm_before(kind)
 
 
@@ -257,6 +262,8 @@ class Runner:
         except BaseException:
             tracking.set_status(uri, parent, "FAILED")
             raise
+        finally:
+            _stop_idle_engines(None)
         tracking.set_status(uri, parent, "FINISHED")
         return what
 
