@@ -28,8 +28,8 @@ stages:
   models: {{kind: model.tiny}}
   sft:
     kind: sft
-    config: {{model: "@models.model", corpus: "@data.train", batch_size: 2, checkpoint_every: 4,
-             keep_checkpoints: 3, optim: {{lr: 1.0e-3}}}}
+    config: {{model: "@models.model", corpus: "@data.train", batch_size: 2, checkpoint_every: 2,
+             keep_checkpoints: 5, optim: {{lr: 1.0e-3}}}}
 """
 
 
@@ -45,11 +45,11 @@ def test_killed_sft_resumes_from_checkpoint(ray_cluster, tmp_path):
     ckpts = run_dir / "stages" / "sft" / "ray" / "train"
     deadline = time.time() + 300
     # Ray registers a checkpoint only once every rank's shard is in (a half-written one must never be resumed
-    # from), a little after its folder appears: by step 8's folder, step 4's is registered.
-    while time.time() < deadline and not list(ckpts.glob("step-000008")):
+    # from), a little after its folder appears: by step 10's folder, earlier checkpoints are registered.
+    while time.time() < deadline and not list(ckpts.glob("step-000010")):
         assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
         time.sleep(0.2)
-    assert list(ckpts.glob("step-000008")), "no checkpoint appeared in time"
+    assert list(ckpts.glob("step-000010")), "no checkpoint appeared in time"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     runner = Runner.open(run_dir)
@@ -70,7 +70,7 @@ def test_killed_sft_resumes_from_checkpoint(ray_cluster, tmp_path):
     assert child.info.status == "FINISHED"
     # Resumed from a registered checkpoint, not step 0. Ray's controller records checkpoints a little after the
     # folders appear, so the newest one it had recorded at the kill may be an earlier one.
-    assert int(child.data.tags["r1v.resumed_from_step"]) in (4, 8)
+    assert 2 <= int(child.data.tags["r1v.resumed_from_step"]) <= 10
     counts = json.loads((run_dir / "stages" / "sft" / "epoch-0-counts.json").read_text())
     assert counts["rows_in"] == 97 and counts["rows_quarantined"] == 3 and counts["rows_trained"] == 94
     assert (run_dir / "stages" / "sft" / "model" / "config.json").exists()
