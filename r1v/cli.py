@@ -48,9 +48,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     with Console(args.verbose) as con:  # from here until the table, output goes to RUN/logs unless --verbose
         import r1v.stages  # noqa: F401  (registers the stage kinds)
         from r1v.config import load_workflow
-        from r1v.workflow import Runner
+        from r1v.workflow import Runner, check_only
 
         wf = load_workflow(args.workflow, args.overrides)
+        check_only(wf, args.only)  # before a run directory or a cluster exists
         runner = Runner.create(wf, Path(args.run_dir) if args.run_dir else None)
         con.attach(runner.run_dir)
         con.line(f"r1v: run directory {runner.run_dir}")
@@ -63,9 +64,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
     with Console(args.verbose) as con:
         import r1v.stages  # noqa: F401
-        from r1v.workflow import Runner
+        from r1v.workflow import Runner, check_only
 
         runner = Runner.open(Path(args.run), args.overrides)
+        check_only(runner.wf, args.only)
         con.attach(runner.run_dir)
         con.line(f"r1v: resuming {runner.run_dir}")
         outcome = _execute(runner, con, runner.wf.config.ray.address, runner.wf.config.ray.num_cpus, args.only)

@@ -242,6 +242,7 @@ class Runner:
 
     def run(self, only: list[str] | None = None) -> dict[str, str]:
         """Run every stage not yet done; returns {stage: 'ran' | 'skipped'}."""
+        check_only(self.wf, only)
         meta = self.meta
         uri, parent = meta["tracking_uri"], meta["parent_run_id"]
         tracking.set_status(uri, parent, "RUNNING")
@@ -314,6 +315,17 @@ class Runner:
         ctx.log.metrics({"stage_seconds": secs}, step=0)
         tracking.set_status(uri, child, "FINISHED")
         _append_event(self.run_dir, name, "finished", attempt=attempt, seconds=secs)
+
+
+def check_only(wf: Workflow, only: list[str] | None) -> None:
+    """`--only` names stages of `wf`: an unknown name would otherwise select nothing, silently (argparse hands
+    `--only a x=1` the override too)."""
+    unknown = [n for n in only or [] if n not in wf.config.stages]
+    if unknown:
+        hint = ("; overrides (key=value) go before --only, which takes every word after it"
+                if any("=" in n for n in unknown) else "")
+        raise ConfigError(f"--only: no stage named {', '.join(map(repr, unknown))} in this workflow (its stages: "
+                          f"{', '.join(topo_order(wf))}){hint}")
 
 
 def combine_hash(*parts: str) -> str:

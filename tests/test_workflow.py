@@ -116,3 +116,25 @@ def test_cycles_and_bad_refs_are_config_errors(tmp_path):
     p.write_text("name: x\nstages:\n  a: {kind: test.write, config: {source: '@ghost.out'}}\n")
     with pytest.raises(ConfigError, match="unknown stage 'ghost'"):
         Runner(load_workflow(p), tmp_path).fingerprints()
+
+
+def test_only_with_an_unknown_stage_is_a_config_error_that_names_the_stages(tmp_path):
+    CALLS.clear()
+    r = make(tmp_path)
+    with pytest.raises(ConfigError, match=r"no stage named 'bb'.*its stages: a, b, c"):
+        r.run(only=["a", "bb"])
+    # argparse gives `--only b stages.b.config.text=Z` the override as a stage name: say where overrides go.
+    with pytest.raises(ConfigError, match="overrides .* go before --only"):
+        r.run(only=["b", "stages.b.config.text=Z"])
+    assert CALLS == [] and r.status_rows()[0]["status"] == "pending"
+    assert r.run(only=["a"]) == {"a": "ran"}
+
+
+def test_the_cli_checks_only_before_making_a_run_directory(tmp_path, capsys):
+    from r1v.cli import main
+
+    p = tmp_path / "wf.yaml"
+    p.write_text(YAML.format(root=tmp_path / "runs", fail=0))
+    assert main(["run", str(p), "--run-dir", str(tmp_path / "r"), "--only", "a", "stages.a.config.text=Q"]) == 2
+    assert "go before --only" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
