@@ -48,12 +48,13 @@ def free_port() -> int:
 
 def init_process_group(device: str) -> None:
     """World size 1, no launcher: what `torchrun --nproc_per_node 1` would set up."""
-    import deepspeed
+    from r1v.train.engine import prepare_deepspeed
 
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if device == "cuda" else "cpu")
+    deepspeed = prepare_deepspeed()  # on CPU: no shared-memory allreduce op (compiling it costs 30 to 80 s)
     for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1",
                  "LOCAL_RANK": "0"}.items():
         os.environ.setdefault(k, v)
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if device == "cuda" else "cpu")
     deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", verbose=False)
 
 

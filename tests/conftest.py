@@ -49,3 +49,14 @@ def tiny_assets(tmp_path_factory):
     data = generate(root / "data", n_train=24, n_test=8, seed=0, corrupt_rows=2)
     return {"model": str(save_model(vlm, tok, root / "vlm")), "llm": str(save_llm(llm, tok, root / "llm")),
             "train": str(data["train"]), "test": str(data["test"]), "root": root}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first (a stable sort): under two xdist workers the longest ones, the e2e demo run above all,
+    start at once instead of last, where one of them would run alone on the two cores at the end."""
+    def rank(item) -> int:
+        if "test_pipeline_e2e" in item.nodeid:  # ~8 min: as long as every other test together
+            return 0
+        return 1 if item.get_closest_marker("slow") else 2
+
+    items.sort(key=rank)

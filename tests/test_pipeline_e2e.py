@@ -48,12 +48,16 @@ def assert_projector_only(before: str, after: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # ~8 min alone; sharing the 2 cores with the other xdist worker, up to half as fast
 def test_tiny_workflow_end_to_end(ray_cluster, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    # The demo as shipped but for GRPO's length (10 steps, not 30), to keep the suite within its budget: GRPO's
-    # effect is measured at full length by bench/world_recipe.py, and only GRPO's place under the text ceiling and
-    # above the blanked image is asserted below.
-    rc = main(["run", str(TINY), f"run_root={tmp_path}", "stages.grpo.config.steps=10", "--run-dir", str(run_dir)])
+    # The demo as shipped but for GRPO's length (10 steps, not 20) and a held-out test of 500 items (not 1,000; the
+    # training corpora do not change), to keep the suite within its budget: the effects are measured at full size
+    # by bench/world_recipe.py; the orderings asserted below hold by 0.12 or more in accuracy at full size (about
+    # 6 standard errors at n = 500).
+    n_test = 500
+    rc = main(["run", str(TINY), f"run_root={tmp_path}", "stages.grpo.config.steps=10",
+               f"stages.data.config.n_test={n_test}", "--run-dir", str(run_dir)])
     out = capsys.readouterr().out
     assert rc == 0, out
     runner = Runner.open(run_dir)
@@ -104,7 +108,7 @@ def test_tiny_workflow_end_to_end(ray_cluster, tmp_path, capsys):
     base = results["baselines"]
     assert set(base) == {"no_image", "substitute_vlm", "text_reasoning", "text_instruct"}
     for r in [*rows.values(), *base.values()]:
-        assert r["n"] >= 1000 and 0 <= r["accuracy"] <= 1 and r["stderr"] > 0 and r["mean_response_tokens"] > 0
+        assert r["n"] == n_test and 0 <= r["accuracy"] <= 1 and r["stderr"] > 0 and r["mean_response_tokens"] > 0
     metrics = client.get_run(parent.info.run_id).data.metrics  # logged after the run finished
     for name, r in rows.items():
         for k in ("accuracy", "stderr", "pass_at_1", "mean_response_tokens"):
