@@ -162,7 +162,11 @@ class Runner:
             while run_dir.exists():
                 run_dir = root / f"{wf.config.name}-{stamp}-{i}"
                 i += 1
-        run_dir.mkdir(parents=True, exist_ok=False)
+        if run_dir.exists() and any(run_dir.iterdir()):
+            what = (f"a run: `r1v resume {run_dir}` continues it" if (run_dir / "run.json").exists()
+                    else "not empty")
+            raise ConfigError(f"run directory {run_dir} already exists and is {what}; choose a new one")
+        run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "workflow.yaml", yaml.safe_dump(wf.raw, sort_keys=False))
         uri = wf.config.tracking.tracking_uri or tracking.default_tracking_uri(root)
         exp = tracking.ensure_experiment(uri, wf.config.tracking.experiment, root.resolve() / "mlartifacts")

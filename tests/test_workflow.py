@@ -138,3 +138,16 @@ def test_the_cli_checks_only_before_making_a_run_directory(tmp_path, capsys):
     assert main(["run", str(p), "--run-dir", str(tmp_path / "r"), "--only", "a", "stages.a.config.text=Q"]) == 2
     assert "go before --only" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_new_run_refuses_an_existing_run_directory_and_names_resume(tmp_path):
+    r = make(tmp_path)
+    p = tmp_path / "wf.yaml"
+    with pytest.raises(ConfigError, match=f"r1v resume {r.run_dir}"):
+        Runner.create(load_workflow(p), r.run_dir)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not empty"):
+        Runner.create(load_workflow(p), tmp_path / "other")
+    (tmp_path / "empty").mkdir()
+    assert Runner.create(load_workflow(p), tmp_path / "empty").run() == {"a": "ran", "b": "ran", "c": "ran"}
