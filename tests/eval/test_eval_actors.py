@@ -34,8 +34,6 @@ def _outputs(d: Path) -> tuple[dict, str]:
 def assert_stops(handle, within_s: float = 60.0) -> None:
     """The actor is gone within `within_s`: `ray.kill` is asynchronous, so a call sent right after it may still be
     served (seen under load); every call after the kill has landed fails."""
-    import time
-
     import ray
 
     deadline = time.monotonic() + within_s
