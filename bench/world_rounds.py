@@ -33,7 +33,7 @@ def z(a: dict, b: dict) -> float:
 def run_seed(seed: int, run_root: Path, extra: list[str]) -> Path:
     run_dir = run_root / f"seed-{seed}"
     cmd = [sys.executable, "-m", "r1v.cli", "run", str(ROOT / "workflows" / "tiny.yaml"), f"seed={seed}",
-           f"run_root={run_root}", "--run-dir", str(run_dir), *extra]
+           f"run_root={run_root}", *extra, "--run-dir", str(run_dir)]  # overrides before options: argparse
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
