@@ -54,10 +54,9 @@ def tiny_assets(tmp_path_factory):
 def pytest_collection_modifyitems(config, items):
     """The e2e demo run first, then one quick test, then the other slow tests (a stable sort).
 
-    xdist (`--maxschedchunk 1`, pyproject.toml) hands tests out in this order, one at a time, but each worker keeps
-    the test queued after its current one: the worker that starts the e2e run (~10 min) holds the second test
-    until then, so that one must be quick (the killed-SFT test, ~3 min, once ran there after the e2e test). The
-    other slow tests go to the other worker first, longest first, while the e2e test runs."""
+    Under `--dist worksteal` (pyproject.toml) the worker that starts the e2e run (~9 min) keeps the test queued
+    right after it, which no other worker can steal: that one must be quick (it was the killed-SFT test, ~3 min,
+    run after the e2e test on the same worker: 12 min 28 s). The other slow tests start early on the other worker."""
     def rank(item) -> int:
         if "test_pipeline_e2e" in item.nodeid:  # ~9 min: about as long as every other test together
             return 0
