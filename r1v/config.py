@@ -214,6 +214,10 @@ class SFTConfig(Strict):
     checkpoint_every: int = Field(10, ge=1, description="optimizer steps between checkpoints")
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(1, ge=1)
+    projector_norm_reg: float = Field(0.0, ge=0, description="weight of (||projector output|| / mean "
+                                      "token-embedding norm - 1)^2, averaged over image tokens, added to the loss "
+                                      "(0: off): pulls image features to the scale of the LLM's token embeddings "
+                                      "(r1v.train.projector_reg; a compared option, README)")
 
 
 @STAGE_CONFIGS.register("eval")

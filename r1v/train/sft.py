@@ -39,6 +39,7 @@ from r1v.train.device import engine_device, engine_dtype, to_device
 from r1v.train.engine import all_reduce_max, all_reduce_sum, export_model, gather_objects, init_engine
 from r1v.train.launch import setup_worker
 from r1v.train.loading import load_for_training
+from r1v.train.projector_reg import ProjectorNormPenalty
 
 
 def dummy_row(image_token_id: int, tokens_per_tile: int, tile_size: int) -> dict[str, Any]:
@@ -86,31 +87,43 @@ def batch_nll(engine, batch: dict[str, Any], packing: bool) -> torch.Tensor:
     return token_nll(out.logits, batch["labels"])[0]
 
 
-def sft_step(engine, batches: Sequence[dict[str, Any]], packing: bool, world: int) -> tuple[float, float]:
+def sft_step(engine, batches: Sequence[dict[str, Any]], packing: bool, world: int,
+             penalty: ProjectorNormPenalty | None = None) -> tuple[float, float]:
     """One optimizer step over one accumulation window of collated micro-batches: no Ray involved, so a Ray Train
     worker and a plain single process (`bench/gpu_step.py`) run the same step. Returns the window's (summed NLL,
-    label tokens) over all ranks."""
+    label tokens) over all ranks. With `penalty`, each micro-batch also backpropagates weight x its projector
+    penalty x its label tokens (so the window's loss adds weight x the label-token-weighted mean penalty); the
+    returned NLL stays the NLL."""
+
+    def reg(b: dict[str, Any]) -> torch.Tensor | float:
+        p = penalty.take() if penalty is not None else None
+        return 0.0 if p is None else penalty.weight * p * label_tokens(b["labels"])
+
     out = backward_window(engine, batches, lambda b: batch_nll(engine, b, packing),
-                          [label_tokens(b["labels"]) for b in batches], world)
+                          [label_tokens(b["labels"]) for b in batches], world,
+                          reg_fn=reg if penalty is not None else None)
     engine.step()
     return out
 
 
 def backward_window(engine, batches: Sequence[Any], nll_fn: Callable[[Any], torch.Tensor], tokens: Sequence[int],
-                    world: int) -> tuple[float, float]:
+                    world: int, reg_fn: Callable[[Any], torch.Tensor | float] | None = None) -> tuple[float, float]:
     """Forward and backward every micro-batch of one accumulation window (the caller then calls `engine.step()`).
 
     `tokens[i]` is batch i's label-token count, known before its forward so the window's global count is one
     all-reduce. The accumulation boundary is set by hand, so a window may hold fewer micro-batches than
     gradient_accumulation_steps (the last one of an epoch). Every rank must pass the same number of batches
     (ZeRO-3 gathers parameters inside forward). Returns the window's (summed NLL, label tokens) over all ranks.
+    `reg_fn(batch)`, called right after the batch's forward, adds a term (on the NLL's summed scale) to what is
+    backpropagated, not to the NLL returned.
     """
     (g_tok,) = all_reduce_sum([float(sum(tokens))])
     nll_sum = 0.0
     for i, batch in enumerate(batches):
         engine.set_gradient_accumulation_boundary(i == len(batches) - 1)
         nll = nll_fn(batch)
-        engine.backward(window_loss(nll, g_tok, world), scale_wrt_gas=False)
+        loss = nll if reg_fn is None else nll + reg_fn(batch)
+        engine.backward(window_loss(loss, g_tok, world), scale_wrt_gas=False)
         nll_sum += float(nll.detach())
     (g_nll,) = all_reduce_sum([nll_sum])
     return g_nll, g_tok
@@ -208,6 +221,7 @@ def sft_loop(cfg: dict[str, Any]) -> None:
     total = min(c.max_steps or 10**12, steps_per_epoch * c.epochs)
     limit = c.max_steps or 10**12
     engine = init_engine(model, c.trainer, c.optim, total, c.batch_size, c.grad_accum)
+    penalty = ProjectorNormPenalty(model, c.projector_norm_reg) if c.projector_norm_reg > 0 else None
     state = checkpoint.restore(engine, rank) or {"step": 0, "epoch": 0, "rows_consumed": 0, "micro": 0,
                                                   "trained": 0, "quarantined": [], "buffer_start": 0,
                                                   "groups_done": 0}
@@ -239,7 +253,7 @@ def sft_loop(cfg: dict[str, Any]) -> None:
                 break  # every rank's shard is exhausted
             # The window's micro-batches are formed first: its global token count normalises every one of them.
             batches = [collate(rows) for rows in window + [[]] * (n - len(window))]
-            g_nll, g_tok = sft_step(engine, batches, c.packing, world)
+            g_nll, g_tok = sft_step(engine, batches, c.packing, world, penalty)
             state["micro"] += n
             state["step"] += 1
             step = state["step"]
@@ -247,7 +261,8 @@ def sft_loop(cfg: dict[str, Any]) -> None:
             if rank == 0 and step % c.log_every == 0:
                 now = time.time()
                 log.metrics({"loss": g_nll / max(g_tok, 1), "lr": engine.get_lr()[0],
-                             "tokens_per_s": tokens_since / max(now - t_last, 1e-9), "epoch": epoch}, step)
+                             "tokens_per_s": tokens_since / max(now - t_last, 1e-9), "epoch": epoch,
+                             **({"projector_norm_ratio": penalty.last_ratio} if penalty else {})}, step)
                 t_last, tokens_since = now, 0
             if step % c.checkpoint_every == 0:
                 checkpoint.save(engine, step, state, {"loss": g_nll / max(g_tok, 1)}, rank)
