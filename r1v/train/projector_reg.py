@@ -37,11 +37,11 @@ class ProjectorNormPenalty:
     of that batch, for logging.
     """
 
-    def __init__(self, model: torch.nn.Module, weight: float, reference_norm: float | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, weight: float) -> None:
         if weight <= 0:
             raise ValueError(f"weight must be > 0, got {weight}")
         self.weight = weight
-        self.reference_norm = embedding_norm(model) if reference_norm is None else reference_norm
+        self.reference_norm = embedding_norm(model)
         if self.reference_norm <= 0:
             raise ValueError(f"the token embeddings have norm {self.reference_norm}: nothing to regularise toward")
         self.last_ratio = float("nan")

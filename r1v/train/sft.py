@@ -96,7 +96,7 @@ def sft_step(engine, batches: Sequence[dict[str, Any]], packing: bool, world: in
     returned NLL stays the NLL."""
 
     def reg(b: dict[str, Any]) -> torch.Tensor | float:
-        p = penalty.take() if penalty is not None else None
+        p = penalty.take()
         return 0.0 if p is None else penalty.weight * p * label_tokens(b["labels"])
 
     out = backward_window(engine, batches, lambda b: batch_nll(engine, b, packing),
