@@ -44,7 +44,8 @@ def test_grpo_stage_runs_on_the_vllm_engine(ray_cluster, tmp_path):
 
     mismatch = history("logprob_mismatch")
     assert len(mismatch) == steps and len(history("reward")) == steps
-    # vLLM samples from the vocabulary less the image tokens; on this model they hold ~1e-6 of the mass. After the
-    # updates the engine's projector must be the trainer's, or the mismatch would jump to ~1.
-    assert max(mismatch) < 1e-3, mismatch
+    # The mean per-token gap is a few 1e-4 to 6e-3 by CPU (vLLM's CPU kernels and reduction order; it also samples
+    # from the vocabulary less the image tokens, ~1e-6 of the mass). A projector update that did not reach the
+    # engine moves it to ~1: the bound sits between the two.
+    assert max(mismatch) < 0.1, mismatch
     assert history("sync_bytes")[0] > 0 and history("optimizer_steps") == [1.0] * steps

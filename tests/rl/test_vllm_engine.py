@@ -26,13 +26,18 @@ needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (pip
                                 "CI's .ci/run installs it)")
 # The vLLM tests share one engine actor: ~25 s to start Ray and the engine, then seconds per test.
 GREEDY = {"temperature": 0.0, "max_new_tokens": 48}
-LOGPROB_TOL = 2e-4
-"""vLLM's log-probs against the trainer's forward, both float32 on CPU (measured: a few 1e-6)."""
-HF_LOGPROB_BOUND = 1e-3
+LOGPROB_TOL = 0.05
+"""vLLM's log-probs against the trainer's forward, both float32 on CPU. Measured a few 1e-6 on one CPU; other CPUs'
+kernels (AVX-512, bf16/VNNI paths in vLLM's CPU backend) reorder reductions. What the bound must catch is a model
+that differs (a stale or missing projector, a wrong weight update): that moves log-probs by 0.5 or more."""
+HF_LOGPROB_BOUND = 0.05
 """vLLM's log-probs are those of the distribution it samples from, which excludes the suppressed image tokens;
 the transformers engine's are over the whole vocabulary. They differ by -log(1 - p(image tokens)): measured 3e-6
 on the trained world model (after the random perturbations below, where image tokens take up to 94% of the mass,
-up to 2.8: there only the exact comparison with the trainer's forward is made)."""
+up to 2.8: there only the comparison with the trainer's forward is made)."""
+TIE_GAP = 0.05
+"""Greedy decoding in two engines may part at a near tie (two tokens within this many nats under the trainer's
+forward), as reduction order differs between CPUs; past that point their completions are not comparable."""
 
 
 # ------------------------------------------------------------------------------------------- without vLLM
@@ -126,8 +131,9 @@ def both(engines, reqs, sampling, n=1, seed=0):
     return ray.get(actor.generate.remote(reqs, sampling, n, seed)), hf.generate(reqs, sampling, n, seed)
 
 
-def sampled_logprobs(model, req: Request, token_ids: list[int], suppress: list[int]) -> np.ndarray:
-    """log p(token) by the trainer's forward (`multimodal_logits`), over the vocabulary less `suppress`."""
+def reference_logprobs(model, req: Request, token_ids: list[int], suppress: list[int]) -> torch.Tensor:
+    """log-softmax rows of the trainer's forward (`multimodal_logits`) at each completion position, over the
+    vocabulary less `suppress`: shape (len(token_ids), vocab)."""
     from r1v.data.collate import tiles_from_bytes
     from r1v.model.assemble import tile_size
     from r1v.model.forward import multimodal_logits
@@ -138,18 +144,31 @@ def sampled_logprobs(model, req: Request, token_ids: list[int], suppress: list[i
     with torch.no_grad():
         logits = multimodal_logits(model, ids, pixel_values=px)[0, len(req.prompt_ids) - 1 : -1].float()
     logits[:, suppress] = -float("inf")
-    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(token_ids)[:, None])[:, 0].numpy()
+    return torch.log_softmax(logits, -1)
 
 
 def assert_same_greedy(v, h, hf, reqs, hf_bound: float | None = None):
+    """vLLM's greedy completions are the trainer's forward's greedy choices (up to a near tie) with its log-probs;
+    the transformers engine's agree with vLLM's up to the first near tie, where they may part."""
     suppress = [hf.model.config.image_token_id, *[hf.tok.convert_tokens_to_ids(t) for t in (IMG_START, IMG_END)]]
     for gv, gh, req in zip(v, h, reqs, strict=True):
         cv, ch = gv[0], gh[0]
-        assert cv.token_ids == ch.token_ids and cv.text == ch.text and cv.finished == ch.finished
-        np.testing.assert_allclose(cv.logprobs, sampled_logprobs(hf.model, req, cv.token_ids, suppress),
-                                   atol=LOGPROB_TOL)
+        ref = reference_logprobs(hf.model, req, cv.token_ids, suppress)
+        chosen = ref.gather(-1, torch.tensor(cv.token_ids)[:, None])[:, 0]
+        gap = ref.max(-1).values - chosen
+        assert float(gap.max()) < TIE_GAP, f"vLLM's greedy token is not the argmax: gaps {gap.tolist()}"
+        np.testing.assert_allclose(cv.logprobs, chosen.numpy(), atol=LOGPROB_TOL)
+        same = 0
+        while same < min(len(cv.token_ids), len(ch.token_ids)) and cv.token_ids[same] == ch.token_ids[same]:
+            same += 1
+        if cv.token_ids != ch.token_ids:
+            assert same < len(cv.token_ids) and same < len(ch.token_ids), "one completion is a prefix of the other"
+            top2 = ref[same].topk(2).values
+            assert float(top2[0] - top2[1]) < TIE_GAP, f"engines part at token {same} without a near tie"
+        else:
+            assert cv.text == ch.text and cv.finished == ch.finished
         if hf_bound is not None:
-            np.testing.assert_allclose(cv.logprobs, ch.logprobs, atol=hf_bound)
+            np.testing.assert_allclose(cv.logprobs[:same], ch.logprobs[:same], atol=hf_bound)
 
 
 @needs_vllm
