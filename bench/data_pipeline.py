@@ -190,7 +190,7 @@ def pack_table(table: pa.Table, pad_id: int, tile: int, max_tokens: int) -> int:
 
 def rows_only(table: pa.Table, model_dir: str, pre: dict[str, Any]) -> int:
     """Diagnostic: `preprocess_row` alone (decode, tile, normalise, tokenise); no Arrow, no packing."""
-    from r1v.config import PreprocessConfig
+    from r1v.core.config import PreprocessConfig
     from r1v.data.pipeline import preprocess_row
 
     cfg = PreprocessConfig.model_validate(pre)
@@ -221,7 +221,7 @@ def ray_run(corpus: Path, model_dir: str, pre: dict[str, Any], concurrency: int,
             max_tokens: int, rows: int) -> int:
     """The SFT stage's pipeline (`preprocessed_dataset`: row-group read tasks fused with `preprocess_batch`),
     at most `concurrency` tasks at once; the driver iterates and packs, as a training worker would."""
-    from r1v.config import PreprocessConfig
+    from r1v.core.config import PreprocessConfig
     from r1v.data.pipeline import preprocessed_dataset
 
     ds = preprocessed_dataset(str(corpus), model_dir, PreprocessConfig.model_validate(pre), concurrency=concurrency)
@@ -274,7 +274,7 @@ def main() -> None:
     ap.add_argument("--json", help="write the figures here too")
     args = ap.parse_args()
 
-    from r1v.config import PreprocessConfig
+    from r1v.core.config import PreprocessConfig
     from r1v.data.pipeline import load_tokenizer, preprocess_batch, vision_geometry
 
     work = Path(tempfile.mkdtemp(prefix="r1v-bench-"))

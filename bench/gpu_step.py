@@ -107,8 +107,8 @@ def sft_batch(model, micro_batch: int, seq_len: int, tiles: int, rng: np.random.
 def rollout_batch(model, prompts: int, group: int, prompt_len: int, new_tokens: int, tiles: int,
                   rng: np.random.Generator):
     """A RolloutBatch of random completions, half of them ending in the right boxed answer (non-zero rewards)."""
+    from r1v.generation.engines import Completion
     from r1v.model.assemble import num_image_tokens, tile_size
-    from r1v.rl.engines import Completion
     from r1v.rl.update import RolloutBatch
 
     t, per_tile = tile_size(model.config), num_image_tokens(model.config)
@@ -145,8 +145,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if a.size == "tiny":  # tiny tiles are 56 px: 4 image tokens each
         a.seq_len, a.micro_batch, a.grpo_new_tokens = min(a.seq_len, 64), min(a.micro_batch, 2), 16
 
-    from r1v.config import GRPOConfig, OptimConfig, TrainerConfig
+    from r1v.core.config import OptimConfig, TrainerConfig
     from r1v.model.freeze import apply_freeze
+    from r1v.rl.config import GRPOConfig
     from r1v.rl.update import grpo_update, reference_projector
     from r1v.train.device import engine_device, engine_dtype
     from r1v.train.engine import init_engine

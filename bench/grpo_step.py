@@ -44,7 +44,7 @@ def world_model(tmp: Path) -> str:
 def world_prompts(model_dir: str, tmp: Path, n: int) -> list[dict[str, Any]]:
     import pyarrow.parquet as pq
 
-    from r1v.config import PreprocessConfig
+    from r1v.core.config import PreprocessConfig
     from r1v.data.pipeline import prepare_prompts
     from r1v.world.corpora import generate
 
@@ -57,10 +57,11 @@ def world_prompts(model_dir: str, tmp: Path, n: int) -> list[dict[str, Any]]:
 
 
 def run_engine(kind: str, model_dir: str, prompts: list[dict[str, Any]], a: argparse.Namespace) -> dict[str, Any]:
-    from r1v.config import GRPOConfig, OptimConfig, TrainerConfig
+    from r1v.core.config import OptimConfig, TrainerConfig
+    from r1v.generation.engines import ENGINES, Request
     from r1v.model.assemble import tile_size
     from r1v.model.freeze import apply_freeze
-    from r1v.rl.engines import ENGINES, Request
+    from r1v.rl.config import GRPOConfig
     from r1v.rl.rollout import collect
     from r1v.rl.update import grpo_update
     from r1v.train.engine import init_engine, named_tensors
@@ -118,12 +119,11 @@ def available(kind: str) -> str | None:
     """None when the engine can run here, else why not."""
     import importlib.util
 
-    from r1v.rl.engines import ENGINES
+    from r1v.generation.engines import ENGINES
 
     if kind == "vllm":
         if importlib.util.find_spec("vllm") is None:
             return "vllm is not installed"
-        import r1v.rl.engine_vllm  # noqa: F401  (registers it)
     return None if kind in ENGINES else f"no engine {kind!r} registered"
 
 

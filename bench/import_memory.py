@@ -62,7 +62,7 @@ def child(args: argparse.Namespace) -> None:
         resource.setrlimit(resource.RLIMIT_DATA, (args.bound_mb * MB, args.bound_mb * MB))
     import pyarrow as pa
 
-    from r1v.data.import_config import DataImportConfig
+    from r1v.data.config import DataImportConfig
     from r1v.data.importers.driver import import_corpus
 
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -74,7 +74,7 @@ def worker(args: argparse.Namespace) -> None:
     os.environ.update(RANK=str(args.rank), WORLD_SIZE=str(args.world), LOCAL_RANK=str(args.rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port))
     torch.set_num_threads(1)
-    from r1v.config import OptimConfig, TrainerConfig
+    from r1v.core.config import OptimConfig, TrainerConfig
     from r1v.model.freeze import apply_freeze
     from r1v.model.io import load_model
     from r1v.train.engine import init_engine, prepare_deepspeed

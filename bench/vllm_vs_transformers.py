@@ -22,9 +22,9 @@ import numpy as np
 def world_requests(model_dir: str, num: int, seed: int = 0):
     """`num` world problems (image form) as engine requests."""
     from r1v.data.prompt import encode_prompt
+    from r1v.generation.engines import Request
     from r1v.model.assemble import num_image_tokens
     from r1v.model.io import load_model
-    from r1v.rl.engines import Request
     from r1v.world.domain import image_question, make_problem
     from r1v.world.render import render_digits, tile_array
 
@@ -55,8 +55,8 @@ def main() -> None:
 
     import torch
 
+    from r1v.generation.engines import ENGINES
     from r1v.model.manifest import reassemble_model
-    from r1v.rl.engines import ENGINES
     from r1v.world.load import substitute_vlm
 
     torch.set_num_threads(args.threads)

@@ -23,7 +23,7 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
-    from r1v.config import apply_overrides
+    from r1v.core.overrides import apply_overrides
     from r1v.world.build import WORLD_DIR, WorldBuildConfig, build_world, verify_world
 
     shipped = verify_world(WORLD_DIR)

@@ -67,7 +67,7 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="write all seeds' results and checks as JSON here")
     ap.add_argument("overrides", nargs="*", help="extra workflow overrides for every seed")
     args = ap.parse_args()
-    from r1v.results import format_table
+    from r1v.eval.results import format_table
 
     all_res = {}
     for seed in args.seeds:

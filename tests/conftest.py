@@ -25,7 +25,7 @@ def ray_cluster():
     """A 2-CPU local Ray cluster shared by every test that needs one (starting one costs ~5 s)."""
     import ray
 
-    from r1v.cli import init_ray
+    from r1v.cli.app import init_ray
 
     Path(os.environ["RAY_TMPDIR"]).mkdir(parents=True, exist_ok=True)
     init_ray(None, 2)

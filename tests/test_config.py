@@ -6,7 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from r1v.config import ConfigError, EvalConfig, SFTConfig, load_workflow
+from r1v.core.config import ConfigError
+from r1v.eval.config import EvalConfig
+from r1v.train.config import SFTConfig
+from r1v.workflow.schema import load_workflow
 
 TINY = Path(__file__).resolve().parent.parent / "workflows" / "tiny.yaml"
 

@@ -12,19 +12,20 @@ from pathlib import Path
 
 import pytest
 
-from r1v import cli
-from r1v.config import STAGE_CONFIGS, Strict, load_workflow
-from r1v.console import Console, error_lines, summary
-from r1v.workflow import STAGES, Runner, StageFailed
+from r1v.cli import app as cli
+from r1v.core.config import Strict
+from r1v.workflow import kinds
+from r1v.workflow.console import Console, error_lines, summary
+from r1v.workflow.kinds import StageKind
+from r1v.workflow.runner import Runner, StageFailed
+from r1v.workflow.schema import load_workflow
 
 
-@STAGE_CONFIGS.register("test.echo", replace=True)
 class EchoConfig(Strict):
     text: str = "x"
     fail: bool = False
 
 
-@STAGES.register("test.echo", replace=True)
 def echo_stage(ctx, c: EchoConfig):
     print(f"python print from {ctx.name}")
     print(f"stderr line from {ctx.name}", file=sys.stderr)
@@ -35,6 +36,9 @@ def echo_stage(ctx, c: EchoConfig):
     out = ctx.path("out.txt")
     out.write_text(c.text)
     return {"out": str(out)}
+
+
+kinds.add(StageKind("test.echo", EchoConfig, echo_stage, ()), replace=True)
 
 
 YAML = """

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from r1v.config import load_workflow
-from r1v.workflow import Runner
+from r1v.workflow.runner import Runner
+from r1v.workflow.schema import load_workflow
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden"

@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from nbclient import NotebookClient
 
 from r1v.cli import main
-from r1v.workflow import Runner
+from r1v.workflow.runner import Runner
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "workflows" / "tiny.yaml"

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from r1v.cli import main
-from r1v.config import ConfigError, load_workflow
-from r1v.plan import Planner, parse_memory
-from r1v.plan_arch import PRESETS, LLMArch, VLMArch, arch_from_config, arch_from_dir
-from r1v.plan_cost import llm_activations, model_states
+from r1v.core.config import ConfigError
+from r1v.plan.arch import PRESETS, LLMArch, VLMArch, arch_from_config, arch_from_dir
+from r1v.plan.cost import llm_activations, model_states
+from r1v.plan.planner import Planner, parse_memory
+from r1v.workflow.schema import load_workflow
 
 ROOT = Path(__file__).resolve().parent.parent
 

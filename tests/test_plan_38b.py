@@ -9,35 +9,25 @@ from pathlib import Path
 import pytest
 
 from r1v.cli import main
-from r1v.config import STAGE_CONFIGS, EvalConfig, GRPOConfig, SFTConfig, load_workflow
+from r1v.eval.config import EvalConfig
+from r1v.rl.config import GRPOConfig
+from r1v.train.config import SFTConfig
+from r1v.workflow import kinds
+from r1v.workflow.schema import load_workflow
 
 ROOT = Path(__file__).resolve().parent.parent
 R1V_38B = ROOT / "workflows" / "r1v-38b.yaml"
-OUTPUTS = {  # what each stage kind returns (r1v.stages and friends): every @stage.output must be one of these
-    "data.import": {"corpus", "quarantine", "report"},
-    "model.assemble": {"model"},
-    "reassemble": {"model"},
-    "sft": {"model", "quarantine"},
-    "grpo": {"model"},
-    "eval": {"predictions", "summary"},
-    "score": {"corpus", "quarantine", "summary"},
-    "generate": {"corpus", "samples", "quarantine", "summary"},
-    "select": {"corpus", "counts", "quarantine"},
-    "distill.score": {"corpus", "quarantine", "summary"},
-    "distill": {"corpus", "dropped", "summary"},
-}
 
 
 def test_r1v_38b_loads_with_the_papers_numbers():
-    from r1v.distill.config import DistillScoreConfig
-    from r1v.distill.distill_config import DistillConfig
+    from r1v.distill.config import DistillConfig, DistillScoreConfig
     from r1v.distill.quality import DRLC_COLUMNS
-    from r1v.score.config import GenerateConfig, ScoreConfig, SelectConfig
-    from r1v.workflow import topo_order
+    from r1v.rounds.config import GenerateConfig, ScoreConfig, SelectConfig
+    from r1v.workflow.runner import topo_order
 
     wf = load_workflow(R1V_38B)  # placeholder paths: nothing needs to exist
     stages, cfg = wf.config.stages, wf.stage_configs
-    assert all(s.kind in STAGE_CONFIGS for s in stages.values())
+    assert all(s.kind in kinds.BUILTIN for s in stages.values())
     rounds = [f"round{t}_{s}" for t in (1, 2, 3, 4) for s in ("generate", "select", "distill", "sft")]
     order = [s for s in topo_order(wf) if stages[s].kind not in ("data.import", "eval")]
     assert order == [
@@ -59,7 +49,7 @@ def test_r1v_38b_loads_with_the_papers_numbers():
     for name, c in cfg.items():  # every reference names an output its stage kind makes
         for value in c.model_dump(mode="json").values():
             if isinstance(value, str) and (m := re.match(r"^@(\w+)\.(\w+)$", value)):
-                assert m.group(2) in OUTPUTS[stages[m.group(1)].kind], (name, value)
+                assert m.group(2) in kinds.get(stages[m.group(1)].kind).outputs, (name, value)
     assert {stages[n].kind for n in ("substitute", "reassemble")} == {"model.assemble"}
     assert cfg["reassemble"].projector == "from_vision"
 

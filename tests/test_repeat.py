@@ -1,4 +1,4 @@
-"""Repeat blocks (r1v.repeat): T rounds declared once, expanded at load into ordinary stages that run, fail and
+"""Repeat blocks (r1v.workflow.repeat): T rounds declared once, expanded at load into ordinary stages that run, fail and
 resume one by one. Stage kinds are registered here (no Ray), like tests/test_workflow.py."""
 
 from __future__ import annotations
@@ -9,14 +9,16 @@ import pytest
 import yaml
 
 from r1v.cli import main
-from r1v.config import STAGE_CONFIGS, ConfigError, Strict, load_workflow, validate_workflow
-from r1v.repeat import expand_repeats
-from r1v.workflow import STAGES, Runner, StageFailed, read_events
+from r1v.core.config import ConfigError, Strict
+from r1v.workflow import kinds
+from r1v.workflow.kinds import StageKind
+from r1v.workflow.repeat import expand_repeats
+from r1v.workflow.runner import Runner, StageFailed, read_events
+from r1v.workflow.schema import load_workflow, validate_workflow
 
 CALLS: list[str] = []
 
 
-@STAGE_CONFIGS.register("test.round", replace=True)
 class RoundConfig(Strict):
     text: str = "x"
     source: str | None = None
@@ -25,7 +27,6 @@ class RoundConfig(Strict):
     seed: int = 0
 
 
-@STAGES.register("test.round", replace=True)
 def round_stage(ctx, c: RoundConfig):
     CALLS.append(ctx.name)
     marker = ctx.path("tries")
@@ -36,6 +37,9 @@ def round_stage(ctx, c: RoundConfig):
     out = ctx.path("out.txt")
     out.write_text((Path(c.source).read_text() if c.source else "") + c.text)
     return {"out": str(out)}
+
+
+kinds.add(StageKind("test.round", RoundConfig, round_stage, ()), replace=True)
 
 
 def block(**repeat) -> dict:

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from r1v import results, tracking
-from r1v.config import validate_workflow
-from r1v.fsutil import atomic_write_json
-from r1v.workflow import Runner
+from r1v.core.fs import atomic_write_json
+from r1v.eval import results
+from r1v.workflow import tracking
+from r1v.workflow.runner import Runner
+from r1v.workflow.schema import validate_workflow
 
 
 def _evals(**evals: dict) -> dict:

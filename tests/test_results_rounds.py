@@ -10,10 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from mlflow.tracking import MlflowClient
 
-from r1v import results, tracking
-from r1v.config import validate_workflow
-from r1v.fsutil import atomic_write_json
-from r1v.workflow import Runner
+from r1v.core.fs import atomic_write_json
+from r1v.eval import results
+from r1v.workflow import tracking
+from r1v.workflow.runner import Runner
+from r1v.workflow.schema import validate_workflow
 
 
 def _summary(acc: float) -> dict:

@@ -9,8 +9,9 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from r1v.config import ConfigError, load_workflow
-from r1v.workflow import Runner
+from r1v.core.config import ConfigError
+from r1v.workflow.runner import Runner
+from r1v.workflow.schema import load_workflow
 
 TINY = Path(__file__).resolve().parent.parent / "workflows" / "tiny.yaml"
 

@@ -10,20 +10,21 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from r1v.config import STAGE_CONFIGS, ConfigError, Strict, load_workflow
-from r1v.workflow import STAGES, Runner, StageFailed, read_events
+from r1v.core.config import ConfigError, Strict
+from r1v.workflow import kinds
+from r1v.workflow.kinds import StageKind
+from r1v.workflow.runner import Runner, StageFailed, read_events
+from r1v.workflow.schema import load_workflow
 
 CALLS: list[str] = []
 
 
-@STAGE_CONFIGS.register("test.write", replace=True)
 class WriteConfig(Strict):
     text: str = "x"
     source: str | None = None
     fail_times: int = 0
 
 
-@STAGES.register("test.write", replace=True)
 def write_stage(ctx, c: WriteConfig):
     CALLS.append(ctx.name)
     marker = ctx.path("tries")
@@ -36,6 +37,9 @@ def write_stage(ctx, c: WriteConfig):
     out.write_text(upstream + c.text)
     ctx.log.metrics({"chars": len(out.read_text())}, 0)
     return {"out": str(out)}
+
+
+kinds.add(StageKind("test.write", WriteConfig, write_stage, ()), replace=True)
 
 
 YAML = """

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from r1v.config import PreprocessConfig
+from r1v.core.config import PreprocessConfig
 
 PREPROCESSED_SCHEMA = pa.schema(
     [

@@ -10,7 +10,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from r1v.fsutil import atomic_directory
+from r1v.core.fs import atomic_directory
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 

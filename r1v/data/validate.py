@@ -21,7 +21,7 @@ from r1v.data.pipeline import RowError
 from r1v.model.tokens import IMAGE_MARKER, IMG_CONTEXT, IMG_END, IMG_START
 
 if TYPE_CHECKING:
-    from r1v.data.import_config import DataImportConfig
+    from r1v.data.config import DataImportConfig
 
 IMAGE_MISSING = "image_missing"      # path does not exist, null image, remote URL
 IMAGE_EMPTY = "image_empty"          # zero bytes

@@ -1,9 +1,9 @@
 """The `distill` stage's work: multi-stage self-distillation (METHOD.md section 4).
 
 Per corpus row, the current model writes one `<think>` chain at the row's repetition penalty (the DRLC
-column; `r1v.rl.engines.Request.repetition_penalty`, honoured by both engines); the grader checks its final
+column; `r1v.generation.engines.Request.repetition_penalty`, honoured by both engines); the grader checks its final
 answer against the row's. A correct chain is kept as the row's new assistant turn (`distill = "kept"`: the
-model's own words); a wrong one goes to the judge (`r1v.distill.judge`), whose rewrite is graded in turn and kept
+model's own words); a wrong one goes to the judge (`r1v.judges.rewriters`), whose rewrite is graded in turn and kept
 as `distill = "rewritten"` when correct. Everything else is dropped with a reason in `dropped.parquet`: no
 answer, a failed preprocessing, a bad penalty, a judge failure, a rewrite that still misses.
 
@@ -27,11 +27,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from r1v.distill.distill_config import DistillConfig
-from r1v.distill.judge import Rewriter, make_rewriter
-from r1v.fsutil import atomic_write_json
-from r1v.score.base import grade_bounded
-from r1v.score.parts import corpus_schema, iter_chunks, merge_quarantine, publish, quarantine_table, write_table
+from r1v.core.fs import atomic_write_json
+from r1v.data.parts import corpus_schema, iter_chunks, merge_quarantine, publish, quarantine_table, write_table
+from r1v.distill.config import DistillConfig
+from r1v.judges.base import grade_bounded
+from r1v.judges.rewriters import Rewriter, make_rewriter
 
 KEPT, REWRITTEN = "kept", "rewritten"
 NO_ANSWER = "no_answer"
@@ -44,7 +44,7 @@ DISTILL_FIELDS = [pa.field("distill", pa.string()), pa.field("chain_tokens", pa.
 def generate_with_penalties(engine: Any, prompts: list[dict[str, Any]], sampling: dict[str, Any], seed: int,
                             batch: int, desc: str = "distill") -> list[Any]:
     """One completion per prompt, each at its prompt's `penalty` (`generate_jobs` with per-request penalties)."""
-    from r1v.eval.stage import generate_jobs
+    from r1v.eval.corpus import generate_jobs
 
     (groups,) = generate_jobs(engine, prompts, [(sampling, 1)], seed, batch, desc, penalty_key="penalty")
     return [g[0] for g in groups]
@@ -75,7 +75,7 @@ def _chunk(engine: Any, judge: Rewriter, c: DistillConfig, table: pa.Table, offs
     """(distilled rows, dropped records, counters) for one chunk."""
     from r1v.data.pipeline import load_tokenizer, prepare_prompts
     from r1v.data.prompt import THINK_OPENER
-    from r1v.rl.rewards import REWARDS
+    from r1v.grading.rewards import REWARDS
 
     rows = table.to_pylist()
     dropped: list[dict[str, Any]] = []
@@ -141,7 +141,7 @@ def output_schema(corpus: str) -> pa.Schema:
 def run_distill(c: DistillConfig, stage_dir: Path, log: Any, actors: bool, keep_warm_s: float = 0.0
                 ) -> dict[str, Any]:
     """Distill `c.corpus` into `stage_dir` (see the module doc); returns outputs and the summary."""
-    from r1v.eval.stage import engine_pool, engine_threads, make_engine, torch_threads
+    from r1v.eval.corpus import engine_pool, engine_threads, make_engine, torch_threads
 
     stage_dir = Path(stage_dir)
     work, target = stage_dir / "work", stage_dir / "corpus"

@@ -13,7 +13,7 @@ normalised, and `penalty`.
 Two passes, so that normalisation sees the whole corpus: each input file is scored into `work/raw-*.parquet`
 (its quarantine next to it); when all are there, the bounds are computed over them and each raw part becomes
 `work/part-*.parquet` with the normalised columns and the penalty; the parts are published as `corpus/` in one
-rename (`r1v.score.parts`). A resumed stage skips what is done. Counts reconcile: rows in = rows scored + rows
+rename (`r1v.data.parts`). A resumed stage skips what is done. Counts reconcile: rows in = rows scored + rows
 quarantined.
 """
 
@@ -29,6 +29,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from r1v.core.fs import atomic_write_json
+from r1v.data.parts import merge_quarantine, publish, write_scored_part, write_table
 from r1v.data.reader import corpus_files
 from r1v.data.validate import IMAGE_DECODE
 from r1v.distill import drlc
@@ -41,10 +43,8 @@ from r1v.distill.cues import (
     integration_cues,
     question_cues,
 )
-from r1v.fsutil import atomic_write_json
-from r1v.score.base import SCORERS, Scorer, Verdict, row_fields
-from r1v.score.parts import merge_quarantine, publish, write_scored_part, write_table
-from r1v.score.scoring import TooManyQuarantined, check_range
+from r1v.judges.base import SCORERS, Scorer, Verdict, row_fields
+from r1v.rounds.scoring import TooManyQuarantined, check_range
 
 SCORE_COLUMNS = ("s_v", "s_t", "s_i")
 COLUMNS = (

@@ -7,8 +7,8 @@ Public API (imported lazily so that ``import r1v.eval`` stays cheap; SymPy loads
 - :data:`~r1v.eval.graders.GRADERS`, :func:`~r1v.eval.graders.get_grader`
 - :func:`~r1v.eval.grading.grade_predictions` -> :class:`~r1v.eval.grading.GradeReport`
 - :func:`~r1v.eval.predictions.read_predictions`, :class:`~r1v.eval.predictions.PredictionsError`
-- :func:`~r1v.eval.passk.pass_at_1`, :func:`~r1v.eval.extract.final_answer`
-- ``r1v eval grade``: :mod:`r1v.eval.grade_cli`
+- :func:`~r1v.eval.passk.pass_at_1`, :func:`~r1v.grading.extract.final_answer`
+- ``r1v eval grade``: :mod:`r1v.cli.grade`
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ _EXPORTS = {
     "read_predictions": "r1v.eval.predictions",
     "PredictionsError": "r1v.eval.predictions",
     "pass_at_1": "r1v.eval.passk",
-    "final_answer": "r1v.eval.extract",
-    "strip_think": "r1v.eval.extract",
+    "final_answer": "r1v.grading.extract",
+    "strip_think": "r1v.grading.extract",
 }
 __all__ = sorted(_EXPORTS)
 

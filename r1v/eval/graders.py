@@ -14,10 +14,9 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
 
-from r1v.eval.extract import final_answer, strip_think
+from r1v.core.registry import Registry
 from r1v.eval.items import BenchItem
 from r1v.eval.loaders import load_aime24, load_aime25, load_math500, load_mathv, load_mathvista, load_mmmu
-from r1v.eval.math_equal import grade_math_answer
 from r1v.eval.mathv import grade_mathv
 from r1v.eval.mathvista import extract_answer as mathvista_extract
 from r1v.eval.mathvista import grade_mathvista
@@ -31,7 +30,8 @@ from r1v.eval.mmmu import (
     subject_of,
 )
 from r1v.eval.predictions import Prediction
-from r1v.registry import Registry
+from r1v.grading.extract import final_answer, strip_think
+from r1v.grading.math_equal import grade_math_answer
 
 GRADERS: Registry[Grader] = Registry("benchmark grader")
 

@@ -18,8 +18,8 @@ from typing import Any
 from r1v.eval.graders import Grader, categories_of, get_grader, gold_from_line
 from r1v.eval.items import BenchItem
 from r1v.eval.passk import pass_at_1
-from r1v.eval.pool import run_bounded
 from r1v.eval.predictions import Prediction, PredictionsError, read_predictions
+from r1v.grading.pool import run_bounded
 
 DEFAULT_TIMEOUT_S = 10.0
 

@@ -4,7 +4,7 @@ The official scorer re-extracts an answer from the raw response (a few "the answ
 letters, the last ``\\boxed{}``), normalises it with its own ``_strip_string``, and judges it equal to the
 gold letter or the gold option text by lower-cased string equality, by tuple evaluation, or by evaluating both
 sides numerically (``latex2sympy`` then Python ``eval``) rounded to 2 decimals.  :func:`latex_value` is that
-numeric path, through the same library (:mod:`r1v.eval.latex_sym`), so it accepts and rejects what upstream
+numeric path, through the same library (:mod:`r1v.grading.latex_sym`), so it accepts and rejects what upstream
 does: bare letters, ``e`` and ``\\ln`` fail in ``eval``; ``\\log 100`` is base 10; trailing text after a
 complete expression is ignored.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from r1v.eval.latex_sym import eval_printed, latex2sympy
+from r1v.grading.latex_sym import eval_printed, latex2sympy
 
 _FLAGS = ("the final answer is", "the answer is", "the correct answer is", "the answer should be")
 

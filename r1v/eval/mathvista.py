@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from r1v.eval.extract import final_answer, strip_think
+from r1v.grading.extract import final_answer, strip_think
 
 
 def levenshtein(a: str, b: str) -> int:

@@ -21,9 +21,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from r1v.config import EvalConfig
+from r1v.core.fs import atomic_write_json, atomic_write_text
+from r1v.eval.config import EvalConfig
 from r1v.eval.items import ENV_DATA_ROOT, BenchItem, default_data_root
-from r1v.fsutil import atomic_write_json, atomic_write_text
 
 # Benchmark names the runner accepts -> the grader that applies that benchmark's official rules.
 GRADER_OF = {
@@ -138,10 +138,10 @@ def run_benchmark(c: EvalConfig, stage_dir: Path, log: Any, dataset: Path | None
     asks, kept ``keep_warm_s`` seconds for a next eval (the eval stage), else in this process (``r1v eval run``).
     Returns the written paths and the summary's fields.
     """
+    from r1v.eval.corpus import engine_pool, generate_samples
     from r1v.eval.graders import categories_of
     from r1v.eval.grading import DEFAULT_TIMEOUT_S, GradeReport, Verdict, grade_predictions
     from r1v.eval.predictions import Prediction
-    from r1v.eval.stage import engine_pool, generate_samples
 
     if not c.benchmark:
         raise ValueError("run_benchmark needs an EvalConfig with 'benchmark' set")
@@ -235,7 +235,7 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max-tiles", type=int, default=6, help="image tiles per image")
     p.add_argument("--system-prompt", default=None)
     p.add_argument("--engine", default="transformers",
-                   help="rollout engine (r1v.rl.engines), run in this process: `r1v eval run` starts no Ray "
+                   help="rollout engine (r1v.generation.engines), run in this process: `r1v eval run` starts no Ray "
                    "cluster (the workflow's eval stage runs its engines as Ray actors)")
     p.add_argument("--max-batch", type=int, default=64, help="sequences per engine generate() call")
     p.add_argument("--seed", type=int, default=0)
@@ -274,7 +274,7 @@ def run_main(args: argparse.Namespace) -> int:
     """``r1v eval run``: one MLflow run around :func:`run_benchmark`; prints pass@1 and the breakdown."""
     import pydantic
 
-    from r1v import tracking
+    from r1v.workflow import tracking
 
     try:
         c = config_from_args(args)

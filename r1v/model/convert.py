@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from r1v.fsutil import atomic_directory, read_json
+from r1v.core.fs import atomic_directory, read_json
 from r1v.model.convert_keys import (
     CHAT_ARCHITECTURES,
     CHAT_MODEL_TYPES,
@@ -327,3 +327,9 @@ def hf_view(path: str | os.PathLike) -> Path:
         except PermissionError:
             continue
     raise PermissionError(f"cannot write an HF conversion of {p} beside it or under {caches[1].parent}")
+
+
+def with_hf_model(c: Any) -> Any:
+    """Config `c` with its `model` in the HF layout: an InternVL-chat / Skywork-R1V checkpoint is converted once,
+    in the workflow's driver, so that workers and engines never race to convert it."""
+    return c.model_copy(update={"model": str(hf_view(c.model))})

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from r1v.fsutil import atomic_directory
+from r1v.core.fs import atomic_directory
 from r1v.model.manifest import (
     INDEX,
     SHARD_BYTES,

@@ -20,7 +20,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from r1v.fsutil import atomic_directory
+from r1v.core.fs import atomic_directory
 
 
 def _require_dir(path: str | os.PathLike) -> Path:

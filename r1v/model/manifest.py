@@ -48,7 +48,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from r1v.fsutil import atomic_directory, atomic_write_json, read_json
+from r1v.core.fs import atomic_directory, atomic_write_json, read_json
 
 if TYPE_CHECKING:
     import torch

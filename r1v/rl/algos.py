@@ -16,11 +16,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
+from r1v.core.registry import Registry
 
-from r1v.registry import Registry
+if TYPE_CHECKING:  # torch is imported in the functions that call it: validating a config checks the names here
+    from torch import Tensor
 
 ADVANTAGES: Registry[Callable[..., Tensor]] = Registry("advantage estimator")
 POLICY_LOSSES: Registry[Callable[..., tuple[Tensor, dict[str, Tensor]]]] = Registry("policy loss")
@@ -113,6 +114,8 @@ def ppo_clip(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *, clip_
     (A > 0, r > 1 + eps_high), clip (either; the gradient is zero there), dual_clip (A < 0, r > c).
     `clipped_surrogate` is this function's older registry name (eps_low = eps_high = the config's clip_eps).
     """
+    import torch
+
     if dual_clip_c is not None and dual_clip_c <= 1:
         raise ValueError(f"dual_clip_c must be > 1, got {dual_clip_c}")
     ratio = torch.exp((logp - old_logp).clamp(-20, 20))  # a bound on exp only; gradients are clipped far sooner
@@ -146,6 +149,8 @@ def tis_weights(old_logp: Tensor, rollout_logp: Tensor, mask: Tensor, cap: float
     Why: the rollout engine (vLLM, other kernels or precision) samples from a slightly different distribution than
     the trainer's pi_old; this re-weights its samples towards pi_old, truncated so one rare token cannot blow up.
     """
+    import torch
+
     log_w = (old_logp - rollout_logp).detach().clamp(-20, math.log(cap))
     return torch.where(mask > 0, log_w.exp(), torch.ones_like(log_w))
 
@@ -174,12 +179,16 @@ def kl_k1(logp: Tensor, ref_logp: Tensor) -> Tensor:
 @KL_ESTIMATORS.register("k3")
 def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
     """Schulman's unbiased, non-negative estimator of KL(pi || ref): exp(r) - r - 1 with r = ref - logp."""
+    import torch
+
     r = (ref_logp - logp).clamp(-20, 20)
     return torch.exp(r) - r - 1
 
 
 def token_logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0) -> Tensor:
     """log p(targets) under logits/temperature; logits [N, T, V] already aligned with targets [N, T]."""
+    import torch
+
     logits = logits.float()
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature

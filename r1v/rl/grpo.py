@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from r1v.config import GRPOConfig
-from r1v.rl.engines import Request
-from r1v.rl.rewards import load_reward_modules
+from r1v.generation.engines import Request
+from r1v.grading.rewards import load_reward_modules
+from r1v.rl.config import GRPOConfig
 from r1v.rl.update import RolloutBatch, batch_sizes, grpo_update, reference_projector
 from r1v.train import checkpoint
 from r1v.train.device import engine_device, engine_dtype
@@ -150,7 +150,7 @@ def grpo_loop(cfg: dict[str, Any]) -> None:
     from r1v.model.freeze import apply_freeze
     from r1v.rl.rollout import collect, replay
     from r1v.rl.sampling import SelectiveSampleBuffer
-    from r1v.tracking import RunLogger
+    from r1v.workflow.tracking import RunLogger
 
     c = GRPOConfig.model_validate(cfg["config"])
     rank, world = setup_worker(c.trainer)
@@ -246,7 +246,7 @@ def train_grpo(c: GRPOConfig, stage_dir: Path, tracking_uri: str | None, run_id:
     """Driver side: start the rollout actors, run the trainer workers, stop the actors."""
     import ray
 
-    from r1v.rl.engines import start_engines
+    from r1v.generation.engines import start_engines
     from r1v.train.launch import fit
 
     load_reward_modules(c.reward_modules, list(c.rewards))  # fail before starting anything

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from r1v.rl.engines import Completion
+from r1v.generation.engines import Completion
 from r1v.train.engine import all_reduce_max, gathered
 
 

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from r1v.config import GRPOConfig
-from r1v.rl.engines import Completion
+from r1v.generation.engines import Completion
+from r1v.rl.config import GRPOConfig
 from r1v.rl.sampling import SelectiveSampleBuffer, informative_groups
 from r1v.rl.update import RolloutBatch, score_phase
 

@@ -27,12 +27,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from r1v.config import GRPOConfig
 from r1v.data.collate import tiles_from_bytes
+from r1v.generation.engines import Completion
+from r1v.grading.rewards import score_safe
 from r1v.rl import algos
-from r1v.rl.engines import Completion
+from r1v.rl.config import GRPOConfig
 from r1v.rl.logprobs import build_batch, reference_projector, response_logprobs, sequence_logprobs
-from r1v.rl.rewards import score_safe
 from r1v.train.device import engine_device, engine_dtype, to_device
 from r1v.train.engine import all_reduce_sum
 

@@ -94,8 +94,8 @@ class ChatModel:
 
     def __init__(self, model_dir: str, name: str | None = None, max_batch: int = 16, dtype: str = "float32",
                  max_tiles: int = 6, max_length: int = 8192) -> None:
-        from r1v.config import PreprocessConfig
-        from r1v.rl.engines import TransformersEngine
+        from r1v.core.config import PreprocessConfig
+        from r1v.generation.engines import TransformersEngine
 
         self.model_dir = str(model_dir)
         self.name = name or Path(model_dir).name
@@ -106,7 +106,7 @@ class ChatModel:
     def encode(self, messages: list[dict[str, str]], images: list[bytes]) -> Any:
         from r1v.data.pipeline import RowError, preprocess_row
         from r1v.data.prompt import encode_prompt
-        from r1v.rl.engines import Request
+        from r1v.generation.engines import Request
 
         try:
             if self.engine.vision:

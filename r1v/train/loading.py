@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from r1v.config import TrainerConfig
+from r1v.core.config import TrainerConfig
 from r1v.train.engine import DTYPES, prepare_deepspeed
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

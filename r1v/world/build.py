@@ -20,7 +20,7 @@ from typing import Any
 import pydantic
 import torch
 
-from r1v.fsutil import atomic_directory
+from r1v.core.fs import atomic_directory
 from r1v.world.lm import say
 
 WORLD_DIR = Path(__file__).parent / "backbones"

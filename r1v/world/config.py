@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
-from r1v.config import STAGE_CONFIGS, Strict
+from r1v.core.config import Strict
 
 
 class SftNoiseConfig(Strict):
@@ -29,7 +29,6 @@ class SftNoiseConfig(Strict):
         return self
 
 
-@STAGE_CONFIGS.register("data.world")
 class WorldDataConfig(Strict):
     """Render the run's corpora: alignment (perception only), SFT (multimodal chains of thought), GRPO
     prompts, and the held-out test (digit tuples that never appear in any training data)."""
@@ -52,7 +51,6 @@ class WorldDataConfig(Strict):
         return out
 
 
-@STAGE_CONFIGS.register("model.world")
 class WorldModelConfig(Strict):
     """The substitute VLM of the recipe: the world's pretrained vision tower, a fresh R1V projector
     (LayerNorm -> Linear -> GELU -> Linear) and the world's instruct LLM; plus the reasoning LLM to re-assemble

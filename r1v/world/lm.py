@@ -16,8 +16,8 @@ import torch
 from transformers import PreTrainedTokenizerBase, Qwen2ForCausalLM
 
 from r1v.data.prompt import IGNORE_INDEX, encode_prompt, encode_sft
+from r1v.grading.rewards import accuracy
 from r1v.model.tokens import PAD
-from r1v.rl.rewards import accuracy
 from r1v.world.domain import Problem, text_question
 
 

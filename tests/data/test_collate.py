@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow.parquet as pq
 
-from r1v.config import PreprocessConfig
+from r1v.core.config import PreprocessConfig
 from r1v.data.collate import collate_sft, table_rows
 from r1v.data.pipeline import preprocess_batch
 

@@ -8,11 +8,12 @@ import pyarrow.parquet as pq
 import pytest
 from test_import_helpers import png, write_jsonl
 
-from r1v.data.import_cli import add_data_parser
-from r1v.data.import_config import DataImportConfig
-from r1v.data.import_stage import data_import
+from r1v.cli.data import add_data_parser
+from r1v.data.config import DataImportConfig
 from r1v.data.schema import read_corpus
-from r1v.workflow import STAGES, StageContext
+from r1v.data.stage import data_import
+from r1v.workflow import kinds
+from r1v.workflow.runner import StageContext
 
 
 def _corpus(root: Path) -> Path:
@@ -56,7 +57,7 @@ def test_cli_rejects_bad_options(tmp_path, capsys) -> None:
 
 
 def test_stage(tmp_path) -> None:
-    assert STAGES.get("data.import") is data_import
+    assert kinds.get("data.import").run_function() is data_import
     src = _corpus(tmp_path)
     ctx = StageContext(name="imp", kind="data.import", run_dir=tmp_path, stage_dir=tmp_path / "stage",
                        attempt=1, tracking_uri="", mlflow_run_id="")
@@ -69,9 +70,7 @@ def test_stage(tmp_path) -> None:
 
 
 def test_config_is_strict() -> None:
-    from r1v.config import STAGE_CONFIGS
-
-    assert STAGE_CONFIGS.get("data.import") is DataImportConfig
+    assert kinds.get("data.import").config_class() is DataImportConfig
     with pytest.raises(ValueError, match="extra"):
         DataImportConfig(format="llava", source="x", max_lenght=3)
     with pytest.raises(ValueError):

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from test_import_helpers import jpeg, png, write_json, write_jsonl
 
-from r1v.data.import_config import DataImportConfig
+from r1v.data.config import DataImportConfig
 from r1v.data.importers.driver import import_corpus
 from r1v.data.schema import read_corpus
 

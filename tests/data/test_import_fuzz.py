@@ -17,7 +17,7 @@ from test_import_helpers import (
     write_jsonl,
 )
 
-from r1v.data.import_config import DataImportConfig
+from r1v.data.config import DataImportConfig
 from r1v.data.importers.driver import import_corpus
 from r1v.data.schema import read_corpus
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from r1v.config import PreprocessConfig
+from r1v.core.config import PreprocessConfig
 from r1v.data.collate import IGNORE, collate_sft
 from r1v.data.packing import (
     block_causal_mask,

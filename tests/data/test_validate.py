@@ -13,7 +13,7 @@ from test_import_helpers import (
     tiny_model_dir,
 )
 
-from r1v.data.import_config import DataImportConfig
+from r1v.data.config import DataImportConfig
 from r1v.data.pipeline import RowError
 from r1v.data.validate import (
     BAD_RECORD,
@@ -136,7 +136,7 @@ def test_length_drop_and_truncate(tiny_model) -> None:
 
 
 def test_length_matches_encode_sft(tiny_model) -> None:
-    from r1v.config import PreprocessConfig
+    from r1v.core.config import PreprocessConfig
     from r1v.data.pipeline import preprocess_row
 
     cfg = DataImportConfig(format="llava", source="x", model=tiny_model, preprocess={"max_length": 4096})

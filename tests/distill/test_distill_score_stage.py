@@ -10,12 +10,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-import r1v.distill.stages  # noqa: F401  (registers distill.score; r1v.stages will import it)
-from r1v import tracking
-from r1v.config import ConfigError, validate_workflow
+from r1v.core.config import ConfigError
 from r1v.distill.config import DistillScoreConfig
 from r1v.distill.quality import COLUMNS, DRLC_COLUMNS, score_corpus
-from r1v.workflow import Runner
+from r1v.workflow import tracking
+from r1v.workflow.runner import Runner
+from r1v.workflow.schema import validate_workflow
 from r1v.world.corpora import generate
 
 LOG = tracking.RunLogger(None, None)

@@ -14,9 +14,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from r1v.distill.config import DistillConfig
 from r1v.distill.distill import KEPT, NO_ANSWER, REWRITTEN, generate_with_penalties, run_distill
-from r1v.distill.distill_config import DistillConfig
-from r1v.rl.rewards import accuracy
+from r1v.grading.rewards import accuracy
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +45,10 @@ def world(tmp_path_factory):
 
 
 def test_distill_counts_reconcile_and_chains_are_right(world, tmp_path):
-    from r1v import tracking
     from r1v.data.pipeline import prepare_prompts
     from r1v.data.prompt import THINK_OPENER
-    from r1v.eval.stage import make_engine
+    from r1v.eval.corpus import make_engine
+    from r1v.workflow import tracking
     from r1v.world.domain import Problem, reasoning_answer
 
     c = DistillConfig.model_validate({
@@ -88,7 +88,7 @@ def test_distill_counts_reconcile_and_chains_are_right(world, tmp_path):
 
 
 def test_rule_judge_drops_rows_it_cannot_solve():
-    from r1v.distill.judge import NO_SOLVER, RuleRewriter, RuleRewriterConfig
+    from r1v.judges.rewriters import NO_SOLVER, RuleRewriter, RuleRewriterConfig
 
     rw = RuleRewriter(RuleRewriterConfig())
     rng = random.Random(0)
@@ -112,7 +112,7 @@ def test_openai_judge_rewrites_through_the_scorer_client():
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from r1v.distill.judge import OpenAIRewriterConfig, make_rewriter, rewriter_config
+    from r1v.judges.rewriters import OpenAIRewriterConfig, make_rewriter, rewriter_config
 
     seen: list[dict] = []
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from r1v.eval.grade_cli import add_grade_parser, grade_main
+from r1v.cli.grade import add_grade_parser, grade_main
 from r1v.eval.items import default_data_root
 
 

@@ -101,13 +101,13 @@ def test_mmmu_multiple_choice_needs_options(run_grade, tmp_path, capsys, bench_r
 
 
 def test_module_entry_point_subprocess(tmp_path, bench_root):
-    """`python -m r1v.eval.grade_cli` works until the command is wired into `r1v eval grade`."""
+    """`python -m r1v.cli.grade` works until the command is wired into `r1v eval grade`."""
     path = _write(tmp_path, [json.dumps(GOOD), '{"id": "test/algebra/1072.json"'])
     env = {**os.environ, "R1V_BENCHMARKS": str(bench_root)}
     cmd = [
         sys.executable,
         "-m",
-        "r1v.eval.grade_cli",
+        "r1v.cli.grade",
         "--benchmark",
         "math500",
         "--predictions",

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from r1v import tracking
-from r1v.config import EvalConfig, EvalEngineConfig
-from r1v.eval import stage
-from r1v.rl.engines import Request, TransformersEngine
+from r1v.core.config import EvalEngineConfig
+from r1v.eval import corpus as stage
+from r1v.eval.config import EvalConfig
+from r1v.generation.engines import Request, TransformersEngine
+from r1v.workflow import kinds, tracking
 
 # Sampled and greedy; 2 samples per item with max_batch 3 make one item per call: several calls per engine, more
 # than the pool keeps in flight. num_cpus 0.5: two engines fit the shared 2-CPU test cluster beside anything else.
@@ -75,7 +76,7 @@ def test_warm_actors_serve_the_next_eval_with_its_model_and_dtype(ray_cluster, t
 
     import ray
 
-    from r1v.eval import actors
+    from r1v.generation import warm_pool as actors
 
     log = tracking.RunLogger(None, None)
     model, corpus = tiny_assets["model"], tiny_assets["test"]
@@ -113,10 +114,10 @@ def test_workflow_eval_stages_generate_in_actors_kept_warm_between_them(ray_clus
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Two eval stages of a workflow (Ray up): the second reuses the first one's actor; outputs as in-process. A
     stage of another kind after them stops the idle actors first, instead of leaving them holding CPUs."""
-    import r1v.stages  # noqa: F401  (registers the stage kinds)
-    from r1v.config import validate_workflow
-    from r1v.eval import actors
-    from r1v.workflow import Runner
+
+    from r1v.generation import warm_pool as actors
+    from r1v.workflow.runner import Runner
+    from r1v.workflow.schema import validate_workflow
 
     ev = {"model": tiny_assets["model"], "corpus": tiny_assets["test"], "samples": 2, "sampling": SAMPLING,
           "engine": {"max_batch": 4, "num_cpus": 0.5}}
@@ -183,14 +184,14 @@ def test_a_pool_that_reserves_nothing_outlives_stages_of_other_kinds(ray_cluster
     """Engines with num_cpus 0 hold nothing a trainer needs: kept through another stage (iterative SFT's round SFT
     between its generate and its eval), past KEEP_WARM_S, and taken over by the next eval; one that reserves
     CPUs is stopped before that stage instead."""
-    from r1v.eval import actors
+    from r1v.generation import warm_pool as actors
 
     log = tracking.RunLogger(None, None)
     model, corpus = tiny_assets["model"], tiny_assets["test"]
     try:
         stage.run_eval(_cfg(model, corpus, num_cpus=0), tmp_path / "a", log, actors=True, keep_warm_s=0.5)
         handles = actors._warm[0].handles
-        assert actors.stop_warm_before("sft") is False
+        assert actors.stop_idle() is False
         time.sleep(2)  # past keep_warm_s: a free pool is kept KEEP_FREE_WARM_S
         assert actors._warm is not None and actors._warm[0].handles == handles
         stage.run_eval(_cfg(model, corpus, num_cpus=0), tmp_path / "b", log, actors=True, keep_warm_s=0.5)
@@ -199,7 +200,8 @@ def test_a_pool_that_reserves_nothing_outlives_stages_of_other_kinds(ray_cluster
         stage.run_eval(_cfg(model, corpus), tmp_path / "c", log, actors=True, keep_warm_s=60)  # reserves 0.5 CPU
         reserving = actors._warm[0].handles
         assert reserving != handles
-        assert actors.stop_warm_before("eval") is False and actors.stop_warm_before("sft") is True
+        assert kinds.get("eval").warm_pool and not kinds.get("sft").warm_pool
+        assert actors.stop_idle() is True
         assert actors._warm is None
         assert_stops(reserving[0])
     finally:

@@ -15,12 +15,14 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from r1v import tracking
-from r1v.config import ConfigError, EvalConfig, validate_workflow
+from r1v.core.config import ConfigError
 from r1v.data.schema import make_row, write_corpus
 from r1v.data.synthetic import render_numbers
-from r1v.eval import stage
-from r1v.rl.engines import Request, TransformersEngine
+from r1v.eval import corpus as stage
+from r1v.eval.config import EvalConfig
+from r1v.generation.engines import Request, TransformersEngine
+from r1v.workflow import tracking
+from r1v.workflow.schema import validate_workflow
 
 SAMPLING = {"temperature": 0.8, "top_p": 1.0, "max_new_tokens": 6}
 QUESTION = "What is the sum of the numbers in the image?"

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from r1v.eval.extract import final_answer, last_boxed, strip_think
 from r1v.eval.grading import grade_predictions
 from r1v.eval.loaders import load_aime24, load_aime25, load_math500
-from r1v.eval.math_equal import grade_math_answer, math_equal, strip_string
 from r1v.eval.predictions import Prediction
+from r1v.grading.extract import final_answer, last_boxed, strip_think
+from r1v.grading.math_equal import grade_math_answer, math_equal, strip_string
 
 
 @pytest.mark.parametrize(
@@ -75,7 +75,7 @@ def test_different_answers(pred, gold):
 
 
 def test_latex2sympy_prefix_reading_is_kept_for_mathv_and_refused_for_math():
-    from r1v.eval.latex_sym import LatexError, latex2sympy, parses_completely
+    from r1v.grading.latex_sym import LatexError, latex2sympy, parses_completely
 
     assert str(latex2sympy("52_8+x-x+2")) == "52" and str(latex2sympy("\\frac{7}{32}}.x")) == "7/32"
     assert not parses_completely("52_8+x-x+2") and not parses_completely("\\frac{7}{32}}.x")

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from r1v.config import EvalConfig, PreprocessConfig
+from r1v.core.config import PreprocessConfig
 from r1v.data.pipeline import preprocess_row
+from r1v.eval.config import EvalConfig
 from r1v.eval.items import BenchItem
 from r1v.eval.loaders import load_benchmark
 from r1v.eval.prompts import (
@@ -200,8 +201,8 @@ def test_cli_vision_benchmark_without_images_fails_clearly(tiny_model: Path, tmp
 
 def test_eval_stage_on_benchmark_quarantines_items_without_images(tiny_model: Path, tmp_path: Path) -> None:
     """MATH-Vision test ids 1-3 have no shipped image: quarantined, kept in the denominator as wrong."""
-    from r1v import tracking
-    from r1v.eval.stage import run_eval
+    from r1v.eval.corpus import run_eval
+    from r1v.workflow import tracking
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     exp = tracking.ensure_experiment(uri, "stage", tmp_path / "artifacts")

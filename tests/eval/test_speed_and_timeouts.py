@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 
 from r1v.eval.grading import grade_predictions
-from r1v.eval.pool import run_bounded
 from r1v.eval.predictions import Prediction
+from r1v.grading.pool import run_bounded
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "grading.py"
 

@@ -388,12 +388,12 @@ def _plain_llm_dir(spec, tmp_path: Path) -> Path:
 
 
 def test_assemble_stage_adds_missing_tokens(chat_dir: Path, hf_dir: Path, spec, pixel_values, tmp_path: Path) -> None:
-    import r1v.model.assemble_stage  # noqa: F401  (registers model.assemble)
-    from r1v.config import STAGE_CONFIGS, AssembleConfig
+    from r1v.model.config import AssembleConfig
     from r1v.model.io import load_llm
-    from r1v.workflow import STAGES, StageContext
+    from r1v.workflow import kinds
+    from r1v.workflow.runner import StageContext
 
-    assert STAGE_CONFIGS.get("model.assemble") is AssembleConfig
+    assert kinds.get("model.assemble").config_class() is AssembleConfig
     with pytest.raises(ValueError, match="extra"):
         AssembleConfig(vision="v", llm="l", layers=3)
     llm_dir = _plain_llm_dir(spec, tmp_path)
@@ -407,7 +407,7 @@ def test_assemble_stage_adds_missing_tokens(chat_dir: Path, hf_dir: Path, spec, 
         tracking_uri="",
         mlflow_run_id="",
     )
-    out = STAGES.get("model.assemble")(
+    out = kinds.get("model.assemble").run_function()(
         ctx, AssembleConfig(vision=str(chat_dir), llm=str(llm_dir), projector="from_vision", dtype="float32")
     )
     model, tok = load_model(out["model"])
@@ -438,7 +438,7 @@ def test_assemble_stage_adds_missing_tokens(chat_dir: Path, hf_dir: Path, spec, 
 
 def test_assemble_fresh_projector_and_mismatch(hf_dir: Path, spec, tokenizer, tmp_path: Path) -> None:
     from r1v.model import ReassemblyError, TinySpec
-    from r1v.model.assemble_stage import assemble_from_parts
+    from r1v.model.from_parts import assemble_from_parts
 
     llm_dir = save_llm(build_tiny_llm(spec, tokenizer, seed=5), tokenizer, tmp_path / "r")
     a, _, report = assemble_from_parts(hf_dir, llm_dir, "fresh", seed=1, dtype="float32")

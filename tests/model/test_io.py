@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from r1v.fsutil import atomic_directory
+from r1v.core.fs import atomic_directory
 from r1v.model import build_tiny_llm, load_llm, load_model, reassemble, save_llm, save_model
 
 

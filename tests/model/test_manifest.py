@@ -237,7 +237,7 @@ def test_training_export_writes_a_manifest_or_streams_a_full_checkpoint(base, tm
 
 
 def test_export_finds_the_model_of_a_run_or_stage_directory(base, stage, tmp_path) -> None:
-    from r1v.model.export_cli import ExportError, model_dir_of
+    from r1v.cli.export import ExportError, model_dir_of
 
     _, out = stage
     run = tmp_path / "run"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from r1v.rl.rewards import REWARDS
+from r1v.grading.rewards import REWARDS
 
 
 @REWARDS.register("digits", replace=True)

@@ -8,8 +8,9 @@ import math
 import pytest
 from mlflow.tracking import MlflowClient
 
-from r1v import tracking
-from r1v.config import GRPOConfig, SFTConfig
+from r1v.rl.config import GRPOConfig
+from r1v.train.config import SFTConfig
+from r1v.workflow import tracking
 
 
 @pytest.mark.slow

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from r1v.data.prompt import encode_prompt
+from r1v.generation.engines import ENGINES, Request
 from r1v.model.assemble import num_image_tokens
 from r1v.model.io import save_model
 from r1v.model.tiny import TinySpec, build_tiny_vlm
-from r1v.rl.engines import ENGINES, Request
 
 
 @pytest.fixture(scope="module")

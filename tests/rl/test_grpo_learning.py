@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from r1v import tracking
-from r1v.config import GRPOConfig
+from r1v.rl.config import GRPOConfig
+from r1v.workflow import tracking
 
 
 def reward_history(uri: str, run_id: str, key: str) -> list[float]:

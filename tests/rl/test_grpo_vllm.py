@@ -9,8 +9,8 @@ import importlib.util
 
 import pytest
 
-from r1v import tracking
-from r1v.config import GRPOConfig
+from r1v.rl.config import GRPOConfig
+from r1v.workflow import tracking
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(importlib.util.find_spec("vllm") is None,

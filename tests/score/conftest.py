@@ -8,8 +8,6 @@ from typing import Any
 import pytest
 from score_corpora import write
 
-import r1v.score.stages  # noqa: F401  (registers score, generate, select; r1v.stages will import it)
-
 
 @pytest.fixture
 def corpus_factory(tmp_path: Path):

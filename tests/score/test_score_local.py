@@ -10,11 +10,11 @@ import pytest
 import torch
 from score_corpora import read, row
 
-from r1v import tracking
-from r1v.score.base import compile_pattern, parse_score
-from r1v.score.config import ScoreConfig
-from r1v.score.local import LocalScorerHost
-from r1v.score.scoring import score_corpus
+from r1v.judges.base import compile_pattern, parse_score
+from r1v.judges.local import LocalScorerHost
+from r1v.rounds.config import ScoreConfig
+from r1v.rounds.scoring import score_corpus
+from r1v.workflow import tracking
 
 LONG = "<think>\n" + "let me think step by step " * 40 + "\n</think>\nAnswer: \\boxed{7}"
 
@@ -70,8 +70,8 @@ def test_reward_head_in_ray_actors_scores_like_the_model_by_hand(ray_cluster, co
 
 
 def test_class_head_reductions_and_a_generative_judge(tiny_assets, tmp_path: Path) -> None:
-    from r1v.rl.engines import Request, TransformersEngine
-    from r1v.score.base import row_fields
+    from r1v.generation.engines import Request, TransformersEngine
+    from r1v.judges.base import row_fields
 
     model = _reward_model(tmp_path / "rm6", 6)
     fields = [row_fields(r) for r in (row("a"), row("b", answer="8"))]

@@ -1,6 +1,6 @@
 """The `openai` scorer against a real server: r1v's tiny VLM behind `python -m r1v.serve.openai_server` on
 127.0.0.1, started here. Faults are the server's own (`--allow-faults`: a `[[fault:...]]` marker in the request
-makes it answer 500, a truncated body, or sleep), each handled as `r1v.score.openai_client` documents."""
+makes it answer 500, a truncated body, or sleep), each handled as `r1v.judges.openai_client` documents."""
 
 from __future__ import annotations
 
@@ -21,10 +21,10 @@ import pyarrow.parquet as pq
 import pytest
 from score_corpora import read, row
 
-from r1v import tracking
-from r1v.score.base import SCORERS
-from r1v.score.config import ScoreConfig
-from r1v.score.scoring import TooManyQuarantined, score_corpus
+from r1v.judges.base import SCORERS
+from r1v.rounds.config import ScoreConfig
+from r1v.rounds.scoring import TooManyQuarantined, score_corpus
+from r1v.workflow import tracking
 
 KEY_ENV = "R1V_TEST_JUDGE_KEY"
 SCORES = [str(i) for i in range(6)]

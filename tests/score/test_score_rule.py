@@ -10,11 +10,12 @@ import pyarrow.parquet as pq
 import pytest
 from score_corpora import read, row
 
-from r1v import tracking
-from r1v.config import ConfigError, validate_workflow
-from r1v.score.base import SCORERS, Scorer, ScorerConfig, Verdict, compile_pattern, grade_bounded, parse_score
-from r1v.score.config import ScoreConfig
-from r1v.score.scoring import TooManyQuarantined, score_corpus
+from r1v.core.config import ConfigError
+from r1v.judges.base import SCORERS, Scorer, ScorerConfig, Verdict, compile_pattern, grade_bounded, parse_score
+from r1v.rounds.config import ScoreConfig
+from r1v.rounds.scoring import TooManyQuarantined, score_corpus
+from r1v.workflow import tracking
+from r1v.workflow.schema import validate_workflow
 
 LOG = tracking.RunLogger(None, None)
 

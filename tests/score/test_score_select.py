@@ -11,9 +11,9 @@ import pyarrow as pa
 import pytest
 from score_corpora import read, row
 
-from r1v import tracking
-from r1v.score.config import SelectConfig
-from r1v.score.select import BY_ERROR, BY_SCORE, Row, plan, run_select, totals
+from r1v.rounds.config import SelectConfig
+from r1v.rounds.select import BY_ERROR, BY_SCORE, Row, plan, run_select, totals
+from r1v.workflow import tracking
 
 LOG = tracking.RunLogger(None, None)
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from score_corpora import read, write
 
-from r1v import tracking
-from r1v.config import validate_workflow
-from r1v.rl.rewards import accuracy, extract_answer
-from r1v.score.generate import run_generate
-from r1v.workflow import Runner
+from r1v.grading.rewards import accuracy, extract_answer
+from r1v.rounds.generate import run_generate
+from r1v.workflow import tracking
+from r1v.workflow.runner import Runner
+from r1v.workflow.schema import validate_workflow
 
 
 def _corpus(tiny_assets, path: Path) -> tuple[str, int]:

@@ -119,9 +119,9 @@ def test_sft_step_places_the_batch_through_the_helper(monkeypatch):
 
 def test_grpo_update_places_everything_through_the_helper_in_the_engine_dtype(monkeypatch):
     import r1v.rl.update as update
-    from r1v.config import GRPOConfig
+    from r1v.generation.engines import Completion
     from r1v.model.assemble import num_image_tokens, tile_size
-    from r1v.rl.engines import Completion
+    from r1v.rl.config import GRPOConfig
 
     spy = Placements()
     monkeypatch.setattr(update, "to_device", spy)
@@ -151,7 +151,7 @@ def test_grpo_update_places_everything_through_the_helper_in_the_engine_dtype(mo
 def test_kl_needs_frozen_backbones():
     from pydantic import ValidationError
 
-    from r1v.config import GRPOConfig
+    from r1v.rl.config import GRPOConfig
 
     GRPOConfig(model="m", corpus="c", kl_coef=0.1)  # projector only: fine
     GRPOConfig(model="m", corpus="c", kl_coef=0.0, trainable=["projector", "llm"])  # no KL: fine
@@ -160,7 +160,7 @@ def test_kl_needs_frozen_backbones():
 
 
 def test_trainer_dtype_defaults_to_bf16_on_gpus_only():
-    from r1v.config import TrainerConfig
+    from r1v.core.config import TrainerConfig
 
     assert TrainerConfig().dtype == "float32"
     assert TrainerConfig(use_gpu=True).dtype == "bfloat16"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from r1v.config import TrainerConfig
+from r1v.core.config import TrainerConfig
 
 VOCAB, DIM, GAS = 16, 8, 3
 # Label tokens per micro-batch, per window and rank: very different counts, and a first window of two
@@ -63,7 +63,7 @@ def accumulation_loop(cfg: dict) -> None:
 
     import deepspeed.utils
 
-    from r1v.config import OptimConfig
+    from r1v.core.config import OptimConfig
     from r1v.train.engine import init_engine, named_tensors
     from r1v.train.launch import setup_worker
     from r1v.train.sft import backward_window, label_tokens, token_nll

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from r1v.config import SFTConfig
+from r1v.train.config import SFTConfig
 from r1v.train.sft import micro_batches, window_loss
 
 

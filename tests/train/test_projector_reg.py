@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from r1v.config import SFTConfig
+from r1v.train.config import SFTConfig
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from r1v.cli import main
-from r1v.workflow import Runner, read_events
+from r1v.workflow.runner import Runner, read_events
 
 WORKFLOW = """
 name: killme

@@ -7,7 +7,7 @@ import random
 
 import numpy as np
 
-from r1v.rl.rewards import accuracy, format_reward
+from r1v.grading.rewards import accuracy, format_reward
 from r1v.world.domain import Problem, make_problem, reasoning_answer, split_of, text_question
 from r1v.world.render import render_digits, tile_array
 

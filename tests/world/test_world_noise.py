@@ -10,8 +10,9 @@ from collections import Counter
 import pyarrow.parquet as pq
 import pytest
 
-from r1v.config import ConfigError, validate_workflow
-from r1v.score.rule import RuleScorer, RuleScorerConfig
+from r1v.core.config import ConfigError
+from r1v.judges.rule import RuleScorer, RuleScorerConfig
+from r1v.workflow.schema import validate_workflow
 from r1v.world.corpora import (
     CLEAN_MAX_CHARS,
     FLAWS,

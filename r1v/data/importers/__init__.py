@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from r1v.data.import_config import DataImportConfig
+    from r1v.data.config import DataImportConfig
     from r1v.data.validate import Record
 
 FORMAT_MODULES = {

@@ -21,7 +21,7 @@ from r1v.data.validate import BAD_RECORD, IMAGE_DECODE, IMAGE_MISSING, ROLES, Im
 from r1v.model.tokens import IMAGE_MARKER
 
 if TYPE_CHECKING:
-    from r1v.data.import_config import DataImportConfig
+    from r1v.data.config import DataImportConfig
 
 ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
             "model": "assistant", "chatgpt": "assistant", "system": "system"}

@@ -21,11 +21,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from r1v.data.import_config import DataImportConfig
+from r1v.core.fs import atomic_directory, atomic_write_json
+from r1v.data.config import DataImportConfig
 from r1v.data.importers import open_records
 from r1v.data.schema import CORPUS_SCHEMA, QuarantineWriter
 from r1v.data.validate import Outcome, Record, Validator
-from r1v.fsutil import atomic_directory, atomic_write_json
 
 
 class CorpusWriter:

@@ -16,7 +16,7 @@ from r1v.data.importers.common import expand_sources, iter_jsonl, path_resolver,
 from r1v.data.validate import Record
 
 if TYPE_CHECKING:
-    from r1v.data.import_config import DataImportConfig
+    from r1v.data.config import DataImportConfig
 
 
 def records(cfg: DataImportConfig) -> Iterator[Record]:

@@ -13,7 +13,7 @@ from r1v.data.importers.common import json_records
 from r1v.data.validate import Record
 
 if TYPE_CHECKING:
-    from r1v.data.import_config import DataImportConfig
+    from r1v.data.config import DataImportConfig
 
 
 def records(cfg: DataImportConfig) -> Iterator[Record]:

@@ -20,7 +20,7 @@ from r1v.data.pipeline import RowError
 from r1v.data.validate import BAD_RECORD, ImageRef, Record
 
 if TYPE_CHECKING:
-    from r1v.data.import_config import DataImportConfig
+    from r1v.data.config import DataImportConfig
 
 
 def _is_image_struct(t: pa.DataType) -> bool:

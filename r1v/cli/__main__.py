@@ -1,0 +1,5 @@
+import sys
+
+from r1v.cli.app import main
+
+sys.exit(main())

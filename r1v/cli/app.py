@@ -1,0 +1,175 @@
+"""`r1v run | resume | status | eval ...` - the command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from r1v.cli.data import add_data_parser
+from r1v.cli.export import add_export_parser
+from r1v.cli.grade import add_grade_parser
+from r1v.cli.model import add_model_parser
+from r1v.cli.plan import add_plan_parser
+from r1v.cli.world import add_world_parser
+from r1v.core.config import ConfigError
+from r1v.core.noise import quiet_libraries, worker_env
+from r1v.eval.results import format_table, report
+from r1v.eval.runner import add_run_parser
+from r1v.workflow.console import Console, show_path
+from r1v.workflow.runner import Runner, StageFailed, check_only
+from r1v.workflow.schema import load_workflow
+
+
+def init_ray(address: str | None, num_cpus: int | None, verbose: bool = True) -> bool:
+    """Join RAY_ADDRESS / `address` when given, else start a local cluster (dashboard on: Ray Train needs it).
+
+    Returns whether this call started Ray (then the caller shuts it down). A local cluster's workers inherit this
+    process's environment; a joined cluster's get the noise switches through the job's runtime_env.
+    """
+    quiet_libraries(verbose)  # before `import ray`: Ray reads some of these at import
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": worker_env(verbose)})
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
+    return True
+
+
+def _print_status(runner) -> None:
+    rows = runner.status_rows()
+    print(f"run {runner.run_dir}  (MLflow run {runner.meta.get('parent_run_id')}, "
+          f"store {runner.meta.get('tracking_uri')})")
+    w = max([16, *(len(r["stage"]) for r in rows)])  # repeat blocks make long names (round4_generate)
+    print(f"{'stage':<{w}} {'kind':<16} {'status':<9} {'tries':>5} {'seconds':>8}  error")
+    for r in rows:
+        secs = "" if r["seconds"] is None else f"{r['seconds']:.1f}"
+        print(f"{r['stage']:<{w}} {r['kind']:<16} {r['status']:<9} {r['attempts']:>5} {secs:>8}  {r['error'][0]}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    with Console(args.verbose) as con:  # from here until the table, output goes to RUN/logs unless --verbose
+        wf = load_workflow(args.workflow, args.overrides)
+        check_only(wf, args.only)  # before a run directory or a cluster exists
+        runner = Runner.create(wf, Path(args.run_dir) if args.run_dir else None)
+        con.attach(runner.run_dir)
+        con.line(f"r1v: run directory {runner.run_dir}")
+        outcome = _execute(runner, con, wf.config.ray.address, wf.config.ray.num_cpus, args.only)
+    return _report(runner, outcome, con)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    with Console(args.verbose) as con:
+        runner = Runner.open(Path(args.run), args.overrides)
+        check_only(runner.wf, args.only)
+        con.attach(runner.run_dir)
+        con.line(f"r1v: resuming {runner.run_dir}")
+        outcome = _execute(runner, con, runner.wf.config.ray.address, runner.wf.config.ray.num_cpus, args.only)
+    return _report(runner, outcome, con)
+
+
+def _execute(runner, con, address: str | None, num_cpus: int | None, only: list[str] | None):
+    """Run the stages with `con` reporting; returns {stage: 'ran' | 'skipped'} or the StageFailed."""
+    runner.console = con
+    started = init_ray(address, num_cpus, con.verbose)
+    try:
+        return runner.run(only=only)
+    except StageFailed as e:
+        return e
+    finally:
+        if started:  # inside the capture: Ray's shutdown messages and late worker lines go to driver.log
+            import ray
+
+            ray.shutdown()
+
+
+def _report(runner, outcome, con) -> int:
+    """After the capture ended: the status table and what to do next."""
+    logs = f"r1v: full logs in {show_path(con.log_dir)}/" if con.log_dir and not con.verbose else None
+    if isinstance(outcome, StageFailed):
+        if con.verbose:
+            print(f"r1v: {outcome}", file=sys.stderr)
+        else:
+            print(f"r1v: stage {outcome.stage!r} failed; fix the cause, then: r1v resume {outcome.run_dir}",
+                  file=sys.stderr)
+        _print_status(runner)
+        if logs:
+            print(logs)
+        return 1
+    _print_status(runner)
+    print(f"r1v: done; ran {[s for s, w in outcome.items() if w == 'ran']}, "
+          f"skipped {[s for s, w in outcome.items() if w == 'skipped']}")
+    if logs:
+        print(logs)
+    _print_results(runner.run_dir)
+    return 0
+
+
+def _print_results(run_dir: Path) -> None:
+    """The run's results table (evals that declare a report row): RUN/results.json, parent MLflow run, console."""
+    results = report(run_dir)
+    if results is not None:
+        print(format_table(results))
+        print(f"r1v: results in {show_path(Path(run_dir) / 'results.json')} and the parent MLflow run")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    _print_status(Runner.open(Path(args.run)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="r1v", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a workflow YAML in a new run directory")
+    run.add_argument("workflow")
+    run.add_argument("overrides", nargs="*", help="config overrides key.path=value")
+    run.add_argument("--run-dir", help="run directory (default RUN_ROOT/NAME-TIMESTAMP)")
+    run.add_argument("--only", nargs="+", help="run only these stages (their needs must be done)")
+    run.add_argument("-v", "--verbose", action="store_true",
+                     help="print everything (Ray workers, progress bars) to the console instead of RUN/logs")
+    run.set_defaults(fn=cmd_run)
+
+    res = sub.add_parser("resume", help="resume a run: skip finished stages, restart failed ones from checkpoints")
+    res.add_argument("run")
+    res.add_argument("overrides", nargs="*", help="config overrides; changed stages re-run from scratch")
+    res.add_argument("--only", nargs="+")
+    res.add_argument("-v", "--verbose", action="store_true", help="print everything to the console")
+    res.set_defaults(fn=cmd_resume)
+
+    st = sub.add_parser("status", help="print each stage's state")
+    st.add_argument("run")
+    st.set_defaults(fn=cmd_status)
+
+    add_data_parser(sub)
+
+    ev = sub.add_parser("eval", help="evaluation: grade predictions or generate and grade")
+    ev_sub = ev.add_subparsers(dest="eval_command", required=True)
+    add_grade_parser(ev_sub)
+    add_run_parser(ev_sub)
+    add_world_parser(sub)
+    add_model_parser(sub)
+    add_export_parser(sub)
+    add_plan_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"r1v: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""`r1v world build | show`: build the miniature world's backbones, or print a built world's figures."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from r1v.core.config import ConfigError
+    from r1v.core.config import format_errors as _format_errors
+    from r1v.core.overrides import apply_overrides
+    from r1v.world.build import WorldBuildConfig, build_world
+
+    try:
+        c = WorldBuildConfig.model_validate(apply_overrides({}, args.overrides))
+    except ValidationError as e:
+        raise ConfigError(_format_errors("r1v world build", "", e)) from None
+    manifest = build_world(args.out, c)
+    print(json.dumps({k: manifest[k] for k in ("text_accuracy", "vision", "seconds")}, indent=2))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from r1v.world.build import verify_world
+    from r1v.world.load import world_dir
+
+    manifest = verify_world(world_dir(args.world))
+    print(json.dumps({k: v for k, v in manifest.items() if k != "files"}, indent=2))
+    print(f"{len(manifest['files'])} files, checksums verified")
+    return 0
+
+
+def add_world_parser(sub) -> None:
+    w = sub.add_parser("world", help="the miniature world: build its backbones or show the shipped ones")
+    ws = w.add_subparsers(dest="world_command", required=True)
+    b = ws.add_parser("build", help="build the backbones (tokenizer, base LM, instruct and reasoning children, "
+                                    "vision tower) from a seed; minutes on 2 cores")
+    b.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    b.add_argument("overrides", nargs="*", help="build config overrides, e.g. seed=1 base_steps=600")
+    b.set_defaults(fn=cmd_build)
+    s = ws.add_parser("show", help="verify a built world's checksums and print its build config and figures")
+    s.add_argument("--world", help="world directory (default: the one shipped in r1v)")
+    s.set_defaults(fn=cmd_show)

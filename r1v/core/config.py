@@ -1,0 +1,152 @@
+"""The base of every config: strict pydantic models, the config error, and the config parts that several stage
+kinds share (trainer, optimizer, sampling, engines, preprocessing, tracking, Ray).
+
+Why strict: a misspelt or ill-typed key fails when the workflow is loaded, naming the file and the dotted key, not
+an hour into a run.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be loaded; the message names the file and the key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- shared parts
+
+
+class TrackingConfig(Strict):
+    tracking_uri: str | None = Field(None, description="MLflow URI; default sqlite:///<run_root>/mlflow.db")
+    experiment: str = "r1v"
+
+
+class RayConfig(Strict):
+    address: str | None = Field(None, description="Ray address; None starts (or joins via RAY_ADDRESS) a local one")
+    num_cpus: int | None = None
+
+
+class PreprocessConfig(Strict):
+    """How corpus rows become model inputs (tiling, tokenisation)."""
+
+    max_tiles: int = Field(6, ge=1, le=40)
+    use_thumbnail: bool = True
+    max_length: int = Field(1024, ge=16)
+    system_prompt: str | None = None
+
+
+class TrainerConfig(Strict):
+    """Ray Train + DeepSpeed settings shared by the SFT and GRPO stages."""
+
+    num_workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(0.5, gt=0, description="0.5 on 2-core machines: Ray Data needs a CPU too")
+    use_gpu: bool = False
+    zero_stage: Literal[0, 1, 2, 3] = 3
+    param_persistence_threshold: int = Field(
+        100_000, ge=0, description="ZeRO-3 keeps parameters with fewer elements than this gathered on every rank "
+        "(DeepSpeed's default); 0 re-gathers every parameter in every forward")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="engine dtype; None: bfloat16 with use_gpu (DeepSpeed keeps fp32 master weights of the "
+        "trainable parameters), float32 without")
+    torch_threads: int = Field(1, ge=1)
+    activation_checkpointing: bool = Field(False, description="recompute the LLM's activations in backward "
+                                           "(less memory, ~1/3 more compute)")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _default_dtype(self) -> TrainerConfig:
+        if self.dtype is None:  # resolved here, so a dumped config (and its fingerprint) names the dtype used
+            self.__dict__["dtype"] = "bfloat16" if self.use_gpu else "float32"
+        return self
+
+
+class OptimConfig(Strict):
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_ratio: float = Field(0.03, ge=0, le=1)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = Field(1.0, ge=0)
+
+
+class SamplingConfig(Strict):
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(64, ge=1)
+    repetition_penalty: float = Field(1.0, gt=0)
+
+
+class VLLMOptions(Strict):
+    """Settings of the `vllm` engine (`r1v.generation.engine_vllm`); the transformers engine ignores them."""
+
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine; the actor's num_gpus must equal it")
+    gpu_memory_utilization: float = Field(0.8, gt=0, le=1, description="vLLM's share of each GPU (the vision "
+                                          "tower and projector are held beside it, in torch)")
+    max_model_len: int | None = Field(None, ge=1, description="None: the model config's")
+    kv_cache_gb: float = Field(1.0, gt=0, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE)")
+    enforce_eager: bool | None = Field(None, description="None: eager on CPU (compiling costs ~40 s a start), "
+                                       "CUDA graphs on GPU")
+
+
+class EngineConfig(Strict):
+    kind: str = Field("transformers", description="rollout engine (`r1v.generation.engines.ENGINES`): transformers "
+                      "(CPU/GPU) or vllm (vLLM on GPU, vllm-cpu on CPU)")
+    num_engines: int = Field(1, ge=1)
+    num_cpus: float = Field(0.0, ge=0, description="0 so that engines never starve the trainer of CPUs")
+    num_gpus: float = Field(0.0, ge=0)
+    max_batch: int = Field(64, ge=1, description="sequences per generate() call inside the engine")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="weights and activations of the engine's model; None: bfloat16 when num_gpus > 0, else "
+        "float32 (CPU numbers stay those of fp32); float16 only with num_gpus > 0")
+    vllm: VLLMOptions = VLLMOptions()
+
+    @model_validator(mode="after")
+    def _dtype_fits_device(self) -> EngineConfig:
+        if self.dtype == "float16" and self.num_gpus == 0:
+            raise ValueError("dtype float16 needs num_gpus > 0: on CPU use float32 (or bfloat16)")
+        tp = self.vllm.tensor_parallel_size
+        if self.kind == "vllm" and self.num_gpus > 0 and self.num_gpus != tp:
+            raise ValueError(f"num_gpus {self.num_gpus} per vllm engine must equal vllm.tensor_parallel_size {tp}: "
+                             "vLLM's workers run on the actor's own GPUs")
+        return self
+
+    def resolved_dtype(self) -> str:
+        """`dtype`, or its default for the device: bfloat16 with GPUs, float32 without."""
+        return self.dtype or ("bfloat16" if self.num_gpus > 0 else "float32")
+
+    def kind_options(self) -> dict[str, Any]:
+        """Keyword arguments of the engine class that belong to its kind (the vllm settings for `vllm`)."""
+        return self.vllm.model_dump() if self.kind == "vllm" else {}
+
+
+class EvalEngineConfig(EngineConfig):
+    """The eval stage's engines: Ray actors, each holding the model with these resources, while the workflow's
+    driver only reads the corpus, sends the requests in chunks and grades (`r1v.eval.corpus`)."""
+
+    kind: str = Field("transformers", min_length=1, description="rollout engine by name (the `r1v.generation.engines."
+                      "ENGINES` registry: transformers, vllm); checked when the stage starts")
+    num_engines: int = Field(1, ge=1, description="engine actors sharing the requests; each chunk carries its own "
+                             "seed, so predictions do not depend on this number")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves for each engine actor")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per engine actor (0: generate on CPU)")
+
+
+Group = Literal["vision", "projector", "llm"]
+
+
+def format_errors(source: str, prefix: str, err: ValidationError) -> str:
+    """One line per pydantic error: `SOURCE: dotted.key: message (got value)`."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in (prefix, *e["loc"]) if x != "")
+        got = e.get("input")
+        got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"{source}: {loc}: {e['msg']}{got_s}")
+    return "\n".join(lines)

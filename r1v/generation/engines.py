@@ -1,0 +1,235 @@
+"""Rollout engines behind one interface, hosted in Ray actors.
+
+`generate(requests, sampling, n, seed)` returns, per request, n completions with token ids, log-probs and
+text; `update_weights(named_tensors)` loads new values for some parameters in place (after a GRPO update only
+the trainable ones travel: the projector is MBs where the whole model is GBs).
+
+Engines: `transformers` (CPU or GPU, in-process `generate`). vLLM is the intended GPU engine and plugs in
+here by registering another class with the same two methods.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from r1v.core.registry import LazyRegistry
+from r1v.rl.algos import token_logprobs
+
+
+@dataclass
+class Request:
+    """One prompt: token ids (images already expanded) and its tiles as uint8 bytes [n_tiles, 3, T, T].
+
+    `repetition_penalty` is this request's own (DRLC, METHOD.md section 4: the penalty sets the chain's length
+    per sample); None takes the call's sampling value.
+    """
+
+    prompt_ids: list[int]
+    pixel_values: bytes = b""
+    n_tiles: int = 0
+    repetition_penalty: float | None = None
+
+
+def request_penalty(r: Request, sampling: dict[str, Any]) -> float:
+    """The repetition penalty a request is generated with: its own, else the call's."""
+    return float(r.repetition_penalty if r.repetition_penalty is not None
+                 else sampling.get("repetition_penalty", 1.0))
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    finished: bool = field(default=False, metadata={"doc": "ended with an end-of-turn token"})
+
+
+class RolloutEngine(ABC):
+    @abstractmethod
+    def generate(self, requests: list[Request], sampling: dict[str, Any], n: int, seed: int
+                 ) -> list[list[Completion]]: ...
+
+    @abstractmethod
+    def update_weights(self, named_tensors: dict[str, torch.Tensor]) -> int: ...
+
+
+ENGINES: LazyRegistry[type[RolloutEngine]] = LazyRegistry("rollout engine", {
+    "transformers": "r1v.generation.engines:TransformersEngine",
+    "vllm": "r1v.generation.engine_vllm:VLLMEngine",  # vLLM and its module are imported only when asked for
+})
+
+
+VLM_MODEL_TYPES = ("internvl",)
+
+
+def is_vlm_dir(model_dir: str) -> bool:
+    """Whether a checkpoint directory holds a VLM (InternVL: has a vision config) rather than a causal LM."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    return cfg.get("model_type") in VLM_MODEL_TYPES or "vision_config" in cfg
+
+
+class TransformersEngine(RolloutEngine):
+    """`model.generate` on the model loaded from a checkpoint directory; batches all n*len(requests) rows.
+
+    The directory may hold a VLM (`r1v.model.io.save_model`) or a text-only causal LM (`save_llm`, e.g. the
+    reasoning LLM asked the text form of a question as a baseline); a text-only engine takes only requests
+    without tiles.
+    """
+
+    def __init__(self, model_dir: str, max_batch: int = 64, device: str | None = None, logprobs: bool = True,
+                 static_cache: bool = False, dtype: str = "float32") -> None:
+        from r1v.model.tokens import IM_END, IMG_CONTEXT, IMG_END, IMG_START, PAD
+
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.vision = is_vlm_dir(model_dir)
+        if self.vision:
+            from r1v.model.assemble import tile_size
+            from r1v.model.io import load_model
+
+            self.model, self.tok = load_model(model_dir, dtype=getattr(torch, dtype))
+            self.tile = tile_size(self.model)
+        else:
+            from r1v.model.io import load_llm
+
+            self.model, self.tok = load_llm(model_dir, dtype=getattr(torch, dtype))
+            self.tile = 0
+        self.model.to(self.device).eval()
+        self.max_batch = max_batch
+        # Evaluation needs no log-probs: without them no [batch, new tokens, vocab] logits are kept.
+        self.logprobs = logprobs
+        # A preallocated KV cache spares the per-step concatenation of the dynamic one: ~20% of CPU time on tiny
+        # models. CPU only: on GPUs transformers compiles the model for a static cache (minutes).
+        self.static_cache = static_cache and self.device == "cpu"
+        vocab = self.tok.get_vocab()
+        self.pad_id = self.tok.convert_tokens_to_ids(PAD) if PAD in vocab else self.tok.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self.tok.eos_token_id
+        end = [self.tok.convert_tokens_to_ids(IM_END)] if IM_END in vocab else []
+        self.stop_ids = sorted({*end, self.tok.eos_token_id, self.pad_id} - {None})
+        # Image tokens in a completion would be read as image slots by the trainer: never sample them.
+        self.suppress = [self.tok.convert_tokens_to_ids(t) for t in (IMG_CONTEXT, IMG_START, IMG_END) if t in vocab]
+
+    def _tiles(self, r: Request) -> torch.Tensor | None:
+        from r1v.data.collate import tiles_from_bytes
+
+        if not r.n_tiles:
+            return None
+        if not self.vision:
+            raise ValueError(f"a request with {r.n_tiles} tiles sent to a text-only model")
+        return torch.from_numpy(tiles_from_bytes(r.pixel_values, r.n_tiles, self.tile).copy())
+
+    @torch.no_grad()
+    def generate(self, requests: list[Request], sampling: dict[str, Any], n: int, seed: int
+                 ) -> list[list[Completion]]:
+        """HF `generate` takes one repetition penalty per call: rows are grouped by penalty (first appearance
+        order) and each group is generated as its own call, replaying the call's seed stream. A row's sample so
+        depends only on the seed and its group's rows: a mixed-penalty call gives each group what a call with
+        that group alone would (a per-row logits processor would couple rows through the shared sampler RNG)."""
+        groups: dict[float, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(request_penalty(r, sampling), []).append(i)
+        out: list[list[Completion]] = [[] for _ in requests]
+        for penalty, idx in groups.items():
+            s = {**sampling, "repetition_penalty": penalty}
+            rows = [(i, requests[i]) for i in idx for _ in range(n)]
+            gen = torch.Generator().manual_seed(seed)
+            for start in range(0, len(rows), self.max_batch):
+                chunk = rows[start : start + self.max_batch]
+                torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+                for (i, _), comp in zip(chunk, self._generate_batch([r for _, r in chunk], s), strict=True):
+                    out[i].append(comp)
+        return out
+
+    def _generate_batch(self, reqs: list[Request], s: dict[str, Any]) -> list[Completion]:
+        longest = max(len(r.prompt_ids) for r in reqs)
+        ids = torch.full((len(reqs), longest), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, r in enumerate(reqs):  # left padding: generation continues from the right edge
+            ids[j, longest - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
+            mask[j, longest - len(r.prompt_ids):] = 1
+        tiles = [t for t in (self._tiles(r) for r in reqs) if t is not None]
+        temperature = float(s.get("temperature", 1.0))
+        kwargs: dict[str, Any] = dict(
+            input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+            max_new_tokens=int(s.get("max_new_tokens", 64)), do_sample=temperature > 0,
+            eos_token_id=self.stop_ids, pad_token_id=self.pad_id, return_dict_in_generate=True,
+            output_logits=self.logprobs, repetition_penalty=float(s.get("repetition_penalty", 1.0)),
+            suppress_tokens=self.suppress or None,
+        )
+        if self.static_cache:
+            kwargs["cache_implementation"] = "static"
+        if temperature > 0:
+            kwargs.update(temperature=temperature, top_p=float(s.get("top_p", 1.0)), top_k=0)
+        if tiles:
+            from r1v.model.forward import normalize_pixels
+
+            kwargs["pixel_values"] = normalize_pixels(torch.cat(tiles).to(self.device), self.model.dtype)
+        res = self.model.generate(**kwargs)
+        new = res.sequences[:, longest:].cpu()
+        lp = (token_logprobs(torch.stack(res.logits, dim=1).cpu(), new, temperature)  # [B, T_new]
+              if self.logprobs else None)
+        comps = []
+        for j in range(len(reqs)):
+            toks = new[j].tolist()
+            end = next((k for k, t in enumerate(toks) if t in self.stop_ids), None)
+            keep = toks if end is None else toks[: end + 1]
+            text_ids = keep if end is None else keep[:-1]
+            comps.append(Completion(token_ids=keep, logprobs=lp[j, : len(keep)].tolist() if lp is not None else [],
+                                    text=self.tok.decode(text_ids, skip_special_tokens=False),
+                                    finished=end is not None))
+        return comps
+
+    def update_weights(self, named_tensors: dict[str, torch.Tensor]) -> int:
+        params = dict(self.model.named_parameters())
+        unknown = sorted(set(named_tensors) - set(params))
+        if unknown:
+            raise KeyError(f"update_weights: the engine's model has no parameters {unknown[:5]}")
+        with torch.no_grad():
+            for name, t in named_tensors.items():
+                if params[name].shape != t.shape:
+                    raise ValueError(f"update_weights: {name} has shape {tuple(params[name].shape)}, "
+                                     f"got {tuple(t.shape)}")
+                params[name].copy_(t.to(params[name].device, params[name].dtype))
+        return len(named_tensors)
+
+
+class EngineHost:
+    """The Ray actor body: builds the engine named in config and forwards calls."""
+
+    def __init__(self, kind: str, model_dir: str, max_batch: int, torch_threads: int = 1, dtype: str = "float32",
+                 options: dict[str, Any] | None = None) -> None:
+        torch.set_num_threads(torch_threads)
+        self.engine = ENGINES.get(kind)(model_dir, max_batch=max_batch, dtype=dtype, **(options or {}))
+
+    def ready(self) -> bool:
+        return True
+
+    def generate(self, requests: list[Request], sampling: dict[str, Any], n: int, seed: int
+                 ) -> list[list[Completion]]:
+        return self.engine.generate(requests, sampling, n, seed)
+
+    def update_weights(self, named_tensors: dict[str, torch.Tensor]) -> int:
+        return self.engine.update_weights(named_tensors)
+
+
+def start_engines(kind: str, model_dir: str, num: int, num_cpus: float, num_gpus: float, max_batch: int,
+                  torch_threads: int = 1, dtype: str = "float32", options: dict[str, Any] | None = None,
+                  wait: bool = True, host: type[EngineHost] | None = None):
+    """Create `num` engine actors and (with `wait`) wait until each has loaded its model; `options` are further
+    keyword arguments of the engine class, `host` a subclass of EngineHost to run instead."""
+    import ray
+
+    actor = ray.remote(host or EngineHost)
+    handles = [actor.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(kind, model_dir, max_batch, torch_threads,
+                                                                          dtype, options)
+               for _ in range(num)]
+    if wait:
+        ray.get([h.ready.remote() for h in handles])
+    return handles
+

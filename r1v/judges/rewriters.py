@@ -1,0 +1,183 @@
+"""Rewriters: the judge of self-distillation (METHOD.md section 4) that rewrites a wrong `<think>` chain so that
+it reaches the ground truth.
+
+Kinds (`REWRITERS`): `rule` (the miniature world's solver: it writes the reference chain from the row's meta, the
+way `r1v.world.corpora` writes SFT chains), `openai` (any OpenAI-compatible chat endpoint, through the `openai`
+scorer's client: same request body, retries, backoff and failure codes). A rewrite is never trusted: the stage
+grades it and drops it when it misses the answer.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field
+
+from r1v.core.config import Strict
+from r1v.core.registry import Registry
+from r1v.judges.base import row_fields
+from r1v.judges.openai_client import OpenAIScorer, OpenAIScorerConfig
+
+NO_SOLVER = "no_solver"        # rule: the row carries no world problem (meta.digits, meta.expr) to solve
+EMPTY_REWRITE = "empty_rewrite"  # the judge replied with nothing
+
+
+@dataclass
+class Rewrite:
+    """The rewritten assistant turn (`<think>` chain and answer), or (text None) why there is none."""
+
+    text: str | None = None
+    reason: str = ""
+    detail: str = ""
+
+    @classmethod
+    def fail(cls, reason: str, detail: str) -> Rewrite:
+        return cls(None, reason, detail[:1000])
+
+
+class RewriterConfig(Strict):
+    kind: str = Field(description="registered rewriter: rule | openai (or a plugin's)")
+
+
+class Rewriter(ABC):
+    """One rewriter kind. `rewrite(rows)`: per row (its messages end with the model's wrong assistant turn), the
+    rewritten turn, in row order."""
+
+    Config: ClassVar[type[RewriterConfig]]
+
+    def __init__(self, config: RewriterConfig) -> None:
+        self.config = config
+
+    def open(self) -> None:  # noqa: B027  (an optional hook)
+        """Acquire resources (a connection pool, credentials) before the first `rewrite`."""
+
+    def close(self) -> None:  # noqa: B027  (an optional hook)
+        """Release what `open` acquired."""
+
+    def stats(self) -> dict[str, float]:
+        return {}
+
+    @abstractmethod
+    def rewrite(self, rows: list[dict[str, Any]]) -> list[Rewrite]: ...
+
+    def __enter__(self) -> Rewriter:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+REWRITERS: Registry[type[Rewriter]] = Registry("rewriter")
+
+
+def rewriter_config(value: Any) -> RewriterConfig:
+    """A rewriter config dict (or instance) validated by its kind's `Config`; errors name `judge.<field>`."""
+    from pydantic import ValidationError
+
+    if isinstance(value, RewriterConfig | OpenAIRewriterConfig):
+        return value
+    if not isinstance(value, dict) or "kind" not in value:
+        raise ValueError("judge must be a mapping with a `kind` (rule, openai)")
+    try:
+        cls = REWRITERS.get(str(value["kind"])).Config
+    except KeyError as e:
+        raise ValueError(f"judge.kind: {e.args[0]}") from None
+    try:
+        return cls.model_validate(value)
+    except ValidationError as e:
+        raise ValueError("; ".join(f"judge.{'.'.join(str(x) for x in err['loc'])}: "
+                                   f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors())) from None
+
+
+def make_rewriter(config: Any) -> Rewriter:
+    return REWRITERS.get(config.kind)(config)
+
+
+# --------------------------------------------------------------------------------------------------- rule
+
+
+class RuleRewriterConfig(RewriterConfig):
+    """The miniature world's solver: exact, so the world's distill stage needs no judge model."""
+
+    kind: Literal["rule"] = "rule"
+
+
+@REWRITERS.register("rule")
+class RuleRewriter(Rewriter):
+    Config = RuleRewriterConfig
+
+    def rewrite(self, rows: list[dict[str, Any]]) -> list[Rewrite]:
+        return [self._one(r) for r in rows]
+
+    @staticmethod
+    def _one(row: dict[str, Any]) -> Rewrite:
+        from r1v.world.domain import Problem, reasoning_answer
+
+        meta = row_fields(row)["meta"]
+        digits, expr = str(meta.get("digits") or ""), str(meta.get("expr") or "")
+        if len(digits) != 4 or not digits.isdigit() or not expr:
+            return Rewrite.fail(NO_SOLVER, "the row's meta has no world problem (digits, expr)")
+        try:
+            p = Problem(tuple(int(d) for d in digits), expr, int(meta.get("level") or 0))  # type: ignore[arg-type]
+            return Rewrite(reasoning_answer(p))
+        except (KeyError, ValueError, IndexError) as e:
+            return Rewrite.fail(NO_SOLVER, f"meta.expr {expr!r} does not parse: {type(e).__name__}: {e}")
+
+
+# ------------------------------------------------------------------------------------------------- openai
+
+DEFAULT_REWRITE_PROMPT = (
+    "A student's reasoning for the question below reaches a wrong answer. Rewrite the reasoning so that it is "
+    "correct and reaches the reference answer, keeping what was right in it.\n\n"
+    "Question:\n{question}\n\nReference answer: {answer}\n\nStudent's reasoning:\n{response}\n\n"
+    "Reply in the form: <think>\\n(reasoning)\\n</think>\\nAnswer: \\boxed{{(answer)}}"
+)
+
+
+class OpenAIRewriterConfig(OpenAIScorerConfig):
+    """An OpenAI-compatible chat endpoint as the judge (the `openai` scorer's settings; `{response}` in the
+    prompt is the model's wrong turn; `score_pattern` is unused)."""
+
+    prompt: str = Field(DEFAULT_REWRITE_PROMPT, description="user message template; fields: id, source, answer, "
+                        "question, response (the wrong chain), meta")
+    max_tokens: int = Field(2048, ge=1)
+
+
+@REWRITERS.register("openai")
+class OpenAIRewriter(Rewriter):
+    """The `openai` scorer's client (request body, credentials, thread pool, `_attempt`'s failure codes), with
+    the reply kept as text where the scorer parses a score from it."""
+
+    Config = OpenAIRewriterConfig  # type: ignore[assignment]
+
+    def __init__(self, config: OpenAIRewriterConfig) -> None:  # type: ignore[override]
+        super().__init__(config)  # type: ignore[arg-type]
+        self.client = OpenAIScorer(config, 0.0, 1.0)
+
+    def open(self) -> None:
+        self.client.open()
+
+    def close(self) -> None:
+        self.client.close()
+
+    def stats(self) -> dict[str, float]:
+        return self.client.stats()
+
+    def rewrite(self, rows: list[dict[str, Any]]) -> list[Rewrite]:
+        if self.client._pool is None:
+            raise RuntimeError("OpenAIRewriter.rewrite before open()")
+        return list(self.client._pool.map(self._one, rows))
+
+    def _one(self, row: dict[str, Any]) -> Rewrite:
+        from r1v.data.prompt import THINK_OPENER
+
+        text = self.client.reply(row)  # the scorer's retry schedule and failure codes
+        if not isinstance(text, str):
+            return Rewrite.fail(text.reason, text.detail)
+        text = text.strip()
+        if not text:
+            return Rewrite.fail(EMPTY_REWRITE, "the judge's reply is empty")
+        return Rewrite(text if text.startswith(THINK_OPENER.strip()) else THINK_OPENER + text)

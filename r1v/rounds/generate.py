@@ -1,0 +1,159 @@
+"""The `generate` stage's work: a model answers every row; per row, the extracted answer and whether it matched.
+
+It runs on the eval stage's machinery (`r1v.eval.corpus`: the engine pool of Ray actors, batching and per-call
+seeds, so results do not depend on the number of engines) and the graders of `r1v.grading.rewards`. Outputs:
+
+- `corpus`: the input rows with `gen_answer` (the primary generation's extracted answer, null when it has none),
+  `gen_correct` (it matched), `gen_n` (generations graded) and `gen_n_correct`; `select` reads E from it;
+- `samples`: one row per generation (id, sample (-1: greedy), response, extracted, score, correct, n_tokens,
+  grade_error: set when the grader raised or ran past its time bound, `r1v.judges.base.grade_bounded`; such a
+  generation counts as not matched, and the summary counts them as `grade_failures`);
+- `quarantine.parquet`: rows without an answer (`no_answer`) or that fail preprocessing (reason of the
+  pipeline). Counts reconcile: rows in = rows out + quarantined.
+
+The corpus is processed `chunk_rows` rows at a time, each chunk a part (`r1v.data.parts`), so a resumed stage
+skips what it already generated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from r1v.core.fs import atomic_write_json
+from r1v.data.parts import corpus_schema, iter_chunks, merge_quarantine, publish, quarantine_table, write_table
+from r1v.judges.base import grade_bounded
+from r1v.rounds.config import GenerateConfig
+
+NO_ANSWER = "no_answer"
+GEN_FIELDS = [pa.field("gen_answer", pa.string()), pa.field("gen_correct", pa.bool_()),
+              pa.field("gen_n", pa.int32()), pa.field("gen_n_correct", pa.int32())]
+SAMPLE_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("answer", pa.string()),
+                           ("sample", pa.int32()), ("response", pa.string()), ("extracted", pa.string()),
+                           ("score", pa.float64()), ("correct", pa.bool_()), ("grade_error", pa.string()),
+                           ("n_tokens", pa.int32())])
+
+
+def _chunk(engine: Any, c: GenerateConfig, table: pa.Table, offset: int
+           ) -> tuple[pa.Table, pa.Table, list[dict[str, Any]]]:
+    """(rows with gen columns, samples, quarantine records) for one chunk."""
+    from r1v.data.pipeline import prepare_prompts
+    from r1v.eval.corpus import GREEDY, generate_jobs
+    from r1v.grading.rewards import REWARDS, extract_answer
+
+    rows = table.to_pylist()
+    bad = [{"id": r["id"], "reason": NO_ANSWER, "detail": "the row has no answer to grade against",
+            "source": r.get("source")} for r in rows if not str(r.get("answer") or "").strip()]
+    answered = [{**r, "_row": i} for i, r in enumerate(rows) if str(r.get("answer") or "").strip()]
+    prompts, failed = prepare_prompts(answered, c.model, c.preprocess)
+    bad += failed
+    grade = REWARDS.get(c.grader)
+    jobs = ([({**c.sampling.model_dump(), **GREEDY}, 1)] if c.greedy else []) + (
+        [(c.sampling.model_dump(), c.samples)] if c.samples else [])
+    outs = generate_jobs(engine, prompts, jobs, c.seed + offset, c.engine.max_batch, desc="generate") \
+        if prompts else [[] for _ in jobs]
+    comps = [[cp for out in outs for cp in out[i]] for i in range(len(prompts))]
+    flat = [(cp.text, {"answer": p["answer"]}) for p, cs in zip(prompts, comps, strict=True) for cp in cs]
+    grades = iter(grade_bounded(grade, flat))
+    samples: list[dict[str, Any]] = []
+    gen: dict[int, dict[str, Any]] = {}
+    for i, p in enumerate(prompts):
+        first = -1 if c.greedy else 0
+        graded = []
+        for k, cp in enumerate(comps[i]):
+            g = next(grades)
+            ok = not isinstance(g, str) and g == 1.0
+            graded.append((extract_answer(cp.text), ok))
+            samples.append({"id": p["id"], "source": p.get("source"), "answer": p["answer"],
+                            "sample": k + first, "response": cp.text, "extracted": graded[-1][0],
+                            "score": None if isinstance(g, str) else g, "correct": ok,
+                            "grade_error": g if isinstance(g, str) else None, "n_tokens": len(cp.token_ids)})
+        gen[p["_row"]] = {"gen_answer": graded[0][0], "gen_correct": graded[0][1], "gen_n": len(graded),
+                        "gen_n_correct": sum(ok for _, ok in graded)}
+    kept = table.filter(pa.array([i in gen for i in range(len(rows))], pa.bool_()))
+    order = sorted(gen)  # filter keeps row order
+    for f in GEN_FIELDS:
+        kept = kept.append_column(f, pa.array([gen[i][f.name] for i in order], f.type))
+    return kept, pa.Table.from_pylist(samples, schema=SAMPLE_SCHEMA), bad
+
+
+def run_generate(c: GenerateConfig, stage_dir: Path, log: Any, actors: bool, keep_warm_s: float = 0.0
+                 ) -> dict[str, Any]:
+    """Generate and grade `c.corpus` into `stage_dir` (see the module doc); returns outputs and the summary."""
+    from r1v.eval.corpus import engine_pool, engine_threads, make_engine, torch_threads
+
+    stage_dir = Path(stage_dir)
+    work, target, samples_dir = stage_dir / "work", stage_dir / "corpus", stage_dir / "samples"
+    ec = c.eval_view()
+    if not target.exists():
+        todo = [(k, off) for k, off, _ in iter_chunks(c.corpus, c.chunk_rows, ["id"])
+                if not (work / f"part-{k:05d}.parquet").exists()]
+        if todo:
+            with engine_pool(c.model, ec, actors, keep_warm_s) as pool:
+                engine = pool or make_engine(c.model, ec)
+                threads = contextlib.nullcontext(engine_threads(ec)) if pool else torch_threads(c.torch_threads)
+                wanted = {k for k, _ in todo}
+                with threads:
+                    for k, off, table in iter_chunks(c.corpus, c.chunk_rows):
+                        if k not in wanted:
+                            continue
+                        rows, samples, bad = _chunk(engine, c, table, off)
+                        write_table(samples, work / f"samples-{k:05d}.parquet")
+                        write_table(quarantine_table(bad), work / f"quarantine-{k:05d}.parquet")
+                        write_table(rows, work / f"part-{k:05d}.parquet")  # last: marks the chunk done
+                        print(f"[generate] chunk {k}: {rows.num_rows} rows answered, {len(bad)} quarantined",
+                              flush=True)
+        if not any(work.glob("part-*.parquet")):  # an empty corpus: an empty version of it
+            schema = corpus_schema(c.corpus)
+            for f in GEN_FIELDS:
+                schema = schema.append(f)
+            write_table(SAMPLE_SCHEMA.empty_table(), work / "samples-00000.parquet")
+            write_table(schema.empty_table(), work / "part-00000.parquet")
+        publish(work, samples_dir, "samples-*.parquet")
+        publish(work, target)
+    quarantine = merge_quarantine(work, stage_dir / "quarantine.parquet")
+    summary = summarize(c, target, samples_dir, quarantine)
+    atomic_write_json(stage_dir / "summary.json", summary)
+    metrics = {k: v for k, v in summary.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    metrics.update({f"quarantined_{k}": v for k, v in summary["quarantine_reasons"].items()})
+    log.metrics(metrics, 0)
+    log.dict(summary, "generate_summary.json")
+    first = pq.ParquetFile(sorted(samples_dir.glob("*.parquet"))[0])
+    log.table_rows(next(first.iter_batches(batch_size=20), pa.RecordBatch.from_pylist([], SAMPLE_SCHEMA)).to_pylist(),
+                   "sample_generations.jsonl")
+    print(f"[generate] {c.model}: {summary['rows_out']} rows, primary accuracy {summary['accuracy']}, "
+          f"{summary['errors']} errors, {summary['quarantined']} quarantined", flush=True)
+    return {**summary, "corpus": target, "samples": samples_dir, "quarantine": stage_dir / "quarantine.parquet",
+            "summary": stage_dir / "summary.json"}
+
+
+def summarize(c: GenerateConfig, target: Path, samples_dir: Path, quarantine: pa.Table) -> dict[str, Any]:
+    """Counts read back from the files written; rows in = rows out + quarantined, or an error."""
+    rows_in = sum(pq.ParquetFile(f).metadata.num_rows for f in _files(c.corpus))
+    t = pq.read_table(target, columns=["gen_correct", "gen_n", "gen_n_correct"])
+    n = t.num_rows
+    if rows_in != n + quarantine.num_rows:
+        raise RuntimeError(f"counts do not reconcile: {rows_in} rows in, {n} answered + {quarantine.num_rows} "
+                           "quarantined")
+    correct = sum(t.column("gen_correct").to_pylist())
+    gens = sum(t.column("gen_n").to_pylist())
+    gens_ok = sum(t.column("gen_n_correct").to_pylist())
+    errs = pq.read_table(samples_dir, columns=["grade_error"]).column("grade_error")
+    return {"rows_in": rows_in, "rows_out": n, "quarantined": quarantine.num_rows,
+            "quarantine_reasons": dict(sorted(Counter(quarantine.column("reason").to_pylist()).items())),
+            "accuracy": correct / n if n else None, "errors": n - correct, "generations": gens,
+            "generation_accuracy": gens_ok / gens if gens else None, "grade_failures": len(errs) - errs.null_count,
+            "greedy": c.greedy, "samples": c.samples,
+            "config": json.loads(c.model_dump_json(include={"model", "grader", "seed"}))}
+
+
+def _files(corpus: str) -> list[Path]:
+    from r1v.data.reader import corpus_files
+
+    return corpus_files(corpus)

@@ -1,0 +1,132 @@
+"""The workflow tree: a YAML of stages (kind, needs, config) plus `a.b=c` overrides, validated at load.
+
+Each stage's config is validated by its kind's config class (`r1v.workflow.kinds`), so a misspelt or ill-typed
+key fails when the workflow is loaded, naming the file and the dotted key, not an hour into a run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from r1v.core.config import ConfigError, RayConfig, Strict, TrackingConfig, format_errors
+from r1v.core.registry import resolve
+from r1v.plan.arch import PlanConfig
+from r1v.workflow import kinds
+from r1v.workflow.repeat import apply_overrides_and_expand, expand_repeats
+
+
+class StageSpec(Strict):
+    kind: str
+    needs: list[str] = []
+    config: dict[str, Any] = {}
+
+
+class WorkflowConfig(Strict):
+    name: str
+    run_root: str = "runs"
+    tracking: TrackingConfig = TrackingConfig()
+    ray: RayConfig = RayConfig()
+    seed: int | None = Field(None, description="when set, reseeds every stage: see `reseed`")
+    stages: dict[str, StageSpec]
+    plan: PlanConfig | None = Field(None, description="architectures and assumptions for `r1v plan`; "
+                                    "`r1v run` ignores it")
+
+    @field_validator("plan")
+    @classmethod
+    def _plan_names_stages(cls, v: PlanConfig | None, info: Any) -> PlanConfig | None:
+        if v is not None and "stages" in info.data:
+            v.check_stages({name: s.kind for name, s in info.data["stages"].items()})
+        return v
+
+
+class Workflow(BaseModel):
+    """A loaded workflow: the validated tree plus each stage's validated config object."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    source: str
+    raw: dict[str, Any]
+    config: WorkflowConfig
+    stage_configs: dict[str, BaseModel]
+
+    def fingerprint(self, stage: str) -> str:
+        spec = self.config.stages[stage]
+        payload = {"kind": spec.kind, "config": self.stage_configs[stage].model_dump(mode="json")}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def validate_workflow(raw: dict[str, Any], source: str = "<config>") -> Workflow:
+
+    raw = expand_repeats(raw, source)  # repeat blocks -> ordinary stages; Workflow.raw keeps the expanded form
+    try:
+        cfg = WorkflowConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_errors(source, "", e)) from None
+    stage_configs: dict[str, BaseModel] = {}
+    for name, spec in cfg.stages.items():
+        if spec.kind not in kinds.BUILTIN:
+            raise ConfigError(f"{source}: stages.{name}.kind: unknown stage kind {spec.kind!r}; known: "
+                              + ", ".join(sorted(kinds.BUILTIN)))
+        try:
+            stage_configs[name] = kinds.get(spec.kind).config_class().model_validate(spec.config)
+        except ValidationError as e:
+            raise ConfigError(format_errors(source, f"stages.{name}.config", e)) from None
+        if cfg.seed is not None:
+            try:
+                stage_configs[name] = reseed(stage_configs[name], cfg.seed)
+            except ValidationError as e:
+                raise ConfigError(format_errors(source, f"stages.{name}.config (after seed={cfg.seed})", e)
+                                  ) from None
+        for dep in spec.needs:
+            if dep not in cfg.stages:
+                raise ConfigError(f"{source}: stages.{name}.needs: unknown stage {dep!r}")
+    for check in sorted({k.check for k in map(kinds.get, {s.kind for s in cfg.stages.values()}) if k.check}):
+        resolve(check)(cfg.stages, stage_configs, source)
+    return Workflow(source=source, raw=raw, config=cfg, stage_configs=stage_configs)
+
+
+def reseed(config: BaseModel, seed: int) -> BaseModel:
+    """`config` with every field named `seed`, at any depth, set to `seed` (so `r1v run wf.yaml seed=3` reruns the
+    whole recipe under another seed, and every fingerprint changes with it).
+
+    A model's other `*_seed` fields take seed+1, seed+2, ... in declaration order, because they exist to differ
+    from its `seed` (TinyModelConfig.reasoning_seed: the reasoning LLM must not be the substitute LLM).
+    """
+    return type(config).model_validate(_reseeded(config, seed))
+
+
+def _reseeded(m: BaseModel, seed: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    offset = 0
+    for name in type(m).model_fields:
+        value = getattr(m, name)
+        if name == "seed":
+            out[name] = seed
+        elif name.endswith("_seed"):
+            offset += 1
+            out[name] = seed + offset
+        elif isinstance(value, BaseModel):
+            out[name] = _reseeded(value, seed)
+        else:
+            out[name] = value
+    return out
+
+
+def load_workflow(path: str | Path, overrides: list[str] | None = None) -> Workflow:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"workflow file {path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    raw = apply_overrides_and_expand(raw, overrides or [], str(path))
+    return validate_workflow(raw, str(path))
