@@ -19,55 +19,16 @@ from __future__ import annotations
 import io
 import math
 import re
-from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
+from r1v.distill.config import ImageCueParams, TextCueParams
 from r1v.model.tokens import IMAGE_MARKER
 
 MAX_SIDE = 2048
 """Images larger than this are shrunk (keeping aspect) before the Laplacian: the cost stays bounded and the
 variance of a huge photo is measured at a scale comparable to the images a VLM sees."""
-
-
-@dataclass(frozen=True)
-class ImageCueParams:
-    """Reference points of the image cues (each maps a raw measure to [0, 1])."""
-
-    blur_ref: float = 100.0
-    """Laplacian variance scoring 0.5 (score = v / (v + blur_ref)); 100 is the usual blur-detection threshold."""
-    target_side: float = 448.0
-    """sqrt(width * height) from which resolution scores 1 (InternVL's tile side); below, linear."""
-    aspect_ok: float = 0.25
-    """short/long side ratio from which aspect scores 1 (4:1 is still readable); below, linear."""
-    w_blur: float = 0.5
-    w_res: float = 0.3
-    w_aspect: float = 0.2
-
-
-@dataclass(frozen=True)
-class TextCueParams:
-    """Reference points of the question cues (S_t) and integration cues (S_I)."""
-
-    length_ref: float = 60.0
-    """words from which length scores 1"""
-    ops_ref: float = 4.0
-    """operators from which the operator cue scores 1"""
-    reason_ref: float = 3.0
-    """reasoning-demand keywords from which that cue scores 1"""
-    w_length: float = 0.4
-    w_ops: float = 0.4
-    w_reason: float = 0.2
-    spatial_ref: float = 2.0
-    """spatial relations (with at least two objects) from which the spatial cue scores 1"""
-    domain_ref: float = 3.0
-    """distinct domain terms from which the domain cue scores 1 (co-occurrence: one term alone scores 1/3)"""
-    w_causal: float = 0.4
-    w_spatial: float = 0.3
-    w_domain: float = 0.3
-    w_what_where: float = 0.2
-    """subtracted for a plain what/where/which/who identification question (clipped at 0)"""
 
 
 def decode_image(data: bytes) -> Image.Image:

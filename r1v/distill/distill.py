@@ -30,10 +30,10 @@ import pyarrow.parquet as pq
 from r1v.core.fs import atomic_write_json
 from r1v.data.parts import corpus_schema, iter_chunks, merge_quarantine, publish, quarantine_table, write_table
 from r1v.distill.config import DistillConfig
+from r1v.distill.plots import KEPT, REWRITTEN
 from r1v.judges.base import grade_bounded
 from r1v.judges.rewriters import Rewriter, make_rewriter
 
-KEPT, REWRITTEN = "kept", "rewritten"
 NO_ANSWER = "no_answer"
 BAD_PENALTY = "bad_penalty"
 REWRITE_WRONG = "rewrite_wrong"
@@ -44,7 +44,7 @@ DISTILL_FIELDS = [pa.field("distill", pa.string()), pa.field("chain_tokens", pa.
 def generate_with_penalties(engine: Any, prompts: list[dict[str, Any]], sampling: dict[str, Any], seed: int,
                             batch: int, desc: str = "distill") -> list[Any]:
     """One completion per prompt, each at its prompt's `penalty` (`generate_jobs` with per-request penalties)."""
-    from r1v.eval.corpus import generate_jobs
+    from r1v.generation.service import generate_jobs
 
     (groups,) = generate_jobs(engine, prompts, [(sampling, 1)], seed, batch, desc, penalty_key="penalty")
     return [g[0] for g in groups]
@@ -141,7 +141,7 @@ def output_schema(corpus: str) -> pa.Schema:
 def run_distill(c: DistillConfig, stage_dir: Path, log: Any, actors: bool, keep_warm_s: float = 0.0
                 ) -> dict[str, Any]:
     """Distill `c.corpus` into `stage_dir` (see the module doc); returns outputs and the summary."""
-    from r1v.eval.corpus import engine_pool, engine_threads, make_engine, torch_threads
+    from r1v.generation.service import engine_pool, engine_threads, make_engine, torch_threads
 
     stage_dir = Path(stage_dir)
     work, target = stage_dir / "work", stage_dir / "corpus"

@@ -19,6 +19,9 @@ import pyarrow.parquet as pq
 MAX_ROWS = 50_000
 """Rows read per corpus for the plot (the first ones): enough for the curves, bounded on a large corpus."""
 
+KEPT, REWRITTEN = "kept", "rewritten"
+"""The `distill` column of a distilled corpus: the model's own chain kept, or a judge's rewrite."""
+
 
 def _level(meta: Any) -> float | None:
     """The row's difficulty level from its `meta` (JSON string or dict), or None."""
@@ -149,7 +152,6 @@ def distill_plots(corpus_in: str | Path, corpus_out: str | Path, model: str, sta
     """Write STAGE/lengths.png and STAGE/lengths.json (the stats of each series), log both as artifacts (`plots/`)
     and the slopes as metrics; returns the stats."""
     from r1v.data.pipeline import load_tokenizer
-    from r1v.distill.distill import KEPT, REWRITTEN
 
     series = {"before: input chains": reference_points(corpus_in, load_tokenizer(model), penalty_column),
               "after: distilled (all)": distilled_points(corpus_out),

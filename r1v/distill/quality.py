@@ -43,7 +43,8 @@ from r1v.distill.cues import (
     integration_cues,
     question_cues,
 )
-from r1v.judges.base import SCORERS, Scorer, Verdict, row_fields
+from r1v.judges.base import Scorer, Verdict, row_fields
+from r1v.judges.config import SCORERS
 from r1v.rounds.scoring import TooManyQuarantined, check_range
 
 SCORE_COLUMNS = ("s_v", "s_t", "s_i")

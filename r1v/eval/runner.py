@@ -138,10 +138,10 @@ def run_benchmark(c: EvalConfig, stage_dir: Path, log: Any, dataset: Path | None
     asks, kept ``keep_warm_s`` seconds for a next eval (the eval stage), else in this process (``r1v eval run``).
     Returns the written paths and the summary's fields.
     """
-    from r1v.eval.corpus import engine_pool, generate_samples
     from r1v.eval.graders import categories_of
     from r1v.eval.grading import DEFAULT_TIMEOUT_S, GradeReport, Verdict, grade_predictions
     from r1v.eval.predictions import Prediction
+    from r1v.generation.service import engine_pool, generate_samples
 
     if not c.benchmark:
         raise ValueError("run_benchmark needs an EvalConfig with 'benchmark' set")

@@ -104,8 +104,9 @@ def llm_dir_for(model_dir: str | os.PathLike, cache_dir: str | os.PathLike | Non
     """A causal-LM directory vLLM can load for `model_dir`: the directory itself when it is an LLM, the
     manifest's `llm`-layout part when it has one (no copy), else an export of the VLM's LLM, cached under
     `$R1V_CACHE_DIR/vllm-llm/<weights digest>` and reused while those weights are unchanged."""
+    from r1v.model.checksums import dir_sha256
     from r1v.model.convert import hf_view
-    from r1v.model.manifest import dir_sha256, resolve_parts
+    from r1v.model.manifest import resolve_parts
 
     d = Path(model_dir)
     if not is_vlm_dir(str(d)):

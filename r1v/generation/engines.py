@@ -19,7 +19,6 @@ from typing import Any
 import torch
 
 from r1v.core.registry import LazyRegistry
-from r1v.rl.algos import token_logprobs
 
 
 @dataclass
@@ -233,3 +232,10 @@ def start_engines(kind: str, model_dir: str, num: int, num_cpus: float, num_gpus
         ray.get([h.ready.remote() for h in handles])
     return handles
 
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log p(targets) under logits/temperature; logits [N, T, V] already aligned with targets [N, T]."""
+    logits = logits.float()
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)

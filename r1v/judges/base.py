@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 from pydantic import Field, field_validator
 
 from r1v.core.config import Strict
-from r1v.core.registry import LazyRegistry
+from r1v.judges.config import ScorerConfig
 
 # Quarantine reason codes of the score stage.
 NO_RESPONSE = "no_response"          # the row has no assistant turn to score
@@ -53,12 +53,6 @@ class Verdict:
         return cls(None, reason, detail[:1000])
 
 
-class ScorerConfig(Strict):
-    """Fields every scorer has; each kind subclasses it (`kind` names the registered scorer)."""
-
-    kind: str = Field(description="registered scorer: openai | local | rule (or a plugin's)")
-
-
 class Scorer(ABC):
     """One scorer kind: `Config` validates its settings; `score` maps rows to verdicts in row order.
 
@@ -90,33 +84,6 @@ class Scorer(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-SCORERS: LazyRegistry[type[Scorer]] = LazyRegistry("scorer", {
-    "openai": "r1v.judges.openai_client:OpenAIScorer",
-    "local": "r1v.judges.local:LocalScorer",
-    "rule": "r1v.judges.rule:RuleScorer",
-})
-
-
-def scorer_config(value: Any) -> ScorerConfig:
-    """A scorer config dict (or instance) validated by its kind's `Config`; errors name `scorer.<field>`."""
-    from pydantic import ValidationError
-
-    if isinstance(value, ScorerConfig):
-        return value
-    if not isinstance(value, dict) or "kind" not in value:
-        raise ValueError("scorer must be a mapping with a `kind` (openai, local, rule)")
-    try:
-        cls = SCORERS.get(str(value["kind"])).Config
-    except KeyError as e:
-        raise ValueError(f"scorer.kind: {e.args[0]}") from None
-    try:
-        return cls.model_validate(value)
-    except ValidationError as e:
-        msgs = "; ".join(f"scorer.{'.'.join(str(x) for x in err['loc'])}: {err['msg'].removeprefix('Value error, ')}"
-                         for err in e.errors())
-        raise ValueError(msgs) from None
 
 
 class TemplateMixin(Strict):

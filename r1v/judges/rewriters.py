@@ -11,13 +11,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 from pydantic import Field
 
-from r1v.core.config import Strict
-from r1v.core.registry import Registry
-from r1v.judges.base import row_fields
+from r1v.judges.config import REWRITERS, RewriterConfig
 from r1v.judges.openai_client import OpenAIScorer, OpenAIScorerConfig
 
 NO_SOLVER = "no_solver"        # rule: the row carries no world problem (meta.digits, meta.expr) to solve
@@ -35,10 +33,6 @@ class Rewrite:
     @classmethod
     def fail(cls, reason: str, detail: str) -> Rewrite:
         return cls(None, reason, detail[:1000])
-
-
-class RewriterConfig(Strict):
-    kind: str = Field(description="registered rewriter: rule | openai (or a plugin's)")
 
 
 class Rewriter(ABC):
@@ -70,61 +64,8 @@ class Rewriter(ABC):
         self.close()
 
 
-REWRITERS: Registry[type[Rewriter]] = Registry("rewriter")
-
-
-def rewriter_config(value: Any) -> RewriterConfig:
-    """A rewriter config dict (or instance) validated by its kind's `Config`; errors name `judge.<field>`."""
-    from pydantic import ValidationError
-
-    if isinstance(value, RewriterConfig | OpenAIRewriterConfig):
-        return value
-    if not isinstance(value, dict) or "kind" not in value:
-        raise ValueError("judge must be a mapping with a `kind` (rule, openai)")
-    try:
-        cls = REWRITERS.get(str(value["kind"])).Config
-    except KeyError as e:
-        raise ValueError(f"judge.kind: {e.args[0]}") from None
-    try:
-        return cls.model_validate(value)
-    except ValidationError as e:
-        raise ValueError("; ".join(f"judge.{'.'.join(str(x) for x in err['loc'])}: "
-                                   f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors())) from None
-
-
 def make_rewriter(config: Any) -> Rewriter:
     return REWRITERS.get(config.kind)(config)
-
-
-# --------------------------------------------------------------------------------------------------- rule
-
-
-class RuleRewriterConfig(RewriterConfig):
-    """The miniature world's solver: exact, so the world's distill stage needs no judge model."""
-
-    kind: Literal["rule"] = "rule"
-
-
-@REWRITERS.register("rule")
-class RuleRewriter(Rewriter):
-    Config = RuleRewriterConfig
-
-    def rewrite(self, rows: list[dict[str, Any]]) -> list[Rewrite]:
-        return [self._one(r) for r in rows]
-
-    @staticmethod
-    def _one(row: dict[str, Any]) -> Rewrite:
-        from r1v.world.domain import Problem, reasoning_answer
-
-        meta = row_fields(row)["meta"]
-        digits, expr = str(meta.get("digits") or ""), str(meta.get("expr") or "")
-        if len(digits) != 4 or not digits.isdigit() or not expr:
-            return Rewrite.fail(NO_SOLVER, "the row's meta has no world problem (digits, expr)")
-        try:
-            p = Problem(tuple(int(d) for d in digits), expr, int(meta.get("level") or 0))  # type: ignore[arg-type]
-            return Rewrite(reasoning_answer(p))
-        except (KeyError, ValueError, IndexError) as e:
-            return Rewrite.fail(NO_SOLVER, f"meta.expr {expr!r} does not parse: {type(e).__name__}: {e}")
 
 
 # ------------------------------------------------------------------------------------------------- openai
@@ -146,7 +87,6 @@ class OpenAIRewriterConfig(OpenAIScorerConfig):
     max_tokens: int = Field(2048, ge=1)
 
 
-@REWRITERS.register("openai")
 class OpenAIRewriter(Rewriter):
     """The `openai` scorer's client (request body, credentials, thread pool, `_attempt`'s failure codes), with
     the reply kept as text where the scorer parses a score from it."""

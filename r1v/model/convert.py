@@ -28,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from r1v.core.fs import atomic_directory, read_json
+from r1v.model.checksums import record_checksums
 from r1v.model.convert_keys import (
     CHAT_ARCHITECTURES,
     CHAT_MODEL_TYPES,
@@ -41,7 +42,6 @@ from r1v.model.convert_keys import (
     plan_to_chat,
     plan_to_hf,
 )
-from r1v.model.manifest import record_checksums
 from r1v.model.tokens import IMG_CONTEXT
 
 __all__ = ["ConversionError", "detect_layout", "hf_view", "read_hf_tensors", "to_hf", "to_internvl_chat"]

@@ -11,14 +11,12 @@ from typing import Any
 import torch
 
 from r1v.core.fs import atomic_directory
+from r1v.model.checksums import INDEX, ManifestError, record_checksums
 from r1v.model.manifest import (
-    INDEX,
     SHARD_BYTES,
-    ManifestError,
     _config,
     check_tensors,
     copy_side_files,
-    record_checksums,
     tensor_sources,
 )
 

@@ -33,7 +33,7 @@ def _require_dir(path: str | os.PathLike) -> Path:
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | os.PathLike) -> Path:
     """Write `model` and `tokenizer` with `save_pretrained` into `path`, replacing it atomically."""
 
-    from r1v.model.manifest import record_checksums
+    from r1v.model.checksums import record_checksums
 
     with atomic_directory(path) as tmp:
         model.save_pretrained(tmp)

@@ -183,13 +183,3 @@ def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
 
     r = (ref_logp - logp).clamp(-20, 20)
     return torch.exp(r) - r - 1
-
-
-def token_logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0) -> Tensor:
-    """log p(targets) under logits/temperature; logits [N, T, V] already aligned with targets [N, T]."""
-    import torch
-
-    logits = logits.float()
-    if temperature > 0 and temperature != 1.0:
-        logits = logits / temperature
-    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)

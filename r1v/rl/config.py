@@ -11,6 +11,11 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from r1v.core.config import EngineConfig, Group, OptimConfig, PreprocessConfig, SamplingConfig, Strict, TrainerConfig
+from r1v.core.registry import resolve
+
+ALGOS = {"advantage": "r1v.rl.algos:ADVANTAGES", "loss_agg": "r1v.rl.algos:LOSS_AGG",
+         "policy_loss": "r1v.rl.algos:POLICY_LOSSES", "kl_estimator": "r1v.rl.algos:KL_ESTIMATORS"}
+"""The registries that name GRPO's algorithm parts (`r1v.rl.algos`, torch-free at import)."""
 
 
 class DynamicSamplingConfig(Strict):
@@ -86,10 +91,7 @@ class GRPOConfig(Strict):
     @field_validator("advantage", "loss_agg", "policy_loss", "kl_estimator")
     @classmethod
     def _registered(cls, v: str, info: Any) -> str:
-        from r1v.rl import algos  # torch only: cheap, and checked before any actor starts
-
-        registry = {"advantage": algos.ADVANTAGES, "loss_agg": algos.LOSS_AGG, "policy_loss": algos.POLICY_LOSSES,
-                    "kl_estimator": algos.KL_ESTIMATORS}[info.field_name]
+        registry = resolve(ALGOS[info.field_name])
         if v not in registry:
             raise ValueError(f"unknown {registry.what} {v!r}; known: {', '.join(registry.names())}")
         return v

@@ -8,7 +8,7 @@ from pydantic import Field, SerializeAsAny, field_validator, model_validator
 
 from r1v.core.config import EvalEngineConfig, PreprocessConfig, SamplingConfig, Strict
 from r1v.eval.config import EvalConfig
-from r1v.judges.base import ScorerConfig, scorer_config
+from r1v.judges.config import ScorerConfig, scorer_config
 
 
 class ScoreConfig(Strict):

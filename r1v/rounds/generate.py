@@ -44,7 +44,7 @@ def _chunk(engine: Any, c: GenerateConfig, table: pa.Table, offset: int
            ) -> tuple[pa.Table, pa.Table, list[dict[str, Any]]]:
     """(rows with gen columns, samples, quarantine records) for one chunk."""
     from r1v.data.pipeline import prepare_prompts
-    from r1v.eval.corpus import GREEDY, generate_jobs
+    from r1v.generation.service import GREEDY, generate_jobs
     from r1v.grading.rewards import REWARDS, extract_answer
 
     rows = table.to_pylist()
@@ -86,7 +86,7 @@ def _chunk(engine: Any, c: GenerateConfig, table: pa.Table, offset: int
 def run_generate(c: GenerateConfig, stage_dir: Path, log: Any, actors: bool, keep_warm_s: float = 0.0
                  ) -> dict[str, Any]:
     """Generate and grade `c.corpus` into `stage_dir` (see the module doc); returns outputs and the summary."""
-    from r1v.eval.corpus import engine_pool, engine_threads, make_engine, torch_threads
+    from r1v.generation.service import engine_pool, engine_threads, make_engine, torch_threads
 
     stage_dir = Path(stage_dir)
     work, target, samples_dir = stage_dir / "work", stage_dir / "corpus", stage_dir / "samples"

@@ -47,7 +47,7 @@ def world(tmp_path_factory):
 def test_distill_counts_reconcile_and_chains_are_right(world, tmp_path):
     from r1v.data.pipeline import prepare_prompts
     from r1v.data.prompt import THINK_OPENER
-    from r1v.eval.corpus import make_engine
+    from r1v.generation.service import make_engine
     from r1v.workflow import tracking
     from r1v.world.domain import Problem, reasoning_answer
 
@@ -88,7 +88,8 @@ def test_distill_counts_reconcile_and_chains_are_right(world, tmp_path):
 
 
 def test_rule_judge_drops_rows_it_cannot_solve():
-    from r1v.judges.rewriters import NO_SOLVER, RuleRewriter, RuleRewriterConfig
+    from r1v.judges.rewriters import NO_SOLVER
+    from r1v.world.rewriter import RuleRewriter, RuleRewriterConfig
 
     rw = RuleRewriter(RuleRewriterConfig())
     rng = random.Random(0)
@@ -112,7 +113,8 @@ def test_openai_judge_rewrites_through_the_scorer_client():
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from r1v.judges.rewriters import OpenAIRewriterConfig, make_rewriter, rewriter_config
+    from r1v.judges.config import rewriter_config
+    from r1v.judges.rewriters import OpenAIRewriterConfig, make_rewriter
 
     seen: list[dict] = []
 

@@ -13,6 +13,7 @@ import torch
 from r1v.core.config import EvalEngineConfig
 from r1v.eval import corpus as stage
 from r1v.eval.config import EvalConfig
+from r1v.generation import service
 from r1v.generation.engines import Request, TransformersEngine
 from r1v.workflow import kinds, tracking
 
@@ -91,7 +92,7 @@ def test_warm_actors_serve_the_next_eval_with_its_model_and_dtype(ray_cluster, t
     assert _outputs(tmp_path / "warm") == _outputs(tmp_path / "local")
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the probe below runs in the actor
-    with stage.engine_pool(model, _cfg(model, corpus, dtype="bfloat16"), True) as pool:
+    with service.engine_pool(model, _cfg(model, corpus, dtype="bfloat16"), True) as pool:
         assert pool.handles == handles
         out = pool.run([([Request([1, 2, 3])], {"temperature": 0.0, "max_new_tokens": 2}, 1, 0)], "t")
         assert len(out) == 1 and len(out[0][0][0].token_ids) >= 1

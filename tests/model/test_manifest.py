@@ -135,12 +135,12 @@ def test_export_to_the_internvl_chat_layout(stage, tmp_path) -> None:
 
 def test_loading_a_manifest_reads_no_weights_to_check_them(stage, monkeypatch) -> None:
     _, out = stage
-    import r1v.model.manifest as manifest
+    import r1v.model.checksums as checksums
 
     def no_hashing(path):
         raise AssertionError(f"hashed {path}")
 
-    monkeypatch.setattr(manifest, "_file_sha256", no_hashing)
+    monkeypatch.setattr(checksums, "_file_sha256", no_hashing)
     load_model(out)  # sizes and mtimes as recorded: the recorded digests stand
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from r1v.generation.engines import token_logprobs
 from r1v.grading.rewards import REWARDS, extract_answer, score
-from r1v.rl.algos import ADVANTAGES, KL_ESTIMATORS, clipped_surrogate, masked_mean, token_logprobs
+from r1v.rl.algos import ADVANTAGES, KL_ESTIMATORS, clipped_surrogate, masked_mean
 
 
 def test_grpo_advantages_are_group_normalised():

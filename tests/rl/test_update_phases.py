@@ -78,8 +78,8 @@ def cfg(**kw) -> GRPOConfig:
 
 def test_response_logprobs_match_full_logits_for_any_chunk(tiny):
     from r1v.data.collate import tiles_from_bytes
+    from r1v.generation.engines import token_logprobs
     from r1v.model.forward import multimodal_logits, vision_features
-    from r1v.rl.algos import token_logprobs
     from r1v.rl.logprobs import build_batch, response_logprobs
 
     model, tok, t, _ = tiny

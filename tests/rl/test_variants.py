@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from r1v.generation.engines import token_logprobs
 from r1v.rl.algos import (
     ADVANTAGES,
     LOSS_AGG,
@@ -21,7 +22,6 @@ from r1v.rl.algos import (
     logprob_mismatch,
     ppo_clip,
     tis_weights,
-    token_logprobs,
 )
 from r1v.rl.sampling import SelectiveSampleBuffer, dynamic_sample, informative_groups
 

@@ -11,7 +11,8 @@ import pytest
 from score_corpora import read, row
 
 from r1v.core.config import ConfigError
-from r1v.judges.base import SCORERS, Scorer, ScorerConfig, Verdict, compile_pattern, grade_bounded, parse_score
+from r1v.judges.base import Scorer, Verdict, compile_pattern, grade_bounded, parse_score
+from r1v.judges.config import SCORERS, ScorerConfig
 from r1v.rounds.config import ScoreConfig
 from r1v.rounds.scoring import TooManyQuarantined, score_corpus
 from r1v.workflow import tracking

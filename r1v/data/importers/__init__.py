@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Iterator
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from r1v.data.config import DataImportConfig
@@ -29,11 +28,3 @@ def open_records(cfg: DataImportConfig) -> Iterator[Record]:
     if cfg.format not in FORMAT_MODULES:
         raise ValueError(f"unknown import format {cfg.format!r}; known: {', '.join(FORMAT_MODULES)}")
     return importlib.import_module(FORMAT_MODULES[cfg.format]).records(cfg)
-
-
-def import_corpus(cfg: DataImportConfig, corpus: str | Path, quarantine: str | Path, report: str | Path,
-                  progress: bool | None = None) -> dict[str, Any]:
-    """See `r1v.data.importers.driver.import_corpus` (imported lazily: it pulls in pyarrow and PIL)."""
-    from r1v.data.importers.driver import import_corpus as run
-
-    return run(cfg, corpus, quarantine, report, progress)
