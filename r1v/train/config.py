@@ -30,4 +30,4 @@ class SFTConfig(Strict):
     projector_norm_reg: float = Field(0.0, ge=0, description="weight of (||projector output|| / mean "
                                       "token-embedding norm - 1)^2, averaged over image tokens, added to the loss "
                                       "(0: off): pulls image features to the scale of the LLM's token embeddings "
-                                      "(r1v.train.projector_reg; a compared option, README)")
+                                      "(r1v.train.projector_reg; a compared option, docs/world.md)")
