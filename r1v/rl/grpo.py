@@ -37,14 +37,13 @@ from r1v.train.device import engine_device, engine_dtype
 from r1v.train.engine import (
     all_reduce_named,
     all_reduce_sum,
-    apply_activation_checkpointing,
     barrier,
     export_model,
     gathered,
     init_engine,
 )
 from r1v.train.launch import setup_worker
-from r1v.train.loading import load_for_training
+from r1v.train.worker import load_trainable
 
 
 def load_prompts(c: GRPOConfig, rank: int, world: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -147,7 +146,6 @@ def grpo_loop(cfg: dict[str, Any]) -> None:
     import ray
 
     from r1v.model.assemble import tile_size
-    from r1v.model.freeze import apply_freeze
     from r1v.rl.rollout import collect, replay
     from r1v.rl.sampling import SelectiveSampleBuffer
     from r1v.workflow.tracking import RunLogger
@@ -161,10 +159,7 @@ def grpo_loop(cfg: dict[str, Any]) -> None:
     prompts, bad = load_prompts(c, rank, world)
     for i, p in enumerate(prompts):
         p["_index"] = i  # the replay buffer keeps this index, not the row (its state goes into a JSON checkpoint)
-    model, tok = load_for_training(c.model, c.trainer)  # ZeRO-3: partitioned from the start
-    counts = apply_freeze(model, c.trainable)
-    if c.trainer.activation_checkpointing:
-        apply_activation_checkpointing(model)
+    model, tok, counts = load_trainable(c.model, c.trainer, c.trainable)
     n_batch = c.prompts_per_step * c.group_size
     mini, micro = batch_sizes(c, n_batch)
     engine = init_engine(model, c.trainer, c.optim, c.steps * c.ppo_epochs * (n_batch // mini), micro,

@@ -38,8 +38,8 @@ from r1v.train.config import SFTConfig
 from r1v.train.device import engine_device, engine_dtype, to_device
 from r1v.train.engine import all_reduce_max, all_reduce_sum, export_model, gather_objects, init_engine
 from r1v.train.launch import setup_worker
-from r1v.train.loading import load_for_training
 from r1v.train.projector_reg import ProjectorNormPenalty
+from r1v.train.worker import load_trainable
 
 
 def dummy_row(image_token_id: int, tokens_per_tile: int, tile_size: int) -> dict[str, Any]:
@@ -202,15 +202,13 @@ def sft_loop(cfg: dict[str, Any]) -> None:
     import ray.train
 
     from r1v.data.pipeline import vision_geometry
-    from r1v.model.freeze import apply_freeze
     from r1v.workflow.tracking import RunLogger
 
     c = SFTConfig.model_validate(cfg["config"])
     t_setup = time.time()
     rank, world = setup_worker(c.trainer)
     log = RunLogger(cfg["tracking_uri"], cfg["run_id"]) if rank == 0 else RunLogger(None, None)
-    model, tok = load_for_training(c.model, c.trainer)  # ZeRO-3: partitioned from the start
-    counts = apply_freeze(model, c.trainable)
+    model, tok, counts = load_trainable(c.model, c.trainer, c.trainable)
     tile, per_tile = vision_geometry(c.model)
     image_token = model.config.image_token_id
     # Shards are split dynamically (no row dropped), so their sizes are only known at the end: the step
