@@ -26,7 +26,7 @@ def test_tiny_workflow_loads_with_typed_stage_configs():
     assert list(wf.config.stages)[:19] == ["data", "models", "align", "reassemble", "sft", "rm", *rounds, "grpo"]
     roles = {c.report_stage or c.report_baseline for c in wf.stage_configs.values() if isinstance(c, EvalConfig)}
     assert roles == {"reassemble", "sft", "round1_sft", "round2_sft", "round3_sft", "grpo", "no_image",
-                     "substitute_vlm", "text_reasoning", "text_instruct"}
+                     "shuffled_image", "substitute_vlm", "text_reasoning", "text_instruct"}
     assert [wf.stage_configs[f"round{t}_select"].tau for t in (1, 2, 3)] == [3, 4, 5]
     assert wf.stage_configs["grpo"].model == "@round3_sft.model"
     sft = wf.stage_configs["sft"]

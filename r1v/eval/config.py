@@ -23,9 +23,11 @@ class EvalConfig(Strict):
     sampling: SamplingConfig = SamplingConfig(temperature=0.6, top_p=0.95, max_new_tokens=64)
     engine: EvalEngineConfig = EvalEngineConfig(max_batch=512)  # big batches: eval keeps no logits (r1v.eval.corpus)
     seed: int = 0
-    mode: Literal["vlm", "no_image", "text"] = Field(
+    mode: Literal["vlm", "no_image", "shuffled_image", "text"] = Field(
         "vlm", description="vlm: the corpus as is; no_image: every tile blanked (uint8 zeros, same count), so the "
-        "answer cannot come from the image; text: `model` is a causal LM asked meta.text_question (corpus only)")
+        "answer cannot come from the image; shuffled_image: each item shown another item's image (same tile "
+        "count, seeded), an in-distribution image that does not answer it; text: `model` is a causal LM asked "
+        "meta.text_question (corpus only)")
     greedy: bool = Field(True, description="one greedy generation per item gives `accuracy` (corpus only); the "
                          "`samples` sampled ones give pass_at_1")
     torch_threads: int | None = Field(1, ge=1, description="torch threads of each engine (None: engine.num_cpus in "

@@ -2,7 +2,8 @@
 give pass@1 (their mean); both are reported, with standard errors, so that rows of the results table compare.
 
 Modes make the baselines the same code path as the model under test: `vlm` (the corpus as is), `no_image`
-(every tile blanked: what the model scores without looking) and `text` (a causal LM asked each row's
+(every tile blanked: what the model scores without looking), `shuffled_image` (each item shown another item's
+image: an in-distribution image that does not answer the question) and `text` (a causal LM asked each row's
 `meta.text_question`: the numbers written out, no image). Benchmarks (MMMU, MathVista, ...) go through
 `r1v.eval.runner`; both generate through `r1v.generation.service`.
 
@@ -77,6 +78,30 @@ def blank_tiles(prompts: list[dict[str, Any]]) -> None:
         p["pixel_values"] = bytes(len(p["pixel_values"]))
 
 
+def shuffle_images(prompts: list[dict[str, Any]], seed: int) -> int:
+    """Give every prompt another prompt's image: within each group of prompts with the same tile count (their
+    image tokens must still match), a cyclic shift over a seeded random order, so no prompt keeps its own. A prompt
+    alone with its tile count has no image to swap with and is blanked instead (`blank_tiles`). Returns how many
+    were blanked."""
+    import random
+
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, p in enumerate(prompts):
+        groups[p["n_tiles"]].append(i)
+    rng = random.Random(seed)
+    images = [p["pixel_values"] for p in prompts]
+    blanked = 0
+    for idx in groups.values():
+        if len(idx) == 1:
+            blank_tiles([prompts[idx[0]]])
+            blanked += 1
+            continue
+        order = rng.sample(idx, len(idx))
+        for k, i in enumerate(order):
+            prompts[i]["pixel_values"] = images[order[(k + 1) % len(order)]]
+    return blanked
+
+
 def load_items(c: EvalConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
     """(prompts, quarantine records, rows read) for `c.corpus` in `c.mode`; each prompt carries its `level`."""
     import pyarrow.dataset as pads
@@ -98,6 +123,8 @@ def load_items(c: EvalConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]
         prompts, bad = prepare_prompts(rows, c.model, c.preprocess)
         if c.mode == "no_image":
             blank_tiles(prompts)
+        elif c.mode == "shuffled_image":
+            shuffle_images(prompts, c.seed)
     for p in prompts:
         level = _meta(p).get("level")
         p["level"] = level if isinstance(level, int) and not isinstance(level, bool) else None

@@ -1,4 +1,4 @@
-"""The corpus `eval` stage in its three modes, greedy accuracy next to pass@1, and its config checks.
+"""The corpus `eval` stage in its four modes, greedy accuracy next to pass@1, and its config checks.
 
 A tiny random model answers, so scores are ~0: these tests check what the model is fed (blank tiles, text
 prompts), determinism, the summary fields and the quarantine, not accuracy.
@@ -57,6 +57,27 @@ def _logger(tmp_path: Path) -> tuple[tracking.RunLogger, str, str]:
 def _greedy(stage_dir: Path) -> dict[str, dict]:
     preds = [json.loads(x) for x in (stage_dir / "predictions.jsonl").read_text().splitlines()]
     return {p["id"]: p for p in preds if p["greedy"]}
+
+
+def test_shuffled_image_gives_each_item_another_items_image(tiny_assets, corpus: str) -> None:
+    vlm, _, _ = stage.load_items(_cfg(tiny_assets["model"], corpus))
+    shuf, bad, _ = stage.load_items(_cfg(tiny_assets["model"], corpus, mode="shuffled_image"))
+    assert not bad and [p["input_ids"] for p in shuf] == [p["input_ids"] for p in vlm]
+    own = [p["pixel_values"] for p in vlm]
+    got = [p["pixel_values"] for p in shuf]
+    assert sorted(got) == sorted(own)  # the same images, handed round
+    assert all(g != o for g, o in zip(got, own, strict=True))  # none keeps its own
+    again, _, _ = stage.load_items(_cfg(tiny_assets["model"], corpus, mode="shuffled_image"))
+    assert [p["pixel_values"] for p in again] == got  # seeded
+
+
+def test_shuffle_blanks_an_item_alone_with_its_tile_count() -> None:
+    prompts = [{"n_tiles": 1, "pixel_values": bytes([i + 1]) * 4} for i in range(3)]
+    prompts.append({"n_tiles": 2, "pixel_values": bytes([9]) * 8})
+    assert stage.shuffle_images(prompts, seed=0) == 1
+    assert prompts[3]["pixel_values"] == bytes(8)
+    assert sorted(p["pixel_values"] for p in prompts[:3]) == [bytes([i + 1]) * 4 for i in range(3)]
+    assert all(p["pixel_values"] != bytes([i + 1]) * 4 for i, p in enumerate(prompts[:3]))
 
 
 def test_no_image_feeds_blank_tiles_of_the_same_count(tiny_assets, corpus: str, tmp_path: Path) -> None:
