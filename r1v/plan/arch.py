@@ -344,20 +344,6 @@ MODEL_FIELDS: dict[str, tuple[str, ...]] = {
 }
 
 
-class PlanAssumptions(BaseModel):
-    """Implementation features the plan may count on although r1v does not have them yet; `r1v plan` lists
-    every one a stage relies on under its table. All off: the plan models r1v as it is."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    activation_checkpointing: bool = Field(
-        False, description="decoder layers recompute their activations in backward (sft, grpo updates)"
-    )
-    grpo_micro_batch: int | None = Field(
-        None, ge=1, description="sequences per GRPO forward/backward; None: all prompts_per_step*group_size at once"
-    )
-
-
 class PlanConfig(BaseModel):
     """The workflow's `plan:` section: what `r1v plan` needs besides the stages. `r1v run` ignores it."""
 
@@ -369,7 +355,6 @@ class PlanConfig(BaseModel):
         "(a folder with config.json wins)",
     )
     reserve_gb: float = Field(2.0, ge=0, description="per GPU: CUDA context, NCCL buffers, allocator slack")
-    assume: PlanAssumptions = PlanAssumptions()
 
     @field_validator("architectures")
     @classmethod

@@ -13,7 +13,7 @@ nor optimizer states:
   With every parameter trainable at 16 bits this is ZeRO-3 18*P/N + 4*Lmax and ZeRO-2 2*P + 18*P/N: DeepSpeed's
   figures, which tests/test_plan.py compares.
 Activations of one micro-batch of b sequences of s tokens (SFT: batch_size x max_length, or x max_tokens when
-packing; GRPO: prompts_per_step*group_size, or plan.assume.grpo_micro_batch, x (prompt max_length + max_new_tokens)):
+packing; GRPO: its micro_batch (default: prompts_per_step*group_size) x (prompt max_length + max_new_tokens)):
   LLM         b*s*(L*a + f): a = LLMArch.act_bytes_per_token_layer, what autograd keeps per token in a *frozen*
               Qwen2 layer under SDPA (about 45*h bytes at 32B: SwiGLU's three i-wide tensors dominate), f the final
               norm and RoPE tables. With activation checkpointing b*s*(L*d*h + f) + b*s*a: each layer's input is

@@ -7,9 +7,9 @@ trainable parameters, per-GPU memory (weights, gradients, optimizer states, acti
 bytes it writes. Exits 1, naming each stage and its shortfall, when one does not fit. The cost model is in
 `r1v.plan.cost`, the architectures in `r1v.plan.arch`.
 
-It models r1v as it is, except where `plan.assume` says otherwise; those assumptions, and engine kinds r1v does not
-register, are listed under the table. Stages of iterative SFT: `generate` is sized like eval (its engines), with
-FLOPs per corpus row in a note because the row count is the corpus's; `score` counts the GPUs of a `local` scorer
+It models r1v as it is, each stage with its own settings (activation checkpointing, GRPO's micro-batches); engine
+kinds r1v does not register are listed under the table. Stages of iterative SFT: `generate` is sized like eval (its
+engines), with FLOPs per corpus row in a note because the row count is the corpus's; `score` counts the GPUs of a `local` scorer
 and none for an `openai` judge (served elsewhere; noted); `select` runs on the driver's CPU. AL-CoTD's stages the
 same way: `distill` like `generate` (one chain per row; its rewriting judge is served elsewhere, noted), and
 `distill.score` like `score`, the GPUs of its `local` judges summed (all three are open at once).
@@ -188,12 +188,8 @@ class Planner:
         self.plan.assumed.setdefault(what, []).append(stage)
 
     def _checkpointing(self, name: str, c: Any) -> bool:
-        """Activation checkpointing: the trainer's own switch once it has one, else the plan's assumption."""
-        if any(getattr(c.trainer, k, False) for k in ("activation_checkpointing", "gradient_checkpointing")):
-            return True
-        if self.cfg.assume.activation_checkpointing:
-            self._assume("activation_checkpointing", name)
-        return self.cfg.assume.activation_checkpointing
+        """Activation checkpointing: the trainer's switch (`r1v.train.worker` applies it in SFT and GRPO)."""
+        return c.trainer.activation_checkpointing
 
     def _model_assemble(self, name: str, c: Any) -> list[Row]:
         arch = self.output_arch(name, "model")
@@ -258,9 +254,7 @@ class Planner:
         arch = _need(self.field_arch(name, "model"), VLMArch, name, "model")
         group = c.prompts_per_step * c.group_size
         s = c.preprocess.max_length + c.sampling.max_new_tokens
-        mb = min(self.cfg.assume.grpo_micro_batch or group, group)
-        if mb < group:
-            self._assume(f"grpo_micro_batch={mb}", name)
+        mb = c.batch_sizes(group)[1]  # samples per forward/backward, as r1v.rl.update runs them
         tiles, d = sample_tiles(c.preprocess), DTYPE_BYTES[c.trainer.dtype]
         # vision features: computed once per prompt, then repeated for each sample of its group (r1v.rl.update)
         feats = (c.prompts_per_step + group) * tiles * arch.tokens_per_tile() * arch.projector_in * d

@@ -104,6 +104,11 @@ class GRPOConfig(Strict):
                 self.__dict__[side] = self.clip_eps
         return self
 
+    def batch_sizes(self, n: int) -> tuple[int, int]:
+        """(samples per optimizer step, samples per forward) for a rollout batch of `n` samples on a rank."""
+        mini = self.ppo_mini_batch or n
+        return mini, min(self.micro_batch or mini, mini)
+
     @model_validator(mode="after")
     def _batch_sizes_divide(self) -> GRPOConfig:
         n = self.prompts_per_step * self.group_size

@@ -31,7 +31,7 @@ import torch
 from r1v.generation.engines import Request
 from r1v.grading.rewards import load_reward_modules
 from r1v.rl.config import GRPOConfig
-from r1v.rl.update import RolloutBatch, batch_sizes, grpo_update, reference_projector
+from r1v.rl.update import RolloutBatch, grpo_update, reference_projector
 from r1v.train import checkpoint
 from r1v.train.device import engine_device, engine_dtype
 from r1v.train.engine import (
@@ -161,7 +161,7 @@ def grpo_loop(cfg: dict[str, Any]) -> None:
         p["_index"] = i  # the replay buffer keeps this index, not the row (its state goes into a JSON checkpoint)
     model, tok, counts = load_trainable(c.model, c.trainer, c.trainable)
     n_batch = c.prompts_per_step * c.group_size
-    mini, micro = batch_sizes(c, n_batch)
+    mini, micro = c.batch_sizes(n_batch)
     engine = init_engine(model, c.trainer, c.optim, c.steps * c.ppo_epochs * (n_batch // mini), micro,
                          mini // micro)
     # The KL reference: frozen backbones + the projector as it starts, on the engine's device and in its dtype.

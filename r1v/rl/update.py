@@ -149,18 +149,12 @@ def _chunks(rows: list[int], size: int) -> list[list[int]]:
     return [rows[i : i + size] for i in range(0, len(rows), size)]
 
 
-def batch_sizes(c: GRPOConfig, n: int) -> tuple[int, int]:
-    """(samples per optimizer step, samples per forward) for a rollout batch of `n` samples on a rank."""
-    mini = c.ppo_mini_batch or n
-    return mini, min(c.micro_batch or mini, mini)
-
-
 def logprob_phase(engine, rb: RolloutBatch, prep: Prepared, c: GRPOConfig,
                   ref_projector: torch.nn.Module | None) -> None:
     """Old log-probs for the samples whose first update is not in the first mini-batch (that one reuses its own
     forward: the policy has not moved yet), and reference log-probs when the KL is on."""
     n = len(prep.prompt_of)
-    mini, micro = batch_sizes(c, n)
+    mini, micro = c.batch_sizes(n)
     reuse = set(range(min(mini, n)))
     need_old = [r for r in range(n) if r not in reuse]
     T = prep.batch["response_mask"].shape[1]
@@ -187,7 +181,7 @@ def logprob_phase(engine, rb: RolloutBatch, prep: Prepared, c: GRPOConfig,
 def update_phase(engine, rb: RolloutBatch, prep: Prepared, c: GRPOConfig, world: int) -> dict[str, float]:
     """`ppo_epochs` x mini-batches optimizer steps; sums of per-micro-batch stats (see `grpo_update`)."""
     n = len(prep.prompt_of)
-    mini, micro = batch_sizes(c, n)
+    mini, micro = c.batch_sizes(n)
     device = prep.batch["input_ids"].device
     adv = to_device(rb.advantages, device)
     weight = to_device(rb.loss_weight, device)
