@@ -10,9 +10,10 @@ bytes it writes. Exits 1, naming each stage and its shortfall, when one does not
 It models r1v as it is, each stage with its own settings (activation checkpointing, GRPO's micro-batches); engine
 kinds r1v does not register are listed under the table. Stages of iterative SFT: `generate` is sized like eval (its
 engines), with FLOPs per corpus row in a note because the row count is the corpus's; `score` counts the GPUs of a
-`local` scorer and none for an `openai` judge (served elsewhere; noted); `select` runs on the driver's CPU. AL-
-CoTD's stages the same way: `distill` like `generate` (one chain per row; its rewriting judge is served elsewhere,
-noted), and `distill.score` like `score`, the GPUs of its `local` judges summed (all three are open at once).
+`local` scorer and none for an `openai` judge (served elsewhere; noted); `select` runs on the driver's CPU.
+AL-CoTD's stages the same way: `distill` like `generate` (one chain per row; its rewriting judge is served
+elsewhere, noted), and `distill.score` like `score`, the GPUs of its `local` judges summed (all three are open at
+once).
 """
 
 from __future__ import annotations
