@@ -1,6 +1,7 @@
 """Corpus versions written part by part, so that a long stage resumes where it stopped.
 
-A stage writes its parts into `STAGE/work/` (each part file atomically: temp name, then rename; the part is
+`run_parts` is the skeleton of every stage that writes a corpus this way (`score`, `generate`, `distill.score`,
+`distill`): it writes the parts into `STAGE/work/` (each part file atomically: temp name, then rename; the part is
 written last, after its quarantine, so its presence means "done") and, when every part is there, renames the
 folder to its output name in one step. A resumed attempt skips the parts already there. Output corpora keep the
 input's columns (extra score columns included) and add their own.
@@ -9,7 +10,7 @@ input's columns (extra score columns included) and add their own.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,43 @@ from r1v.data.reader import corpus_files
 from r1v.data.schema import QUARANTINE_SCHEMA
 
 ROW_GROUP_ROWS = 64  # the reader's unit of parallelism (r1v.data.schema.write_corpus)
+PART = "part-{:05d}.parquet"
+
+
+class TooManyQuarantined(RuntimeError):
+    """More rows were quarantined than the stage allows: a judge that is down or misconfigured, or a broken corpus,
+    stops the stage instead of leaving a corpus with a hole in it."""
+
+
+def check_fraction(bad: int, seen: int, limit: float, where: str) -> None:
+    """TooManyQuarantined when more than `limit` of the `seen` rows were quarantined."""
+    if seen and bad / seen > limit:
+        raise TooManyQuarantined(
+            f"{bad} of {seen} rows quarantined ({bad / seen:.0%}), more than max_quarantined_fraction "
+            f"{limit:.0%}: {where}. Is the judge reachable and configured right? See the quarantine reasons.")
+
+
+def run_parts(work: Path, target: Path, keys: Iterable[int], produce: Callable[[set[int]], None], *,
+              marker: str = PART, finish: Callable[[], None] | None = None,
+              also: tuple[tuple[Path, str], ...] = ()) -> Path:
+    """Write a corpus in resumable parts and publish it as `target`; returns `target`.
+
+    `produce(todo)` writes, for each key in `todo` (the keys whose `marker` file is not in `work` yet), that key's
+    side files (quarantine, counts, ...) and then its marker file, last. It is called once, so it opens its
+    resources (engines, judges) once, and not at all when nothing is left to do. `finish()` runs after every key
+    is done (a second pass, the empty corpus's empty part). `also` publishes further (folder, file pattern) pairs
+    before `target`. A stage resumed after publishing does nothing here.
+    """
+    if target.exists():
+        return target
+    todo = {k for k in keys if not (work / marker.format(k)).exists()}
+    if todo:
+        produce(todo)
+    if finish is not None:
+        finish()
+    for folder, pattern in also:
+        publish(work, folder, pattern)
+    return publish(work, target)
 
 
 def write_table(table: pa.Table, path: Path) -> None:

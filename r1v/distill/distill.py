@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from r1v.core.fs import atomic_write_json
-from r1v.data.parts import corpus_schema, iter_chunks, merge_quarantine, publish, quarantine_table, write_table
+from r1v.data.parts import PART, corpus_schema, iter_chunks, merge_quarantine, quarantine_table, run_parts, write_table
 from r1v.distill.config import DistillConfig
 from r1v.distill.plots import KEPT, REWRITTEN
 from r1v.judges.base import grade_bounded
@@ -148,28 +148,28 @@ def run_distill(c: DistillConfig, stage_dir: Path, log: Any, actors: bool, keep_
     ec = c.eval_view()
     schema = output_schema(c.corpus)
     judge_stats: dict[str, float] = {}
-    if not target.exists():
-        todo = [k for k, _, _ in iter_chunks(c.corpus, c.chunk_rows, ["id"])
-                if not (work / f"part-{k:05d}.parquet").exists()]
-        if todo:
-            with engine_pool(c.model, ec, actors, keep_warm_s) as pool, make_rewriter(c.judge) as judge:
-                engine = pool or make_engine(c.model, ec)
-                threads = contextlib.nullcontext(engine_threads(ec)) if pool else torch_threads(c.torch_threads)
-                with threads:
-                    for k, off, table in iter_chunks(c.corpus, c.chunk_rows):
-                        if k not in todo:
-                            continue
-                        rows, dropped, counts = _chunk(engine, judge, c, table, off, schema)
-                        write_table(quarantine_table(dropped), work / f"quarantine-{k:05d}.parquet")
-                        write_json = work / f"counts-{k:05d}.json"
-                        atomic_write_json(write_json, counts)
-                        write_table(rows, work / f"part-{k:05d}.parquet")  # last: marks the chunk done
-                        print(f"[distill] chunk {k}: {counts['kept']} kept, {counts['rewritten']} rewritten, "
-                              f"{len(dropped)} dropped", flush=True)
-                judge_stats = judge.stats()
+
+    def produce(todo: set[int]) -> None:
+        with engine_pool(c.model, ec, actors, keep_warm_s) as pool, make_rewriter(c.judge) as judge:
+            engine = pool or make_engine(c.model, ec)
+            threads = contextlib.nullcontext(engine_threads(ec)) if pool else torch_threads(c.torch_threads)
+            with threads:
+                for k, off, table in iter_chunks(c.corpus, c.chunk_rows):
+                    if k not in todo:
+                        continue
+                    rows, dropped, counts = _chunk(engine, judge, c, table, off, schema)
+                    write_table(quarantine_table(dropped), work / f"quarantine-{k:05d}.parquet")
+                    atomic_write_json(work / f"counts-{k:05d}.json", counts)
+                    write_table(rows, work / PART.format(k))  # last: marks the chunk done
+                    print(f"[distill] chunk {k}: {counts['kept']} kept, {counts['rewritten']} rewritten, "
+                          f"{len(dropped)} dropped", flush=True)
+            judge_stats.update(judge.stats())
+
+    def finish() -> None:
         if not any(work.glob("part-*.parquet")):  # an empty corpus: an empty version of it
-            write_table(schema.empty_table(), work / "part-00000.parquet")
-        publish(work, target)
+            write_table(schema.empty_table(), work / PART.format(0))
+
+    run_parts(work, target, (k for k, _, _ in iter_chunks(c.corpus, c.chunk_rows, ["id"])), produce, finish=finish)
     dropped = merge_quarantine(work, stage_dir / "dropped.parquet")
     summary = summarize(c, target, dropped, work)
     atomic_write_json(stage_dir / "summary.json", summary)

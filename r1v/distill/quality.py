@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from r1v.core.fs import atomic_write_json
-from r1v.data.parts import merge_quarantine, publish, write_scored_part, write_table
+from r1v.data.parts import PART, check_fraction, merge_quarantine, run_parts, write_scored_part, write_table
 from r1v.data.reader import corpus_files
 from r1v.data.validate import IMAGE_DECODE
 from r1v.distill import drlc
@@ -45,7 +45,7 @@ from r1v.distill.cues import (
 )
 from r1v.judges.base import Scorer, Verdict, row_fields
 from r1v.judges.config import SCORERS
-from r1v.rounds.scoring import TooManyQuarantined, check_range
+from r1v.rounds.scoring import check_range
 
 SCORE_COLUMNS = ("s_v", "s_t", "s_i")
 COLUMNS = (
@@ -110,12 +110,6 @@ def score_rows(rows: list[dict[str, Any]], c: DistillScoreConfig, judges: dict[s
             for field, prefix in JUDGES:
                 o[prefix] = mix(o[f"{prefix}_cue"], o[f"{prefix}_judge"], getattr(c, field))  # type: ignore[arg-type]
     return out
-
-
-def _check_fraction(bad: int, seen: int, limit: float, where: str) -> None:
-    if seen and bad / seen > limit:
-        raise TooManyQuarantined(f"{bad} of {seen} rows quarantined ({bad / seen:.0%}), more than "
-                                 f"max_quarantined_fraction {limit:.0%}: {where}. See the quarantine reasons.")
 
 
 def score_file(c: DistillScoreConfig, judges: dict[str, Scorer], file: Path, out: Path, qout: Path) -> None:
@@ -185,33 +179,35 @@ def score_corpus(c: DistillScoreConfig, stage_dir: Path, log: Any) -> dict[str, 
     target, work = stage_dir / "corpus", stage_dir / "work"
     files = corpus_files(c.corpus)
     raw = [work / f"raw-{i:05d}.parquet" for i in range(len(files))]
-    if not target.exists():
-        todo = [i for i in range(len(files)) if not raw[i].exists()]
-        if todo:
-            judges = {f: SCORERS.get(j.scorer.kind)(j.scorer, j.min_score, j.max_score)
-                      for f, _ in JUDGES if (j := getattr(c, f)) is not None}
+
+    def produce(todo: set[int]) -> None:  # pass 1: raw cues and judge scores, file by file
+        judges = {f: SCORERS.get(j.scorer.kind)(j.scorer, j.min_score, j.max_score)
+                  for f, _ in JUDGES if (j := getattr(c, f)) is not None}
+        for s in judges.values():
+            s.open()
+        try:
+            for i in sorted(todo):
+                score_file(c, judges, files[i], raw[i], work / f"quarantine-{i:05d}.parquet")
+                print(f"[distill.score] {files[i].name} scored", flush=True)
+        finally:
             for s in judges.values():
-                s.open()
-            try:
-                for i in todo:
-                    score_file(c, judges, files[i], raw[i], work / f"quarantine-{i:05d}.parquet")
-                    print(f"[distill.score] {files[i].name} scored", flush=True)
-            finally:
-                for s in judges.values():
-                    s.close()
+                s.close()
+
+    def finish() -> None:  # pass 2: normalised over the whole corpus, the penalty from them
         b = bounds(raw)
         atomic_write_json(work / "bounds.json", b)
         for i in range(len(files)):
-            part = work / f"part-{i:05d}.parquet"
+            part = work / PART.format(i)
             if not part.exists():
                 finish_part(c, raw[i], part, b)
-        publish(work, target)
+
+    run_parts(work, target, range(len(files)), produce, marker="raw-{:05d}.parquet", finish=finish)
     b = {k: tuple(v) for k, v in json.loads((work / "bounds.json").read_text()).items()}
     for p in raw:
         p.unlink(missing_ok=True)  # they duplicate the images; the published parts hold everything
     quarantine = merge_quarantine(work, stage_dir / "quarantine.parquet")
     summary = summarize(c, files, target, quarantine, b)  # type: ignore[arg-type]
-    _check_fraction(summary["quarantined"], summary["rows_in"], c.max_quarantined_fraction, "over the corpus")
+    check_fraction(summary["quarantined"], summary["rows_in"], c.max_quarantined_fraction, "over the corpus")
     atomic_write_json(stage_dir / "summary.json", summary)
     metrics: dict[str, float] = {k: v for k, v in summary.items() if isinstance(v, int) and not isinstance(v, bool)}
     metrics.update({f"quarantined_{k}": v for k, v in summary["quarantine_reasons"].items()})

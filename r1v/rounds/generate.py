@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from r1v.core.fs import atomic_write_json
-from r1v.data.parts import corpus_schema, iter_chunks, merge_quarantine, publish, quarantine_table, write_table
+from r1v.data.parts import PART, corpus_schema, iter_chunks, merge_quarantine, quarantine_table, run_parts, write_table
 from r1v.judges.base import grade_bounded
 from r1v.rounds.config import GenerateConfig
 
@@ -91,32 +91,32 @@ def run_generate(c: GenerateConfig, stage_dir: Path, log: Any, actors: bool, kee
     stage_dir = Path(stage_dir)
     work, target, samples_dir = stage_dir / "work", stage_dir / "corpus", stage_dir / "samples"
     ec = c.eval_view()
-    if not target.exists():
-        todo = [(k, off) for k, off, _ in iter_chunks(c.corpus, c.chunk_rows, ["id"])
-                if not (work / f"part-{k:05d}.parquet").exists()]
-        if todo:
-            with engine_pool(c.model, ec, actors, keep_warm_s) as pool:
-                engine = pool or make_engine(c.model, ec)
-                threads = contextlib.nullcontext(engine_threads(ec)) if pool else torch_threads(c.torch_threads)
-                wanted = {k for k, _ in todo}
-                with threads:
-                    for k, off, table in iter_chunks(c.corpus, c.chunk_rows):
-                        if k not in wanted:
-                            continue
-                        rows, samples, bad = _chunk(engine, c, table, off)
-                        write_table(samples, work / f"samples-{k:05d}.parquet")
-                        write_table(quarantine_table(bad), work / f"quarantine-{k:05d}.parquet")
-                        write_table(rows, work / f"part-{k:05d}.parquet")  # last: marks the chunk done
-                        print(f"[generate] chunk {k}: {rows.num_rows} rows answered, {len(bad)} quarantined",
-                              flush=True)
+
+    def produce(todo: set[int]) -> None:
+        with engine_pool(c.model, ec, actors, keep_warm_s) as pool:
+            engine = pool or make_engine(c.model, ec)
+            threads = contextlib.nullcontext(engine_threads(ec)) if pool else torch_threads(c.torch_threads)
+            with threads:
+                for k, off, table in iter_chunks(c.corpus, c.chunk_rows):
+                    if k not in todo:
+                        continue
+                    rows, samples, bad = _chunk(engine, c, table, off)
+                    write_table(samples, work / f"samples-{k:05d}.parquet")
+                    write_table(quarantine_table(bad), work / f"quarantine-{k:05d}.parquet")
+                    write_table(rows, work / PART.format(k))  # last: marks the chunk done
+                    print(f"[generate] chunk {k}: {rows.num_rows} rows answered, {len(bad)} quarantined",
+                          flush=True)
+
+    def finish() -> None:
         if not any(work.glob("part-*.parquet")):  # an empty corpus: an empty version of it
             schema = corpus_schema(c.corpus)
             for f in GEN_FIELDS:
                 schema = schema.append(f)
             write_table(SAMPLE_SCHEMA.empty_table(), work / "samples-00000.parquet")
-            write_table(schema.empty_table(), work / "part-00000.parquet")
-        publish(work, samples_dir, "samples-*.parquet")
-        publish(work, target)
+            write_table(schema.empty_table(), work / PART.format(0))
+
+    chunks = (k for k, _, _ in iter_chunks(c.corpus, c.chunk_rows, ["id"]))
+    run_parts(work, target, chunks, produce, finish=finish, also=((samples_dir, "samples-*.parquet"),))
     quarantine = merge_quarantine(work, stage_dir / "quarantine.parquet")
     summary = summarize(c, target, samples_dir, quarantine)
     atomic_write_json(stage_dir / "summary.json", summary)

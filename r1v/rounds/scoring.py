@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from r1v.core.fs import atomic_write_json
-from r1v.data.parts import merge_quarantine, publish, write_scored_part
+from r1v.data.parts import PART, check_fraction, merge_quarantine, run_parts, write_scored_part
 from r1v.data.reader import corpus_files
 from r1v.judges.base import OUT_OF_RANGE, Verdict
 from r1v.judges.config import SCORERS
@@ -26,23 +26,12 @@ from r1v.rounds.config import ScoreConfig
 EARLY_CHECK_ROWS = 256  # rows scored before the quarantine fraction may stop the stage early
 
 
-class TooManyQuarantined(RuntimeError):
-    pass
-
-
 def check_range(v: Verdict, low: float, high: float) -> Verdict:
     if v.score is None:
         return v
     if not (math.isfinite(v.score) and low <= v.score <= high):
         return Verdict.fail(OUT_OF_RANGE, f"score {v.score} outside [{low}, {high}]")
     return v
-
-
-def _check_fraction(bad: int, seen: int, limit: float, where: str) -> None:
-    if seen and bad / seen > limit:
-        raise TooManyQuarantined(
-            f"{bad} of {seen} rows quarantined ({bad / seen:.0%}), more than max_quarantined_fraction "
-            f"{limit:.0%}: {where}. Is the scorer reachable and configured right? See the quarantine reasons.")
 
 
 def score_file(scorer: Any, c: ScoreConfig, file: Path, out: Path, qout: Path, seen: list[int]) -> None:
@@ -60,7 +49,7 @@ def score_file(scorer: Any, c: ScoreConfig, file: Path, out: Path, qout: Path, s
         seen[0] += rows
         seen[1] += refused
         if seen[0] >= EARLY_CHECK_ROWS:
-            _check_fraction(seen[1], seen[0], c.max_quarantined_fraction, f"stopped early in {file.name}")
+            check_fraction(seen[1], seen[0], c.max_quarantined_fraction, f"stopped early in {file.name}")
 
     write_scored_part(file, out, qout, c.batch_rows, [c.column], score_batch, after_batch)
 
@@ -73,19 +62,18 @@ def score_corpus(c: ScoreConfig, stage_dir: Path, log: Any) -> dict[str, Any]:
     files = corpus_files(c.corpus)
     scorer = SCORERS.get(c.scorer.kind)(c.scorer, c.min_score, c.max_score)
     seen = [0, 0]
-    if not target.exists():
-        todo = [(i, f) for i, f in enumerate(files) if not (work / f"part-{i:05d}.parquet").exists()]
-        if todo:
-            with scorer:
-                for i, f in todo:
-                    score_file(scorer, c, f, work / f"part-{i:05d}.parquet", work / f"quarantine-{i:05d}.parquet",
-                               seen)
-                    print(f"[score] {f.name}: {seen[0]} rows scored this attempt, {seen[1]} quarantined",
-                          flush=True)
-        publish(work, target)
+
+    def produce(todo: set[int]) -> None:
+        with scorer:
+            for i in sorted(todo):
+                f = files[i]
+                score_file(scorer, c, f, work / PART.format(i), work / f"quarantine-{i:05d}.parquet", seen)
+                print(f"[score] {f.name}: {seen[0]} rows scored this attempt, {seen[1]} quarantined", flush=True)
+
+    run_parts(work, target, range(len(files)), produce)
     quarantine = merge_quarantine(work, stage_dir / "quarantine.parquet")
     summary = summarize(c, files, target, quarantine, scorer.stats())
-    _check_fraction(summary["quarantined"], summary["rows_in"], c.max_quarantined_fraction, "over the corpus")
+    check_fraction(summary["quarantined"], summary["rows_in"], c.max_quarantined_fraction, "over the corpus")
     atomic_write_json(stage_dir / "summary.json", summary)
     metrics = {k: v for k, v in summary.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     metrics.update({f"quarantined_{k}": v for k, v in summary["quarantine_reasons"].items()})
