@@ -12,7 +12,7 @@ import re
 import string
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 from pydantic import Field, field_validator
 
@@ -53,23 +53,18 @@ class Verdict:
         return cls(None, reason, detail[:1000])
 
 
-class Scorer(ABC):
-    """One scorer kind: `Config` validates its settings; `score` maps rows to verdicts in row order.
+class Judge(ABC):
+    """A judge plugin, a scorer or a rewriter: `Config` validates its settings (`r1v.judges.config`); `open` and
+    `close` acquire and release what it needs (actors, connections, credentials), around its calls and on error;
+    `stats` are counters for MLflow. Used as a context manager."""
 
-    `low`/`high` are the stage's score range: a scorer whose raw output is unbounded (a reward head) maps into
-    it; the stage quarantines any score outside it.
-    """
+    Config: ClassVar[type[Strict]]
 
-    Config: ClassVar[type[ScorerConfig]]
-
-    def __init__(self, config: ScorerConfig, low: float, high: float) -> None:
-        self.config, self.low, self.high = config, low, high
+    def __init__(self, config: Any) -> None:
+        self.config = config
 
     def open(self) -> None:  # noqa: B027  (an optional hook)
-        """Acquire resources (actors, credentials) before the first `score`."""
-
-    @abstractmethod
-    def score(self, rows: list[dict[str, Any]]) -> list[Verdict]: ...
+        """Acquire resources before the first call."""
 
     def close(self) -> None:  # noqa: B027  (an optional hook)
         """Release what `open` acquired; called on success and on error."""
@@ -78,12 +73,29 @@ class Scorer(ABC):
         """Counters for MLflow (requests, retries, ...)."""
         return {}
 
-    def __enter__(self) -> Scorer:
+    def __enter__(self) -> Self:
         self.open()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class Scorer(Judge):
+    """One scorer kind: `score` maps rows to verdicts in row order.
+
+    `low`/`high` are the stage's score range: a scorer whose raw output is unbounded (a reward head) maps into
+    it; the stage quarantines any score outside it.
+    """
+
+    Config: ClassVar[type[ScorerConfig]]
+
+    def __init__(self, config: ScorerConfig, low: float, high: float) -> None:
+        super().__init__(config)
+        self.low, self.high = low, high
+
+    @abstractmethod
+    def score(self, rows: list[dict[str, Any]]) -> list[Verdict]: ...
 
 
 class TemplateMixin(Strict):

@@ -9,12 +9,13 @@ grades it and drops it when it misses the answer.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from pydantic import Field
 
+from r1v.judges.base import Judge
 from r1v.judges.config import REWRITERS, RewriterConfig
 from r1v.judges.openai_client import OpenAIScorer, OpenAIScorerConfig
 
@@ -35,33 +36,14 @@ class Rewrite:
         return cls(None, reason, detail[:1000])
 
 
-class Rewriter(ABC):
+class Rewriter(Judge):
     """One rewriter kind. `rewrite(rows)`: per row (its messages end with the model's wrong assistant turn), the
     rewritten turn, in row order."""
 
     Config: ClassVar[type[RewriterConfig]]
 
-    def __init__(self, config: RewriterConfig) -> None:
-        self.config = config
-
-    def open(self) -> None:  # noqa: B027  (an optional hook)
-        """Acquire resources (a connection pool, credentials) before the first `rewrite`."""
-
-    def close(self) -> None:  # noqa: B027  (an optional hook)
-        """Release what `open` acquired."""
-
-    def stats(self) -> dict[str, float]:
-        return {}
-
     @abstractmethod
     def rewrite(self, rows: list[dict[str, Any]]) -> list[Rewrite]: ...
-
-    def __enter__(self) -> Rewriter:
-        self.open()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def make_rewriter(config: Any) -> Rewriter:
