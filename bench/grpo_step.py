@@ -7,7 +7,8 @@
 Each step runs the product's own phases (`r1v.rl.rollout.collect` -> `r1v.rl.update.grpo_update` -> sync:
 the trainable tensors gathered and loaded into the engine) under a real DeepSpeed engine (ZeRO-3, world size
 1) and prints, per engine: seconds per phase (rollout, reward, vision, logprobs, update, sync) and their share
-of the step, the bytes synced, vision-tower passes per prompt in the trainer, and rollout tokens/s. The engines
+of the step, the mean reward, the bytes synced, vision-tower passes per prompt image in the trainer (1: each
+prompt's tiles once, whatever its group size), and rollout tokens/s. The engines
 run in this process, as they would inside their Ray actor.
 
 Without --model, the model is the world's re-assembly with a fresh projector (rollouts run to max_new_tokens:
@@ -75,8 +76,13 @@ def run_engine(kind: str, model_dir: str, prompts: list[dict[str, Any]], a: argp
     apply_freeze(model, ["projector"])
     mini, micro = a.prompts * a.group, min(a.micro_batch or a.prompts * a.group, a.prompts * a.group)
     engine = init_engine(model, trainer, OptimConfig(lr=1e-4, warmup_ratio=0.0), a.steps + 1, micro, mini // micro)
-    tower_calls = [0]
-    engine.module.model.vision_tower.register_forward_hook(lambda *_: tower_calls.__setitem__(0, tower_calls[0] + 1))
+    tower_tiles = [0]  # tiles through the trainer's vision tower: one pass per prompt means one per prompt tile
+
+    def count_tiles(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], _out: Any) -> None:
+        px = args[0] if args else kwargs.get("pixel_values")
+        tower_tiles[0] += int(px.shape[0]) if px is not None else 0
+
+    engine.module.model.vision_tower.register_forward_hook(count_tiles, with_kwargs=True)
     t0 = time.perf_counter()
     rollout_engine = ENGINES.get(kind)(model_dir, max_batch=a.prompts * a.group)
     load_s = time.perf_counter() - t0
@@ -84,7 +90,7 @@ def run_engine(kind: str, model_dir: str, prompts: list[dict[str, Any]], a: argp
     rows: list[dict[str, float]] = []
     for step in range(a.steps + 1):
         t_step = time.perf_counter()
-        tower_calls[0] = 0
+        tower_tiles[0] = 0
 
         def prompts_for_round(r: int, step: int = step) -> list[dict[str, Any]]:
             k = (step * a.prompts) % len(prompts)
@@ -108,7 +114,8 @@ def run_engine(kind: str, model_dir: str, prompts: list[dict[str, Any]], a: argp
             continue  # warm-up
         rows.append({**{p: times.get(p, 0.0) for p in PHASES}, "step": total, "tokens": float(tokens),
                      "sync_bytes": float(sum(t.numel() * t.element_size() for t in tensors.values())),
-                     "vit_per_prompt": tower_calls[0] / len(rb.prompts), "reward": sum(rb.rewards) / len(rb.rewards)})
+                     "vit_per_prompt": tower_tiles[0] / max(1, sum(p["n_tiles"] for p in rb.prompts)),
+                     "mean_reward": sum(rb.rewards) / len(rb.rewards)})
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
     mean["tokens_per_s"] = mean["tokens"] / max(mean["rollout"], 1e-9)
     mean["engine_load_s"] = load_s
@@ -157,8 +164,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             r = run_engine(kind, model_dir, prompts, a)
             results[kind] = r
             share = ", ".join(f"{p} {r[p]:.3f}s ({100 * r[p] / r['step']:.1f}%)" for p in PHASES)
-            print(f"{kind}: step {r['step']:.3f}s = {share}; sync {r['sync_bytes'] / 1e3:.1f} kB; "
-                  f"ViT passes/prompt {r['vit_per_prompt']:.2f}; rollout {r['tokens_per_s']:.0f} tokens/s "
+            other = r["step"] - sum(r[p] for p in PHASES)  # batching, bookkeeping: the phases do not time it
+            print(f"{kind}: step {r['step']:.3f}s = {share}, other {other:.3f}s; mean reward "
+                  f"{r['mean_reward']:.2f}; sync {r['sync_bytes'] / 1e3:.1f} kB; "
+                  f"ViT passes per prompt image {r['vit_per_prompt']:.2f}; rollout {r['tokens_per_s']:.0f} tokens/s "
                   f"({r['tokens']:.0f} tokens); engine load {r['engine_load_s']:.1f}s")
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2))
