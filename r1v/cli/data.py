@@ -11,14 +11,14 @@ import json
 import sys
 from pathlib import Path
 
-from r1v.data.config import FORMATS
+from r1v.core.config import PreprocessConfig
+from r1v.data.config import FORMATS, DataImportConfig
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    # imported on use, to keep pyarrow, PIL, numpy out of light paths
     from pydantic import ValidationError
 
-    from r1v.core.config import PreprocessConfig
-    from r1v.data.config import DataImportConfig
     from r1v.data.importers.driver import import_corpus
 
     out = Path(args.out)

@@ -17,6 +17,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from r1v.core.fs import read_json
+from r1v.model.manifest import is_manifest_dir
+
 
 class ExportError(ValueError):
     """The source names no model to export; the message says what was looked for."""
@@ -31,8 +34,6 @@ def _stage_model(state: dict, where: str) -> Path:
 
 def model_dir_of(src: str | Path, stage: str | None = None) -> Path:
     """The model directory that `src` (model, stage or run directory) stands for."""
-    from r1v.core.fs import read_json
-
     p = Path(src)
     if (p / "run.json").is_file():
         from r1v.generation.engines import is_vlm_dir
@@ -62,9 +63,9 @@ def model_dir_of(src: str | Path, stage: str | None = None) -> Path:
 def export(src: str | Path, out: str | Path, layout: str = "hf", stage: str | None = None,
            variant: str | None = None, template: str | None = None, max_shard_bytes: int | None = None) -> Path:
     """Write the model `src` stands for as a complete checkpoint in `layout` at `out` (atomically)."""
+    # imported on use, to keep torch, safetensors, numpy out of light paths
     from r1v.model.convert import DEFAULT_SHARD_BYTES, detect_layout, to_internvl_chat
     from r1v.model.full_export import export_full
-    from r1v.model.manifest import is_manifest_dir
 
     shard = max_shard_bytes or DEFAULT_SHARD_BYTES
     model = model_dir_of(src, stage)

@@ -8,6 +8,7 @@ import sys
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    # imported on use, to keep torch, safetensors, numpy out of light paths
     from r1v.model.convert import ConversionError, to_hf, to_internvl_chat
 
     shard = int(args.max_shard_gb * 2**30)

@@ -6,7 +6,9 @@ import argparse
 import sys
 from typing import Any
 
+from r1v.core.config import ConfigError
 from r1v.plan.planner import GB, Plan, PlanError, Planner, parse_memory
+from r1v.workflow.schema import load_workflow
 
 # --------------------------------------------------------------------------- the table and the command
 
@@ -87,14 +89,10 @@ def format_plan(p: Plan) -> str:
 
 
 def plan_workflow(path: str, overrides: list[str], gpus: int, gpu_bytes: float) -> Plan:
-    from r1v.workflow.schema import load_workflow
-
     return Planner(load_workflow(path, overrides), gpus, gpu_bytes).run()
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from r1v.core.config import ConfigError
-
     try:
         p = plan_workflow(args.workflow, args.overrides, args.gpus, args.gpu_memory)
     except PlanError as e:

@@ -5,25 +5,27 @@ from __future__ import annotations
 import argparse
 import json
 
+from r1v.core.config import ConfigError, format_errors
+from r1v.core.overrides import apply_overrides
+
 
 def cmd_build(args: argparse.Namespace) -> int:
+    # imported on use, to keep torch, transformers, pyarrow out of light paths
     from pydantic import ValidationError
 
-    from r1v.core.config import ConfigError
-    from r1v.core.config import format_errors as _format_errors
-    from r1v.core.overrides import apply_overrides
     from r1v.world.build import WorldBuildConfig, build_world
 
     try:
         c = WorldBuildConfig.model_validate(apply_overrides({}, args.overrides))
     except ValidationError as e:
-        raise ConfigError(_format_errors("r1v world build", "", e)) from None
+        raise ConfigError(format_errors("r1v world build", "", e)) from None
     manifest = build_world(args.out, c)
     print(json.dumps({k: manifest[k] for k in ("text_accuracy", "vision", "seconds")}, indent=2))
     return 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    # imported on use, to keep torch, transformers, pyarrow out of light paths
     from r1v.world.build import verify_world
     from r1v.world.load import world_dir
 

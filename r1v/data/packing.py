@@ -150,6 +150,7 @@ def packed_logits(
 
     `projector` / `features` work as in `multimodal_logits` (reference projector, cached vision features).
     """
+    # imported on use, to keep transformers, pyarrow, PIL out of light paths
     from r1v.model.forward import multimodal_logits
 
     mask = batch["attention_mask"]

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from r1v.core.config import PreprocessConfig
+from r1v.model.tokens import IMG_CONTEXT, IMG_END, IMG_START
 
 PREPROCESSED_SCHEMA = pa.schema(
     [
@@ -41,6 +42,7 @@ def load_tokenizer(model_dir: str):
 @functools.lru_cache(maxsize=4)
 def vision_geometry(model_dir: str) -> tuple[int, int]:
     """(tile_size, tokens_per_tile) read from the model's config, without loading weights."""
+    # imported on use, to keep torch, transformers, PIL out of light paths
     from transformers import AutoConfig
 
     from r1v.model.assemble import num_image_tokens, tile_size
@@ -58,8 +60,6 @@ def _context_run_splits(model_dir: str) -> bool:
     one context token per image and repeats it afterwards: the same ids, without tokenising ~256 tokens per
     tile (1.3 ms of 1.9 ms for a 5-tile row). Checked once per tokenizer, else the direct path is used.
     """
-    from r1v.model.tokens import IMG_CONTEXT, IMG_END, IMG_START
-
     tok = load_tokenizer(model_dir)
     ctx = tok.convert_tokens_to_ids(IMG_CONTEXT)
 
@@ -118,6 +118,7 @@ class EncodedRow:
 
     def write_tiles(self, out: np.ndarray) -> None:
         """Tile every image into `out` (uint8 [n_tiles, 3, T, T], C-contiguous), then drop the decoded images."""
+        # imported on use, to keep PIL out of light paths
         from r1v.model.tiling import tile_array
 
         at = 0
@@ -139,9 +140,9 @@ def encode_row(row: dict[str, Any], model_dir: str, pre: PreprocessConfig, with_
     Tiling (the resizes, ~85% of the CPU cost) is left to `EncodedRow.write_tiles`, which needs only the tile
     counts computed here, so that a batch can size one pixel buffer and have every row write into it.
     """
+    # imported on use, to keep transformers, PIL, tokenizers out of light paths
     from r1v.data.prompt import encode_prompt, encode_sft
     from r1v.model.tiling import load_image, tile_count
-    from r1v.model.tokens import IMG_CONTEXT
 
     tok = load_tokenizer(model_dir)
     tile, per_tile = vision_geometry(model_dir)
@@ -253,6 +254,7 @@ def preprocessed_dataset(corpus: str, model_dir: str, pre: PreprocessConfig, wit
     (`r1v.data.reader`), so every free CPU preprocesses, even for a corpus in one file; `concurrency` caps
     the number of tasks at once (default: as many as there are free CPUs).
     """
+    # imported on use, to keep ray, pandas, tqdm out of light paths
     import ray.data
 
     from r1v.data.reader import read_corpus

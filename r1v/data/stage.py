@@ -10,6 +10,7 @@ from r1v.workflow.runner import StageContext
 
 
 def synthetic_data(ctx: StageContext, c: SyntheticDataConfig) -> dict[str, Any]:
+    # imported on use, to keep pyarrow, PIL, numpy out of light paths
     from r1v.data.synthetic import generate
 
     paths = generate(ctx.stage_dir / "corpus", c.n_train, c.n_test, seed=c.seed, width=c.width, height=c.height,
@@ -20,6 +21,7 @@ def synthetic_data(ctx: StageContext, c: SyntheticDataConfig) -> dict[str, Any]:
 
 def data_import(ctx: StageContext, c: DataImportConfig) -> dict[str, Any]:
     """Re-runs from scratch on resume: outputs are written atomically, so a crash leaves nothing half-done."""
+    # imported on use, to keep pyarrow, PIL, numpy out of light paths
     from r1v.data.importers.driver import import_corpus
 
     paths = {"corpus": ctx.stage_dir / "corpus", "quarantine": ctx.stage_dir / "quarantine.parquet",

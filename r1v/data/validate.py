@@ -18,6 +18,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from r1v.data.pipeline import RowError
+from r1v.data.schema import make_row
+from r1v.model.tiling import choose_grid
 from r1v.model.tokens import IMAGE_MARKER, IMG_CONTEXT, IMG_END, IMG_START
 
 if TYPE_CHECKING:
@@ -187,13 +189,12 @@ class Validator:
 
     def n_tiles(self, size: tuple[int, int]) -> int:
         """Tiles `dynamic_tiles` will cut (thumbnail included), from the size alone."""
-        from r1v.model.tiling import choose_grid
-
         cols, rows = choose_grid(size[0], size[1], self.tile_size, 1, self.cfg.preprocess.max_tiles)
         return cols * rows + (1 if self.cfg.preprocess.use_thumbnail and cols * rows != 1 else 0)
 
     def length(self, messages: list[dict[str, str]], sizes: list[tuple[int, int]]) -> int:
         """Token count exactly as SFT (or, for prompt rows, generation) will build the sample."""
+        # imported on use, to keep transformers, tokenizers, tqdm out of light paths
         from r1v.data.prompt import encode_prompt, encode_sft
 
         tiles = [self.n_tiles(s) for s in sizes]
@@ -245,7 +246,6 @@ class Validator:
                     messages, images = messages[:keep], images[:n_img]
         except RowError as e:
             return Outcome(reason=e.reason, detail=e.detail[:1000])
-        from r1v.data.schema import make_row
 
         row = make_row(rec.id, messages, images, answer=rec.answer, source=source, meta=meta)
         return Outcome(row=row, truncated_turns=meta.get("truncated_turns", 0), images_converted=converted)

@@ -29,8 +29,11 @@ import pyarrow.parquet as pq
 
 from r1v.core.fs import atomic_write_json
 from r1v.data.parts import PART, corpus_schema, iter_chunks, merge_quarantine, quarantine_table, run_parts, write_table
+from r1v.data.pipeline import load_tokenizer, prepare_prompts
+from r1v.data.reader import corpus_files
 from r1v.distill.config import DistillConfig
 from r1v.distill.plots import KEPT, REWRITTEN
+from r1v.grading.rewards import REWARDS
 from r1v.judges.base import grade_bounded
 from r1v.judges.rewriters import Rewriter, make_rewriter
 
@@ -44,6 +47,7 @@ DISTILL_FIELDS = [pa.field("distill", pa.string()), pa.field("chain_tokens", pa.
 def generate_with_penalties(engine: Any, prompts: list[dict[str, Any]], sampling: dict[str, Any], seed: int,
                             batch: int, desc: str = "distill") -> list[Any]:
     """One completion per prompt, each at its prompt's `penalty` (`generate_jobs` with per-request penalties)."""
+    # imported on use, to keep torch out of light paths
     from r1v.generation.service import generate_jobs
 
     (groups,) = generate_jobs(engine, prompts, [(sampling, 1)], seed, batch, desc, penalty_key="penalty")
@@ -73,9 +77,8 @@ def _with_turn(row: dict[str, Any], text: str) -> list[dict[str, Any]]:
 def _chunk(engine: Any, judge: Rewriter, c: DistillConfig, table: pa.Table, offset: int, schema: pa.Schema
            ) -> tuple[pa.Table, list[dict[str, Any]], dict[str, int]]:
     """(distilled rows, dropped records, counters) for one chunk."""
-    from r1v.data.pipeline import load_tokenizer, prepare_prompts
+    # imported on use, to keep transformers, PIL, tokenizers out of light paths
     from r1v.data.prompt import THINK_OPENER
-    from r1v.grading.rewards import REWARDS
 
     rows = table.to_pylist()
     dropped: list[dict[str, Any]] = []
@@ -141,6 +144,7 @@ def output_schema(corpus: str) -> pa.Schema:
 def run_distill(c: DistillConfig, stage_dir: Path, log: Any, actors: bool, keep_warm_s: float = 0.0
                 ) -> dict[str, Any]:
     """Distill `c.corpus` into `stage_dir` (see the module doc); returns outputs and the summary."""
+    # imported on use, to keep torch out of light paths
     from r1v.generation.service import engine_pool, engine_threads, make_engine, torch_threads
 
     stage_dir = Path(stage_dir)
@@ -195,8 +199,6 @@ def run_distill(c: DistillConfig, stage_dir: Path, log: Any, actors: bool, keep_
 
 def summarize(c: DistillConfig, target: Path, dropped: pa.Table, work: Path) -> dict[str, Any]:
     """Counts read back from the files written; kept + rewritten + dropped = rows in, or an error."""
-    from r1v.data.reader import corpus_files
-
     rows_in = sum(pq.ParquetFile(f).metadata.num_rows for f in corpus_files(c.corpus))
     t = pq.read_table(target, columns=["distill", "chain_tokens", "distill_penalty"])
     kinds = Counter(t.column("distill").to_pylist())

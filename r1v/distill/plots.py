@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from r1v.data.pipeline import load_tokenizer
+
 MAX_ROWS = 50_000
 """Rows read per corpus for the plot (the first ones): enough for the curves, bounded on a large corpus."""
 
@@ -35,6 +37,7 @@ def _level(meta: Any) -> float | None:
 
 
 def _read(corpus: str | Path, columns: list[str]) -> list[dict[str, Any]]:
+    # imported on use, to keep ray, pandas, tqdm out of light paths
     from r1v.data.reader import corpus_files
 
     rows: list[dict[str, Any]] = []
@@ -48,6 +51,7 @@ def _read(corpus: str | Path, columns: list[str]) -> list[dict[str, Any]]:
 
 def reference_points(corpus: str | Path, tokenizer: Any, penalty_column: str = "penalty") -> dict[str, list]:
     """(level, penalty, tokens) of the corpus's last assistant turn, counted as the distill stage counts a chain."""
+    # imported on use, to keep transformers, PIL, tokenizers out of light paths
     from r1v.data.prompt import THINK_OPENER
 
     lv, pen, tok = [], [], []
@@ -151,8 +155,6 @@ def distill_plots(corpus_in: str | Path, corpus_out: str | Path, model: str, sta
                   penalty_column: str = "penalty") -> dict[str, Any]:
     """Write STAGE/lengths.png and STAGE/lengths.json (the stats of each series), log both as artifacts (`plots/`)
     and the slopes as metrics; returns the stats."""
-    from r1v.data.pipeline import load_tokenizer
-
     series = {"before: input chains": reference_points(corpus_in, load_tokenizer(model), penalty_column),
               "after: distilled (all)": distilled_points(corpus_out),
               "after: kept (model's own)": distilled_points(corpus_out, KEPT),

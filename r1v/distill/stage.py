@@ -16,6 +16,7 @@ from r1v.workflow.runner import StageContext
 
 def distill_score_stage(ctx: StageContext, c: DistillScoreConfig) -> dict[str, Any]:
     """Judges that need Ray (`local`) start their actors when Ray is up, as under `r1v run`."""
+    # imported on use, to keep ray, pyarrow, PIL out of light paths
     from r1v.distill.quality import score_corpus
 
     res = score_corpus(c, ctx.stage_dir, ctx.log)
@@ -25,6 +26,7 @@ def distill_score_stage(ctx: StageContext, c: DistillScoreConfig) -> dict[str, A
 def distill_stage(ctx: StageContext, c: DistillConfig) -> dict[str, Any]:
     """Engines in Ray actors when Ray is up (kept warm a few seconds for a following stage), else in this
     process; an InternVL-chat checkpoint is converted once, here, before any actor loads it."""
+    # imported on use, to keep torch, ray, pyarrow out of light paths
     import ray
 
     from r1v.distill.distill import run_distill

@@ -26,7 +26,9 @@ from typing import TYPE_CHECKING, Any
 from r1v.core.config import PreprocessConfig
 from r1v.core.fs import atomic_write_json, atomic_write_text
 from r1v.eval.config import EvalConfig
+from r1v.eval.passk import pass_at_1
 from r1v.generation.service import GREEDY, engine_pool, engine_threads, generate_jobs, make_engine, torch_threads
+from r1v.grading.rewards import REWARDS
 
 if TYPE_CHECKING:
     pass
@@ -48,6 +50,7 @@ def text_prompts(rows: list[dict[str, Any]], model_dir: str, pre: PreprocessConf
                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Prompts from `meta.text_question` as one user turn without images (the prompt builder of every other
     prompt, so the assistant turn opens with `<think>\\n`); rows without one are quarantined, never dropped."""
+    # imported on use, to keep transformers, pyarrow, PIL out of light paths
     from r1v.data.pipeline import load_tokenizer
     from r1v.data.prompt import encode_prompt
 
@@ -104,6 +107,7 @@ def shuffle_images(prompts: list[dict[str, Any]], seed: int) -> int:
 
 def load_items(c: EvalConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
     """(prompts, quarantine records, rows read) for `c.corpus` in `c.mode`; each prompt carries its `level`."""
+    # imported on use, to keep pyarrow out of light paths
     import pyarrow.dataset as pads
     import pyarrow.parquet as pq
 
@@ -145,8 +149,6 @@ def summarize(prompts: list[dict[str, Any]], greedy: list[float] | None, sampled
     stderr = sqrt(p(1-p)/n) for the greedy accuracy; pass_at_1_stderr = std over items of the per-item mean
     correctness / sqrt(n). pass_at_1_std (the spread across the K sample runs) is kept for older readers.
     """
-    from r1v.eval.passk import pass_at_1
-
     n = len(prompts)
     per_item = [sum(s) / len(s) for s in sampled]
     p1 = sum(per_item) / n if n else 0.0
@@ -177,8 +179,6 @@ def run_eval(c: EvalConfig, stage_dir: Path, log, actors: bool = False, keep_war
 
     With `actors` the engines are Ray actors (`c.engine`) that load the model while the corpus is read, kept
     `keep_warm_s` seconds afterwards for the next eval (`engine_pool`); else one engine runs in this process."""
-    from r1v.grading.rewards import REWARDS
-
     if c.corpus is None:
         from r1v.eval.runner import run_benchmark  # benchmarks load their own data (and SymPy graders)
 

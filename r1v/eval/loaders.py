@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from r1v.eval.items import BenchItem
+from r1v.eval.mmmu import SUBJECT_DOMAIN, subject_of
 
 _AIME25_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 
@@ -154,8 +155,6 @@ def load_mmmu(dataset: Path) -> list[BenchItem]:
     Each row has ``id``, ``question``, ``options``, ``answer``, ``question_type``, ``image_1``..``image_7``;
     the question text refers to images as ``<image 1>``.
     """
-    from r1v.eval.mmmu import SUBJECT_DOMAIN, subject_of
-
     path = Path(dataset)
     pattern = (
         "validation*.parquet" if path.is_dir() and any(path.rglob("validation*.parquet")) else "*.parquet"

@@ -22,6 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from r1v.core.fs import atomic_write_json, atomic_write_text, read_json
+from r1v.eval.config import EvalConfig
+from r1v.workflow.refs import REF
+from r1v.workflow.runner import Runner, topo_order
+from r1v.workflow.tracking import RunLogger
 
 FIELDS = ("accuracy", "stderr", "n", "pass_at_1", "pass_at_1_stderr", "mean_response_tokens")
 CORPUS_FIELDS = ("corpus_rows", "corpus_by_score", "corpus_as_errors")
@@ -41,7 +45,6 @@ def _corpus_fields(runner: Any, stage: str) -> dict[str, Any]:
     gone. Read from Parquet footers and counts.json: no rows are loaded."""
     import pyarrow.parquet as pq
 
-    from r1v.workflow.refs import REF
 
     corpus = getattr(runner.wf.stage_configs.get(stage), "corpus", None)
     if not isinstance(corpus, str):
@@ -62,9 +65,6 @@ def _corpus_fields(runner: Any, stage: str) -> dict[str, Any]:
 
 def collect(run_dir: str | Path) -> dict[str, Any]:
     """The results table from RUN/workflow.yaml (who reports what) and each eval stage's summary.json."""
-    from r1v.eval.config import EvalConfig
-    from r1v.workflow.runner import Runner, topo_order
-
     runner = Runner.open(Path(run_dir))
     order = topo_order(runner.wf)
     evals = [(n, runner.wf.stage_configs[n]) for n in order if isinstance(runner.wf.stage_configs[n], EvalConfig)]
@@ -95,9 +95,6 @@ def collect(run_dir: str | Path) -> dict[str, Any]:
 
 def has_roles(run_dir: str | Path) -> bool:
     """Whether any eval stage of the run declares a results-table row."""
-    from r1v.eval.config import EvalConfig
-    from r1v.workflow.runner import Runner
-
     wf = Runner.open(Path(run_dir)).wf
     return any(isinstance(c, EvalConfig) and (c.report_stage or c.report_baseline) for c in wf.stage_configs.values())
 
@@ -198,8 +195,6 @@ def plot(results: dict[str, Any], path: str | Path) -> Path:
 def log_results(run_dir: str | Path, results: dict[str, Any], files: list[Path]) -> None:
     """Metrics `results/<stage>/<field>` and `results/baseline/<name>/<field>`, and the files, into the parent
     MLflow run recorded in RUN/run.json."""
-    from r1v.workflow.tracking import RunLogger
-
     meta = read_json(Path(run_dir) / "run.json", {}) or {}
     log = RunLogger(meta.get("tracking_uri"), meta.get("parent_run_id"))
     if not log.active:

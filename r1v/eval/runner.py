@@ -24,6 +24,10 @@ from typing import Any
 from r1v.core.fs import atomic_write_json, atomic_write_text
 from r1v.eval.config import EvalConfig
 from r1v.eval.items import ENV_DATA_ROOT, BenchItem, default_data_root
+from r1v.eval.loaders import load_benchmark
+from r1v.eval.predictions import Prediction
+from r1v.eval.prompts import item_to_row
+from r1v.workflow import tracking
 
 # Benchmark names the runner accepts -> the grader that applies that benchmark's official rules.
 GRADER_OF = {
@@ -57,8 +61,6 @@ def _attach_local_images(items: list[BenchItem], root: Path) -> None:
 
 def load_items(benchmark: str, data_root: Path, dataset: Path | None, limit: int | None) -> list[BenchItem]:
     """The first ``limit`` items of ``benchmark``; raises when a vision benchmark has no image at all."""
-    from r1v.eval.loaders import load_benchmark
-
     if benchmark not in GRADER_OF:
         raise ValueError(f"unknown benchmark {benchmark!r}; known: {', '.join(sorted(GRADER_OF))}")
     items = load_benchmark(benchmark, data_root, dataset)
@@ -76,8 +78,8 @@ def load_items(benchmark: str, data_root: Path, dataset: Path | None, limit: int
 def _pose(benchmark: str, items: list[BenchItem], c: EvalConfig
           ) -> tuple[list[tuple[BenchItem, dict[str, Any]]], list[dict[str, Any]]]:
     """(item, preprocessed prompt) for each item that preprocesses, and quarantine records for the rest."""
+    # imported on use, to keep pyarrow, numpy out of light paths
     from r1v.data.pipeline import RowError, preprocess_row
-    from r1v.eval.prompts import item_to_row
 
     posed, bad = [], []
     for it in items:
@@ -138,9 +140,9 @@ def run_benchmark(c: EvalConfig, stage_dir: Path, log: Any, dataset: Path | None
     asks, kept ``keep_warm_s`` seconds for a next eval (the eval stage), else in this process (``r1v eval run``).
     Returns the written paths and the summary's fields.
     """
+    # imported on use, to keep torch, sympy, latex2sympy2 out of light paths
     from r1v.eval.graders import categories_of
     from r1v.eval.grading import DEFAULT_TIMEOUT_S, GradeReport, Verdict, grade_predictions
-    from r1v.eval.predictions import Prediction
     from r1v.generation.service import engine_pool, generate_samples
 
     if not c.benchmark:
@@ -274,7 +276,6 @@ def run_main(args: argparse.Namespace) -> int:
     """``r1v eval run``: one MLflow run around :func:`run_benchmark`; prints pass@1 and the breakdown."""
     import pydantic
 
-    from r1v.workflow import tracking
 
     try:
         c = config_from_args(args)

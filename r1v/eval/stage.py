@@ -12,6 +12,7 @@ def eval_stage(ctx: StageContext, c: EvalConfig) -> dict[str, Any]:
     """Generate in engine actors (`c.engine`: count, CPUs, GPUs, dtype) when Ray is up, as under `r1v run`; the
     driver reads, sends requests and grades; the actors stay a few seconds for the next eval stage, which then
     only loads its model into them. Without Ray, in this process."""
+    # imported on use, to keep torch, safetensors, numpy out of light paths
     import ray
 
     from r1v.eval.corpus import run_eval

@@ -26,7 +26,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from r1v.core.fs import atomic_directory
+from r1v.data.collate import tiles_from_bytes
 from r1v.generation.engines import Completion, Request, RolloutEngine, is_vlm_dir, request_penalty
+from r1v.model.checksums import dir_sha256
+from r1v.model.convert_keys import hf_disk_key
+from r1v.model.manifest import SHARD_BYTES, resolve_parts, tensor_sources
+from r1v.model.tokens import IM_END, IMG_CONTEXT, IMG_END, IMG_START, PAD
 
 LLM_PREFIX = "language_model."
 """The language model's tensors in the HF VLM layout on disk (`r1v.model.convert_keys.hf_disk_key`)."""
@@ -63,8 +69,6 @@ def export_llm(vlm_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    from r1v.core.fs import atomic_directory
-    from r1v.model.manifest import SHARD_BYTES, tensor_sources
 
     src = Path(vlm_dir)
     text = AutoConfig.from_pretrained(src, local_files_only=True).text_config
@@ -104,9 +108,8 @@ def llm_dir_for(model_dir: str | os.PathLike, cache_dir: str | os.PathLike | Non
     """A causal-LM directory vLLM can load for `model_dir`: the directory itself when it is an LLM, the
     manifest's `llm`-layout part when it has one (no copy), else an export of the VLM's LLM, cached under
     `$R1V_CACHE_DIR/vllm-llm/<weights digest>` and reused while those weights are unchanged."""
-    from r1v.model.checksums import dir_sha256
+    # imported on use, to keep safetensors out of light paths
     from r1v.model.convert import hf_view
-    from r1v.model.manifest import resolve_parts
 
     d = Path(model_dir)
     if not is_vlm_dir(str(d)):
@@ -123,11 +126,10 @@ def llm_dir_for(model_dir: str | os.PathLike, cache_dir: str | os.PathLike | Non
 def load_vision_side(model_dir: str | os.PathLike, dtype: torch.dtype, device: str):
     """The VLM with only its vision tower, projector and token embeddings materialised (read tensor by tensor
     from a full or manifest directory); the decoder layers are dropped: they run in vLLM."""
+    # imported on use, to keep safetensors out of light paths
     from transformers import AutoConfig, InternVLForConditionalGeneration
 
     from r1v.model.convert import hf_view
-    from r1v.model.convert_keys import hf_disk_key
-    from r1v.model.manifest import tensor_sources
 
     d = hf_view(Path(model_dir))
     config = AutoConfig.from_pretrained(d, local_files_only=True)
@@ -177,10 +179,10 @@ class VLLMEngine(RolloutEngine):
         the vision tower and projector held here; `kv_cache_gb` sizes the KV cache on CPU."""
         for k, v in _VLLM_ENV.items():
             os.environ.setdefault(k, v)
+        # imported on use, to keep safetensors out of light paths
         from transformers import AutoTokenizer
 
         from r1v.model.convert import hf_view
-        from r1v.model.tokens import IM_END, IMG_CONTEXT, IMG_END, IMG_START, PAD
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         on_cpu = self.device == "cpu"
@@ -231,8 +233,6 @@ class VLLMEngine(RolloutEngine):
     # ------------------------------------------------------------------------------------------ generation
 
     def _tiles(self, r: Request) -> torch.Tensor:
-        from r1v.data.collate import tiles_from_bytes
-
         if not self.vision:
             raise ValueError(f"a request with {r.n_tiles} tiles sent to a text-only model")
         return torch.from_numpy(tiles_from_bytes(r.pixel_values, r.n_tiles, self.tile).copy())
@@ -241,6 +241,7 @@ class VLLMEngine(RolloutEngine):
     def prompts(self, requests: list[Request]) -> list[dict[str, Any]]:
         """vLLM prompts: token ids for text-only requests; for requests with tiles, the full prompt embeddings
         (one vision forward over all requests' tiles) with the token ids of the non-image positions."""
+        # imported on use, to keep transformers, pyarrow, PIL out of light paths
         from r1v.model.forward import image_features, normalize_pixels
 
         out: list[dict[str, Any]] = [{"prompt_token_ids": list(r.prompt_ids)} for r in requests]
@@ -323,8 +324,6 @@ class VLLMEngine(RolloutEngine):
         like `model.language_model.layers.0.mlp.up_proj.weight`, or causal-LM names for a text-only engine)
         are loaded into vLLM in place with `reload_weights`, one call per decoder layer. vLLM rebuilds a fused
         layer (q/k/v, gate/up) from all its parts, so each fused layer touched must come whole."""
-        from r1v.model.convert_keys import hf_disk_key
-
         torch_side: dict[str, tuple[torch.nn.Parameter, torch.Tensor]] = {}
         llm_side: dict[str, torch.Tensor] = {}
         unknown = []

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 
 from r1v.core.registry import LazyRegistry
+from r1v.data.collate import tiles_from_bytes
+from r1v.model.tokens import IM_END, IMG_CONTEXT, IMG_END, IMG_START, PAD
 
 
 @dataclass
@@ -83,8 +85,6 @@ class TransformersEngine(RolloutEngine):
 
     def __init__(self, model_dir: str, max_batch: int = 64, device: str | None = None, logprobs: bool = True,
                  static_cache: bool = False, dtype: str = "float32") -> None:
-        from r1v.model.tokens import IM_END, IMG_CONTEXT, IMG_END, IMG_START, PAD
-
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.vision = is_vlm_dir(model_dir)
         if self.vision:
@@ -115,8 +115,6 @@ class TransformersEngine(RolloutEngine):
         self.suppress = [self.tok.convert_tokens_to_ids(t) for t in (IMG_CONTEXT, IMG_START, IMG_END) if t in vocab]
 
     def _tiles(self, r: Request) -> torch.Tensor | None:
-        from r1v.data.collate import tiles_from_bytes
-
         if not r.n_tiles:
             return None
         if not self.vision:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from r1v.generation.engines import ENGINES, EngineHost
+from r1v.generation.engines import ENGINES, EngineHost, start_engines
 
 # How long the workflow's eval stage keeps its actors for the next eval stage: more than the few seconds of
 # bookkeeping between two stages; a later stage of another kind waits at most this long for their resources.
@@ -68,8 +68,6 @@ class EnginePool:
     def start(cls, key: tuple[Any, ...], model_dir: str, kind: str, num: int, num_cpus: float, num_gpus: float,
               max_batch: int, torch_threads: int, dtype: str, options: dict[str, Any]) -> EnginePool:
         """Create the actors without waiting: they load the model while the caller prepares its prompts."""
-        from r1v.generation.engines import start_engines
-
         return cls(key, start_engines(kind, model_dir, num, num_cpus, num_gpus, max_batch, torch_threads=torch_threads,
                                       dtype=dtype, options=options, wait=False, host=EvalEngineHost))
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import sympy
 
+from r1v.grading.extract import final_answer, strip_think
 from r1v.grading.latex_sym import LatexError, latex2sympy
 
 _TEXT_UNIT_AT_END = re.compile(r"\\(?:text|mbox|mathrm)\{\s*[^{}]*\}$")
@@ -254,8 +255,6 @@ def grade_math_answer(response: str, gold: str, integer: bool = False) -> tuple[
 
     ``integer`` (AIME): the answer must be a whole number equal to the gold, with no numeric tolerance.
     """
-    from r1v.grading.extract import final_answer, strip_think
-
     extracted = final_answer(response)
     if extracted is None:
         visible = strip_think(response)

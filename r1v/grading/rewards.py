@@ -24,6 +24,7 @@ from typing import Any
 
 from r1v.core.registry import Registry
 from r1v.grading.extract import last_boxed
+from r1v.grading.pool import run_bounded
 from r1v.model.tokens import THINK_END, THINK_START
 
 RewardFn = Callable[[str, dict[str, Any]], float]
@@ -45,6 +46,7 @@ def extract_answer(completion: str) -> str | None:
 
 def _answer_pair(completion: str, sample: dict[str, Any]) -> tuple[str, str] | None:
     """(prediction, gold) normalised as the MATH grader does, or None when either is missing."""
+    # imported on use, to keep sympy, latex2sympy2 out of light paths
     from r1v.grading.math_equal import strip_string
 
     got = extract_answer(completion)
@@ -56,6 +58,7 @@ def _answer_pair(completion: str, sample: dict[str, Any]) -> tuple[str, str] | N
 
 def accuracy_quick(completion: str, sample: dict[str, Any]) -> float | None:
     """The accuracy when strings or plain numbers decide it (no SymPy), else None."""
+    # imported on use, to keep sympy, latex2sympy2 out of light paths
     from r1v.grading.math_equal import quick_equal
 
     pair = _answer_pair(completion, sample)
@@ -69,6 +72,7 @@ def accuracy_quick(completion: str, sample: dict[str, Any]) -> float | None:
 def accuracy(completion: str, sample: dict[str, Any]) -> float:
     """1 when the last boxed answer is mathematically equal to the ground truth, by the MATH-500 grader's rules
     (`\\frac{1}{2}` matches `0.5`), except that `42` does not match `0.42` or `4200` (no percentage reading)."""
+    # imported on use, to keep sympy, latex2sympy2 out of light paths
     from r1v.grading.math_equal import math_equal
 
     quick = accuracy_quick(completion, sample)
@@ -81,6 +85,7 @@ def accuracy(completion: str, sample: dict[str, Any]) -> float:
 
 def _warm_up_accuracy() -> None:
     """Load what SymPy and the ANTLR parser load lazily on first use (about 0.25 s), once, before forking."""
+    # imported on use, to keep sympy, latex2sympy2 out of light paths
     from r1v.grading.math_equal import math_equal
 
     math_equal("x^2+2x+1", "(x+1)^2")
@@ -172,8 +177,6 @@ def score_safe(completions: list[str], samples: list[dict[str, Any]], weights: d
     when nothing failed.  An unknown reward name is a configuration error and raises `KeyError` (the stage
     checks names with :func:`load_reward_modules` before training starts).
     """
-    from r1v.grading.pool import run_bounded
-
     if len(completions) != len(samples):
         raise ValueError(f"{len(completions)} completions but {len(samples)} samples")
     names = list(weights)

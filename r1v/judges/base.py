@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Self
 from pydantic import Field, field_validator
 
 from r1v.core.config import Strict
+from r1v.grading.pool import run_bounded
 from r1v.judges.config import ScorerConfig
 
 # Quarantine reason codes of the score stage.
@@ -193,8 +194,6 @@ def grade_bounded(fn: Any, items: list[tuple[str, dict[str, Any]]], timeout: flo
     A grader's `quick` attribute (`r1v.grading.rewards`) decides the cheap cases here; the rest run in forked worker
     processes killed when late (`r1v.grading.pool.run_bounded`). Samples should carry only what grading needs.
     """
-    from r1v.grading.pool import run_bounded
-
     out: list[float | str | None] = [None] * len(items)
     quick = getattr(fn, "quick", None)
     todo = []

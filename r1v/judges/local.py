@@ -36,6 +36,7 @@ from r1v.judges.base import (
     row_fields,
     uses_field,
 )
+from r1v.judges.openai_client import DEFAULT_JUDGE_PROMPT
 
 
 class LocalScorerConfig(ScorerConfig):
@@ -109,8 +110,6 @@ class LocalScorerHost:
         return f"{f['question']}\n\n{f['response']}"
 
     def _judge_ids(self, f: dict[str, Any]) -> list[int]:
-        from r1v.judges.openai_client import DEFAULT_JUDGE_PROMPT
-
         text = render(self.c.prompt or DEFAULT_JUDGE_PROMPT, f)
         if getattr(self.tok, "chat_template", None):
             text = self.tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
@@ -120,8 +119,6 @@ class LocalScorerHost:
     def score(self, fields: list[dict[str, Any]]) -> list[tuple[float | None, str, str]]:
         """(score, reason, detail) per row, in order (tuples: they cross the actor boundary cheaply). A row
         without a response is quarantined when the input needs one (a reward head always does)."""
-        from r1v.judges.openai_client import DEFAULT_JUDGE_PROMPT
-
         template = self.c.prompt or (DEFAULT_JUDGE_PROMPT if self.c.head == "judge" else None)
         needs = template is None or uses_field(template, "response")
         missing = [needs and not f["response"].strip() for f in fields]
@@ -172,6 +169,7 @@ class LocalScorerHost:
         return float((torch.softmax(logits, -1) * values).sum()), "", ""
 
     def _judge(self, fields: list[dict[str, Any]]) -> list[tuple[float | None, str, str]]:
+        # imported on use, to keep torch, numpy, tqdm out of light paths
         from r1v.generation.engines import Request
 
         out: list[tuple[float | None, str, str]] = [(None, "", "")] * len(fields)

@@ -94,6 +94,7 @@ class OpenAIRewriter(Rewriter):
         return list(self.client._pool.map(self._one, rows))
 
     def _one(self, row: dict[str, Any]) -> Rewrite:
+        # imported on use, to keep transformers, PIL, tokenizers out of light paths
         from r1v.data.prompt import THINK_OPENER
 
         text = self.client.reply(row)  # the scorer's retry schedule and failure codes

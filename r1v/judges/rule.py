@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from r1v.grading.rewards import REWARDS
 from r1v.judges.base import (
     GRADE_FAILED,
     NO_RESPONSE,
@@ -22,6 +23,7 @@ from r1v.judges.base import (
     grade_bounded,
     row_fields,
 )
+from r1v.model.tokens import THINK_END, THINK_START
 
 
 class RuleScorerConfig(ScorerConfig):
@@ -45,8 +47,6 @@ class RuleScorerConfig(ScorerConfig):
 
 def completion_of(response: str) -> str:
     """The response as a generated completion: the prompt already opened `<think>\\n`, so drop that opener."""
-    from r1v.model.tokens import THINK_START
-
     text = response.lstrip()
     if text.startswith(THINK_START):
         text = text[len(THINK_START):].removeprefix("\n")
@@ -66,9 +66,6 @@ class RuleScorer(Scorer):
     def score(self, rows: list[dict[str, Any]]) -> list[Verdict]:
         """Accuracy is graded under a time bound (`grade_bounded`): a reference answer the grader cannot judge
         is quarantined (`grade_failed`), not scored as wrong."""
-        from r1v.grading.rewards import REWARDS
-        from r1v.model.tokens import THINK_END
-
         c: RuleScorerConfig = self.config  # type: ignore[assignment]
         fields = [row_fields(r) for r in rows]
         todo = [i for i, f in enumerate(fields) if f["response"].strip()]

@@ -13,6 +13,8 @@ import torch
 from torch import Tensor, nn
 from transformers import InternVLForConditionalGeneration
 
+from r1v.model.tiling import IMAGENET_MEAN, IMAGENET_STD
+
 
 def normalize_pixels(pixel_values: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """uint8 tiles [n, 3, H, W] -> x/255, then ImageNet mean/std, on the tensor's device (float32 maths, the same
@@ -20,7 +22,6 @@ def normalize_pixels(pixel_values: Tensor, dtype: torch.dtype = torch.float32) -
     Float input is taken as already normalised."""
     if pixel_values.dtype != torch.uint8:
         return pixel_values.to(dtype)
-    from r1v.model.tiling import IMAGENET_MEAN, IMAGENET_STD
 
     mean = torch.from_numpy(IMAGENET_MEAN).to(pixel_values.device)[:, None, None]
     std = torch.from_numpy(IMAGENET_STD).to(pixel_values.device)[:, None, None]

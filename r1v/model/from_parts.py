@@ -58,6 +58,7 @@ def add_missing_tokens(llm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase)
 
 
 def _load(module: nn.Module, state: dict[str, torch.Tensor], what: str, source: str) -> nn.Module:
+    # imported on use, to keep torch, transformers, pyarrow out of light paths
     from r1v.model.assemble import ReassemblyError
 
     missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
@@ -78,6 +79,7 @@ def assemble_from_parts(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
     """(VLM, tokenizer, report) from the vision tower of `vision` (HF or InternVL-chat checkpoint), the causal
     LM in `llm_dir` and a fresh (seeded) or the checkpoint's projector. The report names the added tokens."""
+    # imported on use, to keep torch, transformers, pyarrow out of light paths
     import torch
     from transformers import InternVLConfig, InternVLVisionConfig, InternVLVisionModel
     from transformers.models.internvl.modeling_internvl import InternVLMultiModalProjector

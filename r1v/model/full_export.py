@@ -75,6 +75,7 @@ def finish_full(tmp: Path, side_from: str | os.PathLike, writer: ShardWriter) ->
 def export_full(src: str | os.PathLike, out: str | os.PathLike, max_shard_bytes: int = SHARD_BYTES) -> Path:
     """A complete HF checkpoint at `out` (atomically) of the model in `src`, a manifest or full HF directory (an
     InternVL-chat one is converted); tensor by tensor, in the dtypes they are stored in."""
+    # imported on use, to keep safetensors out of light paths
     from r1v.model.convert import detect_layout, to_hf
 
     s = Path(src).absolute()

@@ -21,6 +21,9 @@ from transformers import (
 )
 
 from r1v.core.fs import atomic_directory
+from r1v.model.checksums import record_checksums
+from r1v.model.convert import hf_view
+from r1v.model.manifest import is_manifest_dir, load_manifest_model
 
 
 def _require_dir(path: str | os.PathLike) -> Path:
@@ -33,7 +36,6 @@ def _require_dir(path: str | os.PathLike) -> Path:
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | os.PathLike) -> Path:
     """Write `model` and `tokenizer` with `save_pretrained` into `path`, replacing it atomically."""
 
-    from r1v.model.checksums import record_checksums
 
     with atomic_directory(path) as tmp:
         model.save_pretrained(tmp)
@@ -48,9 +50,6 @@ def load_model(
     """Load a VLM saved by `save_model` (local files only) in eval mode; an InternVL-chat / Skywork-R1V
     checkpoint is converted to the HF layout first (once, cached beside it: `r1v.model.convert.hf_view`); a
     manifest directory (a projector-only stage's output) is built from the parts it names, which are verified."""
-    from r1v.model.convert import hf_view
-    from r1v.model.manifest import is_manifest_dir, load_manifest_model
-
     p = hf_view(_require_dir(path))
     if is_manifest_dir(p):
         return load_manifest_model(p, dtype)

@@ -57,6 +57,7 @@ from r1v.model.checksums import (
     _stamp,
     dir_sha256,
 )
+from r1v.model.convert_keys import hf_disk_key
 
 if TYPE_CHECKING:
     import torch
@@ -181,6 +182,7 @@ def base_parts(base: str | os.PathLike) -> dict[str, dict[str, Any]]:
 
 
 def _weights(directory: Path):
+    # imported on use, to keep torch, safetensors, numpy out of light paths
     from r1v.model.convert import _Weights
 
     return _Weights(directory)
@@ -188,8 +190,6 @@ def _weights(directory: Path):
 
 def _disk_key(key: str, name: str, layout: str, where: Path) -> str | None:
     """The HF name of tensor `key` of a `layout` directory if it belongs to part `name`, else None."""
-    from r1v.model.convert_keys import hf_disk_key
-
     if layout == "vlm":
         k = hf_disk_key(key)
         return k if k.startswith(PART_PREFIX[name]) else None
@@ -274,7 +274,6 @@ def projector_tensors(model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     if is_manifest_dir(d):
         proj = _projector_reader(d)
         return {k: proj.get(k) for k in proj.keys()}
-    from r1v.model.convert_keys import hf_disk_key
 
     w = _weights(d)
     return {hf_disk_key(k): w.get(k) for k in w.keys() if hf_disk_key(k).startswith(PROJECTOR_PREFIX)}
@@ -284,6 +283,7 @@ def check_tensors(where: str | os.PathLike, config: dict[str, Any], shapes: dict
                   prefix: str = "") -> None:
     """Every name in `shapes` (HF disk names) must be a tensor of the model `config` describes, with its shape; with
     `prefix`, every such tensor of the model under it must be there (all of them without)."""
+    # imported on use, to keep torch, safetensors, numpy out of light paths
     from r1v.model.convert import expected_hf_shapes
 
     expected, optional = expected_hf_shapes(config)
@@ -366,6 +366,7 @@ def reassemble_model(vlm_dir: str | os.PathLike, llm_dir: str | os.PathLike, out
     """The R1V re-assembly as a manifest: the vision tower of `vlm_dir` (as its manifest names it), its projector,
     and the causal LM in `llm_dir`. Checked as `r1v.model.assemble.reassemble` checks (on the meta device: no
     weight is read but the projector's); the tokenizer is the LLM's."""
+    # imported on use, to keep torch, transformers, pyarrow out of light paths
     import torch
     from transformers import (
         AutoConfig,

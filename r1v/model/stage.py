@@ -6,13 +6,16 @@ from __future__ import annotations
 from typing import Any
 
 from r1v.model.config import AssembleConfig, ReassembleConfig, TinyModelConfig
+from r1v.model.from_parts import assemble_from_parts
+from r1v.model.manifest import reassemble_model
+from r1v.model.spec import TinySpec
 from r1v.workflow.runner import StageContext
 
 
 def tiny_models(ctx: StageContext, c: TinyModelConfig) -> dict[str, Any]:
     """A substitute VLM (vision + projector + substitute LLM) and a separate 'reasoning' LLM of the same shape."""
+    # imported on use, to keep torch, transformers, pyarrow out of light paths
     from r1v.model.io import save_llm, save_model
-    from r1v.model.spec import TinySpec
     from r1v.model.tiny import build_tiny_llm, build_tiny_vlm
     from r1v.model.tokenizer import build_tiny_tokenizer
 
@@ -39,14 +42,12 @@ def off_driver(fn: Any, *args: Any, num_cpus: float = 1, num_gpus: float = 0) ->
 def reassemble_stage(ctx: StageContext, c: ReassembleConfig) -> dict[str, Any]:
     """The aligned VLM's vision tower and projector in front of the reasoning LLM, written as a manifest (the
     projector plus the parts' paths and checksums: no weight is copied), in a Ray task."""
-    from r1v.model.manifest import reassemble_model
-
     out = off_driver(reassemble_model, c.model, c.llm, ctx.stage_dir / "model")
     return {"model": str(out)}
 
 
 def assemble_stage(ctx: StageContext, c: AssembleConfig) -> dict[str, Any]:
-    from r1v.model.from_parts import assemble_from_parts
+    # imported on use, to keep torch, transformers, pyarrow out of light paths
     from r1v.model.io import save_model
 
     model, tok, report = assemble_from_parts(c.vision, c.llm, c.projector, c.seed, c.dtype)

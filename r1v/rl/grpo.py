@@ -28,9 +28,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from r1v.generation.engines import Request
+from r1v.generation.engines import Request, start_engines
 from r1v.grading.rewards import load_reward_modules
 from r1v.rl.config import GRPOConfig
+from r1v.rl.rollout import collect, replay
+from r1v.rl.sampling import SelectiveSampleBuffer
 from r1v.rl.update import RolloutBatch, grpo_update, reference_projector
 from r1v.train import checkpoint
 from r1v.train.device import engine_device, engine_dtype
@@ -42,12 +44,14 @@ from r1v.train.engine import (
     gathered,
     init_engine,
 )
-from r1v.train.launch import setup_worker
+from r1v.train.launch import fit, setup_worker
 from r1v.train.worker import load_trainable
+from r1v.workflow.tracking import RunLogger
 
 
 def load_prompts(c: GRPOConfig, rank: int, world: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """This worker's prompts (rows rank, rank+world, ...) preprocessed for generation, and the quarantined."""
+    # imported on use, to keep pyarrow out of light paths
     import pyarrow.parquet as pq
 
     from r1v.data.pipeline import prepare_prompts
@@ -143,12 +147,10 @@ def grpo_loop(cfg: dict[str, Any]) -> None:
     One step: rollout (+ score, dynamic sampling: `r1v.rl.rollout.collect`) -> replay (optional) -> prepare,
     log-probs, update (`grpo_update`) -> sync (trainable tensors to the engines) -> metrics, all-reduced by name.
     """
+    # imported on use, to keep transformers, pyarrow, PIL out of light paths
     import ray
 
     from r1v.model.assemble import tile_size
-    from r1v.rl.rollout import collect, replay
-    from r1v.rl.sampling import SelectiveSampleBuffer
-    from r1v.workflow.tracking import RunLogger
 
     c = GRPOConfig.model_validate(cfg["config"])
     rank, world = setup_worker(c.trainer)
@@ -241,8 +243,6 @@ def train_grpo(c: GRPOConfig, stage_dir: Path, tracking_uri: str | None, run_id:
     """Driver side: start the rollout actors, run the trainer workers, stop the actors."""
     import ray
 
-    from r1v.generation.engines import start_engines
-    from r1v.train.launch import fit
 
     load_reward_modules(c.reward_modules, list(c.rewards))  # fail before starting anything
     engines = start_engines(c.engine.kind, c.model, c.engine.num_engines, c.engine.num_cpus, c.engine.num_gpus,

@@ -61,6 +61,7 @@ def response_logprobs(model, input_ids: Tensor, attention_mask: Tensor, response
 
     `features` are the vision features of the rows' tiles, concatenated in row order (`vision_features`).
     """
+    # imported on use, to keep transformers, pyarrow, PIL out of light paths
     from r1v.model.forward import multimodal_hidden
 
     hidden = multimodal_hidden(model, input_ids, attention_mask, projector=projector, features=features)

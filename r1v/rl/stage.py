@@ -9,6 +9,7 @@ from r1v.workflow.runner import StageContext
 
 
 def grpo_stage(ctx: StageContext, c: GRPOConfig) -> dict[str, Any]:
+    # imported on use, to keep torch, safetensors, numpy out of light paths
     from r1v.model.convert import with_hf_model
     from r1v.rl.grpo import train_grpo
 

@@ -114,6 +114,7 @@ def score_phase(rb: RolloutBatch, c: GRPOConfig) -> RolloutBatch:
 
 def prepare_phase(engine, rb: RolloutBatch, c: GRPOConfig, pad_id: int, tile: int) -> Prepared:
     """Tensors on the engine's device; with a frozen tower, one vision pass per prompt for the whole update."""
+    # imported on use, to keep transformers, pyarrow, PIL out of light paths
     from r1v.model.forward import vision_features
 
     device = engine_device(engine)
@@ -130,6 +131,7 @@ def prepare_phase(engine, rb: RolloutBatch, c: GRPOConfig, pad_id: int, tile: in
 
 def _micro(prep: Prepared, rows: list[int], engine) -> tuple[dict[str, Tensor], Tensor]:
     """The rows' tensors cut to their own longest sequence, and their vision features."""
+    # imported on use, to keep transformers, pyarrow, PIL out of light paths
     from r1v.model.forward import vision_features
 
     b = prep.batch

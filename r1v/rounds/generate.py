@@ -28,6 +28,9 @@ import pyarrow.parquet as pq
 
 from r1v.core.fs import atomic_write_json
 from r1v.data.parts import PART, corpus_schema, iter_chunks, merge_quarantine, quarantine_table, run_parts, write_table
+from r1v.data.pipeline import prepare_prompts
+from r1v.data.reader import corpus_files
+from r1v.grading.rewards import REWARDS, extract_answer
 from r1v.judges.base import grade_bounded
 from r1v.rounds.config import GenerateConfig
 
@@ -43,9 +46,8 @@ SAMPLE_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("answe
 def _chunk(engine: Any, c: GenerateConfig, table: pa.Table, offset: int
            ) -> tuple[pa.Table, pa.Table, list[dict[str, Any]]]:
     """(rows with gen columns, samples, quarantine records) for one chunk."""
-    from r1v.data.pipeline import prepare_prompts
+    # imported on use, to keep torch out of light paths
     from r1v.generation.service import GREEDY, generate_jobs
-    from r1v.grading.rewards import REWARDS, extract_answer
 
     rows = table.to_pylist()
     bad = [{"id": r["id"], "reason": NO_ANSWER, "detail": "the row has no answer to grade against",
@@ -86,6 +88,7 @@ def _chunk(engine: Any, c: GenerateConfig, table: pa.Table, offset: int
 def run_generate(c: GenerateConfig, stage_dir: Path, log: Any, actors: bool, keep_warm_s: float = 0.0
                  ) -> dict[str, Any]:
     """Generate and grade `c.corpus` into `stage_dir` (see the module doc); returns outputs and the summary."""
+    # imported on use, to keep torch out of light paths
     from r1v.generation.service import engine_pool, engine_threads, make_engine, torch_threads
 
     stage_dir = Path(stage_dir)
@@ -154,6 +157,4 @@ def summarize(c: GenerateConfig, target: Path, samples_dir: Path, quarantine: pa
 
 
 def _files(corpus: str) -> list[Path]:
-    from r1v.data.reader import corpus_files
-
     return corpus_files(corpus)

@@ -14,6 +14,7 @@ from r1v.workflow.runner import StageContext
 
 def score_stage(ctx: StageContext, c: ScoreConfig) -> dict[str, Any]:
     """Scorers that need Ray (`local`) start their actors when Ray is up, as under `r1v run`."""
+    # imported on use, to keep ray, pyarrow, numpy out of light paths
     from r1v.rounds.scoring import score_corpus
 
     res = score_corpus(c, ctx.stage_dir, ctx.log)
@@ -23,6 +24,7 @@ def score_stage(ctx: StageContext, c: ScoreConfig) -> dict[str, Any]:
 def generate_stage(ctx: StageContext, c: GenerateConfig) -> dict[str, Any]:
     """Engines in Ray actors when Ray is up (kept warm a few seconds for a following eval or generate stage),
     else in this process; an InternVL-chat checkpoint is converted once, here, before any actor loads it."""
+    # imported on use, to keep torch, ray, pyarrow out of light paths
     import ray
 
     from r1v.generation.warm_pool import KEEP_WARM_S
@@ -35,6 +37,7 @@ def generate_stage(ctx: StageContext, c: GenerateConfig) -> dict[str, Any]:
 
 
 def select_stage(ctx: StageContext, c: SelectConfig) -> dict[str, Any]:
+    # imported on use, to keep ray, pyarrow, numpy out of light paths
     from r1v.rounds.select import run_select
 
     res = run_select(c, ctx.stage_dir, ctx.log)

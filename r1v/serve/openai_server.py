@@ -35,6 +35,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from r1v.core.config import PreprocessConfig
+
 FAULT = re.compile(r"\[\[fault:([a-z0-9]+(?:-once)?)(?:=([0-9.]+))?\]\]")
 DEFAULT_MAX_TOKENS = 256
 
@@ -94,7 +96,7 @@ class ChatModel:
 
     def __init__(self, model_dir: str, name: str | None = None, max_batch: int = 16, dtype: str = "float32",
                  max_tiles: int = 6, max_length: int = 8192) -> None:
-        from r1v.core.config import PreprocessConfig
+        # imported on use, to keep torch, numpy, tqdm out of light paths
         from r1v.generation.engines import TransformersEngine
 
         self.model_dir = str(model_dir)
@@ -104,6 +106,7 @@ class ChatModel:
         self.lock = threading.Lock()
 
     def encode(self, messages: list[dict[str, str]], images: list[bytes]) -> Any:
+        # imported on use, to keep torch, transformers, pyarrow out of light paths
         from r1v.data.pipeline import RowError, preprocess_row
         from r1v.data.prompt import encode_prompt
         from r1v.generation.engines import Request
@@ -126,6 +129,7 @@ class ChatModel:
 
     def choose(self, req: Any, choices: list[str]) -> str:
         """The choice with the highest summed log-probability of its tokens after the prompt."""
+        # imported on use, to keep torch, transformers, pyarrow out of light paths
         import torch
 
         from r1v.data.collate import tiles_from_bytes

@@ -16,6 +16,10 @@ import torch
 import torch.distributed as dist
 
 from r1v.core.config import OptimConfig, TrainerConfig
+from r1v.core.fs import atomic_directory
+from r1v.model.convert_keys import hf_disk_key
+from r1v.model.full_export import ShardWriter, finish_full
+from r1v.model.manifest import PROJECTOR_PREFIX, write_projector_model
 from r1v.train.device import collective_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -115,10 +119,6 @@ def export_model(engine, base_model_dir: str, out_dir: Path, rank: int) -> None:
     """
     from contextlib import nullcontext
 
-    from r1v.core.fs import atomic_directory
-    from r1v.model.convert_keys import hf_disk_key
-    from r1v.model.full_export import ShardWriter, finish_full
-    from r1v.model.manifest import PROJECTOR_PREFIX, write_projector_model
 
     named = [(hf_disk_key(n), p) for n, p in engine.module.named_parameters()]
     if all(k.startswith(PROJECTOR_PREFIX) for k, p in named if p.requires_grad):

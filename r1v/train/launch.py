@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from r1v.core.config import TrainerConfig
+from r1v.core.noise import quiet_worker
 
 
 def worker_context() -> tuple[int, int]:
@@ -24,7 +25,6 @@ def setup_worker(trainer: TrainerConfig) -> tuple[int, int]:
     import numpy as np
     import torch
 
-    from r1v.core.noise import quiet_worker
 
     quiet_worker(trainer.use_gpu)  # before DeepSpeed picks its accelerator
     # DeepSpeed still calls torch.distributed's deprecated collectives: one warning per call floods the log.

@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 
 from r1v.core.config import TrainerConfig
+from r1v.model.convert_keys import hf_disk_key
+from r1v.model.manifest import tensor_locations
 from r1v.train.engine import DTYPES, prepare_deepspeed
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -70,8 +72,6 @@ def checkpoint_tensors(model_dir: str | os.PathLike) -> Iterator[tuple[str, Call
     """(name on disk, loader) for every tensor of a full HF safetensors checkpoint or of a projector-only stage's
     manifest directory (its frozen parts, verified, and its projector), file by file; a loader reads one tensor
     when called, so nothing else of the file is held."""
-    from r1v.model.manifest import tensor_locations
-
     headers: dict[Path, tuple[dict[str, Any], int]] = {}
     for key, (f, name) in tensor_locations(model_dir).items():
         if f not in headers:
@@ -114,6 +114,7 @@ def load_for_training(model_dir: str | os.PathLike, trainer: TrainerConfig):
     Under ZeRO-3 with a process group: partitioned from construction, streamed from the checkpoint; the returned
     model's parameters are already ZeRO-3 partitions. Otherwise the plain `load_model` in `trainer.dtype`.
     """
+    # imported on use, to keep transformers, pyarrow, PIL out of light paths
     from transformers import AutoConfig, AutoTokenizer, InternVLForConditionalGeneration
 
     from r1v.model.io import load_model
@@ -121,10 +122,10 @@ def load_for_training(model_dir: str | os.PathLike, trainer: TrainerConfig):
     dtype = DTYPES[trainer.dtype]
     if trainer.zero_stage != 3 or not (dist.is_available() and dist.is_initialized()):
         return load_model(model_dir, dtype)
+    # imported on use, to keep safetensors out of light paths
     from transformers import initialization as hf_init
 
     from r1v.model.convert import hf_view
-    from r1v.model.convert_keys import hf_disk_key
 
     deepspeed = prepare_deepspeed()
     p = hf_view(model_dir)

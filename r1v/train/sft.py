@@ -30,16 +30,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from r1v.core.fs import atomic_write_json, read_json
 from r1v.data.collate import IGNORE, collate_sft, table_rows
 from r1v.data.packing import collate_packed, token_budget_batches
+from r1v.data.pipeline import preprocessed_dataset, vision_geometry
+from r1v.data.schema import write_quarantine
 from r1v.model.forward import normalize_pixels
 from r1v.train import checkpoint
 from r1v.train.config import SFTConfig
 from r1v.train.device import engine_device, engine_dtype, to_device
 from r1v.train.engine import all_reduce_max, all_reduce_sum, export_model, gather_objects, init_engine
-from r1v.train.launch import setup_worker
+from r1v.train.launch import fit, setup_worker
 from r1v.train.projector_reg import ProjectorNormPenalty
 from r1v.train.worker import load_trainable
+from r1v.workflow.tracking import RunLogger
 
 
 def dummy_row(image_token_id: int, tokens_per_tile: int, tile_size: int) -> dict[str, Any]:
@@ -201,8 +205,6 @@ def sft_loop(cfg: dict[str, Any]) -> None:
     """Ray Train worker function."""
     import ray.train
 
-    from r1v.data.pipeline import vision_geometry
-    from r1v.workflow.tracking import RunLogger
 
     c = SFTConfig.model_validate(cfg["config"])
     t_setup = time.time()
@@ -293,9 +295,6 @@ def count_rows(rows: list[dict[str, Any]], state: dict[str, Any]) -> list[dict[s
 
 def _finish_epoch(state: dict[str, Any], epoch: int, rank: int, log, stage_dir: str) -> None:
     """Reconcile rows in = trained + quarantined across ranks; rank 0 writes the quarantine and logs counts."""
-    from r1v.core.fs import atomic_write_json
-    from r1v.data.schema import write_quarantine
-
     parts = gather_objects({"consumed": state["rows_consumed"], "trained": state["trained"],
                             "quarantined": state["quarantined"]})
     if rank != 0:
@@ -318,9 +317,6 @@ def train_sft(c: SFTConfig, stage_dir: Path, tracking_uri: str | None, run_id: s
     """Driver side: build the Ray Data pipeline, run the workers (resuming if a checkpoint exists), check counts."""
     import pyarrow.dataset as pads
 
-    from r1v.core.fs import read_json
-    from r1v.data.pipeline import preprocessed_dataset
-    from r1v.train.launch import fit
 
     rows = pads.dataset(c.corpus, format="parquet").count_rows()
     if rows == 0:

@@ -9,6 +9,7 @@ from r1v.workflow.runner import StageContext
 
 
 def sft_stage(ctx: StageContext, c: SFTConfig) -> dict[str, Any]:
+    # imported on use, to keep torch, transformers, pyarrow out of light paths
     from r1v.model.convert import with_hf_model
     from r1v.train.sft import train_sft
 

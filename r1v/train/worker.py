@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 from r1v.core.config import Group, TrainerConfig
+from r1v.model.freeze import apply_freeze
 from r1v.train.engine import apply_activation_checkpointing
 from r1v.train.loading import load_for_training
 
@@ -15,8 +16,6 @@ from r1v.train.loading import load_for_training
 def load_trainable(model_dir: str | os.PathLike, trainer: TrainerConfig, trainable: list[Group]
                    ) -> tuple[Any, Any, dict[str, Any]]:
     """(model, tokenizer, parameter counts by group) ready for `init_engine`."""
-    from r1v.model.freeze import apply_freeze
-
     model, tok = load_for_training(model_dir, trainer)  # ZeRO-3: partitioned from the start
     counts = apply_freeze(model, trainable)
     if trainer.activation_checkpointing:

@@ -21,7 +21,16 @@ import pydantic
 import torch
 
 from r1v.core.fs import atomic_directory
+from r1v.model.assemble import assemble
+from r1v.model.io import load_llm, save_llm
+from r1v.model.spec import TinySpec
+from r1v.model.tiny import DOWNSAMPLE_RATIO, tiny_vision_config
+from r1v.model.tokenizer import build_tiny_tokenizer
+from r1v.world import lm, text
+from r1v.world.domain import CELL_TOKENS
 from r1v.world.lm import say
+from r1v.world.render import TILE
+from r1v.world.vision import pretrain_tower
 
 WORLD_DIR = Path(__file__).parent / "backbones"
 """The shipped build (made by `r1v world build --out r1v/world/backbones`)."""
@@ -71,8 +80,6 @@ def build_world(out: str | Path, c: WorldBuildConfig, progress: Callable[[str], 
                 llms_from: str | Path | None = None) -> dict[str, Any]:
     """Build every backbone into `out`; with `llms_from` (a built world), reuse its tokenizer and LLMs (and their
     text figures) and build only the vision tower."""
-    from r1v.model.io import save_llm
-
     torch.set_num_threads(c.threads)
     t0 = time.time()
     if llms_from is not None:
@@ -100,8 +107,6 @@ def build_world(out: str | Path, c: WorldBuildConfig, progress: Callable[[str], 
 
 
 def _reuse_llms(root: Path, progress: Callable[[str], None]):
-    from r1v.model.io import load_llm
-
     manifest = verify_world(root)
     children, tok = {}, None
     for name in ("instruct", "reasoning"):
@@ -113,10 +118,6 @@ def _reuse_llms(root: Path, progress: Callable[[str], None]):
 
 def _build_llms(c: WorldBuildConfig, progress: Callable[[str], None]):
     """Tokenizer, base LM, and the instruct and reasoning children (bf16-rounded), with their text accuracy."""
-    from r1v.model.tokenizer import build_tiny_tokenizer
-    from r1v.world import lm, text
-    from r1v.world.domain import CELL_TOKENS
-
     tok = build_tiny_tokenizer(text.tokenizer_texts(c.seed), vocab_size=c.vocab_size, split_digits=True,
                                extra_tokens=CELL_TOKENS)
     pad = tok.pad_token_id
@@ -148,11 +149,6 @@ def _build_tower(c: WorldBuildConfig, llm, tok, progress: Callable[[str], None])
     from transformers import InternVLConfig, InternVLVisionModel
     from transformers.models.internvl.modeling_internvl import InternVLMultiModalProjector
 
-    from r1v.model.assemble import assemble
-    from r1v.model.spec import TinySpec
-    from r1v.model.tiny import DOWNSAMPLE_RATIO, tiny_vision_config
-    from r1v.world.render import TILE
-    from r1v.world.vision import pretrain_tower
 
     spec = TinySpec(hidden_size=c.hidden_size, num_layers=c.num_layers, num_heads=c.num_heads,
                     num_kv_heads=c.num_kv_heads, intermediate_size=c.intermediate_size, vocab_size=c.vocab_size,

@@ -17,6 +17,8 @@ from transformers import PreTrainedTokenizerBase, Qwen2ForCausalLM
 
 from r1v.data.prompt import IGNORE_INDEX, encode_prompt, encode_sft
 from r1v.grading.rewards import accuracy
+from r1v.model.spec import TinySpec
+from r1v.model.tiny import build_tiny_llm
 from r1v.model.tokens import PAD
 from r1v.world.domain import Problem, text_question
 
@@ -29,9 +31,6 @@ def say(text: str) -> None:
 def build_lm(tok: PreTrainedTokenizerBase, hidden: int, layers: int, heads: int, kv_heads: int,
              intermediate: int, seed: int) -> Qwen2ForCausalLM:
     """A fresh Qwen2 of the world's size: r1v's tiny-model factory, with a 512-token context."""
-    from r1v.model.spec import TinySpec
-    from r1v.model.tiny import build_tiny_llm
-
     spec = TinySpec(hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads,
                     intermediate_size=intermediate, vocab_size=len(tok), max_position_embeddings=512, seed=seed)
     return build_tiny_llm(spec, tok)

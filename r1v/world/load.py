@@ -9,6 +9,7 @@ import torch
 
 
 def world_dir(world: str | Path | None) -> Path:
+    # imported on use, to keep transformers, pyarrow, PIL out of light paths
     from r1v.world.build import WORLD_DIR
 
     return Path(world) if world else WORLD_DIR
@@ -16,6 +17,7 @@ def world_dir(world: str | Path | None) -> Path:
 
 def substitute_vlm(world: str | Path | None, seed: int, out: Path) -> dict[str, Any]:
     """The world's frozen vision tower + a fresh projector (seeded) + the instruct LLM, saved at `out`."""
+    # imported on use, to keep transformers, pyarrow, PIL out of light paths
     from transformers import InternVLConfig, InternVLVisionModel
     from transformers.models.internvl.modeling_internvl import InternVLMultiModalProjector
 

@@ -9,6 +9,7 @@ from r1v.world.config import WorldDataConfig, WorldModelConfig
 
 
 def world_data(ctx: StageContext, c: WorldDataConfig) -> dict[str, Any]:
+    # imported on use, to keep pyarrow, PIL, numpy out of light paths
     from r1v.world.corpora import generate
 
     noise = c.sft_noise.model_dump() if c.sft_noise else None
@@ -21,6 +22,7 @@ def world_data(ctx: StageContext, c: WorldDataConfig) -> dict[str, Any]:
 
 
 def world_models(ctx: StageContext, c: WorldModelConfig) -> dict[str, Any]:
+    # imported on use, to keep torch, numpy, tqdm out of light paths
     from r1v.world.load import substitute_vlm
 
     out = substitute_vlm(c.world, c.seed, ctx.stage_dir / "substitute_vlm")

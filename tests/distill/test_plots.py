@@ -64,9 +64,7 @@ def test_points_and_slopes(tmp_path: Path) -> None:
 
 
 def test_distill_plots_writes_and_logs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import r1v.data.pipeline
-
-    monkeypatch.setattr(r1v.data.pipeline, "load_tokenizer", lambda model: WordTokenizer())
+    monkeypatch.setattr(plots, "load_tokenizer", lambda model: WordTokenizer())
     cin, cout = corpora(tmp_path)
     log = Log()
     res = plots.distill_plots(cin, cout, "model", tmp_path / "stage", log)

@@ -132,12 +132,12 @@ def test_unknown_reward_is_a_configuration_error():
 
 def test_thousand_plain_answers_are_scored_in_process_quickly(monkeypatch):
     """Integer answers (the miniature world's) never start a worker: 1,000 completions in well under a second."""
-    import r1v.grading.pool
+    import r1v.grading.rewards
 
     def no_pool(*args, **kwargs):
         raise AssertionError("a worker pool was started")
 
-    monkeypatch.setattr(r1v.grading.pool, "run_bounded", no_pool)  # score_safe would count "accuracy/error/pool:..."
+    monkeypatch.setattr(r1v.grading.rewards, "run_bounded", no_pool)  # score_safe would count "accuracy/error/pool:..."
     completions = [_boxed(str(i % 50)) for i in range(1000)]
     samples = [{"answer": str(i % 40)} for i in range(1000)]
     start = time.perf_counter()
@@ -148,12 +148,12 @@ def test_thousand_plain_answers_are_scored_in_process_quickly(monkeypatch):
 
 
 def test_a_pool_that_cannot_start_scores_zero_with_the_reason(monkeypatch):
-    import r1v.grading.pool
+    import r1v.grading.rewards
 
     def cannot_fork(*args, **kwargs):
         raise OSError(12, "Cannot allocate memory")
 
-    monkeypatch.setattr(r1v.grading.pool, "run_bounded", cannot_fork)
+    monkeypatch.setattr(r1v.grading.rewards, "run_bounded", cannot_fork)
     total, per, failures = score_safe([_boxed("\\frac{1}{2}"), _boxed("7")], [{"answer": "0.5"}, {"answer": "7"}],
                                       {"accuracy": 1.0})
     assert per["accuracy"] == [0.0, 1.0] and failures == {"accuracy/error/pool:OSError": 1}
