@@ -175,7 +175,7 @@ def run_distill(c: DistillConfig, stage_dir: Path, log: Any, actors: bool, keep_
 
     run_parts(work, target, (k for k, _, _ in iter_chunks(c.corpus, c.chunk_rows, ["id"])), produce, finish=finish)
     dropped = merge_quarantine(work, stage_dir / "dropped.parquet")
-    summary = summarize(c, target, dropped, work)
+    summary = summarize_distill(c, target, dropped, work)
     atomic_write_json(stage_dir / "summary.json", summary)
     metrics = {k: v for k, v in summary.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     metrics.update({f"dropped_{k}": v for k, v in summary["drop_reasons"].items()})
@@ -197,7 +197,7 @@ def run_distill(c: DistillConfig, stage_dir: Path, log: Any, actors: bool, keep_
             "summary": stage_dir / "summary.json"}
 
 
-def summarize(c: DistillConfig, target: Path, dropped: pa.Table, work: Path) -> dict[str, Any]:
+def summarize_distill(c: DistillConfig, target: Path, dropped: pa.Table, work: Path) -> dict[str, Any]:
     """Counts read back from the files written; kept + rewritten + dropped = rows in, or an error."""
     rows_in = sum(pq.ParquetFile(f).metadata.num_rows for f in corpus_files(c.corpus))
     t = pq.read_table(target, columns=["distill", "chain_tokens", "distill_penalty"])

@@ -150,7 +150,7 @@ def _stats(a: np.ndarray) -> dict[str, float | None]:
     return {"min": float(a.min()), "mean": float(a.mean()), "max": float(a.max())}
 
 
-def summarize(c: DistillScoreConfig, files: list[Path], target: Path, quarantine: pa.Table,
+def summarize_quality(c: DistillScoreConfig, files: list[Path], target: Path, quarantine: pa.Table,
               b: dict[str, tuple[float, float]]) -> dict[str, Any]:
     """Counts (checked to reconcile), the normalisation bounds, and score/penalty distributions."""
     rows_in = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
@@ -173,7 +173,7 @@ def summarize(c: DistillScoreConfig, files: list[Path], target: Path, quarantine
                                                                                      strict=True)}}
 
 
-def score_corpus(c: DistillScoreConfig, stage_dir: Path, log: Any) -> dict[str, Any]:
+def score_quality(c: DistillScoreConfig, stage_dir: Path, log: Any) -> dict[str, Any]:
     """Score `c.corpus` into `stage_dir/corpus` (both passes); returns the outputs and the summary."""
     stage_dir = Path(stage_dir)
     target, work = stage_dir / "corpus", stage_dir / "work"
@@ -206,7 +206,7 @@ def score_corpus(c: DistillScoreConfig, stage_dir: Path, log: Any) -> dict[str, 
     for p in raw:
         p.unlink(missing_ok=True)  # they duplicate the images; the published parts hold everything
     quarantine = merge_quarantine(work, stage_dir / "quarantine.parquet")
-    summary = summarize(c, files, target, quarantine, b)  # type: ignore[arg-type]
+    summary = summarize_quality(c, files, target, quarantine, b)  # type: ignore[arg-type]
     check_fraction(summary["quarantined"], summary["rows_in"], c.max_quarantined_fraction, "over the corpus")
     atomic_write_json(stage_dir / "summary.json", summary)
     metrics: dict[str, float] = {k: v for k, v in summary.items() if isinstance(v, int) and not isinstance(v, bool)}

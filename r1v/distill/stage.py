@@ -17,9 +17,9 @@ from r1v.workflow.runner import StageContext
 def distill_score_stage(ctx: StageContext, c: DistillScoreConfig) -> dict[str, Any]:
     """Judges that need Ray (`local`) start their actors when Ray is up, as under `r1v run`."""
     # imported on use, to keep ray, pyarrow, PIL out of light paths
-    from r1v.distill.quality import score_corpus
+    from r1v.distill.quality import score_quality
 
-    res = score_corpus(c, ctx.stage_dir, ctx.log)
+    res = score_quality(c, ctx.stage_dir, ctx.log)
     return {"corpus": str(res["corpus"]), "quarantine": str(res["quarantine"]), "summary": str(res["summary"])}
 
 

@@ -105,7 +105,7 @@ def shuffle_images(prompts: list[dict[str, Any]], seed: int) -> int:
     return blanked
 
 
-def load_items(c: EvalConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
+def load_corpus_items(c: EvalConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
     """(prompts, quarantine records, rows read) for `c.corpus` in `c.mode`; each prompt carries its `level`."""
     # imported on use, to keep pyarrow out of light paths
     import pyarrow.dataset as pads
@@ -142,7 +142,7 @@ def binomial_stderr(p: float, n: int) -> float:
     return math.sqrt(p * (1 - p) / n) if n else 0.0
 
 
-def summarize(prompts: list[dict[str, Any]], greedy: list[float] | None, sampled: list[list[float]],
+def summarize_eval(prompts: list[dict[str, Any]], greedy: list[float] | None, sampled: list[list[float]],
               greedy_tokens: list[int], sampled_tokens: list[int], c: EvalConfig) -> dict[str, Any]:
     """Accuracy (greedy), pass@1 (mean over K samples) with standard errors over items, and per-level scores.
 
@@ -187,7 +187,7 @@ def run_eval(c: EvalConfig, stage_dir: Path, log, actors: bool = False, keep_war
     grade = REWARDS.get(c.grader)
     with engine_pool(c.model, c, actors, keep_warm_s) as pool:
         t0 = time.monotonic()
-        prompts, bad, n_rows = load_items(c)
+        prompts, bad, n_rows = load_corpus_items(c)
         t1 = time.monotonic()
         engine = pool or make_engine(c.model, c)
         jobs = [({**c.sampling.model_dump(), **GREEDY}, 1)] if c.greedy and prompts else []
@@ -211,7 +211,7 @@ def run_eval(c: EvalConfig, stage_dir: Path, log, actors: bool = False, keep_war
         preds += [{**base, "sample": j, "greedy": False, "response": cp.text, "n_tokens": len(cp.token_ids),
                    "correct": s} for j, (cp, s) in enumerate(zip(sampled[i], s_scores[-1], strict=True))]
     t3 = time.monotonic()
-    summary = summarize(prompts, g_scores, s_scores, [len(g[0].token_ids) for g in greedy or []],
+    summary = summarize_eval(prompts, g_scores, s_scores, [len(g[0].token_ids) for g in greedy or []],
                         [len(cp.token_ids) for g in sampled for cp in g], c)
     reasons: dict[str, int] = defaultdict(int)
     for b in bad:

@@ -59,7 +59,7 @@ def _attach_local_images(items: list[BenchItem], root: Path) -> None:
             it.images = [path.read_bytes()]
 
 
-def load_items(benchmark: str, data_root: Path, dataset: Path | None, limit: int | None) -> list[BenchItem]:
+def load_benchmark_items(benchmark: str, data_root: Path, dataset: Path | None, limit: int | None) -> list[BenchItem]:
     """The first ``limit`` items of ``benchmark``; raises when a vision benchmark has no image at all."""
     if benchmark not in GRADER_OF:
         raise ValueError(f"unknown benchmark {benchmark!r}; known: {', '.join(sorted(GRADER_OF))}")
@@ -157,7 +157,7 @@ def run_benchmark(c: EvalConfig, stage_dir: Path, log: Any, dataset: Path | None
 
     with engine_pool(c.model, c, actors, keep_warm_s) as pool:  # actors load the model while the items are posed
         t0 = time.monotonic()
-        items = load_items(benchmark, root, dataset, c.limit)
+        items = load_benchmark_items(benchmark, root, dataset, c.limit)
         posed, bad = _pose(benchmark, items, c)
         t1 = time.monotonic()
         print(f"[eval] {benchmark}: {len(items)} items, {len(posed)} posed, {len(bad)} quarantined, "

@@ -121,7 +121,7 @@ def run_generate(c: GenerateConfig, stage_dir: Path, log: Any, actors: bool, kee
     chunks = (k for k, _, _ in iter_chunks(c.corpus, c.chunk_rows, ["id"]))
     run_parts(work, target, chunks, produce, finish=finish, also=((samples_dir, "samples-*.parquet"),))
     quarantine = merge_quarantine(work, stage_dir / "quarantine.parquet")
-    summary = summarize(c, target, samples_dir, quarantine)
+    summary = summarize_generation(c, target, samples_dir, quarantine)
     atomic_write_json(stage_dir / "summary.json", summary)
     metrics = {k: v for k, v in summary.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     metrics.update({f"quarantined_{k}": v for k, v in summary["quarantine_reasons"].items()})
@@ -136,7 +136,7 @@ def run_generate(c: GenerateConfig, stage_dir: Path, log: Any, actors: bool, kee
             "summary": stage_dir / "summary.json"}
 
 
-def summarize(c: GenerateConfig, target: Path, samples_dir: Path, quarantine: pa.Table) -> dict[str, Any]:
+def summarize_generation(c: GenerateConfig, target: Path, samples_dir: Path, quarantine: pa.Table) -> dict[str, Any]:
     """Counts read back from the files written; rows in = rows out + quarantined, or an error."""
     rows_in = sum(pq.ParquetFile(f).metadata.num_rows for f in _files(c.corpus))
     t = pq.read_table(target, columns=["gen_correct", "gen_n", "gen_n_correct"])

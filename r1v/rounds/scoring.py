@@ -72,7 +72,7 @@ def score_corpus(c: ScoreConfig, stage_dir: Path, log: Any) -> dict[str, Any]:
 
     run_parts(work, target, range(len(files)), produce)
     quarantine = merge_quarantine(work, stage_dir / "quarantine.parquet")
-    summary = summarize(c, files, target, quarantine, scorer.stats())
+    summary = summarize_scores(c, files, target, quarantine, scorer.stats())
     check_fraction(summary["quarantined"], summary["rows_in"], c.max_quarantined_fraction, "over the corpus")
     atomic_write_json(stage_dir / "summary.json", summary)
     metrics = {k: v for k, v in summary.items() if isinstance(v, int | float) and not isinstance(v, bool)}
@@ -87,7 +87,7 @@ def score_corpus(c: ScoreConfig, stage_dir: Path, log: Any) -> dict[str, Any]:
             "summary": stage_dir / "summary.json"}
 
 
-def summarize(c: ScoreConfig, files: list[Path], target: Path, quarantine: pa.Table,
+def summarize_scores(c: ScoreConfig, files: list[Path], target: Path, quarantine: pa.Table,
               stats: dict[str, float]) -> dict[str, Any]:
     """Counts from the files written (so a resumed stage reports the whole corpus), checked to reconcile."""
     rows_in = sum(pq.ParquetFile(f).metadata.num_rows for f in files)

@@ -12,7 +12,7 @@ import pytest
 
 from r1v.core.config import ConfigError
 from r1v.distill.config import DistillScoreConfig
-from r1v.distill.quality import COLUMNS, DRLC_COLUMNS, score_corpus
+from r1v.distill.quality import COLUMNS, DRLC_COLUMNS, score_quality
 from r1v.workflow import tracking
 from r1v.workflow.runner import Runner
 from r1v.workflow.schema import validate_workflow
@@ -83,7 +83,7 @@ def test_stage_with_a_judge_and_its_failures(world: dict[str, Path], tmp_path: P
     pq.write_table(pq.read_table(world["sft"]).from_pylist(rows, schema=table.schema), src / "part-00000.parquet")
     c = DistillScoreConfig(corpus=str(src), text_judge={"scorer": {"kind": "rule"}, "weight": 0.25},
                            max_quarantined_fraction=0.2)
-    res = score_corpus(c, tmp_path / "st", LOG)
+    res = score_quality(c, tmp_path / "st", LOG)
     out = pq.read_table(res["corpus"]).to_pylist()
     q = pq.read_table(res["quarantine"]).to_pylist()
     assert [(x["id"], x["reason"]) for x in q] == [(rows[0]["id"], "no_response")]
@@ -92,11 +92,11 @@ def test_stage_with_a_judge_and_its_failures(world: dict[str, Path], tmp_path: P
         assert 0 <= r["s_t_judge"] <= 5 and r["s_v_judge"] is None
         assert r["s_t"] == pytest.approx(0.75 * r["s_t_cue"] + 0.25 * r["s_t_judge"] / 5)
         assert 1.0 <= r["penalty"] <= 2.0
-    again = score_corpus(c, tmp_path / "st", LOG)  # done: nothing is recomputed, the summary is the same
+    again = score_quality(c, tmp_path / "st", LOG)  # done: nothing is recomputed, the summary is the same
     assert {k: again[k] for k in ("rows_in", "rows_scored", "bounds")} == \
            {k: res[k] for k in ("rows_in", "rows_scored", "bounds")}
     with pytest.raises(ValueError, match="already has column"):
-        score_corpus(c.model_copy(update={"corpus": str(res["corpus"])}), tmp_path / "twice", LOG)
+        score_quality(c.model_copy(update={"corpus": str(res["corpus"])}), tmp_path / "twice", LOG)
 
 
 def test_config_errors_name_the_field() -> None:

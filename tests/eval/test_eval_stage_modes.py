@@ -60,14 +60,14 @@ def _greedy(stage_dir: Path) -> dict[str, dict]:
 
 
 def test_shuffled_image_gives_each_item_another_items_image(tiny_assets, corpus: str) -> None:
-    vlm, _, _ = stage.load_items(_cfg(tiny_assets["model"], corpus))
-    shuf, bad, _ = stage.load_items(_cfg(tiny_assets["model"], corpus, mode="shuffled_image"))
+    vlm, _, _ = stage.load_corpus_items(_cfg(tiny_assets["model"], corpus))
+    shuf, bad, _ = stage.load_corpus_items(_cfg(tiny_assets["model"], corpus, mode="shuffled_image"))
     assert not bad and [p["input_ids"] for p in shuf] == [p["input_ids"] for p in vlm]
     own = [p["pixel_values"] for p in vlm]
     got = [p["pixel_values"] for p in shuf]
     assert sorted(got) == sorted(own)  # the same images, handed round
     assert all(g != o for g, o in zip(got, own, strict=True))  # none keeps its own
-    again, _, _ = stage.load_items(_cfg(tiny_assets["model"], corpus, mode="shuffled_image"))
+    again, _, _ = stage.load_corpus_items(_cfg(tiny_assets["model"], corpus, mode="shuffled_image"))
     assert [p["pixel_values"] for p in again] == got  # seeded
 
 
@@ -81,8 +81,8 @@ def test_shuffle_blanks_an_item_alone_with_its_tile_count() -> None:
 
 
 def test_no_image_feeds_blank_tiles_of_the_same_count(tiny_assets, corpus: str, tmp_path: Path) -> None:
-    vlm, _, _ = stage.load_items(_cfg(tiny_assets["model"], corpus))
-    blank, bad, rows = stage.load_items(_cfg(tiny_assets["model"], corpus, mode="no_image"))
+    vlm, _, _ = stage.load_corpus_items(_cfg(tiny_assets["model"], corpus))
+    blank, bad, rows = stage.load_corpus_items(_cfg(tiny_assets["model"], corpus, mode="no_image"))
     assert rows == 5 and not bad
     assert [p["n_tiles"] for p in blank] == [p["n_tiles"] for p in vlm]
     assert [p["input_ids"] for p in blank] == [p["input_ids"] for p in vlm]
@@ -142,7 +142,7 @@ def test_text_mode_asks_the_llm_the_text_question(tiny_assets, corpus: str, tmp_
     from r1v.model.tokens import IMG_CONTEXT
 
     c = _cfg(tiny_assets["llm"], corpus, mode="text")
-    prompts, bad, _ = stage.load_items(c)
+    prompts, bad, _ = stage.load_corpus_items(c)
     assert [b["id"] for b in bad] == ["r4"] and bad[0]["reason"] == "no_text_question"
     tok = load_tokenizer(tiny_assets["llm"])
     text = tok.decode(prompts[0]["input_ids"])
@@ -150,7 +150,7 @@ def test_text_mode_asks_the_llm_the_text_question(tiny_assets, corpus: str, tmp_
     assert IMG_CONTEXT not in text and prompts[0]["n_tiles"] == 0
 
     with pytest.raises(ValueError, match="use mode 'text'"):
-        stage.load_items(_cfg(tiny_assets["llm"], corpus))
+        stage.load_corpus_items(_cfg(tiny_assets["llm"], corpus))
 
     res = stage.run_eval(c, tmp_path / "t", tracking.RunLogger(None, None))
     assert (res["n"], res["quarantined"], res["quarantine_reasons"]) == (4, 1, {"no_text_question": 1})
@@ -169,7 +169,7 @@ def test_text_only_engine_refuses_tiles(tiny_assets) -> None:
 
 def test_static_cache_generates_what_the_dynamic_one_does(tiny_assets, corpus: str) -> None:
     """The eval's engine (static KV cache, no log-probs) on left-padded prompts of different lengths."""
-    prompts, _, _ = stage.load_items(_cfg(tiny_assets["model"], corpus))
+    prompts, _, _ = stage.load_corpus_items(_cfg(tiny_assets["model"], corpus))
     reqs = [Request(p["input_ids"], p["pixel_values"], p["n_tiles"]) for p in prompts]
     reqs.append(Request(reqs[0].prompt_ids[:-3], reqs[0].pixel_values, reqs[0].n_tiles))
     greedy = {"temperature": 0.0, "max_new_tokens": 8}
@@ -184,7 +184,7 @@ def test_static_cache_generates_what_the_dynamic_one_does(tiny_assets, corpus: s
 def test_summary_standard_errors() -> None:
     prompts = [{"level": 1}, {"level": 1}, {"level": 2}, {"level": None}]
     c = EvalConfig(model="m", corpus="c", samples=2)
-    s = stage.summarize(prompts, [1.0, 0.0, 1.0, 1.0], [[1.0, 1.0], [0.0, 1.0], [0.0, 0.0], [1.0, 0.0]],
+    s = stage.summarize_eval(prompts, [1.0, 0.0, 1.0, 1.0], [[1.0, 1.0], [0.0, 1.0], [0.0, 0.0], [1.0, 0.0]],
                         [3, 5, 4, 4], [1, 2, 3, 4, 5, 6, 7, 8], c)
     assert s["accuracy"] == 0.75 and s["stderr"] == pytest.approx(math.sqrt(0.75 * 0.25 / 4))
     per_item = np.array([1.0, 0.5, 0.0, 0.5])
