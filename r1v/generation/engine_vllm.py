@@ -378,13 +378,7 @@ def _check_shape(name: str, shape: tuple[int, ...], t: torch.Tensor) -> None:
 
 def _checkpoint_shapes(llm_dir: Path) -> dict[str, tuple[int, ...]]:
     """{tensor name: shape} of a causal-LM checkpoint, from the safetensors headers (no tensor is read)."""
-    from safetensors import safe_open
+    from r1v.model.weights import Weights
 
-    shapes: dict[str, tuple[int, ...]] = {}
-    for f in sorted(llm_dir.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as h:
-            for k in h.keys():  # noqa: SIM118 - safe_open is not a mapping
-                shapes[k] = tuple(h.get_slice(k).get_shape())
-    if not shapes:
-        raise FileNotFoundError(f"{llm_dir} holds no safetensors weights for vLLM")
-    return shapes
+    w = Weights(llm_dir)
+    return {k: w.shape(k) for k in w.keys()}

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from r1v.core.fs import atomic_write_json, read_json
+from r1v.model.weights import INDEX
 
 FORMAT = 1
 CHECKSUMS = "r1v_checksums.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".index.json")
-INDEX = "model.safetensors.index.json"
 
 
 class ManifestError(ValueError):

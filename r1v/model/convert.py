@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from r1v.core.fs import atomic_directory, read_json
@@ -43,18 +42,17 @@ from r1v.model.convert_keys import (
     plan_to_hf,
 )
 from r1v.model.tokens import IMG_CONTEXT
+from r1v.model.weights import INDEX, Weights
 
 __all__ = ["ConversionError", "detect_layout", "hf_view", "read_hf_tensors", "to_hf", "to_internvl_chat"]
 
 log = logging.getLogger(__name__)
 
-INDEX = "model.safetensors.index.json"
 PROVENANCE = "r1v_conversion.json"
 """Written into every converted directory: source path, direction and a stamp of the source files."""
 DEFAULT_SHARD_BYTES = 5 * 2**30
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".index.json")
 _NOT_COPIED = ("config.json", PROVENANCE, "r1v_checksums.json", "r1v_manifest.json")
-_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
 
 
 def detect_layout(path: str | os.PathLike) -> str | None:
@@ -69,38 +67,14 @@ def detect_layout(path: str | os.PathLike) -> str | None:
     return None
 
 
-class _Weights:
-    """Lazy reader of a directory's safetensors weights (one file or an index of shards)."""
-
-    def __init__(self, directory: Path) -> None:
-        self.dir = directory
-        self._open: dict[str, Any] = {}
-        if (directory / INDEX).is_file():
-            self.weight_map: dict[str, str] = json.loads((directory / INDEX).read_text())["weight_map"]
-        elif (directory / "model.safetensors").is_file():
-            self.weight_map = dict.fromkeys(self._file("model.safetensors").keys(), "model.safetensors")
-        else:
-            raise ConversionError(f"{directory}: no model.safetensors or {INDEX} (only safetensors weights convert)")
-
-    def _file(self, name: str) -> Any:
-        if name not in self._open:
-            self._open[name] = safe_open(str(self.dir / name), framework="pt")
-        return self._open[name]
-
-    def keys(self) -> list[str]:
-        return list(self.weight_map)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._file(self.weight_map[key]).get_slice(key).get_shape())
-
-    def itemsize(self, key: str) -> int:
-        return _DTYPE_BYTES.get(self._file(self.weight_map[key]).get_slice(key).get_dtype(), 1)
-
-    def get(self, key: str) -> torch.Tensor:
-        return self._file(self.weight_map[key]).get_tensor(key)
+def _weights(directory: Path) -> Weights:
+    try:
+        return Weights(directory)
+    except FileNotFoundError as e:
+        raise ConversionError(f"{e} (only safetensors weights convert)") from None
 
 
-def _entry_shape(e: Entry, w: _Weights) -> tuple[int, ...]:
+def _entry_shape(e: Entry, w: Weights) -> tuple[int, ...]:
     shapes = [w.shape(k) for k in e.srcs]
     if e.op == "cat":
         if len(set(shapes)) != 1:
@@ -113,7 +87,7 @@ def _entry_shape(e: Entry, w: _Weights) -> tuple[int, ...]:
     return shapes[0]
 
 
-def _tensor(e: Entry, w: _Weights, memo: dict[str, torch.Tensor]) -> torch.Tensor:
+def _tensor(e: Entry, w: Weights, memo: dict[str, torch.Tensor]) -> torch.Tensor:
     if e.op == "copy":
         return w.get(e.srcs[0])
     if e.op == "cat":
@@ -155,7 +129,7 @@ def _check_hf(found: dict[str, tuple[int, ...]], origin: dict[str, str], hf_conf
 
 
 def _write_weights(
-    dst: Path, entries: list[Entry], shapes: dict[str, tuple[int, ...]], w: _Weights, max_shard_bytes: int
+    dst: Path, entries: list[Entry], shapes: dict[str, tuple[int, ...]], w: Weights, max_shard_bytes: int
 ) -> None:
     sizes = [math.prod(shapes[e.dst]) * w.itemsize(e.srcs[0]) for e in entries]
     shards: list[list[Entry]] = []
@@ -197,7 +171,7 @@ def _write_dir(
     config: dict[str, Any],
     entries: list[Entry],
     shapes: dict[str, tuple[int, ...]],
-    w: _Weights,
+    w: Weights,
     layout: str,
     max_shard_bytes: int,
 ) -> Path:
@@ -261,7 +235,7 @@ def to_internvl_chat(
     SkyworkR1VChatModel; default: what the source was converted from, else InternVLChatModel)."""
     p, hf = _source(src, "hf")
     chat = hf_config_to_chat(hf, variant, template)
-    w = _Weights(p)
+    w = _weights(p)
     origin = {hf_disk_key(k): k for k in w.keys()}
     if len(origin) != len(w.keys()):
         raise ConversionError(f"{p}: a tensor is stored under two spellings (e.g. lm_head.* and language_model.*)")
@@ -278,7 +252,7 @@ def to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, max_shard_bytes: in
     if token_id is None and "image_token_id" not in (chat.get(HF_STASH) or {}):
         raise ConversionError(f"{p}: the tokenizer files hold no {IMG_CONTEXT!r} token, so image_token_id is unknown")
     hf = chat_config_to_hf(chat, token_id)
-    w = _Weights(p)
+    w = _weights(p)
     entries = plan_to_hf(w.keys())
     shapes = {e.dst: _entry_shape(e, w) for e in entries}
     _check_hf(shapes, {e.dst: e.srcs[0] for e in entries}, hf)
@@ -297,7 +271,7 @@ def read_hf_tensors(
             f"{p}: not an InternVL checkpoint (HF InternVLForConditionalGeneration or InternVL-chat / Skywork-R1V)"
         )
     cfg = json.loads((p / "config.json").read_text())
-    w = _Weights(p)
+    w = _weights(p)
     if layout == "hf":
         entries = [Entry(hf_disk_key(k), (k,)) for k in w.keys()]
     else:

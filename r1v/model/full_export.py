@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from r1v.core.fs import atomic_directory
-from r1v.model.checksums import INDEX, ManifestError, record_checksums
+from r1v.model.checksums import ManifestError, record_checksums
 from r1v.model.manifest import (
     SHARD_BYTES,
     _config,
@@ -19,6 +19,7 @@ from r1v.model.manifest import (
     copy_side_files,
     tensor_sources,
 )
+from r1v.model.weights import INDEX
 
 
 class ShardWriter:

@@ -58,6 +58,7 @@ from r1v.model.checksums import (
     dir_sha256,
 )
 from r1v.model.convert_keys import hf_disk_key
+from r1v.model.weights import Weights
 
 if TYPE_CHECKING:
     import torch
@@ -181,11 +182,8 @@ def base_parts(base: str | os.PathLike) -> dict[str, dict[str, Any]]:
 # ------------------------------------------------------------------------------------------------- tensors
 
 
-def _weights(directory: Path):
-    # imported on use, to keep torch, safetensors, numpy out of light paths
-    from r1v.model.convert import _Weights
-
-    return _Weights(directory)
+def _weights(path: Path) -> Weights:
+    return Weights(path)
 
 
 def _disk_key(key: str, name: str, layout: str, where: Path) -> str | None:
@@ -228,29 +226,12 @@ def tensor_sources(model_dir: str | os.PathLike) -> dict[str, Source]:
     return out
 
 
-def _projector_reader(d: Path):
-    from safetensors import safe_open
-
+def _projector_reader(d: Path) -> Any:
     name = read_manifest(d).get("projector") or PROJECTOR_FILE
     f = d / name
     if not f.is_file():
         raise ManifestError(f"{d}: the projector file {name} is missing")
-
-    class _One:
-        def __init__(self) -> None:
-            self.file = f
-            self.h = safe_open(str(f), framework="pt")
-
-        def keys(self) -> list[str]:
-            return list(self.h.keys())
-
-        def shape(self, key: str) -> tuple[int, ...]:
-            return tuple(self.h.get_slice(key).get_shape())
-
-        def get(self, key: str) -> torch.Tensor:
-            return self.h.get_tensor(key)
-
-    return _One()
+    return _weights(f)
 
 
 def tensor_locations(model_dir: str | os.PathLike) -> dict[str, tuple[Path, str]]:
@@ -258,7 +239,7 @@ def tensor_locations(model_dir: str | os.PathLike) -> dict[str, tuple[Path, str]
     verified), for readers of their own (`r1v.train.loading` reads without memory maps)."""
     out = {}
     for key, (w, src) in tensor_sources(model_dir).items():
-        out[key] = (w.file, src) if hasattr(w, "file") else (w.dir / w.weight_map[src], src)
+        out[key] = (w.file_of(src), src)
     return out
 
 
