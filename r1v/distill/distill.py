@@ -17,7 +17,6 @@ stage skips what it already did.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from collections import Counter
@@ -145,7 +144,7 @@ def run_distill(c: DistillConfig, stage_dir: Path, log: Any, actors: bool, keep_
                 ) -> dict[str, Any]:
     """Distill `c.corpus` into `stage_dir` (see the module doc); returns outputs and the summary."""
     # imported on use, to keep torch out of light paths
-    from r1v.generation.service import engine_pool, engine_threads, make_engine, torch_threads
+    from r1v.generation.service import open_engine
 
     stage_dir = Path(stage_dir)
     work, target = stage_dir / "work", stage_dir / "corpus"
@@ -154,19 +153,16 @@ def run_distill(c: DistillConfig, stage_dir: Path, log: Any, actors: bool, keep_
     judge_stats: dict[str, float] = {}
 
     def produce(todo: set[int]) -> None:
-        with engine_pool(c.model, ec, actors, keep_warm_s) as pool, make_rewriter(c.judge) as judge:
-            engine = pool or make_engine(c.model, ec)
-            threads = contextlib.nullcontext(engine_threads(ec)) if pool else torch_threads(c.torch_threads)
-            with threads:
-                for k, off, table in iter_chunks(c.corpus, c.chunk_rows):
-                    if k not in todo:
-                        continue
-                    rows, dropped, counts = _chunk(engine, judge, c, table, off, schema)
-                    write_table(quarantine_table(dropped), work / f"quarantine-{k:05d}.parquet")
-                    atomic_write_json(work / f"counts-{k:05d}.json", counts)
-                    write_table(rows, work / PART.format(k))  # last: marks the chunk done
-                    print(f"[distill] chunk {k}: {counts['kept']} kept, {counts['rewritten']} rewritten, "
-                          f"{len(dropped)} dropped", flush=True)
+        with open_engine(c.model, ec, actors, keep_warm_s) as (engine, _), make_rewriter(c.judge) as judge:
+            for k, off, table in iter_chunks(c.corpus, c.chunk_rows):
+                if k not in todo:
+                    continue
+                rows, dropped, counts = _chunk(engine, judge, c, table, off, schema)
+                write_table(quarantine_table(dropped), work / f"quarantine-{k:05d}.parquet")
+                atomic_write_json(work / f"counts-{k:05d}.json", counts)
+                write_table(rows, work / PART.format(k))  # last: marks the chunk done
+                print(f"[distill] chunk {k}: {counts['kept']} kept, {counts['rewritten']} rewritten, "
+                      f"{len(dropped)} dropped", flush=True)
             judge_stats.update(judge.stats())
 
     def finish() -> None:

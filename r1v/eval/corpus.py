@@ -15,7 +15,6 @@ they run, so both give the same predictions, for any number of engines.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -27,7 +26,7 @@ from r1v.core.config import PreprocessConfig
 from r1v.core.fs import atomic_write_json, atomic_write_text
 from r1v.eval.config import EvalConfig
 from r1v.eval.passk import pass_at_1
-from r1v.generation.service import GREEDY, engine_pool, engine_threads, generate_jobs, make_engine, torch_threads
+from r1v.generation.service import GREEDY, generate_jobs, open_engine
 from r1v.grading.rewards import REWARDS
 
 if TYPE_CHECKING:
@@ -178,23 +177,20 @@ def run_eval(c: EvalConfig, stage_dir: Path, log, actors: bool = False, keep_war
     """Generate (greedy and sampled), grade, write predictions.jsonl and summary.json, log to MLflow.
 
     With `actors` the engines are Ray actors (`c.engine`) that load the model while the corpus is read, kept
-    `keep_warm_s` seconds afterwards for the next eval (`engine_pool`); else one engine runs in this process."""
+    `keep_warm_s` seconds afterwards for the next eval (`open_engine`); else one engine runs in this process."""
     if c.corpus is None:
         from r1v.eval.runner import run_benchmark  # benchmarks load their own data (and SymPy graders)
 
         return run_benchmark(c, stage_dir, log, actors=actors, keep_warm_s=keep_warm_s)
     stage_dir = Path(stage_dir)
     grade = REWARDS.get(c.grader)
-    with engine_pool(c.model, c, actors, keep_warm_s) as pool:
+    with open_engine(c.model, c, actors, keep_warm_s) as (engine, threads):  # actors load while the corpus is read
         t0 = time.monotonic()
         prompts, bad, n_rows = load_corpus_items(c)
         t1 = time.monotonic()
-        engine = pool or make_engine(c.model, c)
         jobs = [({**c.sampling.model_dump(), **GREEDY}, 1)] if c.greedy and prompts else []
         jobs.append((c.sampling.model_dump(), c.samples))
-        threads_ctx = contextlib.nullcontext(engine_threads(c)) if pool else torch_threads(c.torch_threads)
-        with threads_ctx as threads:
-            *first, sampled = generate_jobs(engine, prompts, jobs, c.seed, c.engine.max_batch)
+        *first, sampled = generate_jobs(engine, prompts, jobs, c.seed, c.engine.max_batch)
         greedy = first[0] if first else None
         t2 = time.monotonic()
     preds: list[dict[str, Any]] = []

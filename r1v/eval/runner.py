@@ -143,7 +143,7 @@ def run_benchmark(c: EvalConfig, stage_dir: Path, log: Any, dataset: Path | None
     # imported on use, to keep torch, sympy, latex2sympy2 out of light paths
     from r1v.eval.graders import categories_of
     from r1v.eval.grading import DEFAULT_TIMEOUT_S, GradeReport, Verdict, grade_predictions
-    from r1v.generation.service import engine_pool, generate_samples
+    from r1v.generation.service import generate, open_engine
 
     if not c.benchmark:
         raise ValueError("run_benchmark needs an EvalConfig with 'benchmark' set")
@@ -155,14 +155,15 @@ def run_benchmark(c: EvalConfig, stage_dir: Path, log: Any, dataset: Path | None
     dataset = Path(dataset) if dataset else None
     workers = min(4, os.cpu_count() or 1) if workers is None else workers
 
-    with engine_pool(c.model, c, actors, keep_warm_s) as pool:  # actors load the model while the items are posed
+    with open_engine(c.model, c, actors, keep_warm_s) as (engine, _):  # actors load while the items are posed
         t0 = time.monotonic()
         items = load_benchmark_items(benchmark, root, dataset, c.limit)
         posed, bad = _pose(benchmark, items, c)
         t1 = time.monotonic()
         print(f"[eval] {benchmark}: {len(items)} items, {len(posed)} posed, {len(bad)} quarantined, "
               f"{c.samples} samples each")
-        comps = generate_samples(c.model, [p for _, p in posed], c, engine=pool) if posed else []
+        comps = (generate(engine, [p for _, p in posed], c.sampling.model_dump(), c.samples, c.seed,
+                          c.engine.max_batch) if posed else [])
         t2 = time.monotonic()
 
     preds: list[Prediction] = []

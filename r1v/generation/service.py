@@ -88,6 +88,21 @@ def engine_pool(model_dir: str, c: EvalConfig, actors: bool, keep_warm_s: float 
     warm_pool.release(pool, keep_warm_s)
 
 
+@contextlib.contextmanager
+def open_engine(model_dir: str, c: EvalConfig, actors: bool, keep_warm_s: float = 0.0
+                ) -> Iterator[tuple[EnginePool | Any, int]]:
+    """(engine, torch threads per engine) for `c`: a pool of engine actors when `actors` (`engine_pool`: warm
+    ones when they fit, kept `keep_warm_s` for the next stage), else one engine in this process, generating on
+    `c.torch_threads` threads until the block ends. The one way every stage and `r1v eval run` get an engine."""
+    with engine_pool(model_dir, c, actors, keep_warm_s) as pool:
+        if pool is not None:
+            yield pool, engine_threads(c)
+            return
+        engine = make_engine(model_dir, c)
+        with torch_threads(c.torch_threads) as n:
+            yield engine, n
+
+
 def generate_jobs(engine, prompts: list[dict[str, Any]], jobs: list[tuple[dict[str, Any], int]], seed: int,
                   batch: int, desc: str = "eval generate", penalty_key: str | None = None
                   ) -> list[list[list[Any]]]:
@@ -125,11 +140,3 @@ def generate(engine, prompts: list[dict[str, Any]], sampling: dict[str, Any], n:
              desc: str = "eval generate") -> list[list[Any]]:
     """n completions per prompt, `batch` sequences per engine call, in input order (see `generate_jobs`)."""
     return generate_jobs(engine, prompts, [(sampling, n)], seed, batch, desc)[0]
-
-
-def generate_samples(model_dir: str, prompts: list[dict[str, Any]], c: EvalConfig, engine=None) -> list[list[Any]]:
-    """K sampled completions per preprocessed prompt, from `engine` (an `EnginePool` or an in-process engine;
-    default: one built in this process)."""
-    engine = engine or make_engine(model_dir, c)
-    with torch_threads(c.torch_threads):
-        return generate(engine, prompts, c.sampling.model_dump(), c.samples, c.seed, c.engine.max_batch)

@@ -17,7 +17,6 @@ skips what it already generated.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -89,26 +88,23 @@ def run_generate(c: GenerateConfig, stage_dir: Path, log: Any, actors: bool, kee
                  ) -> dict[str, Any]:
     """Generate and grade `c.corpus` into `stage_dir` (see the module doc); returns outputs and the summary."""
     # imported on use, to keep torch out of light paths
-    from r1v.generation.service import engine_pool, engine_threads, make_engine, torch_threads
+    from r1v.generation.service import open_engine
 
     stage_dir = Path(stage_dir)
     work, target, samples_dir = stage_dir / "work", stage_dir / "corpus", stage_dir / "samples"
     ec = c.eval_view()
 
     def produce(todo: set[int]) -> None:
-        with engine_pool(c.model, ec, actors, keep_warm_s) as pool:
-            engine = pool or make_engine(c.model, ec)
-            threads = contextlib.nullcontext(engine_threads(ec)) if pool else torch_threads(c.torch_threads)
-            with threads:
-                for k, off, table in iter_chunks(c.corpus, c.chunk_rows):
-                    if k not in todo:
-                        continue
-                    rows, samples, bad = _chunk(engine, c, table, off)
-                    write_table(samples, work / f"samples-{k:05d}.parquet")
-                    write_table(quarantine_table(bad), work / f"quarantine-{k:05d}.parquet")
-                    write_table(rows, work / PART.format(k))  # last: marks the chunk done
-                    print(f"[generate] chunk {k}: {rows.num_rows} rows answered, {len(bad)} quarantined",
-                          flush=True)
+        with open_engine(c.model, ec, actors, keep_warm_s) as (engine, _):
+            for k, off, table in iter_chunks(c.corpus, c.chunk_rows):
+                if k not in todo:
+                    continue
+                rows, samples, bad = _chunk(engine, c, table, off)
+                write_table(samples, work / f"samples-{k:05d}.parquet")
+                write_table(quarantine_table(bad), work / f"quarantine-{k:05d}.parquet")
+                write_table(rows, work / PART.format(k))  # last: marks the chunk done
+                print(f"[generate] chunk {k}: {rows.num_rows} rows answered, {len(bad)} quarantined",
+                      flush=True)
 
     def finish() -> None:
         if not any(work.glob("part-*.parquet")):  # an empty corpus: an empty version of it
