@@ -12,15 +12,23 @@ import contextlib
 import inspect
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from tqdm import tqdm
 
-from r1v.eval.config import EvalConfig
+from r1v.core.config import EvalEngineConfig
 from r1v.generation import warm_pool
 from r1v.generation.engines import ENGINES, Request
 from r1v.generation.warm_pool import EnginePool
+
+
+class EngineSpec(Protocol):
+    """What the service reads of a stage's config (`EvalConfig` and the configs that share its engines)."""
+
+    engine: EvalEngineConfig
+    torch_threads: int | None
+
 
 GREEDY: dict[str, Any] = {"temperature": 0.0, "top_p": 1.0, "repetition_penalty": 1.0}
 
@@ -38,7 +46,7 @@ def torch_threads(n: int | None) -> Iterator[int]:
         torch.set_num_threads(prev)
 
 
-def engine_class(c: EvalConfig) -> type:
+def engine_class(c: EngineSpec) -> type:
     """The engine class `c.engine.kind` names; a ValueError naming the field when none is registered."""
     try:
         return ENGINES.get(c.engine.kind)
@@ -46,19 +54,19 @@ def engine_class(c: EvalConfig) -> type:
         raise ValueError(f"engine.kind: {e.args[0]}") from None
 
 
-def engine_options(c: EvalConfig) -> dict[str, Any]:
+def engine_options(c: EngineSpec) -> dict[str, Any]:
     """No log-probs (eval grades text only) and a static KV cache on CPU, where the engine class offers them."""
     params = inspect.signature(engine_class(c)).parameters
     base = {k: v for k, v in (("logprobs", False), ("static_cache", True)) if k in params}
     return {**base, **c.engine.kind_options()}
 
 
-def engine_threads(c: EvalConfig) -> int:
+def engine_threads(c: EngineSpec) -> int:
     """Torch threads of each engine actor: `torch_threads`, else the CPUs the actor reserves (at least 1)."""
     return c.torch_threads or max(1, int(c.engine.num_cpus))
 
 
-def make_engine(model_dir: str, c: EvalConfig):
+def make_engine(model_dir: str, c: EngineSpec):
     """The rollout engine of `c.engine` in this process, in its dtype, with `engine_options`."""
     cls = engine_class(c)
     extra = engine_options(c)
@@ -68,7 +76,7 @@ def make_engine(model_dir: str, c: EvalConfig):
 
 
 @contextlib.contextmanager
-def engine_pool(model_dir: str, c: EvalConfig, actors: bool, keep_warm_s: float = 0.0
+def engine_pool(model_dir: str, c: EngineSpec, actors: bool, keep_warm_s: float = 0.0
                 ) -> Iterator[EnginePool | None]:
     """Engine actors for `c` (`r1v.generation.warm_pool`: a warm pool that fits, else new ones, loading while the caller
     prepares its prompts) when `actors`, else None (generate in this process). On a clean exit the actors are kept
@@ -89,7 +97,7 @@ def engine_pool(model_dir: str, c: EvalConfig, actors: bool, keep_warm_s: float 
 
 
 @contextlib.contextmanager
-def open_engine(model_dir: str, c: EvalConfig, actors: bool, keep_warm_s: float = 0.0
+def open_engine(model_dir: str, c: EngineSpec, actors: bool, keep_warm_s: float = 0.0
                 ) -> Iterator[tuple[EnginePool | Any, int]]:
     """(engine, torch threads per engine) for `c`: a pool of engine actors when `actors` (`engine_pool`: warm
     ones when they fit, kept `keep_warm_s` for the next stage), else one engine in this process, generating on

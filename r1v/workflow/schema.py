@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from r1v.core.config import ConfigError, RayConfig, Strict, TrackingConfig, format_errors
 from r1v.core.registry import resolve
-from r1v.plan.arch import PlanConfig
 from r1v.workflow import kinds
 from r1v.workflow.repeat import apply_overrides_and_expand, expand_repeats
 
@@ -27,6 +26,11 @@ class StageSpec(Strict):
     config: dict[str, Any] = {}
 
 
+SECTIONS = {"plan": "r1v.plan.arch:PlanConfig"}
+"""Workflow-wide sections that a feature owns, each validated by its class (imported only when a workflow has the
+section) and, where the class has `check_stages({stage: kind})`, against the workflow's stages."""
+
+
 class WorkflowConfig(Strict):
     name: str
     run_root: str = "runs"
@@ -34,15 +38,7 @@ class WorkflowConfig(Strict):
     ray: RayConfig = RayConfig()
     seed: int | None = Field(None, description="when set, reseeds every stage: see `reseed`")
     stages: dict[str, StageSpec]
-    plan: PlanConfig | None = Field(None, description="architectures and assumptions for `r1v plan`; "
-                                    "`r1v run` ignores it")
-
-    @field_validator("plan")
-    @classmethod
-    def _plan_names_stages(cls, v: PlanConfig | None, info: Any) -> PlanConfig | None:
-        if v is not None and "stages" in info.data:
-            v.check_stages({name: s.kind for name, s in info.data["stages"].items()})
-        return v
+    plan: Any = Field(None, description="architectures for `r1v plan` (`SECTIONS`); `r1v run` ignores it")
 
 
 class Workflow(BaseModel):
@@ -68,6 +64,9 @@ def validate_workflow(raw: dict[str, Any], source: str = "<config>") -> Workflow
         cfg = WorkflowConfig.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(format_errors(source, "", e)) from None
+    for section, path in SECTIONS.items():
+        if getattr(cfg, section) is not None:
+            setattr(cfg, section, _validate_section(cfg, section, path, source))
     stage_configs: dict[str, BaseModel] = {}
     for name, spec in cfg.stages.items():
         if spec.kind not in kinds.BUILTIN:
@@ -89,6 +88,19 @@ def validate_workflow(raw: dict[str, Any], source: str = "<config>") -> Workflow
     for check in sorted({k.check for k in map(kinds.get, {s.kind for s in cfg.stages.values()}) if k.check}):
         resolve(check)(cfg.stages, stage_configs, source)
     return Workflow(source=source, raw=raw, config=cfg, stage_configs=stage_configs)
+
+
+def _validate_section(cfg: WorkflowConfig, section: str, path: str, source: str) -> BaseModel:
+    try:
+        value = resolve(path).model_validate(getattr(cfg, section))
+    except ValidationError as e:
+        raise ConfigError(format_errors(source, section, e)) from None
+    if hasattr(value, "check_stages"):
+        try:
+            value.check_stages({name: s.kind for name, s in cfg.stages.items()})
+        except ValueError as e:
+            raise ConfigError(f"{source}: {section}: {e}") from None
+    return value
 
 
 def reseed(config: BaseModel, seed: int) -> BaseModel:
