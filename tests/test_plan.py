@@ -67,9 +67,9 @@ def test_frozen_parameters_have_weights_only():
 def test_parameter_count_equals_the_instantiated_tiny_model(tmp_path, spec_kw):
     from deepspeed.runtime.zero.stage3 import model_to_params
 
+    from r1v.model.config import TinySpec
     from r1v.model.freeze import GROUPS, apply_freeze
     from r1v.model.io import save_model
-    from r1v.model.spec import TinySpec
     from r1v.model.tiny import build_tiny_vlm
 
     model, tok = build_tiny_vlm(TinySpec(**spec_kw))
@@ -219,8 +219,8 @@ def test_a_model_without_config_json_or_preset_is_named(tmp_path, capsys):
 
 def test_local_config_json_wins_over_presets(tmp_path):
     """Folders that exist are read, whatever preset the plan names; an SFT stage on them sizes the real model."""
+    from r1v.model.config import TinySpec
     from r1v.model.io import save_llm, save_model
-    from r1v.model.spec import TinySpec
     from r1v.model.tiny import build_tiny_llm, build_tiny_vlm
 
     vlm, tok = build_tiny_vlm()

@@ -10,8 +10,7 @@ from typing import Any
 from pydantic import Field, SerializeAsAny, field_validator, model_validator
 
 from r1v.core.config import EvalEngineConfig, PreprocessConfig, SamplingConfig, Strict
-from r1v.eval.config import EvalConfig
-from r1v.judges.config import RewriterConfig, ScorerConfig, rewriter_config, scorer_config
+from r1v.core.judges import RewriterConfig, ScorerConfig, rewriter_config, scorer_config
 
 _REPLY = "\n\nReply with the score only, as: Score: N"
 DEFAULT_PROMPTS = {
@@ -210,9 +209,3 @@ class DistillConfig(Strict):
     @classmethod
     def _by_kind(cls, v: Any) -> RewriterConfig:
         return rewriter_config(v)
-
-    def eval_view(self) -> EvalConfig:
-        """The eval config whose engines this stage shares (`r1v.eval.corpus`)."""
-        return EvalConfig(model=self.model, corpus=self.corpus, samples=1, grader=self.grader,
-                          preprocess=self.preprocess, sampling=self.sampling, engine=self.engine, seed=self.seed,
-                          greedy=False, torch_threads=self.torch_threads)

@@ -148,12 +148,11 @@ def run_distill(c: DistillConfig, stage_dir: Path, log: Any, actors: bool, keep_
 
     stage_dir = Path(stage_dir)
     work, target = stage_dir / "work", stage_dir / "corpus"
-    ec = c.eval_view()
     schema = output_schema(c.corpus)
     judge_stats: dict[str, float] = {}
 
     def produce(todo: set[int]) -> None:
-        with open_engine(c.model, ec, actors, keep_warm_s) as (engine, _), make_rewriter(c.judge) as judge:
+        with open_engine(c.model, c, actors, keep_warm_s) as (engine, _), make_rewriter(c.judge) as judge:
             for k, off, table in iter_chunks(c.corpus, c.chunk_rows):
                 if k not in todo:
                     continue

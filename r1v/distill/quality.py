@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from r1v.core.fs import atomic_write_json
+from r1v.core.judges import SCORERS
 from r1v.data.parts import PART, check_fraction, merge_quarantine, run_parts, write_scored_part, write_table
 from r1v.data.reader import corpus_files
 from r1v.data.validate import IMAGE_DECODE
@@ -44,7 +45,6 @@ from r1v.distill.cues import (
     question_cues,
 )
 from r1v.judges.base import Scorer, Verdict, row_fields
-from r1v.judges.config import SCORERS
 from r1v.rounds.scoring import check_range
 
 SCORE_COLUMNS = ("s_v", "s_t", "s_i")

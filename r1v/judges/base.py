@@ -17,8 +17,8 @@ from typing import Any, ClassVar, Self
 from pydantic import Field, field_validator
 
 from r1v.core.config import Strict
+from r1v.core.judges import ScorerConfig
 from r1v.grading.pool import run_bounded
-from r1v.judges.config import ScorerConfig
 
 # Quarantine reason codes of the score stage.
 NO_RESPONSE = "no_response"          # the row has no assistant turn to score
@@ -55,7 +55,7 @@ class Verdict:
 
 
 class Judge(ABC):
-    """A judge plugin, a scorer or a rewriter: `Config` validates its settings (`r1v.judges.config`); `open` and
+    """A judge plugin, a scorer or a rewriter: `Config` validates its settings (`r1v.core.judges`); `open` and
     `close` acquire and release what it needs (actors, connections, credentials), around its calls and on error;
     `stats` are counters for MLflow. Used as a context manager."""
 

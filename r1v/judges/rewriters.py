@@ -15,8 +15,8 @@ from typing import Any, ClassVar
 
 from pydantic import Field
 
+from r1v.core.judges import REWRITERS, RewriterConfig
 from r1v.judges.base import Judge
-from r1v.judges.config import REWRITERS, RewriterConfig
 from r1v.judges.openai_client import OpenAIScorer, OpenAIScorerConfig
 
 NO_SOLVER = "no_solver"        # rule: the row carries no world problem (meta.digits, meta.expr) to solve

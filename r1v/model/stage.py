@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from r1v.model.config import AssembleConfig, ReassembleConfig, TinyModelConfig
+from r1v.model.config import AssembleConfig, ReassembleConfig, TinyModelConfig, TinySpec
 from r1v.model.from_parts import assemble_from_parts
 from r1v.model.manifest import reassemble_model
-from r1v.model.spec import TinySpec
 from r1v.workflow.runner import StageContext
 
 

@@ -18,7 +18,7 @@ from transformers import (
 from transformers.models.internvl.modeling_internvl import InternVLMultiModalProjector
 
 from r1v.model.assemble import assemble
-from r1v.model.spec import TinySpec
+from r1v.model.config import TinySpec
 from r1v.model.tokenizer import build_tiny_tokenizer
 from r1v.model.tokens import PAD
 

@@ -7,8 +7,7 @@ from typing import Any, Literal
 from pydantic import Field, SerializeAsAny, field_validator, model_validator
 
 from r1v.core.config import EvalEngineConfig, PreprocessConfig, SamplingConfig, Strict
-from r1v.eval.config import EvalConfig
-from r1v.judges.config import ScorerConfig, scorer_config
+from r1v.core.judges import ScorerConfig, scorer_config
 
 
 class ScoreConfig(Strict):
@@ -62,12 +61,6 @@ class GenerateConfig(Strict):
         if not self.greedy and self.samples == 0:
             raise ValueError("greedy is off and samples is 0: nothing would be generated")
         return self
-
-    def eval_view(self) -> EvalConfig:
-        """The eval config whose engines and sampling this stage shares (`r1v.eval.corpus`)."""
-        return EvalConfig(model=self.model, corpus=self.corpus, samples=max(1, self.samples), grader=self.grader,
-                          preprocess=self.preprocess, sampling=self.sampling, engine=self.engine, seed=self.seed,
-                          greedy=self.greedy, torch_threads=self.torch_threads)
 
 
 class SelectConfig(Strict):

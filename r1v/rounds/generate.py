@@ -92,10 +92,9 @@ def run_generate(c: GenerateConfig, stage_dir: Path, log: Any, actors: bool, kee
 
     stage_dir = Path(stage_dir)
     work, target, samples_dir = stage_dir / "work", stage_dir / "corpus", stage_dir / "samples"
-    ec = c.eval_view()
 
     def produce(todo: set[int]) -> None:
-        with open_engine(c.model, ec, actors, keep_warm_s) as (engine, _):
+        with open_engine(c.model, c, actors, keep_warm_s) as (engine, _):
             for k, off, table in iter_chunks(c.corpus, c.chunk_rows):
                 if k not in todo:
                     continue

@@ -17,10 +17,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from r1v.core.fs import atomic_write_json
+from r1v.core.judges import SCORERS
 from r1v.data.parts import PART, check_fraction, merge_quarantine, run_parts, write_scored_part
 from r1v.data.reader import corpus_files
 from r1v.judges.base import OUT_OF_RANGE, Verdict
-from r1v.judges.config import SCORERS
 from r1v.rounds.config import ScoreConfig
 
 EARLY_CHECK_ROWS = 256  # rows scored before the quarantine fraction may stop the stage early

@@ -22,8 +22,8 @@ import torch
 
 from r1v.core.fs import atomic_directory
 from r1v.model.assemble import assemble
+from r1v.model.config import TinySpec
 from r1v.model.io import load_llm, save_llm
-from r1v.model.spec import TinySpec
 from r1v.model.tiny import DOWNSAMPLE_RATIO, tiny_vision_config
 from r1v.model.tokenizer import build_tiny_tokenizer
 from r1v.world import lm, text

@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase, Qwen2ForCausalLM
 
 from r1v.data.prompt import IGNORE_INDEX, encode_prompt, encode_sft
 from r1v.grading.rewards import accuracy
-from r1v.model.spec import TinySpec
+from r1v.model.config import TinySpec
 from r1v.model.tiny import build_tiny_llm
 from r1v.model.tokens import PAD
 from r1v.world.domain import Problem, text_question

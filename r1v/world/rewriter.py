@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from r1v.core.judges import RewriterConfig
 from r1v.judges.base import row_fields
-from r1v.judges.config import RewriterConfig
 from r1v.judges.rewriters import NO_SOLVER, Rewrite, Rewriter
 from r1v.world.domain import Problem, reasoning_answer
 

@@ -79,7 +79,7 @@ def test_distill_counts_reconcile_and_chains_are_right(world, tmp_path):
     answered = [{**r, "penalty": r["penalty"]} for r in world["rows"] if r["answer"]]
     prompts, failed = prepare_prompts(answered, c.model, c.preprocess)
     assert not failed
-    comps = generate_with_penalties(make_engine(c.model, c.eval_view()), prompts, c.sampling.model_dump(), c.seed,
+    comps = generate_with_penalties(make_engine(c.model, c), prompts, c.sampling.model_dump(), c.seed,
                                     c.engine.max_batch)
     own = {p["id"]: THINK_OPENER + cp.text for p, cp in zip(prompts, comps, strict=True)}
     kept = [r for r in out if r["distill"] == KEPT]
@@ -113,7 +113,7 @@ def test_openai_judge_rewrites_through_the_scorer_client():
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from r1v.judges.config import rewriter_config
+    from r1v.core.judges import rewriter_config
     from r1v.judges.rewriters import OpenAIRewriterConfig, make_rewriter
 
     seen: list[dict] = []

@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 import pytest
 from score_corpora import read, row
 
+from r1v.core.judges import SCORERS
 from r1v.data.parts import TooManyQuarantined
-from r1v.judges.config import SCORERS
 from r1v.rounds.config import ScoreConfig
 from r1v.rounds.scoring import score_corpus
 from r1v.workflow import tracking

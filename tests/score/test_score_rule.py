@@ -11,9 +11,9 @@ import pytest
 from score_corpora import read, row
 
 from r1v.core.config import ConfigError
+from r1v.core.judges import SCORERS, ScorerConfig
 from r1v.data.parts import TooManyQuarantined
 from r1v.judges.base import Scorer, Verdict, compile_pattern, grade_bounded, parse_score
-from r1v.judges.config import SCORERS, ScorerConfig
 from r1v.rounds.config import ScoreConfig
 from r1v.rounds.scoring import score_corpus
 from r1v.workflow import tracking

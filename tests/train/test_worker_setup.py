@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 
 from r1v.core.config import TrainerConfig
+from r1v.model.config import TinySpec
 from r1v.model.forward import multimodal_logits
 from r1v.model.io import save_model
-from r1v.model.spec import TinySpec
 from r1v.model.tiny import build_tiny_vlm
 from r1v.train.worker import load_trainable
 

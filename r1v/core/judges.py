@@ -1,4 +1,5 @@
-"""The judges' configs: which plugin a `scorer:` or `judge:` section names, validated by that plugin's own `Config`.
+"""The judges' config part, shared by the stages that use judges (`score`, `distill.score`, `distill`): which plugin
+a `scorer:` or `judge:` section names, validated by that plugin's own `Config` (`r1v.judges`).
 
 Plugins are tables of dotted paths (imported when a config names them); a project's own plugin is added with
 `SCORERS.register` / `REWRITERS.register`.
