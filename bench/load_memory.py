@@ -7,7 +7,7 @@ Two worker processes (a gloo process group, as `torchrun --nproc_per_node 2` wou
 call the same function) load the checkpoint with `r1v.train.loading.load_for_training` under ZeRO-3 in bf16,
 then build the DeepSpeed engine on it. Baseline in the same run: the same two workers loading it whole with
 `r1v.model.io.load_model` in bf16 (what every worker did before; the fp32 load it replaced needed twice that).
-Target (issue 10): ZeRO-3 peak RSS per worker <= model bytes / world size + 2 GB.
+Target: ZeRO-3 peak RSS per worker <= model bytes / world size + 2 GB.
 
 Peak RSS is the process's `ru_maxrss`; "added" subtracts the RSS measured just before loading (Python, torch,
 transformers and DeepSpeed imported), so it is what loading itself cost.

@@ -1,4 +1,4 @@
-"""Self-distillation on the miniature over several seeds (issue 13 item 4): does the distilled corpus give harder
+"""Self-distillation on the miniature over several seeds: does the distilled corpus give harder
 items longer chains than easy ones, and does SFT on it keep accuracy while answering easy items in fewer tokens?
 
 Per seed, one temporary workflow run (`r1v run`) on 2 cores:

@@ -1,5 +1,5 @@
 """The miniature's iterative SFT rounds over several seeds: does accuracy rise round by round, and by more than the
-run-to-run spread? (Issue 12 item 6; the paper: 62.5 -> 63.9 -> 64.7 -> 65.2 -> 65.6 on MMMU.)
+run-to-run spread? (The paper: 62.5 -> 63.9 -> 64.7 -> 65.2 -> 65.6 on MMMU.)
 
 Runs `r1v run workflows/tiny.yaml seed=N` for each seed (a full demo run each, ~10 minutes on 2 cores), or
 reads finished runs (`--runs DIR ...`), and prints per seed the greedy accuracy ± stderr of sft (M0), each round

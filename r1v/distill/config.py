@@ -68,7 +68,7 @@ class TextCueParams:
 
 
 class JudgeConfig(Strict):
-    """A judge part of one score: a scorer of the registry (#8) rating each row in [min_score, max_score],
+    """A judge part of one score: a scorer of the registry rating each row in [min_score, max_score],
     mapped to [0, 1] and mixed with the cue part: score = (1 - weight) * cue + weight * judge."""
 
     scorer: SerializeAsAny[ScorerConfig] = Field(description="{kind: openai | local | rule, ...its fields}")

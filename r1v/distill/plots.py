@@ -1,4 +1,4 @@
-"""Chain length against difficulty and against the DRLC penalty, before and after distillation (issue 13 item 4).
+"""Chain length against difficulty and against the DRLC penalty, before and after distillation.
 
 "Before" is the input corpus's own assistant chains (the reference chains the corpus shipped with), "after" the
 distilled corpus (`chain_tokens`: kept chains are the model's own, rewritten ones the judge's); both are counted

@@ -1,5 +1,5 @@
 """Stage outputs that hold what a stage changed, not a copy of the model: the projector plus a manifest naming
-the frozen parts it was built on (issue 10: at 38B a full copy per stage is 77 GB in bf16, the projector 184 MB).
+the frozen parts it was built on (at 38B a full copy per stage is 77 GB in bf16, the projector 184 MB).
 
 A projector-only stage (SFT or GRPO with `trainable: [projector]`) and `reassemble` write as their `model/`:
 

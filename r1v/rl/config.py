@@ -1,8 +1,4 @@
-"""The `grpo` stage's config: batch sizes, the variants by registry name, dynamic sampling and the replay buffer.
-
-Imported at the end of `r1v.config` (which re-exports these names), so the shared pieces it builds on are
-defined by then.
-"""
+"""The `grpo` stage's config: batch sizes, the variants by registry name, dynamic sampling and the replay buffer."""
 
 from __future__ import annotations
 

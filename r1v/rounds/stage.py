@@ -1,4 +1,4 @@
-"""The `score`, `generate` and `select` stage kinds: thin wrappers over `r1v.score`'s modules.
+"""The `score`, `generate` and `select` stage kinds: thin wrappers over `r1v.rounds`' modules.
 
 Iterative SFT round t (METHOD.md section 3) in a workflow: `score` the corpus once (rm_score, 0..5); per round,
 `generate` with M_{t-1} over it (E_{t-1}), `select` with tau_t, then `sft` on the selected corpus.

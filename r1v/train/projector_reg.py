@@ -5,7 +5,7 @@ embedding (about 28x the mean token-embedding norm in the miniature world), inpu
 pretraining. The instruct LLM it is aligned on may learn to read them; whether another LLM of the same embedding
 space does, after re-assembly, is the question. The penalty (||f|| / r - 1)^2, averaged over the image tokens of
 a micro-batch with r the mean norm of the LLM's input embeddings, pulls the features back to the scale the LLM
-knows without fixing their direction. A compared option of issue 9's alignment, off by default.
+knows without fixing their direction. A compared option for the alignment (docs/world.md), off by default.
 """
 
 from __future__ import annotations
