@@ -44,9 +44,8 @@ from r1v.train.engine import (
     gathered,
     init_engine,
 )
-from r1v.train.launch import fit, setup_worker
-from r1v.train.worker import load_trainable
-from r1v.workflow.tracking import RunLogger
+from r1v.train.launch import fit
+from r1v.train.worker import load_trainable, start_worker
 
 
 def load_prompts(c: GRPOConfig, rank: int, world: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -153,9 +152,8 @@ def grpo_loop(cfg: dict[str, Any]) -> None:
     from r1v.model.assemble import tile_size
 
     c = GRPOConfig.model_validate(cfg["config"])
-    rank, world = setup_worker(c.trainer)
+    rank, world, log = start_worker(c.trainer, cfg["tracking_uri"], cfg["run_id"])
     load_reward_modules(c.reward_modules, list(c.rewards))
-    log = RunLogger(cfg["tracking_uri"], cfg["run_id"]) if rank == 0 else RunLogger(None, None)
     engines = cfg["engines"]
     rollout = engines[rank % len(engines)]
     prompts, bad = load_prompts(c, rank, world)

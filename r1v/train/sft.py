@@ -40,10 +40,9 @@ from r1v.train import checkpoint
 from r1v.train.config import SFTConfig
 from r1v.train.device import engine_device, engine_dtype, to_device
 from r1v.train.engine import all_reduce_max, all_reduce_sum, export_model, gather_objects, init_engine
-from r1v.train.launch import fit, setup_worker
+from r1v.train.launch import fit
 from r1v.train.projector_reg import ProjectorNormPenalty
-from r1v.train.worker import load_trainable
-from r1v.workflow.tracking import RunLogger
+from r1v.train.worker import load_trainable, start_worker
 
 
 def dummy_row(image_token_id: int, tokens_per_tile: int, tile_size: int) -> dict[str, Any]:
@@ -205,11 +204,9 @@ def sft_loop(cfg: dict[str, Any]) -> None:
     """Ray Train worker function."""
     import ray.train
 
-
     c = SFTConfig.model_validate(cfg["config"])
     t_setup = time.time()
-    rank, world = setup_worker(c.trainer)
-    log = RunLogger(cfg["tracking_uri"], cfg["run_id"]) if rank == 0 else RunLogger(None, None)
+    rank, world, log = start_worker(c.trainer, cfg["tracking_uri"], cfg["run_id"])
     model, tok, counts = load_trainable(c.model, c.trainer, c.trainable)
     tile, per_tile = vision_geometry(c.model)
     image_token = model.config.image_token_id
