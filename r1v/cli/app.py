@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from r1v.cli.data import add_data_parser
+from r1v.cli.eval import add_run_parser
 from r1v.cli.export import add_export_parser
 from r1v.cli.grade import add_grade_parser
 from r1v.cli.model import add_model_parser
@@ -16,7 +17,6 @@ from r1v.cli.world import add_world_parser
 from r1v.core.config import ConfigError
 from r1v.core.noise import quiet_libraries, worker_env
 from r1v.eval.results import format_table, report
-from r1v.eval.runner import add_run_parser
 from r1v.workflow.console import Console, show_path
 from r1v.workflow.runner import Runner, StageFailed, check_only
 from r1v.workflow.schema import load_workflow
