@@ -110,6 +110,34 @@ def test_function_local_imports_are_a_minority():
     assert sum(pairs) / len(pairs) < 0.5, f"{sum(pairs)} of {len(pairs)} imports of r1v modules are function-local"
 
 
+def test_function_local_imports_say_why():
+    """Each function-local import of an r1v module (outside `if TYPE_CHECKING`) has a comment above it, on it or on
+    its block, naming the heavy libraries it keeps out of light paths."""
+    silent = []
+    for path in PKG.rglob("*.py"):
+        lines = path.read_text().splitlines()
+        tree = ast.parse("\n".join(lines))
+        parents = {c: p for p in ast.walk(tree) for c in ast.iter_child_nodes(p)}
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Import | ast.ImportFrom) or node.col_offset == 0:
+                continue
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            parent = parents[node]
+            if not any(n.startswith("r1v") for n in names) or (
+                    isinstance(parent, ast.If) and "TYPE_CHECKING" in ast.unparse(parent.test)):
+                continue
+            k, said = node.lineno - 2, "#" in lines[node.lineno - 1]
+            while k >= 0 and not said:  # up through the import block to its comment
+                text = lines[k].strip()
+                said = text.startswith("#")
+                if said or not (text.startswith(("from ", "import ")) or text in ("", ")") or text.endswith(",")):
+                    break
+                k -= 1
+            if not said:
+                silent.append(f"{path.relative_to(ROOT)}:{node.lineno}: {lines[node.lineno - 1].strip()}")
+    assert not silent, "\n".join(silent)
+
+
 def test_validating_a_workflow_imports_no_torch():
     code = ("import sys; from r1v.workflow.schema import load_workflow; "
             "[load_workflow(f'workflows/{n}') for n in ('r1v-38b.yaml', 'tiny.yaml')]; "

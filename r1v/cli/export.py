@@ -19,6 +19,7 @@ from pathlib import Path
 
 from r1v.core.fs import read_json
 from r1v.model.manifest import is_manifest_dir
+from r1v.workflow.runner import Runner, topo_order
 
 
 class ExportError(ValueError):
@@ -36,8 +37,8 @@ def model_dir_of(src: str | Path, stage: str | None = None) -> Path:
     """The model directory that `src` (model, stage or run directory) stands for."""
     p = Path(src)
     if (p / "run.json").is_file():
+        # imported on use, to keep torch out of light paths
         from r1v.generation.engines import is_vlm_dir
-        from r1v.workflow.runner import Runner, topo_order
 
         runner = Runner.open(p)
         order = topo_order(runner.wf)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from r1v.data.pipeline import RowError
+from r1v.data.pipeline import RowError, load_tokenizer, vision_geometry
 from r1v.data.schema import make_row
 from r1v.model.tiling import choose_grid
 from r1v.model.tokens import IMAGE_MARKER, IMG_CONTEXT, IMG_END, IMG_START
@@ -182,8 +182,6 @@ class Validator:
         self.cfg = cfg
         self.tok = None
         if cfg.model:
-            from r1v.data.pipeline import load_tokenizer, vision_geometry
-
             self.tok = load_tokenizer(str(cfg.model))
             self.tile_size, self.per_tile = vision_geometry(str(cfg.model))
 

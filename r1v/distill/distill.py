@@ -31,7 +31,7 @@ from r1v.data.parts import PART, corpus_schema, iter_chunks, merge_quarantine, q
 from r1v.data.pipeline import load_tokenizer, prepare_prompts
 from r1v.data.reader import corpus_files
 from r1v.distill.config import DistillConfig
-from r1v.distill.plots import KEPT, REWRITTEN
+from r1v.distill.plots import KEPT, REWRITTEN, distill_plots
 from r1v.grading.rewards import REWARDS
 from r1v.judges.base import grade_bounded
 from r1v.judges.rewriters import Rewriter, make_rewriter
@@ -178,7 +178,6 @@ def run_distill(c: DistillConfig, stage_dir: Path, log: Any, actors: bool, keep_
     log.metrics(metrics, 0)
     log.dict(summary, "distill_summary.json")
     try:  # the figure is a view of finished work: a failure to draw it must not fail the distillation
-        from r1v.distill.plots import distill_plots
 
         distill_plots(c.corpus, target, c.model, stage_dir, log, c.penalty_column)
     except Exception as e:  # noqa: BLE001

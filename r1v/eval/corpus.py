@@ -26,6 +26,7 @@ from r1v.core.config import PreprocessConfig
 from r1v.core.fs import atomic_write_json, atomic_write_text
 from r1v.eval.config import EvalConfig
 from r1v.eval.passk import pass_at_1
+from r1v.generation.engines import is_vlm_dir
 from r1v.generation.service import GREEDY, generate_jobs, open_engine
 from r1v.grading.rewards import REWARDS
 
@@ -119,8 +120,6 @@ def load_corpus_items(c: EvalConfig) -> tuple[list[dict[str, Any]], list[dict[st
     if c.mode == "text":
         prompts, bad = text_prompts(rows, c.model, c.preprocess)
     else:
-        from r1v.generation.engines import is_vlm_dir
-
         if not is_vlm_dir(c.model):
             raise ValueError(f"eval mode {c.mode!r} needs a VLM, and {c.model} holds a causal LM: use mode 'text'")
         prompts, bad = prepare_prompts(rows, c.model, c.preprocess)

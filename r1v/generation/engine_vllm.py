@@ -33,6 +33,7 @@ from r1v.model.checksums import dir_sha256
 from r1v.model.convert_keys import hf_disk_key
 from r1v.model.manifest import SHARD_BYTES, resolve_parts, tensor_sources
 from r1v.model.tokens import IM_END, IMG_CONTEXT, IMG_END, IMG_START, PAD
+from r1v.model.weights import Weights
 
 LLM_PREFIX = "language_model."
 """The language model's tensors in the HF VLM layout on disk (`r1v.model.convert_keys.hf_disk_key`)."""
@@ -193,6 +194,7 @@ class VLLMEngine(RolloutEngine):
         self.tok = AutoTokenizer.from_pretrained(hf_view(Path(model_dir)), local_files_only=True)
         self.vlm = load_vision_side(model_dir, self.dtype, self.device) if self.vision else None
         if self.vlm is not None:
+            # imported on use, to keep transformers, PIL, pyarrow out of light paths
             from r1v.model.assemble import tile_size
 
             self.tile = tile_size(self.vlm)
@@ -378,7 +380,5 @@ def _check_shape(name: str, shape: tuple[int, ...], t: torch.Tensor) -> None:
 
 def _checkpoint_shapes(llm_dir: Path) -> dict[str, tuple[int, ...]]:
     """{tensor name: shape} of a causal-LM checkpoint, from the safetensors headers (no tensor is read)."""
-    from r1v.model.weights import Weights
-
     w = Weights(llm_dir)
     return {k: w.shape(k) for k in w.keys()}

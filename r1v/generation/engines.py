@@ -88,12 +88,14 @@ class TransformersEngine(RolloutEngine):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.vision = is_vlm_dir(model_dir)
         if self.vision:
+            # imported on use, to keep transformers, PIL, pyarrow out of light paths
             from r1v.model.assemble import tile_size
             from r1v.model.io import load_model
 
             self.model, self.tok = load_model(model_dir, dtype=getattr(torch, dtype))
             self.tile = tile_size(self.model)
         else:
+            # imported on use, to keep transformers, PIL, pyarrow out of light paths
             from r1v.model.io import load_llm
 
             self.model, self.tok = load_llm(model_dir, dtype=getattr(torch, dtype))
@@ -164,6 +166,7 @@ class TransformersEngine(RolloutEngine):
         if temperature > 0:
             kwargs.update(temperature=temperature, top_p=float(s.get("top_p", 1.0)), top_k=0)
         if tiles:
+            # imported on use, to keep transformers, PIL, pyarrow out of light paths
             from r1v.model.forward import normalize_pixels
 
             kwargs["pixel_values"] = normalize_pixels(torch.cat(tiles).to(self.device), self.model.dtype)

@@ -90,6 +90,7 @@ class LocalScorerHost:
                 self.model.config.pad_token_id = self.tok.pad_token_id if self.tok.pad_token_id is not None \
                     else self.tok.eos_token_id
         else:
+            # imported on use, to keep torch out of light paths
             from r1v.generation.engines import TransformersEngine
 
             self.engine = TransformersEngine(self.c.model, max_batch=self.c.batch_size, device=device,

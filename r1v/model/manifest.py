@@ -206,8 +206,6 @@ def tensor_sources(model_dir: str | os.PathLike) -> dict[str, Source]:
     """{HF tensor name: where to read it} of a full HF directory or a manifest directory (parts verified)."""
     d = Path(model_dir).absolute()
     if not is_manifest_dir(d):
-        from r1v.model.convert_keys import hf_disk_key
-
         w = _weights(d)
         return {hf_disk_key(k): (w, k) for k in w.keys()}
     out: dict[str, Source] = {}

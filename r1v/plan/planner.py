@@ -446,6 +446,7 @@ def _world(world: str | None, out: str) -> Arch:
 
 def _engine_registered(kind: str) -> bool:
     try:
+        # imported on use, to keep torch out of light paths
         from r1v.generation.engines import ENGINES
     except ImportError:
         return False
