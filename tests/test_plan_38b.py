@@ -115,8 +115,13 @@ def test_r1v_38b_loads_with_the_papers_numbers():
     )
     assert d0.judge.images and "{response}" in d0.judge.prompt  # the default rewrite prompt
     assert d0.preprocess.max_length + d0.sampling.max_new_tokens == sfts["sft"].preprocess.max_length
-    # the file's header: one override sets the rewriter of Stage 1 and of every round (they share the mapping)
-    moved = load_workflow(R1V_38B, ["stages.distill.config.judge.base_url=http://w:1/v1"]).stage_configs
+    # the file's header: Stage 1's rewriter and the rounds' are set by two overrides (an anchor is copied where used)
+    one = load_workflow(R1V_38B, ["stages.distill.config.judge.base_url=http://w:1/v1"]).stage_configs
+    assert {n for n, c in one.items() if isinstance(c, DistillConfig) and c.judge.base_url == "http://w:1/v1"} == {
+        "distill"}
+    moved = load_workflow(R1V_38B, ["stages.distill.config.judge.base_url=http://w:1/v1",
+                                    "stages.round.repeat.stages.distill.config.judge.base_url=http://w:1/v1"]
+                          ).stage_configs
     assert {moved[n].judge.base_url for n in moved if isinstance(moved[n], DistillConfig)} == {"http://w:1/v1"}
 
     # iterative SFT: round t answers D with M_{t-1}, selects RM >= tau_t plus those errors, has M_{t-1} distil

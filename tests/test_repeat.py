@@ -228,9 +228,9 @@ stages:
   round:
     repeat:
       over: {tau: [2, 3, 4, 5], lr: [1.0e-4, 2.0e-5, 2.0e-5, 2.0e-5]}
-      first: {sft.model: "@sft.model", generate.out: null}
+      first: {sft.model: "@sft.model", generate.summary: null}
       stages:
-        select: {kind: test.round, config: {tau: "{tau}", source: "@prev.generate.out"}}
+        select: {kind: test.round, config: {tau: "{tau}", source: "@prev.generate.summary"}}
         sft: {kind: sft, config: {model: "@prev.sft.model", corpus: "@this.select.out", optim: {lr: "{lr}"}}}
         generate: {kind: eval, config: {model: "@this.sft.model", corpus: /test}}
   grpo: {kind: grpo, config: {model: "@round.last.sft.model", corpus: /d}}
@@ -239,7 +239,7 @@ stages:
     assert len(wf.config.stages) == 14 and list(wf.config.stages)[-2:] == ["round4_generate", "grpo"]
     c = wf.stage_configs
     assert (c["round1_select"].tau, c["round1_select"].source, c["round4_select"].source) == (
-        2, None, "@round3_generate.out")
+        2, None, "@round3_generate.summary")
     assert (c["round1_sft"].model, c["round2_sft"].model, c["round2_sft"].optim.lr) == (
         "@sft.model", "@round1_sft.model", 2e-5)
     assert c["grpo"].model == "@round4_sft.model"

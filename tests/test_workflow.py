@@ -110,16 +110,19 @@ def test_missing_output_makes_a_done_stage_run_again(tmp_path):
     assert Runner.open(r.run_dir).run()["a"] == "ran"
 
 
-def test_cycles_and_bad_refs_are_config_errors(tmp_path):
+def test_cycles_and_bad_refs_are_config_errors_at_load(tmp_path):
     p = tmp_path / "wf.yaml"
     p.write_text("name: x\nstages:\n  a: {kind: test.write, config: {source: '@b.out'}}\n"
                  "  b: {kind: test.write, config: {source: '@a.out'}}\n")
-    wf = load_workflow(p)
-    with pytest.raises(ConfigError, match="cycle"):
-        Runner(wf, tmp_path).fingerprints()
+    with pytest.raises(ConfigError, match=r"cycle among \['a', 'b'\]"):
+        load_workflow(p)
     p.write_text("name: x\nstages:\n  a: {kind: test.write, config: {source: '@ghost.out'}}\n")
-    with pytest.raises(ConfigError, match="unknown stage 'ghost'"):
-        Runner(load_workflow(p), tmp_path).fingerprints()
+    with pytest.raises(ConfigError, match="stages.a: @ghost.out refers to unknown stage 'ghost'"):
+        load_workflow(p)
+    p.write_text("name: x\nstages:\n  m: {kind: model.tiny}\n  e: {kind: eval, config: {model: '@m.modle', "
+                 "corpus: /c}}\n")
+    with pytest.raises(ConfigError, match=r"@m.modle: a model.tiny stage has no output 'modle' \(it has model, llm\)"):
+        load_workflow(p)
 
 
 def test_only_with_an_unknown_stage_is_a_config_error_that_names_the_stages(tmp_path):

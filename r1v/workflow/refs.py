@@ -1,4 +1,5 @@
-"""`@stage.output` references: how a stage's config names an upstream stage's output."""
+"""`@stage.output` references (how a stage's config names an upstream stage's output) and the stage graph they and
+`needs:` make."""
 
 from __future__ import annotations
 
@@ -34,3 +35,30 @@ def refs(cfg: BaseModel) -> set[str]:
 
     walk(cfg.model_dump(mode="json"), visit)
     return found
+
+
+def ref_pairs(cfg: BaseModel) -> set[tuple[str, str]]:
+    """The (stage, output) pairs that `cfg` refers to."""
+    found: set[tuple[str, str]] = set()
+
+    def visit(s: str) -> str:
+        if m := REF.match(s):
+            found.add((m.group(1), m.group(2)))
+        return s
+
+    walk(cfg.model_dump(mode="json"), visit)
+    return found
+
+
+def order(deps: dict[str, set[str]], source: str) -> list[str]:
+    """The stages in an order where each comes after what it depends on (the declared order among equals); a
+    ValueError naming the stages of a cycle."""
+    out: list[str] = []
+    done: set[str] = set()
+    while len(out) < len(deps):
+        ready = [n for n in deps if n not in done and deps[n] <= done]
+        if not ready:
+            raise ValueError(f"{source}: stages form a cycle among {sorted(set(deps) - done)}")
+        out.append(ready[0])
+        done.add(ready[0])
+    return out

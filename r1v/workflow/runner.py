@@ -34,8 +34,8 @@ from r1v.core.fs import atomic_write_json, atomic_write_text, read_json
 from r1v.core.overrides import apply_overrides
 from r1v.workflow import kinds, tracking
 from r1v.workflow.console import StageReporter
-from r1v.workflow.refs import REF, refs, walk
-from r1v.workflow.schema import Workflow, validate_workflow
+from r1v.workflow.refs import REF, order, refs, walk
+from r1v.workflow.schema import Workflow, read_yaml, stage_deps, validate_workflow
 
 
 class StageFailed(RuntimeError):
@@ -85,22 +85,8 @@ def read_events(run_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def topo_order(wf: Workflow) -> list[str]:
-    stages = wf.config.stages
-    needs = {n: set(s.needs) | refs(wf.stage_configs[n]) for n, s in stages.items()}
-    for n, deps in needs.items():
-        for d in deps:
-            if d not in stages:
-                raise ConfigError(f"{wf.source}: stages.{n}: refers to unknown stage {d!r}")
-    order: list[str] = []
-    done: set[str] = set()
-    while len(order) < len(stages):
-        ready = [n for n in stages if n not in done and needs[n] <= done]
-        if not ready:
-            cycle = sorted(set(stages) - done)
-            raise ConfigError(f"{wf.source}: stages form a cycle among {cycle}")
-        order.append(ready[0])
-        done.add(ready[0])
-    return order
+    """The stages in run order (the workflow was checked for cycles when it was validated)."""
+    return order(stage_deps(wf.config, wf.stage_configs), wf.source)
 
 
 class Runner:
@@ -145,11 +131,14 @@ class Runner:
         if not (run_dir / "run.json").exists():
             raise FileNotFoundError(f"{run_dir} is not an r1v run directory (no run.json)")
 
-        raw = yaml.safe_load((run_dir / "workflow.yaml").read_text())
-        if overrides:
+        source = run_dir / "workflow.yaml"
+        raw = read_yaml(source)
+        wf = validate_workflow(apply_overrides(raw, overrides) if overrides else raw, str(source))
+        if overrides:  # validated first: a bad override leaves the run as it was
             raw = apply_overrides(raw, overrides)
-            atomic_write_text(run_dir / "workflow.yaml", yaml.safe_dump(raw, sort_keys=False))
-        return cls(validate_workflow(raw, str(run_dir / "workflow.yaml")), run_dir)
+            atomic_write_text(source, yaml.safe_dump(raw, sort_keys=False))
+            _append_event(run_dir, "", "overrides", overrides=list(overrides))
+        return cls(wf, run_dir)
 
     # ----------------------------------------------------------------- state
     def stage_dir(self, name: str) -> Path:

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from r1v.core.config import ConfigError, RayConfig, Strict, TrackingConfig, format_errors
 from r1v.core.registry import resolve
 from r1v.workflow import kinds
+from r1v.workflow.refs import order, ref_pairs, refs
 from r1v.workflow.repeat import apply_overrides_and_expand, expand_repeats
 
 
@@ -85,9 +86,32 @@ def validate_workflow(raw: dict[str, Any], source: str = "<config>") -> Workflow
         for dep in spec.needs:
             if dep not in cfg.stages:
                 raise ConfigError(f"{source}: stages.{name}.needs: unknown stage {dep!r}")
+    _check_graph(cfg, stage_configs, source)
     for check in sorted({k.check for k in map(kinds.get, {s.kind for s in cfg.stages.values()}) if k.check}):
         resolve(check)(cfg.stages, stage_configs, source)
     return Workflow(source=source, raw=raw, config=cfg, stage_configs=stage_configs)
+
+
+def _check_graph(cfg: WorkflowConfig, stage_configs: dict[str, BaseModel], source: str) -> None:
+    """Every `@stage.output` names a stage of the workflow and an output its kind makes, and the stages form no
+    cycle: found here, before a run directory, an MLflow run or Ray exists."""
+    for name, c in stage_configs.items():
+        for stage, output in sorted(ref_pairs(c)):
+            if stage not in cfg.stages:
+                raise ConfigError(f"{source}: stages.{name}: @{stage}.{output} refers to unknown stage {stage!r}")
+            kind = kinds.get(cfg.stages[stage].kind)
+            if kind.outputs and output not in kind.outputs:
+                raise ConfigError(f"{source}: stages.{name}: @{stage}.{output}: a {kind.name} stage has no output "
+                                  f"{output!r} (it has {', '.join(kind.outputs)})")
+    try:
+        order(stage_deps(cfg, stage_configs), source)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def stage_deps(cfg: WorkflowConfig, stage_configs: dict[str, BaseModel]) -> dict[str, set[str]]:
+    """{stage: the stages it needs or refers to}."""
+    return {n: set(s.needs) | refs(stage_configs[n]) for n, s in cfg.stages.items()}
 
 
 def _validate_section(cfg: WorkflowConfig, section: str, path: str, source: str) -> BaseModel:
@@ -130,15 +154,47 @@ def _reseeded(m: BaseModel, seed: int) -> dict[str, Any]:
     return out
 
 
-def load_workflow(path: str | Path, overrides: list[str] | None = None) -> Workflow:
+class _StrictLoader(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping (the second would silently replace the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: keys given after it override its keys
+                continue
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else id(key_node)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _tree(value: Any) -> Any:
+    """`value` with every mapping and list copied: YAML anchors load as one shared object, and an override of one
+    stage must not change the others that alias it."""
+    if isinstance(value, dict):
+        return {k: _tree(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_tree(v) for v in value]
+    return value
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A workflow file as independent nested dicts; ConfigError naming the file for a missing file, invalid YAML,
+    a duplicate key or a top level that is not a mapping."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_StrictLoader)  # noqa: S506  (a SafeLoader subclass)
     except FileNotFoundError:
         raise ConfigError(f"workflow file {path} does not exist") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
-    raw = apply_overrides_and_expand(raw, overrides or [], str(path))
+    return _tree(raw)
+
+
+def load_workflow(path: str | Path, overrides: list[str] | None = None) -> Workflow:
+    raw = apply_overrides_and_expand(read_yaml(path), overrides or [], str(path))
     return validate_workflow(raw, str(path))

@@ -1,0 +1,75 @@
+"""Validate, then write: a workflow's mistakes fail at load, before a run directory, an MLflow run or Ray exists,
+and a resume's bad override leaves the run as it was. YAML means what it says: no duplicate keys, and anchors load
+as independent copies."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from r1v.cli import main
+from r1v.core.config import ConfigError
+from r1v.workflow.runner import Runner
+from r1v.workflow.schema import load_workflow
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run_fails_fast(tmp_path: Path, text: str, capsys) -> str:
+    wf = tmp_path / "wf.yaml"
+    wf.write_text(text.format(root=tmp_path / "runs"))
+    t0 = time.monotonic()
+    assert main(["run", str(wf)]) == 2
+    assert time.monotonic() - t0 < 3
+    assert not (tmp_path / "runs").exists()  # no run directory, no MLflow store
+    return capsys.readouterr().err
+
+
+def test_a_duplicate_stage_key_fails_before_anything_is_made(tmp_path, capsys):
+    err = _run_fails_fast(tmp_path, "name: x\nrun_root: {root}\nstages:\n"
+                          "  a: {{kind: data.synthetic}}\n  a: {{kind: data.synthetic, config: {{seed: 1}}}}\n", capsys)
+    assert "duplicate key 'a' (first at line 4)" in err
+
+
+def test_a_cycle_fails_before_anything_is_made(tmp_path, capsys):
+    err = _run_fails_fast(tmp_path, "name: x\nrun_root: {root}\nstages:\n"
+                          "  a: {{kind: model.tiny, needs: [b]}}\n  b: {{kind: model.tiny, needs: [a]}}\n", capsys)
+    assert "cycle among ['a', 'b']" in err
+
+
+def test_merge_keys_may_be_overridden_without_being_duplicates(tmp_path):
+    p = tmp_path / "wf.yaml"
+    p.write_text("name: x\nstages:\n  a: {kind: data.synthetic, config: &c {seed: 1, n_train: 8}}\n"
+                 "  b: {kind: data.synthetic, config: {<<: *c, seed: 2}}\n")
+    c = load_workflow(p).stage_configs
+    assert (c["a"].seed, c["b"].seed, c["b"].n_train) == (1, 2, 8)
+
+
+def test_an_override_of_one_stage_leaves_the_stages_sharing_its_anchor_alone():
+    base = load_workflow(ROOT / "workflows" / "tiny.yaml")
+    wf = load_workflow(ROOT / "workflows" / "tiny.yaml", ["stages.sft.config.trainer.num_workers=1"])
+    assert wf.stage_configs["sft"].trainer.num_workers == 1
+    assert base.stage_configs["sft"].trainer.num_workers == 2
+    for name in ("align", "round1_sft", "round3_sft", "grpo"):  # they share the trainer anchor in tiny.yaml
+        assert wf.stage_configs[name].trainer == base.stage_configs[name].trainer, name
+
+
+def test_a_bad_override_on_resume_changes_nothing(tmp_path, capsys):
+    p = tmp_path / "wf.yaml"
+    p.write_text(f"name: x\nrun_root: {tmp_path / 'runs'}\nstages:\n  a: {{kind: data.synthetic}}\n")
+    run = Runner.create(load_workflow(p), tmp_path / "runs" / "r")
+    before = (run.run_dir / "workflow.yaml").read_bytes()
+    events = (run.run_dir / "events.jsonl").read_bytes() if (run.run_dir / "events.jsonl").exists() else b""
+    assert main(["resume", str(run.run_dir), "stages.a.config.n_trian=3"]) == 2
+    assert "stages.a.config.n_trian: Extra inputs are not permitted" in capsys.readouterr().err
+    with pytest.raises(ConfigError):
+        Runner.open(run.run_dir, ["stages.a.config.seed=nope"])
+    assert (run.run_dir / "workflow.yaml").read_bytes() == before
+    assert ((run.run_dir / "events.jsonl").read_bytes() if (run.run_dir / "events.jsonl").exists() else b"") == events
+    assert main(["status", str(run.run_dir)]) == 0
+    # a good override is stored and recorded among the run's events
+    Runner.open(run.run_dir, ["stages.a.config.seed=3"])
+    assert "seed: 3" in (run.run_dir / "workflow.yaml").read_text()
+    assert '"event": "overrides"' in (run.run_dir / "events.jsonl").read_text()
