@@ -24,19 +24,6 @@ def walk(value: Any, fn: Callable[[str], Any]) -> Any:
     return value
 
 
-def refs(cfg: BaseModel) -> set[str]:
-    """The stages that `cfg` refers to."""
-    found: set[str] = set()
-
-    def visit(s: str) -> str:
-        if m := REF.match(s):
-            found.add(m.group(1))
-        return s
-
-    walk(cfg.model_dump(mode="json"), visit)
-    return found
-
-
 def ref_pairs(cfg: BaseModel) -> set[tuple[str, str]]:
     """The (stage, output) pairs that `cfg` refers to."""
     found: set[tuple[str, str]] = set()
@@ -48,6 +35,11 @@ def ref_pairs(cfg: BaseModel) -> set[tuple[str, str]]:
 
     walk(cfg.model_dump(mode="json"), visit)
     return found
+
+
+def refs(cfg: BaseModel) -> set[str]:
+    """The stages that `cfg` refers to."""
+    return {stage for stage, _ in ref_pairs(cfg)}
 
 
 def order(deps: dict[str, set[str]], source: str) -> list[str]:

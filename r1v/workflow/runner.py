@@ -34,7 +34,7 @@ from r1v.core.fs import atomic_write_json, atomic_write_text, read_json
 from r1v.core.overrides import apply_overrides
 from r1v.workflow import kinds, tracking
 from r1v.workflow.console import StageReporter
-from r1v.workflow.refs import REF, order, refs, walk
+from r1v.workflow.refs import REF, order, walk
 from r1v.workflow.schema import Workflow, read_yaml, stage_deps, validate_workflow
 
 
@@ -94,6 +94,7 @@ class Runner:
 
     def __init__(self, wf: Workflow, run_dir: Path) -> None:
         self.wf = wf
+        self.deps = stage_deps(wf.config, wf.stage_configs)  # {stage: what it needs or refers to}
         self.run_dir = run_dir.resolve()  # workers run in other cwds: every path they get is absolute
         self.meta = read_json(run_dir / "run.json", {})
         self.console: StageReporter = StageReporter()  # the CLI sets an r1v.workflow.console.Console: lines and logs
@@ -154,7 +155,7 @@ class Runner:
         """A stage's fingerprint covers its own config and its upstream stages' fingerprints."""
         out: dict[str, str] = {}
         for name in topo_order(self.wf):
-            deps = sorted(set(self.wf.config.stages[name].needs) | refs(self.wf.stage_configs[name]))
+            deps = sorted(self.deps[name])
             own = self.wf.fingerprint(name)
             out[name] = own if not deps else combine_hash(own, *[out[d] for d in deps])
         return out
@@ -239,7 +240,7 @@ class Runner:
                  "attempts": attempt, "started_at": _now(), "outputs": {}}
         self._save_state(name, state)
         _append_event(self.run_dir, name, "started", attempt=attempt, fingerprint=fingerprint)
-        deps = set(spec.needs) | refs(self.wf.stage_configs[name])
+        deps = self.deps[name]
         ctx = StageContext(name=name, kind=spec.kind, run_dir=self.run_dir, stage_dir=sdir, attempt=attempt,
                            tracking_uri=uri, mlflow_run_id=child,
                            upstream={d: self.state(d).get("outputs", {}) for d in deps})
