@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from r1v.workflow.fingerprint import SCHEME
 from r1v.workflow.runner import Runner
 from r1v.workflow.schema import load_workflow
 
@@ -21,15 +22,23 @@ GOLDEN = Path(__file__).parent / "golden"
 WORKFLOWS = ["tiny.yaml", "r1v-38b.yaml"]
 
 
-def fingerprints(name: str, tmp_path: Path) -> dict[str, str]:
+def fingerprints(name: str, tmp_path: Path, scheme: int = SCHEME) -> dict[str, str]:
     wf = load_workflow(ROOT / "workflows" / name)
-    return Runner(wf, tmp_path / "run").fingerprints()
+    return Runner(wf, tmp_path / "run").fingerprints(scheme)
 
 
 @pytest.mark.parametrize("name", WORKFLOWS)
 def test_fingerprints_are_the_recorded_ones(name, tmp_path):
     want = json.loads((GOLDEN / "fingerprints.json").read_text())[name]
     assert fingerprints(name, tmp_path) == want
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_runs_made_under_the_first_scheme_keep_their_fingerprints(name, tmp_path):
+    """Runs written before scheme 2 are judged by scheme 1: its values for the shipped workflows are those that
+    the code of that time recorded, so such a run's finished stages stay done."""
+    want = json.loads((GOLDEN / "fingerprints-scheme1.json").read_text())[name]
+    assert fingerprints(name, tmp_path, 1) == want
 
 
 def test_plan_text_is_the_recorded_one():

@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 from r1v.core.fs import atomic_write_json
 from r1v.eval import results
 from r1v.workflow import tracking
+from r1v.workflow.fingerprint import SCHEME
 from r1v.workflow.runner import Runner
 from r1v.workflow.schema import validate_workflow
 
@@ -40,7 +41,8 @@ def _run(tmp_path: Path, stages: dict, summaries: dict[str, dict]) -> Path:
     for name, s in summaries.items():
         path = runner.stage_dir(name) / "summary.json"
         atomic_write_json(path, s)
-        atomic_write_json(runner.stage_dir(name) / "state.json", {"status": "done", "fingerprint": fps[name],
+        atomic_write_json(runner.stage_dir(name) / "state.json", {"status": "done", "scheme": SCHEME,
+                                                                  "fingerprint": fps[name],
                                                                   "outputs": {"summary": str(path)}})
     return runner.run_dir
 

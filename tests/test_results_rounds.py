@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 from r1v.core.fs import atomic_write_json
 from r1v.eval import results
 from r1v.workflow import tracking
+from r1v.workflow.fingerprint import SCHEME
 from r1v.workflow.runner import Runner
 from r1v.workflow.schema import validate_workflow
 
@@ -49,12 +50,13 @@ def test_round_rows_carry_their_corpus_size_and_split(tmp_path: Path) -> None:
     fps = runner.fingerprints()
     sel = runner.stage_dir("round1_select")
     atomic_write_json(sel / "counts.json", {"rows_out": 31, "totals": {"kept_by_score": 25, "added_as_errors": 6}})
-    atomic_write_json(sel / "state.json", {"status": "done", "fingerprint": fps["round1_select"], "outputs": {
+    atomic_write_json(sel / "state.json", {"status": "done", "scheme": SCHEME, "fingerprint": fps["round1_select"],
+                                           "outputs": {
         "corpus": str(_corpus(sel / "corpus", [31])), "counts": str(sel / "counts.json")}})
     for name, acc in (("eval_sft", 0.2), ("round1_eval", 0.25), ("eval_models", 0.1)):
         atomic_write_json(runner.stage_dir(name) / "summary.json", _summary(acc))
         atomic_write_json(runner.stage_dir(name) / "state.json", {
-            "status": "done", "fingerprint": fps[name],
+            "status": "done", "scheme": SCHEME, "fingerprint": fps[name],
             "outputs": {"summary": str(runner.stage_dir(name) / "summary.json")}})
     meta = json.loads((runner.run_dir / "run.json").read_text())
     tracking.set_status(meta["tracking_uri"], meta["parent_run_id"], "FINISHED")

@@ -70,6 +70,31 @@ def test_a_bad_override_on_resume_changes_nothing(tmp_path, capsys):
     assert ((run.run_dir / "events.jsonl").read_bytes() if (run.run_dir / "events.jsonl").exists() else b"") == events
     assert main(["status", str(run.run_dir)]) == 0
     # a good override is stored and recorded among the run's events
-    Runner.open(run.run_dir, ["stages.a.config.seed=3"])
+    Runner.open(run.run_dir, ["stages.a.config.seed=3"]).commit_overrides()
     assert "seed: 3" in (run.run_dir / "workflow.yaml").read_text()
     assert '"event": "overrides"' in (run.run_dir / "events.jsonl").read_text()
+
+
+def test_a_partial_nested_mapping_extends_the_stages_own_default():
+    from r1v.core.config import OptimConfig
+    from r1v.rl.config import GRPOConfig
+
+    own = GRPOConfig.model_fields["optim"].default
+    c = GRPOConfig.model_validate({"model": "m", "corpus": "c", "optim": {"lr": 3e-6}})
+    assert c.optim.lr == 3e-6
+    # GRPO's constant rate and no weight decay stay; OptimConfig's cosine decay and 0.05 do not come back
+    assert (c.optim.weight_decay, c.optim.min_lr_ratio, c.optim.warmup_ratio) == \
+        (own.weight_decay, own.min_lr_ratio, own.warmup_ratio) == (0.0, 1.0, 0.0)
+    assert OptimConfig().weight_decay == 0.05
+    # the same through a workflow override of one key
+    raw = {"name": "x", "stages": {"g": {"kind": "grpo", "config": {"model": "m", "corpus": "c"}}}}
+    from r1v.core.overrides import apply_overrides
+    from r1v.workflow.schema import validate_workflow
+
+    wf = validate_workflow(apply_overrides(raw, ["stages.g.config.optim.lr=0.5"]))
+    assert (wf.stage_configs["g"].optim.lr, wf.stage_configs["g"].optim.weight_decay) == (0.5, 0.0)
+    # another stage kind's field default (eval samples at top_p 0.95) is kept the same way
+    from r1v.eval.config import EvalConfig
+
+    e = EvalConfig.model_validate({"model": "m", "corpus": "c", "sampling": {"temperature": 0.3}})
+    assert (e.sampling.temperature, e.sampling.top_p) == (0.3, EvalConfig.model_fields["sampling"].default.top_p)

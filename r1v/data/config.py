@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from r1v.core.config import PreprocessConfig, Strict
+from r1v.core.config import PreprocessConfig, Strict, operational
 
 
 class SyntheticDataConfig(Strict):
@@ -53,6 +53,6 @@ class DataImportConfig(Strict):
     rows_per_file: int = Field(10_000, ge=1, description="rows per corpus part file")
     buffer_bytes: int = Field(32 << 20, ge=1 << 16, description="row-group flush threshold; peak memory is "
                                                                 "about libraries + 5 x this")
-    batch_rows: int = Field(64, ge=1, description="rows per Parquet read batch and per worker task")
-    workers: int = Field(1, ge=1, description="validation processes (image decoding is the CPU cost)")
+    batch_rows: int = operational(64, ge=1, description="rows per Parquet read batch and per worker task")
+    workers: int = operational(1, ge=1, description="validation processes (image decoding is the CPU cost)")
     limit: int | None = Field(None, ge=1, description="import only the first N rows (a trial run)")

@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import Field, SerializeAsAny, field_validator, model_validator
 
-from r1v.core.config import EvalEngineConfig, PreprocessConfig, SamplingConfig, Strict
+from r1v.core.config import EvalEngineConfig, PreprocessConfig, SamplingConfig, Strict, operational
 from r1v.core.judges import RewriterConfig, ScorerConfig, rewriter_config, scorer_config
 
 _REPLY = "\n\nReply with the score only, as: Score: N"
@@ -201,7 +201,7 @@ class DistillConfig(Strict):
     chunk_rows: int = Field(1024, ge=1, description="rows generated and written together; the unit a resumed "
                             "stage skips when already done")
     seed: int = 0
-    torch_threads: int | None = Field(1, ge=1, description="torch threads of each engine (see the eval stage)")
+    torch_threads: int | None = operational(1, ge=1, description="torch threads of each engine (see the eval stage)")
     max_dropped_fraction: float = Field(0.5, ge=0, le=1, description="fail the stage when more rows than this "
                                         "fraction are dropped (a judge that is down or misconfigured)")
 

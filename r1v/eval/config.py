@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from r1v.core.config import ConfigError, EvalEngineConfig, PreprocessConfig, SamplingConfig, Strict
+from r1v.core.config import ConfigError, EvalEngineConfig, PreprocessConfig, SamplingConfig, Strict, operational
 
 
 class EvalConfig(Strict):
@@ -30,9 +30,9 @@ class EvalConfig(Strict):
         "meta.text_question (corpus only)")
     greedy: bool = Field(True, description="one greedy generation per item gives `accuracy` (corpus only); the "
                          "`samples` sampled ones give pass_at_1")
-    torch_threads: int | None = Field(1, ge=1, description="torch threads of each engine (None: engine.num_cpus in "
-                                      "an actor, at least 1; every CPU it may use in-process); 1 is fastest for tiny "
-                                      "models and robust on busy CPUs")
+    torch_threads: int | None = operational(1, ge=1, description="torch threads of each engine (None: "
+                                            "engine.num_cpus in an actor, at least 1; every CPU it may use "
+                                            "in-process); 1 is fastest for tiny models and robust on busy CPUs")
     report_stage: str | None = Field(None, description="the results-table row this eval fills: the name of the "
                                      "stage whose model it evaluates")
     report_baseline: str | None = Field(None, description="the results-table baseline this eval fills "

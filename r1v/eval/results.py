@@ -71,12 +71,11 @@ def collect(run_dir: str | Path) -> dict[str, Any]:
     stages: list[tuple[int, dict[str, Any]]] = []
     baselines: dict[str, dict[str, Any]] = {}
     missing: list[str] = []
-    fingerprints = runner.fingerprints()
     for name, c in evals:
         if not (c.report_stage or c.report_baseline):
             continue
         state = runner.state(name)
-        current = state.get("status") == "done" and state.get("fingerprint") == fingerprints[name]
+        current = runner.is_current(name, upstream=False)  # the table reports what this config's evals wrote
         path = state.get("outputs", {}).get("summary") if current else None  # a stale summary is not this run's
         summary = read_json(path) if path else None
         if summary is None:

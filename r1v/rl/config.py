@@ -6,7 +6,16 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from r1v.core.config import EngineConfig, Group, OptimConfig, PreprocessConfig, SamplingConfig, Strict, TrainerConfig
+from r1v.core.config import (
+    EngineConfig,
+    Group,
+    OptimConfig,
+    PreprocessConfig,
+    SamplingConfig,
+    Strict,
+    TrainerConfig,
+    operational,
+)
 from r1v.core.registry import resolve
 
 ALGOS = {"advantage": "r1v.rl.algos:ADVANTAGES", "loss_agg": "r1v.rl.algos:LOSS_AGG",
@@ -73,9 +82,9 @@ class GRPOConfig(Strict):
                                       "they register custom rewards with @REWARDS.register")
     sampling: SamplingConfig = SamplingConfig()
     engine: EngineConfig = EngineConfig()
-    checkpoint_every: int = Field(5, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
-    sample_log_every: int = Field(5, ge=1, description="steps between logging sample generations")
+    checkpoint_every: int = operational(5, ge=1)
+    keep_checkpoints: int = operational(2, ge=1)
+    sample_log_every: int = operational(5, ge=1, description="steps between logging sample generations")
 
     @field_validator("rewards")
     @classmethod
@@ -99,6 +108,11 @@ class GRPOConfig(Strict):
             if getattr(self, side) is None:
                 self.__dict__[side] = self.clip_eps
         return self
+
+    def fingerprint_extra(self) -> dict[str, int]:
+        """Prompts per step over all workers: the worker count is operational only where it leaves this
+        unchanged."""
+        return {"prompts_per_step_all_workers": self.prompts_per_step * self.trainer.num_workers}
 
     def batch_sizes(self, n: int) -> tuple[int, int]:
         """(samples per optimizer step, samples per forward) for a rollout batch of `n` samples on a rank."""

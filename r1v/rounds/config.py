@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, SerializeAsAny, field_validator, model_validator
 
-from r1v.core.config import EvalEngineConfig, PreprocessConfig, SamplingConfig, Strict
+from r1v.core.config import EvalEngineConfig, PreprocessConfig, SamplingConfig, Strict, operational
 from r1v.core.judges import ScorerConfig, scorer_config
 
 
@@ -54,7 +54,7 @@ class GenerateConfig(Strict):
     chunk_rows: int = Field(1024, ge=1, description="rows generated and written together; the unit a resumed "
                             "stage skips when already done")
     seed: int = 0
-    torch_threads: int | None = Field(1, ge=1, description="torch threads of each engine (see the eval stage)")
+    torch_threads: int | None = operational(1, ge=1, description="torch threads of each engine (see the eval stage)")
 
     @model_validator(mode="after")
     def _something(self) -> GenerateConfig:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from r1v.core.config import Group, OptimConfig, PreprocessConfig, Strict, TrainerConfig
+from r1v.core.config import Group, OptimConfig, PreprocessConfig, Strict, TrainerConfig, operational
 
 
 class SFTConfig(Strict):
@@ -17,17 +17,23 @@ class SFTConfig(Strict):
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
     batch_size: int = Field(4, ge=1, description="rows (packed sequences with packing) per worker per micro-step")
-    grad_accum: int = Field(1, ge=1)
+    grad_accum: int = operational(1, ge=1, description="micro-steps per optimizer step on each worker; what "
+                                  "decides results is the rows per step over all workers (`fingerprint_extra`)")
     packing: bool = Field(False, description="pack rows into token-budget sequences (no cross-sample attention)")
     max_tokens: int = Field(4096, ge=16, description="token budget of one packed sequence")
     pack_buffer: int = Field(256, ge=1, description="rows considered together when forming packed sequences, "
                              "and the window that `shuffle` shuffles on each worker")
     shuffle: bool = Field(True, description="visit the corpus in a new order every epoch, drawn from trainer.seed: "
                           "row groups permuted, then rows within each pack_buffer window")
-    checkpoint_every: int = Field(10, ge=1, description="optimizer steps between checkpoints")
-    keep_checkpoints: int = Field(2, ge=1)
-    log_every: int = Field(1, ge=1)
+    checkpoint_every: int = operational(10, ge=1, description="optimizer steps between checkpoints")
+    keep_checkpoints: int = operational(2, ge=1)
+    log_every: int = operational(1, ge=1)
     projector_norm_reg: float = Field(0.0, ge=0, description="weight of (||projector output|| / mean "
                                       "token-embedding norm - 1)^2, averaged over image tokens, added to the loss "
                                       "(0: off): pulls image features to the scale of the LLM's token embeddings "
                                       "(r1v.train.projector_reg; a compared option, docs/world.md)")
+
+    def fingerprint_extra(self) -> dict[str, int]:
+        """The micro-batch units of one optimizer step over all workers: the worker count is operational only
+        where it leaves this unchanged."""
+        return {"units_per_step": self.batch_size * self.trainer.num_workers * self.grad_accum}

@@ -81,6 +81,9 @@ class StageReporter:
     def skipped(self, name: str, kind: str, index: int, total: int) -> None:
         pass
 
+    def line(self, text: str) -> None:
+        pass
+
     @contextlib.contextmanager
     def stage(self, name: str, kind: str, index: int, total: int) -> Iterator[None]:
         yield

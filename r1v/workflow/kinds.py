@@ -35,6 +35,9 @@ class StageKind:
     """Takes its generation engines from the warm pool (`r1v.generation.warm_pool`), which then outlives it."""
     check: str | None = None
     """`module:function(stages, stage_configs, source)` run once per workflow that names this kind."""
+    ray: bool = True
+    """Runs on Ray: the driver starts (or joins) Ray before the first such stage, and never for a run that has
+    none left to run."""
 
     def config_class(self) -> type[BaseModel]:
         return resolve(self.config) if isinstance(self.config, str) else self.config

@@ -1,9 +1,11 @@
 """The DAG engine: run stages in dependency order, skip finished ones, resume failed ones.
 
 It knows nothing of ML. A stage runs its kind's function `(ctx, config) -> {output name: path}` (the catalogue
-`r1v.workflow.kinds`). A stage is
-*done* when its state record says so with the same config fingerprint and its outputs exist; `resume` skips
-done stages and re-enters a failed one with its working directory (and so its checkpoints) intact.
+`r1v.workflow.kinds`). A stage is *current* when its state says done under the fingerprint its config has now
+(`r1v.workflow.fingerprint`: what changes results, not logging or worker counts), its outputs exist, and every
+upstream stage it read is current with the fingerprint it read. `resume` skips current stages and re-enters a
+failed one with its working directory (and so its checkpoints) intact. Nothing is deleted: a stage whose
+fingerprint changed is moved aside to RUN/superseded/ before it re-runs, until `r1v gc` removes it.
 
 Run directory layout::
 
@@ -11,17 +13,23 @@ Run directory layout::
     RUN/workflow.yaml       the resolved config (after overrides) that resume uses
     RUN/events.jsonl        one line per stage event (started, skipped, finished, failed)
     RUN/stages/NAME/        the stage's working dir: state.json, checkpoints, outputs
+    RUN/superseded/NAME-FP/ a stage's earlier directory, set aside when its fingerprint FP changed
+    RUN/.lock, driver.json  the driver that holds the run (r1v.workflow.lock)
     RUN/logs/               console output of `r1v run/resume`: driver.log, NAME.log per stage (r1v.workflow.console)
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
-import shutil
+import os
+import signal
+import socket
+import threading
 import time
 import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +42,8 @@ from r1v.core.fs import atomic_write_json, atomic_write_text, read_json
 from r1v.core.overrides import apply_overrides
 from r1v.workflow import kinds, tracking
 from r1v.workflow.console import StageReporter
+from r1v.workflow.fingerprint import SCHEME, combine
+from r1v.workflow.lock import holder_alive
 from r1v.workflow.refs import REF, order, walk
 from r1v.workflow.schema import Workflow, read_yaml, stage_deps, validate_workflow
 
@@ -98,6 +108,7 @@ class Runner:
         self.run_dir = run_dir.resolve()  # workers run in other cwds: every path they get is absolute
         self.meta = read_json(run_dir / "run.json", {})
         self.console: StageReporter = StageReporter()  # the CLI sets an r1v.workflow.console.Console: lines and logs
+        self.before_stage: Callable[[kinds.StageKind], None] | None = None  # the CLI's: starts Ray on first need
 
     # ----------------------------------------------------------------- creation / loading
     @classmethod
@@ -129,17 +140,33 @@ class Runner:
 
     @classmethod
     def open(cls, run_dir: Path, overrides: list[str] | None = None) -> Runner:
+        """The run as RUN/workflow.yaml has it, with `overrides` applied in memory only: `commit_overrides`
+        stores them once the caller has checked what they imply (a bad override leaves the run as it was)."""
         if not (run_dir / "run.json").exists():
             raise FileNotFoundError(f"{run_dir} is not an r1v run directory (no run.json)")
 
         source = run_dir / "workflow.yaml"
         raw = read_yaml(source)
-        wf = validate_workflow(apply_overrides(raw, overrides) if overrides else raw, str(source))
-        if overrides:  # validated first: a bad override leaves the run as it was
+        if overrides:
             raw = apply_overrides(raw, overrides)
-            atomic_write_text(source, yaml.safe_dump(raw, sort_keys=False))
-            _append_event(run_dir, "", "overrides", overrides=list(overrides))
-        return cls(wf, run_dir)
+        runner = cls(validate_workflow(raw, str(source)), run_dir)
+        runner._pending = (raw, list(overrides)) if overrides else None
+        return runner
+
+    def commit_overrides(self) -> None:
+        """Store the overrides `open` applied into RUN/workflow.yaml and the run's history (events, MLflow)."""
+        pending = getattr(self, "_pending", None)
+        if not pending:
+            return
+        raw, overrides = pending
+        atomic_write_text(self.run_dir / "workflow.yaml", yaml.safe_dump(raw, sort_keys=False))
+        _append_event(self.run_dir, "", "overrides", overrides=overrides)
+        meta = self.meta
+        if meta.get("tracking_uri") and meta.get("parent_run_id"):
+            n = sum(1 for e in read_events(self.run_dir) if e["event"] == "overrides")
+            tracking.RunLogger(meta["tracking_uri"], meta["parent_run_id"]).text(
+                "\n".join(overrides) + "\n", f"overrides/resume-{n:03d}.txt")
+        self._pending = None
 
     # ----------------------------------------------------------------- state
     def stage_dir(self, name: str) -> Path:
@@ -151,33 +178,107 @@ class Runner:
     def _save_state(self, name: str, state: dict[str, Any]) -> None:
         atomic_write_json(self.stage_dir(name) / "state.json", state)
 
-    def fingerprints(self) -> dict[str, str]:
+    def fingerprints(self, scheme: int = SCHEME) -> dict[str, str]:
         """A stage's fingerprint covers its own config and its upstream stages' fingerprints."""
-        out: dict[str, str] = {}
-        for name in topo_order(self.wf):
-            deps = sorted(self.deps[name])
-            own = self.wf.fingerprint(name)
-            out[name] = own if not deps else combine_hash(own, *[out[d] for d in deps])
-        return out
+        cache = self.__dict__.setdefault("_fps", {})
+        if scheme not in cache:
+            out: dict[str, str] = {}
+            for name in topo_order(self.wf):
+                deps = sorted(self.deps[name])
+                own = self.wf.fingerprint(name, scheme)
+                out[name] = own if not deps else combine(own, *[out[d] for d in deps])
+            cache[scheme] = out
+        return cache[scheme]
 
-    def is_done(self, name: str, fingerprint: str) -> bool:
+    def expected(self, name: str, st: dict[str, Any]) -> str:
+        """The fingerprint `name` must have been recorded with, under the scheme its state was written in."""
+        return self.fingerprints(int(st.get("scheme", 1)))[name]
+
+    def is_current(self, name: str, upstream: bool = True, _seen: dict[str, bool] | None = None) -> bool:
+        """Done under today's config with its outputs present, and (`upstream`) every upstream stage it read
+        still current and as it was read."""
+        if not upstream:
+            return self._why_not_current(name, None, upstream=False) is None
+        seen = {} if _seen is None else _seen
+        if name not in seen:
+            seen[name] = self._why_not_current(name, seen) is None
+        return seen[name]
+
+    def _why_not_current(self, name: str, seen: dict[str, bool] | None = None, upstream: bool = True) -> str | None:
         st = self.state(name)
-        if st.get("status") != "done" or st.get("fingerprint") != fingerprint:
-            return False
-        return all(Path(p).exists() for p in st.get("outputs", {}).values())
+        if st.get("status") != "done":
+            return st.get("status", "pending")
+        if st.get("fingerprint") != self.expected(name, st):
+            return "its config changed"
+        if not all(Path(p).exists() for p in st.get("outputs", {}).values()):
+            return "an output is missing"
+        read = st.get("inputs", {})
+        for dep in sorted(self.deps[name]) if upstream else ():
+            if not self.is_current(dep, _seen=seen):
+                return f"upstream {dep} is not current"
+            if dep in read and read[dep] != self.state(dep).get("fingerprint"):
+                return f"upstream {dep} changed since it read it"
+        return None
+
+    def is_done(self, name: str, fingerprint: str | None = None) -> bool:
+        return self.is_current(name)
+
+    def superseded(self) -> list[dict[str, Any]]:
+        """Directories set aside when a stage's fingerprint changed, oldest first."""
+        root = self.run_dir / "superseded"
+        rows = []
+        for d in sorted(root.iterdir(), key=lambda p: p.stat().st_mtime) if root.is_dir() else []:
+            st = read_json(d / "state.json", {}) or {}
+            size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file() and not f.is_symlink())
+            rows.append({"path": d, "stage": st.get("stage", d.name.rsplit("-", 1)[0]),
+                         "fingerprint": st.get("fingerprint"), "status": st.get("status"), "bytes": size})
+        return rows
 
     def status_rows(self) -> list[dict[str, Any]]:
-        fps = self.fingerprints()
+        alive: bool | None = None
         rows = []
         for name in topo_order(self.wf):
             st = self.state(name)
             status = st.get("status", "pending")
-            if status == "done" and st.get("fingerprint") != fps[name]:
-                status = "stale"
+            why = ""
+            if status == "done":
+                why = self._why_not_current(name) or ""
+                status = "stale" if why else "done"
+            elif status == "running":
+                if alive is None:
+                    alive = holder_alive(self.run_dir)
+                status = "running" if alive else "interrupted"
             rows.append({"stage": name, "kind": self.wf.config.stages[name].kind, "status": status,
                          "attempts": st.get("attempts", 0), "seconds": st.get("seconds"),
-                         "error": (st.get("error") or "").splitlines()[-1:] or [""]})
+                         "error": [why] if why else (st.get("error") or "").splitlines()[-1:] or [""]})
         return rows
+
+    def plan(self, only: list[str] | None = None, with_needs: bool = False) -> list[str]:
+        """The stages `run` will run, in order: those selected that are not current. With `only`, a selected
+        stage's upstream that is not current refuses (ConfigError naming it) or, `with_needs`, joins the run."""
+        selected = set(only or self.wf.config.stages)
+        if only:
+            stale: list[tuple[str, str, str]] = []
+
+            def visit(n: str) -> None:
+                for dep in sorted(self.deps[n]):
+                    if dep in selected or self.is_current(dep):
+                        continue
+                    if with_needs:
+                        selected.add(dep)
+                        visit(dep)
+                    else:
+                        stale.append((n, dep, self._why_not_current(dep) or ""))
+
+            for n in list(selected):
+                visit(n)
+            if stale:
+                lines = [f"  {n} reads {dep}, which is not current ({why})" for n, dep, why in stale]
+                raise ConfigError("--only: a selected stage would read outputs that do not belong to this "
+                                  "config:\n" + "\n".join(lines) + "\nrun them too (--only "
+                                  + " ".join(sorted({d for _, d, _ in stale} | set(only))) + ") or add "
+                                  "--with-needs")
+        return [n for n in topo_order(self.wf) if n in selected and not self.is_current(n)]
 
     # ----------------------------------------------------------------- running
     def _resolve(self, name: str, cfg: BaseModel) -> BaseModel:
@@ -194,41 +295,79 @@ class Runner:
 
         return type(cfg).model_validate(walk(cfg.model_dump(mode="json"), sub))
 
-    def run(self, only: list[str] | None = None) -> dict[str, str]:
-        """Run every stage not yet done; returns {stage: 'ran' | 'skipped'}."""
+    def run(self, only: list[str] | None = None, with_needs: bool = False) -> dict[str, str]:
+        """Run every selected stage that is not current; returns {stage: 'ran' | 'skipped'}."""
         check_only(self.wf, only)
+        to_run = self.plan(only, with_needs)
+        self.commit_overrides()  # checked by now: validated at open, and --only's upstream above
         meta = self.meta
         uri, parent = meta["tracking_uri"], meta["parent_run_id"]
-        tracking.set_status(uri, parent, "RUNNING")
         fps = self.fingerprints()
+        order = [n for n in topo_order(self.wf) if not only or n in only or n in to_run]
+        self._announce(to_run, fps)
+        tracking.set_status(uri, parent, "RUNNING")
         what: dict[str, str] = {}
-        order = [n for n in topo_order(self.wf) if not only or n in only]
-        try:
-            for i, name in enumerate(order, 1):
-                kind = self.wf.config.stages[name].kind
-                if self.is_done(name, fps[name]):
-                    what[name] = "skipped"
-                    _append_event(self.run_dir, name, "skipped", fingerprint=fps[name])
-                    self.console.skipped(name, kind, i, len(order))
-                    continue
-                with self.console.stage(name, kind, i, len(order)):
-                    self._run_stage(name, fps[name])
-                what[name] = "ran"
-        except BaseException:
-            tracking.set_status(uri, parent, "FAILED")
-            raise
-        finally:
-            kinds.release_idle_engines(None)
+        with _terminate_as_interrupt():
+            try:
+                for i, name in enumerate(order, 1):
+                    kind = self.wf.config.stages[name].kind
+                    if name not in to_run:
+                        self._upgrade_scheme(name, fps)
+                        what[name] = "skipped"
+                        _append_event(self.run_dir, name, "skipped", fingerprint=fps[name])
+                        self.console.skipped(name, kind, i, len(order))
+                        continue
+                    with self.console.stage(name, kind, i, len(order)):
+                        self._run_stage(name, fps[name])
+                    what[name] = "ran"
+            except BaseException as e:
+                killed = isinstance(e, KeyboardInterrupt) or isinstance(getattr(e, "cause", None), KeyboardInterrupt)
+                tracking.set_status(uri, parent, "KILLED" if killed else "FAILED")
+                raise
+            finally:
+                kinds.release_idle_engines(None)
         tracking.set_status(uri, parent, "FINISHED")
         return what
+
+    def _announce(self, to_run: list[str], fps: dict[str, str]) -> None:
+        """Before anything runs: which stages will run and which directories are set aside (resume only)."""
+        aside = [(n, st) for n in to_run if (st := self.state(n)) and st.get("fingerprint") != self.expected(n, st)]
+        if not to_run or not any(self.state(n) for n in self.wf.config.stages):
+            return  # nothing to run, or a new run where everything runs: the stage lines say it
+        self.console.line(f"r1v: will run {len(to_run)} stage(s): {', '.join(to_run) or 'none'}")
+        for n, st in aside:
+            self.console.line(f"r1v: sets aside stages/{n} ({st.get('status')}, fingerprint {st.get('fingerprint')})"
+                              f" -> superseded/ (kept until `r1v gc {self.run_dir}`)")
+
+    def _upgrade_scheme(self, name: str, fps: dict[str, str]) -> None:
+        """A current stage recorded under an older fingerprint scheme is re-recorded under today's."""
+        st = self.state(name)
+        if st.get("scheme", 1) == SCHEME:
+            return
+        st.update(scheme=SCHEME, fingerprint=fps[name], legacy_fingerprint=st.get("fingerprint"),
+                  inputs={d: self.state(d).get("fingerprint") for d in sorted(self.deps[name])})
+        self._save_state(name, st)
+
+    def _set_aside(self, name: str, prev: dict[str, Any]) -> Path:
+        """Move a stage's directory out of the way, named by the fingerprint it was made under."""
+        root = self.run_dir / "superseded"
+        root.mkdir(exist_ok=True)
+        dest = root / f"{name}-{prev.get('fingerprint', 'unknown')}"
+        i = 2
+        while dest.exists():
+            dest = root / f"{name}-{prev.get('fingerprint', 'unknown')}-{i}"
+            i += 1
+        os.replace(self.stage_dir(name), dest)
+        _append_event(self.run_dir, name, "set_aside", fingerprint=prev.get("fingerprint"), to=str(dest))
+        return dest
 
     def _run_stage(self, name: str, fingerprint: str) -> None:
         spec = self.wf.config.stages[name]
         sdir = self.stage_dir(name)
         prev = self.state(name)
-        if prev and prev.get("fingerprint") != fingerprint:
-            # Config changed: old checkpoints belong to another config and must not be resumed from.
-            shutil.rmtree(sdir, ignore_errors=True)
+        if prev and prev.get("fingerprint") != self.expected(name, prev):
+            # Another config's checkpoints must not be resumed from; its results stay until `r1v gc`.
+            self._set_aside(name, prev)
             prev = {}
         sdir.mkdir(parents=True, exist_ok=True)
         uri, exp = self.meta["tracking_uri"], self.meta["experiment_id"]
@@ -236,11 +375,14 @@ class Runner:
             uri, exp, name, parent_run_id=self.meta["parent_run_id"], tags={"r1v.stage_kind": spec.kind})
         tracking.set_status(uri, child, "RUNNING")
         attempt = int(prev.get("attempts", 0)) + 1
-        state = {"status": "running", "kind": spec.kind, "fingerprint": fingerprint, "mlflow_run_id": child,
-                 "attempts": attempt, "started_at": _now(), "outputs": {}}
+        deps = self.deps[name]
+        state = {"status": "running", "stage": name, "kind": spec.kind, "scheme": SCHEME, "fingerprint": fingerprint,
+                 "inputs": {d: self.state(d).get("fingerprint") for d in sorted(deps)}, "mlflow_run_id": child,
+                 "attempts": attempt, "started_at": _now(), "driver": {"pid": os.getpid(),
+                                                                        "host": socket.gethostname()},
+                 "outputs": {}}
         self._save_state(name, state)
         _append_event(self.run_dir, name, "started", attempt=attempt, fingerprint=fingerprint)
-        deps = self.deps[name]
         ctx = StageContext(name=name, kind=spec.kind, run_dir=self.run_dir, stage_dir=sdir, attempt=attempt,
                            tracking_uri=uri, mlflow_run_id=child,
                            upstream={d: self.state(d).get("outputs", {}) for d in deps})
@@ -248,6 +390,8 @@ class Runner:
         try:
             kinds.release_idle_engines(spec.kind)
             kind = kinds.get(spec.kind)
+            if self.before_stage is not None:
+                self.before_stage(kind)
             if kind.resumable and attempt > 1:
                 ctx.event("resuming", attempt=attempt)
             cfg = self._resolve(name, self.wf.stage_configs[name])
@@ -259,11 +403,13 @@ class Runner:
             if missing:
                 raise RuntimeError(f"stage returned outputs {missing} that were not written")
         except BaseException as e:
+            killed = isinstance(e, KeyboardInterrupt)
             state.update(status="failed", ended_at=_now(), seconds=round(time.time() - t0, 1),
-                         error="".join(traceback.format_exception_only(type(e), e)).strip())
+                         error="".join(traceback.format_exception_only(type(e), e)).strip()
+                         or ("interrupted (SIGTERM or SIGINT)" if killed else type(e).__name__))
             self._save_state(name, state)
             _append_event(self.run_dir, name, "failed", attempt=attempt, error=state["error"][-500:])
-            tracking.set_status(uri, child, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            tracking.set_status(uri, child, "KILLED" if killed else "FAILED")
             raise StageFailed(name, self.run_dir, e) from e
         secs = round(time.time() - t0, 1)
         state.update(status="done", ended_at=_now(), seconds=secs,
@@ -272,6 +418,27 @@ class Runner:
         ctx.log.metrics({"stage_seconds": secs}, step=0)
         tracking.set_status(uri, child, "FINISHED")
         _append_event(self.run_dir, name, "finished", attempt=attempt, seconds=secs)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, raised in the driver's main thread so that the running stage is recorded failed and its MLflow
+    run ends KILLED, as Ctrl-C does."""
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Interrupted(f"signal {signal.Signals(signum).name}")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def check_only(wf: Workflow, only: list[str] | None) -> None:
@@ -283,7 +450,3 @@ def check_only(wf: Workflow, only: list[str] | None) -> None:
                 if any("=" in n for n in unknown) else "")
         raise ConfigError(f"--only: no stage named {', '.join(map(repr, unknown))} in this workflow (its stages: "
                           f"{', '.join(topo_order(wf))}){hint}")
-
-
-def combine_hash(*parts: str) -> str:
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]

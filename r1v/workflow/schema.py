@@ -6,8 +6,6 @@ key fails when the workflow is loaded, naming the file and the dotted key, not a
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from r1v.core.config import ConfigError, RayConfig, Strict, TrackingConfig, format_errors
 from r1v.core.registry import resolve
 from r1v.workflow import kinds
+from r1v.workflow.fingerprint import SCHEME, legacy_fingerprint, own_fingerprint
 from r1v.workflow.refs import order, ref_pairs, refs
 from r1v.workflow.repeat import apply_overrides_and_expand, expand_repeats
 
@@ -52,10 +51,10 @@ class Workflow(BaseModel):
     config: WorkflowConfig
     stage_configs: dict[str, BaseModel]
 
-    def fingerprint(self, stage: str) -> str:
-        spec = self.config.stages[stage]
-        payload = {"kind": spec.kind, "config": self.stage_configs[stage].model_dump(mode="json")}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    def fingerprint(self, stage: str, scheme: int = SCHEME) -> str:
+        """The stage's own fingerprint (`r1v.workflow.fingerprint`) under `scheme`."""
+        kind, config = self.config.stages[stage].kind, self.stage_configs[stage]
+        return own_fingerprint(kind, config) if scheme == SCHEME else legacy_fingerprint(kind, config)
 
 
 def validate_workflow(raw: dict[str, Any], source: str = "<config>") -> Workflow:

@@ -1,0 +1,37 @@
+"""Stage kinds for the workflow engine's tests that run in a child process (`r1v run` killed by pid): imported
+by the child before the CLI, they join the catalogue the way `r1v.workflow.kinds.add` lets a plugin's kinds."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from r1v.core.config import Strict
+from r1v.workflow import kinds
+from r1v.workflow.kinds import StageKind
+
+
+class SleepConfig(Strict):
+    seconds: float = 60.0
+    text: str = "x"
+
+
+def sleep_stage(ctx, c: SleepConfig) -> dict[str, str]:
+    """Writes its pid (so a test knows the stage started), sleeps, then writes its output."""
+    ctx.path("pid").write_text(str(os.getpid()))
+    time.sleep(c.seconds)
+    out = ctx.path("out.txt")
+    out.write_text(c.text)
+    return {"out": str(out)}
+
+
+kinds.add(StageKind("test.sleep", SleepConfig, sleep_stage, ("out",), ray=False), replace=True)
+
+
+def wait_for(path: Path, timeout: float = 60.0) -> None:
+    t0 = time.monotonic()
+    while not path.exists():
+        if time.monotonic() - t0 > timeout:
+            raise TimeoutError(f"{path} did not appear in {timeout} s")
+        time.sleep(0.05)
