@@ -7,7 +7,8 @@ objects created before the run, so only `os.dup2` catches them all. Progress lin
 original stdout taken before the redirection (or, when stdout is not a real fd as under pytest's capsys, to the
 stream object itself).
 
-Layout: RUN/logs/driver.log holds what the driver printed outside stages (MLflow set-up, `ray.init`, shutdown);
+Layout: RUN/logs/driver.log holds what the driver printed outside stages (MLflow set-up, Ray's shutdown);
+`ray.init` runs when the first stage that needs Ray starts, so its lines are in that stage's log;
 RUN/logs/<stage>.log holds everything printed while that stage ran, its Ray workers' forwarded output included,
 and, on failure, the full traceback. Worker lines that Ray forwards after a stage has ended (rare: the log
 monitor polls every 0.1 s and `RAY_DEDUP_LOGS` is off here) land in the next file.
