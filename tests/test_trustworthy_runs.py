@@ -171,6 +171,8 @@ def test_only_refuses_a_stale_upstream_and_runs_it_first_when_asked(tmp_path, ca
     r = Runner.open(run)
     assert r.run() == {"up": "skipped", "ev": "skipped"}
     assert r.state("ev")["inputs"] == {"up": r.state("up")["fingerprint"]}
+    arts = [a.path for a in MlflowClient(r.meta["tracking_uri"]).list_artifacts(r.meta["parent_run_id"], "overrides")]
+    assert arts == ["overrides/resume-001.txt"]  # the refused resume stored nothing, the accepted one is recorded
     assert [row["status"] for row in r.status_rows()] == ["done", "done"]
 
 
