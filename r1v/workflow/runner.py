@@ -66,10 +66,14 @@ class StageContext:
     tracking_uri: str
     mlflow_run_id: str
     upstream: dict[str, dict[str, str]] = field(default_factory=dict)
+    _log: tracking.RunLogger | None = field(default=None, repr=False)
 
     @property
     def log(self) -> tracking.RunLogger:
-        return tracking.RunLogger(self.tracking_uri, self.mlflow_run_id)
+        """One logger per stage: its buffer and failure count live as long as the stage."""
+        if self._log is None:
+            self._log = tracking.RunLogger(self.tracking_uri, self.mlflow_run_id)
+        return self._log
 
     def path(self, *parts: str) -> Path:
         p = self.stage_dir.joinpath(*parts)
@@ -128,7 +132,9 @@ class Runner:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "workflow.yaml", yaml.safe_dump(wf.raw, sort_keys=False))
         uri = wf.config.tracking.tracking_uri or tracking.default_tracking_uri(root)
-        exp = tracking.ensure_experiment(uri, wf.config.tracking.experiment, root.resolve() / "mlartifacts")
+        # a server keeps artifacts where it was told to (--serve-artifacts); a local store beside the runs
+        artifacts = root.resolve() / "mlartifacts" if tracking.is_local_store(uri) else None
+        exp = tracking.ensure_experiment(uri, wf.config.tracking.experiment, artifacts)
         parent = tracking.start_run(uri, exp, run_dir.name, tags={"r1v.run_dir": str(run_dir.resolve())})
         log = tracking.RunLogger(uri, parent)
         log.params(wf.raw)
@@ -371,7 +377,7 @@ class Runner:
             prev = {}
         sdir.mkdir(parents=True, exist_ok=True)
         uri, exp = self.meta["tracking_uri"], self.meta["experiment_id"]
-        child = prev.get("mlflow_run_id") or tracking.start_run(
+        child = prev.get("mlflow_run_id") or tracking.try_start_run(
             uri, exp, name, parent_run_id=self.meta["parent_run_id"], tags={"r1v.stage_kind": spec.kind})
         tracking.set_status(uri, child, "RUNNING")
         attempt = int(prev.get("attempts", 0)) + 1
@@ -412,10 +418,13 @@ class Runner:
             tracking.set_status(uri, child, "KILLED" if killed else "FAILED")
             raise StageFailed(name, self.run_dir, e) from e
         secs = round(time.time() - t0, 1)
+        ctx.log.metrics({"stage_seconds": secs}, step=0)
+        ctx.log.flush()
         state.update(status="done", ended_at=_now(), seconds=secs,
                      outputs={k: str(Path(p).resolve()) for k, p in outputs.items()})
+        if ctx.log.failures or ctx.log.dropped:
+            state.update(tracking_failures=ctx.log.failures, tracking_dropped=ctx.log.dropped)
         self._save_state(name, state)
-        ctx.log.metrics({"stage_seconds": secs}, step=0)
         tracking.set_status(uri, child, "FINISHED")
         _append_event(self.run_dir, name, "finished", attempt=attempt, seconds=secs)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,9 +25,19 @@ def default_tracking_uri(run_root: str | Path) -> str:
 
 def _client(tracking_uri: str):
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # MLflow's own HTTP retries default to 7 with a doubling backoff (minutes against a server that is down);
+    # r1v keeps its own buffer and retry window (RunLogger), so a few quick tries per call are enough.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri)
+
+
+def is_local_store(tracking_uri: str | None) -> bool:
+    """A store only this machine sees (SQLite or a file path): fine for a local cluster, wrong for a remote one."""
+    return tracking_uri is None or tracking_uri.startswith(("sqlite:", "file:", "/", "."))
 
 
 def ensure_experiment(tracking_uri: str, name: str, artifact_root: Path | None = None) -> str:
@@ -47,26 +58,81 @@ def start_run(tracking_uri: str, experiment_id: str, name: str, parent_run_id: s
     return run.info.run_id
 
 
-def set_status(tracking_uri: str, run_id: str, status: str) -> None:
-    """status: RUNNING, FINISHED, FAILED or KILLED."""
-    client = _client(tracking_uri)
-    if status == "RUNNING":
-        client.update_run(run_id, status="RUNNING")
-    else:
-        client.set_terminated(run_id, status=status, end_time=int(time.time() * 1000))
+def set_status(tracking_uri: str, run_id: str | None, status: str) -> bool:
+    """status: RUNNING, FINISHED, FAILED or KILLED. Best effort: whether the store took it (a run's status in
+    MLflow is a view of r1v's state files, which stay the record)."""
+    if not run_id:
+        return False
+    try:
+        client = _client(tracking_uri)
+        if status == "RUNNING":
+            client.update_run(run_id, status="RUNNING")
+        else:
+            client.set_terminated(run_id, status=status, end_time=int(time.time() * 1000))
+    except Exception as e:
+        print(f"r1v: MLflow: could not set run {run_id} {status} ({type(e).__name__}: {str(e)[:200]})",
+              file=sys.stderr, flush=True)
+        return False
+    return True
+
+
+def try_start_run(tracking_uri: str, experiment_id: str, name: str, parent_run_id: str | None = None,
+                  tags: dict[str, str] | None = None) -> str | None:
+    """`start_run`, or None when the store cannot be reached (the stage then runs unlogged, and says so)."""
+    try:
+        return start_run(tracking_uri, experiment_id, name, parent_run_id, tags)
+    except Exception as e:
+        print(f"r1v: MLflow: could not start a run for {name} ({type(e).__name__}: {str(e)[:200]}); the stage "
+              "runs without tracking", file=sys.stderr, flush=True)
+        return None
 
 
 class RunLogger:
-    """Logs metrics, params and artifacts into an existing MLflow run; never starts or ends it."""
+    """Logs metrics, params and artifacts into an existing MLflow run; never starts or ends it.
+
+    Best effort: a tracking call that fails (a server restarting, a network outage) is counted, never raised, so
+    tracking never kills a stage. Metrics are buffered (up to `MAX_PENDING`, oldest dropped first and counted)
+    and sent again once `RETRY_S` has passed; while the store is failing, other calls are skipped and counted.
+    On recovery the run gets a `tracking_failures` metric with the count.
+    """
+
+    MAX_PENDING = 100_000
+    RETRY_S = 20.0
 
     def __init__(self, tracking_uri: str | None, run_id: str | None) -> None:
         self.tracking_uri = tracking_uri
         self.run_id = run_id
         self._c = _client(tracking_uri) if tracking_uri and run_id else None
+        self.failures = 0
+        self.dropped = 0
+        self.last_error: str | None = None
+        self._pending: list[Any] = []
+        self._retry_at = 0.0
+        self._reported = 0
 
     @property
     def active(self) -> bool:
         return self._c is not None
+
+    def _try(self, fn, *args: Any, lost_if_skipped: bool = True, **kw: Any) -> bool:
+        """Call the store; False (counted) when it fails or while the retry window of an earlier failure runs."""
+        if time.monotonic() < self._retry_at:
+            self.failures += lost_if_skipped  # buffered metrics are not lost: they go with the next try
+            return False
+        try:
+            fn(*args, **kw)
+        except Exception as e:  # any store error: counted and retried later, never fatal to the stage
+            self.failures += 1
+            if self.last_error is None:
+                print(f"r1v: MLflow tracking call failed ({type(e).__name__}: {str(e)[:200]}); the stage goes on, "
+                      f"metrics are kept and sent again every {self.RETRY_S:.0f} s", file=sys.stderr, flush=True)
+            self.last_error = f"{type(e).__name__}: {str(e)[:300]}"
+            self._retry_at = time.monotonic() + self.RETRY_S
+            return False
+        if self.last_error is not None:
+            print(f"r1v: MLflow tracking is back after {self.failures} failed call(s)", file=sys.stderr, flush=True)
+            self.last_error = None
+        return True
 
     def metrics(self, values: dict[str, float], step: int) -> None:
         if not self._c:
@@ -74,9 +140,24 @@ class RunLogger:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        batch = [Metric(k, float(v), ts, step) for k, v in values.items() if v is not None]
-        if batch:
-            self._c.log_batch(self.run_id, metrics=batch)
+        self._pending += [Metric(k, float(v), ts, step) for k, v in values.items() if v is not None]
+        if len(self._pending) > self.MAX_PENDING:
+            self.dropped += len(self._pending) - self.MAX_PENDING
+            del self._pending[: len(self._pending) - self.MAX_PENDING]
+        if self.failures > self._reported:
+            self._pending.append(Metric("tracking_failures", float(self.failures), ts, step))
+        self.flush()
+
+    def flush(self) -> bool:
+        """Send the buffered metrics; whether nothing is left."""
+        while self._pending:
+            batch = self._pending[:1000]  # MLflow's limit per log_batch
+            if not self._try(self._c.log_batch, self.run_id, metrics=batch, lost_if_skipped=False):
+                return False
+            del self._pending[: len(batch)]
+            self._reported = max(self._reported, *(int(m.value) for m in batch if m.key == "tracking_failures"),
+                                 0)
+        return True
 
     def params(self, values: dict[str, Any]) -> None:
         if not self._c:
@@ -86,23 +167,23 @@ class RunLogger:
         flat = flatten(values)
         items = [Param(k[:250], str(v)[:6000]) for k, v in flat.items()]
         for i in range(0, len(items), 100):
-            self._c.log_batch(self.run_id, params=items[i : i + 100])
+            self._try(self._c.log_batch, self.run_id, params=items[i : i + 100])
 
     def tags(self, values: dict[str, str]) -> None:
         if self._c:
             for k, v in values.items():
-                self._c.set_tag(self.run_id, k, v)
+                self._try(self._c.set_tag, self.run_id, k, v)
 
     def text(self, text: str, artifact_file: str) -> None:
         if self._c:
-            self._c.log_text(self.run_id, text, artifact_file)
+            self._try(self._c.log_text, self.run_id, text, artifact_file)
 
     def dict(self, data: Any, artifact_file: str) -> None:
         self.text(json.dumps(data, indent=2, default=str), artifact_file)
 
     def artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self._c:
-            self._c.log_artifact(self.run_id, str(path), artifact_path)
+            self._try(self._c.log_artifact, self.run_id, str(path), artifact_path)
 
     def table_rows(self, rows: list[dict[str, Any]], artifact_file: str) -> None:
         """JSONL artifact (sample generations, verdicts): readable anywhere without MLflow's table viewer."""
@@ -112,4 +193,4 @@ class RunLogger:
             p = Path(d) / Path(artifact_file).name
             p.write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
             parent = str(Path(artifact_file).parent)
-            self._c.log_artifact(self.run_id, str(p), None if parent == "." else parent)
+            self._try(self._c.log_artifact, self.run_id, str(p), None if parent == "." else parent)

@@ -35,3 +35,27 @@ def wait_for(path: Path, timeout: float = 60.0) -> None:
         if time.monotonic() - t0 > timeout:
             raise TimeoutError(f"{path} did not appear in {timeout} s")
         time.sleep(0.05)
+
+
+class MetricsConfig(Strict):
+    steps: int = 20
+    pause_at: list[int] = []
+    gate_dir: str = ""
+
+
+def metrics_stage(ctx, c: MetricsConfig) -> dict[str, str]:
+    """Logs a metric per step and a text artifact; at each step in `pause_at` it writes `at-STEP` in `gate_dir`
+    and waits for the test to write `go-STEP` (so a test can stop a tracking server mid-stage)."""
+    for step in range(c.steps):
+        if step in c.pause_at:
+            (Path(c.gate_dir) / f"at-{step}").write_text("")
+            wait_for(Path(c.gate_dir) / f"go-{step}", 120)
+        ctx.log.metrics({"loss": 1.0 / (step + 1)}, step)
+        time.sleep(0.02)
+    ctx.log.text("hello from the stage\n", "notes/hello.txt")
+    out = ctx.path("done.txt")
+    out.write_text(str(c.steps))
+    return {"out": str(out)}
+
+
+kinds.add(StageKind("test.metrics", MetricsConfig, metrics_stage, ("out",), ray=False), replace=True)

@@ -1,0 +1,137 @@
+"""A workflow logs to an MLflow tracking server (artifacts proxied), and a server that stops mid-stage does not
+fail the stage: its metrics are buffered, sent once the server is back, and the failures are counted."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from r1v_test_kinds import wait_for
+
+from r1v.workflow import tracking
+from r1v.workflow.runner import Runner
+from r1v.workflow.schema import load_workflow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """`mlflow server --serve-artifacts` on 127.0.0.1, in its own process group, stopped by its pid."""
+
+    def __init__(self, root: Path, port: int | None = None) -> None:
+        self.root, self.port = root, port or _free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 90) -> MlflowServer:
+        self.root.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+               "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+               "--serve-artifacts", "--artifacts-destination", str(self.root / "artifacts")]
+        self.proc = subprocess.Popen(cmd, stdout=open(self.root / "server.log", "ab"), stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        t0 = time.monotonic()
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() - t0 > timeout:
+                raise RuntimeError(f"mlflow server did not start: {(self.root / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.3)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
+
+
+@pytest.fixture
+def server(tmp_path):
+    s = MlflowServer(tmp_path / "mlflow").start()
+    yield s
+    s.stop()
+
+
+WF = """
+name: tracked
+run_root: {root}
+tracking: {{tracking_uri: "{uri}", experiment: served}}
+stages:
+  first: {{kind: test.metrics, config: {{steps: {steps}, pause_at: {pause}, gate_dir: "{gates}"}}}}
+  second: {{kind: test.metrics, needs: [first], config: {{steps: 3}}}}
+"""
+
+
+def _workflow(tmp_path: Path, uri: str, steps: int = 5, pause: list[int] | None = None) -> Path:
+    p = tmp_path / "wf.yaml"
+    (tmp_path / "gates").mkdir(exist_ok=True)
+    p.write_text(WF.format(root=tmp_path / "runs", uri=uri, steps=steps, pause=pause or [], gates=tmp_path / "gates"))
+    return p
+
+
+def test_a_workflow_logs_runs_metrics_and_artifacts_to_a_tracking_server(tmp_path, server):
+    r = Runner.create(load_workflow(_workflow(tmp_path, server.uri)), tmp_path / "runs" / "r")
+    assert r.run() == {"first": "ran", "second": "ran"}
+    client = MlflowClient(server.uri)
+    exp = client.get_experiment_by_name("served")
+    assert exp.artifact_location.startswith("mlflow-artifacts:")  # proxied by the server, not a local path
+    parent = client.get_run(r.meta["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.params["stages.first.kind"] == "test.metrics"
+    children = {c.info.run_name: c for c in client.search_runs(
+        [exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}
+    assert set(children) == {"first", "second"}
+    history = client.get_metric_history(children["first"].info.run_id, "loss")
+    assert [m.step for m in history] == [0, 1, 2, 3, 4]
+    local = client.download_artifacts(children["first"].info.run_id, "notes/hello.txt", str(tmp_path / "dl"))
+    assert Path(local).read_text() == "hello from the stage\n"
+    # the artifacts are on the server's side, not under the run root
+    assert list((server.root / "artifacts").rglob("hello.txt"))
+    assert not (tmp_path / "runs" / "mlartifacts").exists()
+
+
+def test_a_server_that_stops_mid_stage_does_not_fail_it(tmp_path, server, monkeypatch):
+    monkeypatch.setattr(tracking.RunLogger, "RETRY_S", 0.5)
+    gates = tmp_path / "gates"
+    r = Runner.create(load_workflow(_workflow(tmp_path, server.uri, steps=30, pause=[10, 20])),
+                      tmp_path / "runs" / "r")
+    result: dict[str, object] = {}
+    t = threading.Thread(target=lambda: result.update(what=r.run()), daemon=True)
+    t.start()
+    wait_for(gates / "at-10")
+    server.stop()  # steps 10-19 are logged while the server is down
+    (gates / "go-10").write_text("")
+    wait_for(gates / "at-20")
+    server.start()  # back: the buffered steps go out with the next ones
+    (gates / "go-20").write_text("")
+    t.join(120)
+    assert result.get("what") == {"first": "ran", "second": "ran"}
+    st = r.state("first")
+    assert st["status"] == "done" and st["tracking_failures"] >= 1
+    client = MlflowClient(server.uri)
+    run_id = st["mlflow_run_id"]
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == list(range(30))  # nothing lost
+    assert client.get_metric_history(run_id, "tracking_failures")[-1].value >= 1
