@@ -238,8 +238,8 @@ def test_a_killed_driver_reads_interrupted_and_a_second_driver_is_refused(tmp_pa
         second.kill()
     r = Runner.open(run)
     st = r.state("nap")
-    assert st["status"] == "failed" and "SIGTERM" in st["error"]
+    assert st["status"] == "failed" and st["interrupted"] and "SIGTERM" in st["error"]
     client = MlflowClient(r.meta["tracking_uri"])
     assert client.get_run(st["mlflow_run_id"]).info.status == "KILLED"
     assert client.get_run(r.meta["parent_run_id"]).info.status == "KILLED"
-    assert [row["status"] for row in r.status_rows()] == ["failed"]
+    assert [row["status"] for row in r.status_rows()] == ["interrupted"]

@@ -13,6 +13,7 @@ from r1v.cli.export import add_export_parser
 from r1v.cli.grade import add_grade_parser
 from r1v.cli.model import add_model_parser
 from r1v.cli.plan import add_plan_parser
+from r1v.cli.submit import add_submit_parsers, job_state, record_job, submit_resume
 from r1v.cli.world import add_world_parser
 from r1v.core.config import ConfigError
 from r1v.core.noise import quiet_libraries, worker_env
@@ -48,6 +49,9 @@ def _print_status(runner) -> None:
     rows = runner.status_rows()
     print(f"run {runner.run_dir}  (MLflow run {runner.meta.get('parent_run_id')}, "
           f"store {runner.meta.get('tracking_uri')})")
+    job = job_state(runner.meta)
+    if job:
+        print(job)
     w = max([16, *(len(r["stage"]) for r in rows)])  # repeat blocks make long names (round4_generate)
     print(f"{'stage':<{w}} {'kind':<16} {'status':<11} {'tries':>5} {'seconds':>8}  error / why")
     for r in rows:
@@ -80,6 +84,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         check_only(wf, args.only)  # before a run directory or a cluster exists
         runner = Runner.create(wf, Path(args.run_dir) if args.run_dir else None)
         with RunLock(runner.run_dir):
+            record_job(runner.run_dir)
             con.attach(runner.run_dir)
             con.line(f"r1v: run directory {runner.run_dir}")
             outcome = _execute(runner, con, wf.config.ray.address, wf.config.ray.num_cpus, args.only)
@@ -87,6 +92,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
+    if args.address:
+        return submit_resume(args)
     os.umask(0o077)
     run_dir = Path(args.run)
     if not (run_dir / "run.json").exists():
@@ -95,6 +102,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         runner = Runner.open(run_dir, args.overrides)
         check_only(runner.wf, args.only)
         runner.plan(args.only, args.with_needs)  # refuses a stale upstream before the overrides are stored
+        record_job(run_dir)
         con.attach(runner.run_dir)
         if lock.previous:
             con.line(f"r1v: the previous driver ended without releasing the run ({describe(lock.previous)})")
@@ -202,12 +210,17 @@ def build_parser() -> argparse.ArgumentParser:
                      "is not current")
     res.add_argument("--with-needs", action="store_true",
                      help="with --only: also run the upstream stages that are not current, first")
+    res.add_argument("--address", help="resume as a Ray job on this cluster (http://HEAD:8265); RUN is the path "
+                     "the cluster sees")
+    res.add_argument("--follow", action="store_true", help="with --address: print the job's log until it ends")
     res.add_argument("-v", "--verbose", action="store_true", help="print everything to the console")
     res.set_defaults(fn=cmd_resume)
 
     st = sub.add_parser("status", help="print each stage's state")
     st.add_argument("run")
     st.set_defaults(fn=cmd_status)
+
+    add_submit_parsers(sub)
 
     gc = sub.add_parser("gc", help="remove a run's superseded stage directories (`r1v status` lists them)")
     gc.add_argument("run")

@@ -254,6 +254,8 @@ class Runner:
                 if alive is None:
                     alive = holder_alive(self.run_dir)
                 status = "running" if alive else "interrupted"
+            elif status == "failed" and st.get("interrupted"):
+                status = "interrupted"  # stopped by a signal (Ctrl-C, `r1v stop`), not by its own error
             rows.append({"stage": name, "kind": self.wf.config.stages[name].kind, "status": status,
                          "attempts": st.get("attempts", 0), "seconds": st.get("seconds"),
                          "error": [why] if why else (st.get("error") or "").splitlines()[-1:] or [""]})
@@ -410,7 +412,7 @@ class Runner:
                 raise RuntimeError(f"stage returned outputs {missing} that were not written")
         except BaseException as e:
             killed = isinstance(e, KeyboardInterrupt)
-            state.update(status="failed", ended_at=_now(), seconds=round(time.time() - t0, 1),
+            state.update(status="failed", interrupted=killed, ended_at=_now(), seconds=round(time.time() - t0, 1),
                          error="".join(traceback.format_exception_only(type(e), e)).strip()
                          or ("interrupted (SIGTERM or SIGINT)" if killed else type(e).__name__))
             self._save_state(name, state)
