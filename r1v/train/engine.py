@@ -256,7 +256,8 @@ def _without_update(engine) -> Iterator[None]:
     copy their fp32 master partitions, unchanged, back to the parameters), and the schedule only through the LR
     scheduler's `step`: with both held, `engine.step()` still does its own clean-up of the window (reduced
     gradients in buckets and partitions, accumulation counters), which differs between stages and versions and
-    which dropping `.grad` alone would miss (ZeRO-3 would add the next window's gradients to this one's).
+    which dropping `.grad` alone would miss (ZeRO-3 would add the next window's gradients to this one's). r1v
+    configures no optimizer offload, whose partly-GPU variant steps a second (backup) optimizer.
     """
     held = [o for o in (engine.basic_optimizer, engine.lr_scheduler) if o is not None]
     saved = [o.__dict__.get("step", _no_step) for o in held]  # torch's LR scheduler wraps `step` per instance

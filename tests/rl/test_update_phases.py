@@ -146,7 +146,7 @@ def test_a_nonfinite_mini_batch_is_skipped_and_reported(tiny):
     from r1v.rl.update import grpo_update, score_phase
 
     model, tok, t, _ = tiny
-    c = cfg(micro_batch=2, ppo_mini_batch=6, max_reward_failure_fraction=1.0)
+    c = cfg(micro_batch=2, ppo_mini_batch=6)
     rb = score_phase(rollout(tiny), c)
     rb.advantages[7] = float("nan")  # a sample of the second mini-batch
     engine = LocalEngine(copy.deepcopy(model), lr=0.1)

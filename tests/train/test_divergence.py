@@ -129,7 +129,7 @@ def test_a_nonfinite_step_changes_nothing_at_any_zero_stage(ray_cluster, tmp_pat
 
 @pytest.fixture(scope="module")
 def poisoned(tiny_assets, tmp_path_factory):
-    """The tiny VLM with a NaN embedding for `~`, and a corpus of 6 rows whose third (index 2) ends with `~`."""
+    """The tiny VLM with a NaN embedding for `~`, and a corpus of 4 rows whose third (index 2) ends with `~`."""
     import pyarrow.parquet as pq
 
     from r1v.data.schema import write_corpus
@@ -142,7 +142,7 @@ def poisoned(tiny_assets, tmp_path_factory):
     assert tok(f"x {POISON}")["input_ids"][-1] == token
     with torch.no_grad():
         model.get_input_embeddings().weight[token] = float("nan")
-    rows = pq.read_table(generate(root / "data", n_train=6, n_test=1, seed=3)["train"]).to_pylist()
+    rows = pq.read_table(generate(root / "data", n_train=4, n_test=1, seed=3)["train"]).to_pylist()
     assert not any(POISON in m["content"] for r in rows for m in r["messages"])
     rows[2]["messages"][1]["content"] += f" {POISON}"
     return {"model": str(save_model(model, tok, root / "vlm")), "corpus": str(write_corpus(rows, root / "corpus"))}
@@ -201,6 +201,6 @@ def test_one_nan_step_is_skipped_and_sft_finishes(ray_cluster, poisoned, tmp_pat
     assert all(bool(torch.isfinite(v).all()) for v in w[4].values())
     client = MlflowClient(uri)
     skipped = {m.step: m.value for m in client.get_metric_history(run, "nonfinite_steps")}
-    assert skipped == {1: 0, 2: 0, 3: 1, 4: 1, 5: 1, 6: 1}, skipped
+    assert skipped == {1: 0, 2: 0, 3: 1, 4: 1}, skipped
     norms = {m.step: m.value for m in client.get_metric_history(run, "grad_norm")}
     assert math.isnan(norms[3]) and all(math.isfinite(v) and v > 0 for s, v in norms.items() if s != 3), norms
