@@ -4,7 +4,8 @@
 row (it carries `answer`). Config picks rewards and weights, e.g. `rewards: {accuracy: 1.0, format: 0.5}`.
 
 Scoring runs inside every GRPO step, so one bad completion must not end the step: :func:`score_safe` scores a
-reward that raises, returns a non-finite value, or runs past a per-item time bound as 0 and counts the reason.
+reward that raises, returns a non-finite value, or runs past a per-item time bound as 0 and counts the reason
+(a reward failing on too many of a step's samples is the stage's to stop: :func:`check_failure_fraction`).
 The bound is hard (SymPy can spend minutes inside one big-integer power where no signal reaches it), so work
 that may be slow runs in forked worker processes (:func:`r1v.grading.pool.run_bounded`) that are killed when late.
 A reward may carry a `quick` attribute, `(completion, sample) -> float | None`, that decides cheap cases in

@@ -96,8 +96,8 @@ def _timed(rb: RolloutBatch, name: str):
 
 
 def score_phase(rb: RolloutBatch, c: GRPOConfig) -> RolloutBatch:
-    """Rewards (a reward that raises or overruns scores 0 and is counted, never kills the step) and group
-    advantages."""
+    """Rewards (a reward that raises or overruns scores 0 and is counted, never kills the step: the GRPO loop
+    bounds the share of failures, `r1v.rl.grpo.check_reward_failures`) and group advantages."""
     with _timed(rb, "reward"):
         rb.rewards, rb.reward_parts, rb.reward_failures = score_safe([cp.text for cp in rb.flat], rb.samples,
                                                                      c.rewards, errors=rb.reward_errors)
