@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(a.steps):
-        nll, tokens = sft_step(engine, [batch], packing=False, world=1)
+        nll, tokens, _ = sft_step(engine, [batch], packing=False, world=1)
     sync()
     dt = (time.perf_counter() - t0) / a.steps
     tok_step = a.micro_batch * a.seq_len

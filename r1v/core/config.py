@@ -98,6 +98,12 @@ class TrainerConfig(Strict):
     activation_checkpointing: bool = Field(False, description="recompute the LLM's activations in backward "
                                            "(less memory, ~1/3 more compute)")
     seed: int = 0
+    max_nonfinite_steps: int = Field(
+        3, ge=0, description="optimizer steps whose loss or global gradient norm is NaN/inf (on any rank) are "
+        "skipped: parameters, optimizer state and LR schedule stay as they were and the step is counted "
+        "(`nonfinite_steps` metric); once more than this many were skipped since the stage (re)started, it fails "
+        "naming the step and what was not finite. A few stray ones (one bad batch, a transient overflow) are "
+        "survivable; more point at divergence or broken data. 0: fail on the first")
 
     @model_validator(mode="after")
     def _default_dtype(self) -> TrainerConfig:

@@ -4,7 +4,8 @@
 row (it carries `answer`). Config picks rewards and weights, e.g. `rewards: {accuracy: 1.0, format: 0.5}`.
 
 Scoring runs inside every GRPO step, so one bad completion must not end the step: :func:`score_safe` scores a
-reward that raises, returns a non-finite value, or runs past a per-item time bound as 0 and counts the reason.
+reward that raises, returns a non-finite value, or runs past a per-item time bound as 0 and counts the reason
+(a reward failing on too many of a step's samples is the stage's to stop: :func:`check_failure_fraction`).
 The bound is hard (SymPy can spend minutes inside one big-integer power where no signal reaches it), so work
 that may be slow runs in forked worker processes (:func:`r1v.grading.pool.run_bounded`) that are killed when late.
 A reward may carry a `quick` attribute, `(completion, sample) -> float | None`, that decides cheap cases in
@@ -125,8 +126,11 @@ def load_reward_modules(modules: list[str], needed: list[str]) -> None:
 _BATCH: tuple[list[RewardFn], list[str], list[dict[str, Any]]] | None = None
 _BATCH_LOCK = threading.Lock()
 
-Outcome = tuple[float, "str | None"]
-"""A reward value and, when the call failed, the reason it scores 0."""
+Outcome = tuple[float, "str | None", "str | None"]
+"""A reward value and, when the call failed, the reason it scores 0 (a metric key part) and what happened (for
+an error message)."""
+
+_MESSAGE_CHARS = 300
 
 
 def _outcome(value: Any) -> Outcome:
@@ -134,8 +138,8 @@ def _outcome(value: Any) -> Outcome:
     try:
         v = float(value)
     except Exception:  # TypeError, ValueError, OverflowError (10**400), or a broken __float__
-        return 0.0, f"error/not_a_number:{type(value).__name__}"
-    return (v, None) if math.isfinite(v) else (0.0, "error/non_finite")
+        return 0.0, f"error/not_a_number:{type(value).__name__}", f"returned a non-number: {value!r:.200}"
+    return (v, None, None) if math.isfinite(v) else (0.0, "error/non_finite", f"returned {v}")
 
 
 def _call(task: tuple[int, int]) -> Outcome:
@@ -145,11 +149,11 @@ def _call(task: tuple[int, int]) -> Outcome:
 
 
 def _on_timeout(task: tuple[int, int]) -> Outcome:
-    return 0.0, "timeout"
+    return 0.0, "timeout", None
 
 
 def _on_error(task: tuple[int, int], exc: BaseException) -> Outcome:
-    return 0.0, f"error/{type(exc).__name__}"
+    return 0.0, f"error/{type(exc).__name__}", f"{type(exc).__name__}: {exc}"[:_MESSAGE_CHARS]
 
 
 _WARM: set[int] = set()
@@ -168,14 +172,17 @@ def _warm_up(fn: RewardFn) -> None:
 
 
 def score_safe(completions: list[str], samples: list[dict[str, Any]], weights: dict[str, float], *,
-               timeout: float = DEFAULT_TIMEOUT_S, workers: int = DEFAULT_WORKERS
+               timeout: float = DEFAULT_TIMEOUT_S, workers: int = DEFAULT_WORKERS,
+               errors: dict[str, str] | None = None
                ) -> tuple[list[float], dict[str, list[float]], dict[str, int]]:
     """Weighted total per completion, each reward's values, and failure counts `{"accuracy/timeout": 2, ...}`.
 
     Never raises for a reward's behaviour: a call that raises (`<reward>/error/<ExceptionType>`), returns a
     non-number or NaN/inf, or takes over `timeout` seconds (`<reward>/timeout`) scores 0; `failures` is empty
-    when nothing failed.  An unknown reward name is a configuration error and raises `KeyError` (the stage
-    checks names with :func:`load_reward_modules` before training starts).
+    when nothing failed.  `errors`, when given, receives each failing reward's first failure in completion
+    order (`{"accuracy": "ValueError: ..."}`): what a stage that gives up on the reward reports.  An unknown
+    reward name is a configuration error and raises `KeyError` (the stage checks names with
+    :func:`load_reward_modules` before training starts).
     """
     if len(completions) != len(samples):
         raise ValueError(f"{len(completions)} completions but {len(samples)} samples")
@@ -208,12 +215,18 @@ def score_safe(completions: list[str], samples: list[dict[str, Any]], weights: d
                 results = run_bounded(pending, _call, workers=workers, timeout=timeout, on_timeout=_on_timeout,
                                       on_error=_on_error, chunk_size=8)
             except Exception as exc:  # no worker could start (out of memory, process limit): score 0, say why
-                results = [(0.0, f"error/pool:{type(exc).__name__}")] * len(pending)
+                results = [(0.0, f"error/pool:{type(exc).__name__}",
+                            f"no grading worker could start: {type(exc).__name__}: {exc}"[:_MESSAGE_CHARS])
+                           ] * len(pending)
             finally:
                 _BATCH = None
         outcomes.update(zip(pending, results, strict=True))
     per = {n: [outcomes[r, i][0] for i in range(len(completions))] for r, n in enumerate(names)}
-    failures = Counter(f"{names[r]}/{reason}" for (r, _), (_, reason) in outcomes.items() if reason)
+    failures = Counter(f"{names[r]}/{reason}" for (r, _), (_, reason, _) in outcomes.items() if reason)
+    if errors is not None:
+        for (r, _), (_, reason, message) in sorted(outcomes.items(), key=lambda kv: kv[0][1]):
+            if reason:
+                errors.setdefault(names[r], f"timed out (over {timeout:g} s)" if reason == "timeout" else message)
     total = [sum(weights[n] * per[n][i] for n in names) for i in range(len(completions))]
     return total, per, dict(failures)
 
@@ -223,3 +236,27 @@ def score(completions: list[str], samples: list[dict[str, Any]], weights: dict[s
     """Weighted total per completion, and each reward's raw values (for logging); see :func:`score_safe`."""
     total, per, _ = score_safe(completions, samples, weights)
     return total, per
+
+
+class RewardFailureError(RuntimeError):
+    """A reward failed on more of a step's samples than `max_reward_failure_fraction` allows."""
+
+
+def failures_by_reward(failures: dict[str, float], names: list[str]) -> dict[str, float]:
+    """`score_safe`'s failure counts (`{"accuracy/timeout": 2, "accuracy/error/ValueError": 1}`) per reward."""
+    out = dict.fromkeys(names, 0.0)
+    for key, n in failures.items():
+        for name in names:
+            if key == f"{name}/timeout" or key.startswith(f"{name}/error/"):
+                out[name] += n
+    return out
+
+
+def check_failure_fraction(failed: dict[str, float], scored: float, bound: float, first_errors: dict[str, str],
+                           where: str) -> None:
+    """Raise `RewardFailureError` for the first reward that failed on more than `bound` of `scored` samples."""
+    for name, n in failed.items():
+        if scored > 0 and n / scored > bound:
+            raise RewardFailureError(
+                f"reward {name!r} failed on {n:.0f}/{scored:.0f} samples of {where} (> {bound * 100:g}%, "
+                f"max_reward_failure_fraction): {first_errors.get(name, 'no message')}")

@@ -80,6 +80,11 @@ class GRPOConfig(Strict):
     rewards: dict[str, float] = {"accuracy": 1.0, "format": 0.5}
     reward_modules: list[str] = Field([], description="modules imported on every worker before scoring: "
                                       "they register custom rewards with @REWARDS.register")
+    max_reward_failure_fraction: float = Field(
+        0.1, ge=0, le=1, description="a reward that fails (raises, returns NaN / a non-number, or times out) on "
+        "more than this fraction of the samples generated in one step, over all workers and rollout rounds, fails "
+        "the stage naming the reward and its first error (failed samples score 0 below it). Per step, not "
+        "cumulative: a grader broken from some step on is caught at that step. 1: never fail")
     sampling: SamplingConfig = SamplingConfig()
     engine: EngineConfig = EngineConfig()
     checkpoint_every: int = operational(5, ge=1)

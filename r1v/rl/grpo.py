@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from r1v.generation.engines import Request, start_engines
-from r1v.grading.rewards import load_reward_modules
+from r1v.grading.rewards import check_failure_fraction, failures_by_reward, load_reward_modules
 from r1v.rl.config import GRPOConfig
 from r1v.rl.rollout import collect, replay
 from r1v.rl.sampling import SelectiveSampleBuffer
@@ -37,12 +37,16 @@ from r1v.rl.update import RolloutBatch, grpo_update, reference_projector
 from r1v.train import checkpoint
 from r1v.train.device import engine_device, engine_dtype
 from r1v.train.engine import (
+    NonFiniteGuard,
+    NonFiniteStepError,
     all_reduce_named,
     all_reduce_sum,
     barrier,
     export_model,
+    gather_objects,
     gathered,
     init_engine,
+    params_finite,
 )
 from r1v.train.launch import fit
 from r1v.train.worker import load_trainable, start_worker
@@ -90,6 +94,28 @@ def weight_groups(module: torch.nn.Module) -> list[list[tuple[str, torch.nn.Para
     return list(groups.values())
 
 
+def check_reward_failures(rounds: list[RolloutBatch], c: GRPOConfig, step: int) -> None:
+    """Fail the stage (`RewardFailureError`) when a reward failed on more than `max_reward_failure_fraction` of
+    the samples generated in the step, over all ranks and rollout rounds, before the update uses its rewards.
+    Every rank must call it: the counts are all-reduced, so all ranks raise together."""
+    names = list(c.rewards)
+    local: dict[str, float] = {}
+    for b in rounds:
+        for k, v in b.reward_failures.items():
+            local[k] = local.get(k, 0.0) + v
+    failed = failures_by_reward(local, names)
+    scored, *counts = all_reduce_sum([float(sum(len(b.flat) for b in rounds)), *failed.values()])
+    failed = dict(zip(names, counts, strict=True))
+    if not any(n > c.max_reward_failure_fraction * scored for n in failed.values()):
+        return
+    first: dict[str, str] = {}
+    for errors in gather_objects([b.reward_errors for b in rounds]):  # the message may be on another rank only
+        for e in errors:
+            for k, msg in e.items():
+                first.setdefault(k, msg)
+    check_failure_fraction(failed, scored, c.max_reward_failure_fraction, first, f"step {step}")
+
+
 def step_metrics(rounds: list[RolloutBatch], rb: RolloutBatch, out: dict[str, Any], extra: dict[str, float]
                  ) -> dict[str, float]:
     """This rank's sums for a step, by name (`finish_metrics` turns the all-ranks sums into means). Rewards are
@@ -100,7 +126,7 @@ def step_metrics(rounds: list[RolloutBatch], rb: RolloutBatch, out: dict[str, An
             "finished_fraction": float(sum(cp.finished for cp, _ in gen)),
             "loss": out["loss"], "kl": out["kl"], "loss_tokens": out["loss_tokens"],
             "mismatch_abs_sum": out["mismatch_abs_sum"], "mismatch_tokens": out["mismatch_tokens"],
-            "optimizer_steps": out["optimizer_steps"]}
+            "optimizer_steps": out["optimizer_steps"], "grad_norm": out["grad_norm"]}
     for b in rounds:
         for k, v in b.reward_parts.items():
             sums[f"reward_{k}"] = sums.get(f"reward_{k}", 0.0) + sum(v)
@@ -180,6 +206,7 @@ def grpo_loop(cfg: dict[str, Any]) -> None:
         print(f"[grpo] trainable {counts}; {len(prompts)} prompts on rank 0; starting at step {state['step']}")
 
     groups = weight_groups(module)
+    guard = NonFiniteGuard(c.trainer.max_nonfinite_steps, "grpo")
 
     def push_weights() -> tuple[float, float]:
         """The trainable tensors to every engine, one group (a decoder layer, the projector) at a time: rank 0
@@ -211,10 +238,14 @@ def grpo_loop(cfg: dict[str, Any]) -> None:
                                                    c.trainer.seed * 100_003 + step * 1009 + rank + 7919 * r))
 
         rb, extra, rounds = collect(generate, prompts_for_round, c)
+        check_reward_failures(rounds, c, step)
         if c.replay.enabled:
             rng = np.random.default_rng([c.trainer.seed % 2**63, step, rank, 17])
             rb, extra["replayed"] = replay(rb, buffer, c, prompts, rng)
         out = grpo_update(engine, rb, c, tok.pad_token_id, tile, world, ref_projector)
+        for where, outcome in out["nonfinite"]:  # raises on every rank alike, before the sync and any save
+            guard.record(outcome, f"step {step} ({where})")
+        extra["nonfinite_steps"] = float(guard.skipped)
         t_sync, sync_bytes = push_weights()
         out["timings"]["sync"] = t_sync
         extra["sync_bytes"] = sync_bytes / world  # rank 0's tensors, summed over ranks by the all-reduce
@@ -231,6 +262,9 @@ def grpo_loop(cfg: dict[str, Any]) -> None:
                                                                    strict=True)],
                                f"samples/step-{step:05d}.jsonl")
         if step % c.checkpoint_every == 0 or step == c.steps:
+            if not params_finite(engine):  # only a finite update that overflowed gets here: keep the last good one
+                raise NonFiniteStepError(f"grpo step {step}: trainable parameters are not finite after the update; "
+                                         "not checkpointing them")
             checkpoint.save(engine, step, {"step": step, "replay": buffer.state_dict() if c.replay.enabled else None},
                             {"reward": sums["reward"] / max(sums["samples"], 1.0)}, rank)
 

@@ -41,6 +41,8 @@ def take_groups(picks: list[tuple[RolloutBatch, int, float]]) -> RolloutBatch:
     for rb in {id(rb): rb for rb, _, _ in picks}.values():
         for k, v in rb.reward_failures.items():
             out.reward_failures[k] = out.reward_failures.get(k, 0) + v
+        for k, msg in rb.reward_errors.items():
+            out.reward_errors.setdefault(k, msg)
         for k, v in rb.timings.items():
             out.timings[k] = out.timings.get(k, 0.0) + v
     return out

@@ -34,7 +34,7 @@ from r1v.rl import algos
 from r1v.rl.config import GRPOConfig
 from r1v.rl.logprobs import build_batch, reference_projector, response_logprobs, sequence_logprobs
 from r1v.train.device import engine_device, engine_dtype, to_device
-from r1v.train.engine import all_reduce_sum
+from r1v.train.engine import StepOutcome, all_reduce_sum, guarded_step
 
 __all__ = ["RolloutBatch", "build_batch", "grpo_update", "reference_projector", "sequence_logprobs"]
 
@@ -55,6 +55,7 @@ class RolloutBatch:
     advantages: Tensor | None = None  # [n_samples]
     loss_weight: Tensor | None = None  # [n_samples]: 0 keeps a sample out of the loss and its normaliser
     timings: dict[str, float] = field(default_factory=dict)
+    reward_errors: dict[str, str] = field(default_factory=dict)  # reward -> its first failure's message
 
     @property
     def flat(self) -> list[Completion]:
@@ -95,11 +96,11 @@ def _timed(rb: RolloutBatch, name: str):
 
 
 def score_phase(rb: RolloutBatch, c: GRPOConfig) -> RolloutBatch:
-    """Rewards (a reward that raises or overruns scores 0 and is counted, never kills the step) and group
-    advantages."""
+    """Rewards (a reward that raises or overruns scores 0 and is counted, never kills the step: the GRPO loop
+    bounds the share of failures, `r1v.rl.grpo.check_reward_failures`) and group advantages."""
     with _timed(rb, "reward"):
         rb.rewards, rb.reward_parts, rb.reward_failures = score_safe([cp.text for cp in rb.flat], rb.samples,
-                                                                     c.rewards)
+                                                                     c.rewards, errors=rb.reward_errors)
         adv_fn = algos.ADVANTAGES.get(c.advantage)
         out, k = [], 0
         for g in rb.group_sizes:  # groups may differ in size (replayed samples come alone)
@@ -181,7 +182,9 @@ def logprob_phase(engine, rb: RolloutBatch, prep: Prepared, c: GRPOConfig,
 
 
 def update_phase(engine, rb: RolloutBatch, prep: Prepared, c: GRPOConfig, world: int) -> dict[str, float]:
-    """`ppo_epochs` x mini-batches optimizer steps; sums of per-micro-batch stats (see `grpo_update`)."""
+    """`ppo_epochs` x mini-batches optimizer steps; sums of per-micro-batch stats (see `grpo_update`). A
+    mini-batch whose loss or gradient norm is not finite on some rank is skipped by every rank (`guarded_step`)
+    and listed in `nonfinite` as (where, outcome); the caller decides whether the stage goes on."""
     n = len(prep.prompt_of)
     mini, micro = c.batch_sizes(n)
     device = prep.batch["input_ids"].device
@@ -193,6 +196,8 @@ def update_phase(engine, rb: RolloutBatch, prep: Prepared, c: GRPOConfig, world:
     stats: dict[str, float] = {"loss": 0.0, "kl": 0.0, "optimizer_steps": 0.0, "mismatch_abs_sum": 0.0,
                                "mismatch_tokens": 0.0}
     token_stats: dict[str, float] = {}
+    norms: list[float] = []
+    nonfinite: list[tuple[str, StepOutcome]] = []
     with _timed(rb, "update"):
         for epoch in range(c.ppo_epochs):
             for m, mrows in enumerate(_chunks(list(range(n)), mini)):
@@ -200,6 +205,7 @@ def update_phase(engine, rb: RolloutBatch, prep: Prepared, c: GRPOConfig, world:
                 masks = [prep.batch["response_mask"][r] * weight[r].unsqueeze(-1) for r in micro_rows]
                 (norm,) = all_reduce_sum([float(sum(agg.normaliser(mk) for mk in masks))])
                 norm /= world  # DeepSpeed averages the ranks' gradients: see r1v.rl.algos
+                mini_loss = 0.0
                 for i, rows in enumerate(micro_rows):
                     engine.set_gradient_accumulation_boundary(i == len(micro_rows) - 1)
                     mb, feats = _micro(prep, rows, engine)
@@ -226,14 +232,20 @@ def update_phase(engine, rb: RolloutBatch, prep: Prepared, c: GRPOConfig, world:
                         kl = agg(kl_fn(logp, prep.ref_logp[rows, :L]), mask, norm)
                         loss = loss + c.kl_coef * kl
                     engine.backward(loss, scale_wrt_gas=False)
+                    mini_loss += float(loss.detach())
                     stats["loss"] += float(loss.detach()) / c.ppo_epochs
                     stats["kl"] += float(kl.detach()) / c.ppo_epochs
                     for k, v in st.items():  # per-token stats, summed: the caller divides by the tokens
                         token_stats[k] = token_stats.get(k, 0.0) + float((v * mask).sum()) / c.ppo_epochs
-                engine.step()
-                stats["optimizer_steps"] += 1
+                out = guarded_step(engine, mini_loss)
+                if out.skipped:
+                    nonfinite.append((f"PPO epoch {epoch}, mini-batch {m}", out))
+                else:
+                    stats["optimizer_steps"] += 1
+                    norms.append(out.grad_norm)
     stats["loss_tokens"] = float((prep.batch["response_mask"] * weight.unsqueeze(-1)).sum())
-    return {**stats, "token_stats": token_stats}
+    stats["grad_norm"] = sum(norms) / len(norms) if norms else 0.0
+    return {**stats, "token_stats": token_stats, "nonfinite": nonfinite}
 
 
 def grpo_update(engine, rb: RolloutBatch, c: GRPOConfig, pad_id: int, tile: int, world: int,
@@ -241,7 +253,8 @@ def grpo_update(engine, rb: RolloutBatch, c: GRPOConfig, pad_id: int, tile: int,
     """score -> prepare -> logprobs -> update on one rank's `rb`; all ranks must call it (ZeRO-3 gathers inside
     forward). Returns this rank's stats: `loss` and `kl` as this rank's share of the global means (their sum
     over ranks divided by world is the global value), per-token sums of the policy loss's stats with
-    `loss_tokens`, the rollout/trainer log-prob mismatch sums, `total`/`per` rewards, `failures`, `timings`."""
+    `loss_tokens`, the rollout/trainer log-prob mismatch sums, the mean `grad_norm` of the steps taken and the
+    skipped ones (`nonfinite`), `total`/`per` rewards, `failures`, `timings`."""
     if rb.rewards is None:
         score_phase(rb, c)
     prep = prepare_phase(engine, rb, c, pad_id, tile)

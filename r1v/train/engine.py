@@ -6,9 +6,11 @@ the projector's (MBs) while ZeRO-3 still shards the frozen backbones' weights ac
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -188,3 +190,136 @@ def gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+# --------------------------------------------------------------------------- non-finite steps
+
+
+class NonFiniteStepError(RuntimeError):
+    """A stage skipped more non-finite optimizer steps than `TrainerConfig.max_nonfinite_steps` allows, or its
+    parameters stopped being finite."""
+
+
+@dataclass
+class StepOutcome:
+    """What `guarded_step` did: the global gradient norm it checked, and what was not finite (on some rank)
+    when it skipped the step ("loss", "grad norm", "loss and grad norm"; None when the step was taken)."""
+
+    loss: float
+    grad_norm: float
+    nonfinite: str | None = None
+
+    @property
+    def skipped(self) -> bool:
+        return self.nonfinite is not None
+
+
+def grad_norm(engine) -> float:
+    """The L2 norm of the trainable parameters' gradients of the window just backpropagated (before
+    `engine.step()`), over all ranks: DeepSpeed's own pre-clipping norm. Every rank must call it.
+
+    ZeRO-3 holds each rank's partition of the reduced gradients: their squares are summed over ranks. ZeRO-1/2
+    hand out the full reduced gradient (a gather per parameter), ZeRO-0 has it in `.grad` on every rank.
+    """
+    squares: list[torch.Tensor] = []
+    partitioned = False
+    for p in engine.module.parameters():
+        if not p.requires_grad:
+            continue
+        if hasattr(p, "ds_id"):
+            from deepspeed.utils import safe_get_local_grad
+
+            g, partitioned = safe_get_local_grad(p), True
+        elif p.grad is None and hasattr(p, "_hp_mapping"):
+            from deepspeed.utils import safe_get_full_grad
+
+            g = safe_get_full_grad(p)
+        else:
+            g = p.grad
+        if g is not None:
+            squares.append(torch.linalg.vector_norm(g.detach(), dtype=torch.float64) ** 2)
+    total = float(torch.stack(squares).sum()) if squares else 0.0  # one device sync, not one per parameter
+    if partitioned:
+        (total,) = all_reduce_sum([total])
+    return math.sqrt(total)
+
+
+def _no_step(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+@contextlib.contextmanager
+def _without_update(engine) -> Iterator[None]:
+    """`engine.step()` inside changes no parameter, optimizer state or learning rate.
+
+    DeepSpeed changes parameters only through its torch optimizer's `step` at every ZeRO stage (ZeRO-1..3 then
+    copy their fp32 master partitions, unchanged, back to the parameters), and the schedule only through the LR
+    scheduler's `step`: with both held, `engine.step()` still does its own clean-up of the window (reduced
+    gradients in buckets and partitions, accumulation counters), which differs between stages and versions and
+    which dropping `.grad` alone would miss (ZeRO-3 would add the next window's gradients to this one's). r1v
+    configures no optimizer offload, whose partly-GPU variant steps a second (backup) optimizer.
+    """
+    held = [o for o in (engine.basic_optimizer, engine.lr_scheduler) if o is not None]
+    saved = [o.__dict__.get("step", _no_step) for o in held]  # torch's LR scheduler wraps `step` per instance
+    for o in held:
+        o.step = _no_step
+    try:
+        yield
+    finally:
+        for o, prev in zip(held, saved, strict=True):
+            if prev is _no_step:
+                del o.step
+            else:
+                o.step = prev
+
+
+def guarded_step(engine, loss: float) -> StepOutcome:
+    """`engine.step()` when `loss` and the global gradient norm are finite on every rank, else a skipped step:
+    the window's gradients are dropped and parameters, optimizer state and LR schedule stay as they were. All
+    ranks agree (the flags are all-reduced), so they take the same collectives. Every rank must call it.
+
+    With fp16, gradients are loss-scaled and an overflow is DeepSpeed's to handle (it skips the step and lowers
+    the scale): only the loss is checked there.
+    """
+    norm = grad_norm(engine)
+    fp16 = bool(getattr(engine, "fp16_enabled", lambda: False)())
+    bad_loss, bad_norm = all_reduce_sum([float(not math.isfinite(loss)), float(not (fp16 or math.isfinite(norm)))])
+    what = " and ".join(w for w, bad in (("loss", bad_loss), ("grad norm", bad_norm)) if bad) or None
+    if what is None:
+        engine.step()
+    elif hasattr(engine, "basic_optimizer"):
+        with _without_update(engine):
+            engine.step()
+    else:  # not a DeepSpeed engine (a single-process stand-in): its gradients live in `.grad`
+        for p in engine.module.parameters():
+            p.grad = None
+    return StepOutcome(loss, norm, what)
+
+
+class NonFiniteGuard:
+    """Counts a stage's skipped (non-finite) optimizer steps since it (re)started, and fails it once more than
+    `limit` were skipped."""
+
+    def __init__(self, limit: int, stage: str) -> None:
+        self.limit, self.stage, self.skipped = limit, stage, 0
+
+    def record(self, out: StepOutcome, where: str) -> None:
+        """Count `out` if it was skipped; raise `NonFiniteStepError` naming `where` past the limit."""
+        if not out.skipped:
+            return
+        self.skipped += 1
+        detail = f"non-finite {out.nonfinite} (loss {out.loss:.4g}, grad norm {out.grad_norm:.4g})"
+        if self.skipped > self.limit:
+            raise NonFiniteStepError(
+                f"{self.stage} {where}: {detail}; {self.skipped} non-finite optimizer steps skipped, more than "
+                f"trainer.max_nonfinite_steps = {self.limit}: stopping (checkpoints hold the last finite state)")
+        print(f"[{self.stage}] {where}: {detail}: optimizer step skipped ({self.skipped} of at most {self.limit})",
+              flush=True)
+
+
+def params_finite(engine) -> bool:
+    """Whether every trainable parameter is finite on every rank (each rank checks its ZeRO-3 partition).
+    Every rank must call it."""
+    bad = any(not bool(torch.isfinite(getattr(p, "ds_tensor", p.detach())).all())
+              for p in engine.module.parameters() if p.requires_grad)
+    return all_reduce_max(int(bad)) == 0

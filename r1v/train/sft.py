@@ -39,7 +39,18 @@ from r1v.model.forward import normalize_pixels
 from r1v.train import checkpoint
 from r1v.train.config import SFTConfig
 from r1v.train.device import engine_device, engine_dtype, to_device
-from r1v.train.engine import all_reduce_max, all_reduce_sum, export_model, gather_objects, init_engine
+from r1v.train.engine import (
+    NonFiniteGuard,
+    NonFiniteStepError,
+    StepOutcome,
+    all_reduce_max,
+    all_reduce_sum,
+    export_model,
+    gather_objects,
+    guarded_step,
+    init_engine,
+    params_finite,
+)
 from r1v.train.launch import fit
 from r1v.train.projector_reg import ProjectorNormPenalty
 from r1v.train.worker import load_trainable, start_worker
@@ -91,12 +102,13 @@ def batch_nll(engine, batch: dict[str, Any], packing: bool) -> torch.Tensor:
 
 
 def sft_step(engine, batches: Sequence[dict[str, Any]], packing: bool, world: int,
-             penalty: ProjectorNormPenalty | None = None) -> tuple[float, float]:
+             penalty: ProjectorNormPenalty | None = None) -> tuple[float, float, StepOutcome]:
     """One optimizer step over one accumulation window of collated micro-batches: no Ray involved, so a Ray Train
     worker and a plain single process (`bench/gpu_step.py`) run the same step. Returns the window's (summed NLL,
-    label tokens) over all ranks. With `penalty`, each micro-batch also backpropagates weight x its projector
-    penalty x its label tokens (so the window's loss adds weight x the label-token-weighted mean penalty); the
-    returned NLL stays the NLL."""
+    label tokens) over all ranks and the step's outcome: a window whose loss or gradient norm is not finite is
+    skipped (`guarded_step`), the caller decides whether the stage goes on. With `penalty`, each micro-batch also
+    backpropagates weight x its projector penalty x its label tokens (so the window's loss adds weight x the
+    label-token-weighted mean penalty); the returned NLL stays the NLL."""
 
     def reg(b: dict[str, Any]) -> torch.Tensor | float:
         p = penalty.take()
@@ -105,8 +117,7 @@ def sft_step(engine, batches: Sequence[dict[str, Any]], packing: bool, world: in
     out = backward_window(engine, batches, lambda b: batch_nll(engine, b, packing),
                           [label_tokens(b["labels"]) for b in batches], world,
                           reg_fn=reg if penalty is not None else None)
-    engine.step()
-    return out
+    return (*out, guarded_step(engine, out[0] / max(out[1], 1.0)))
 
 
 def backward_window(engine, batches: Sequence[Any], nll_fn: Callable[[Any], torch.Tensor], tokens: Sequence[int],
@@ -229,6 +240,7 @@ def sft_loop(cfg: dict[str, Any]) -> None:
         if state["step"]:
             log.tags({"r1v.resumed_from_step": str(state["step"])})
     t_last, tokens_since = time.time(), 0
+    guard = NonFiniteGuard(c.trainer.max_nonfinite_steps, "sft")
 
     def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
         good = count_rows(rows, state)
@@ -250,18 +262,22 @@ def sft_loop(cfg: dict[str, Any]) -> None:
                 break  # every rank's shard is exhausted
             # The window's micro-batches are formed first: its global token count normalises every one of them.
             batches = [collate(rows) for rows in window + [[]] * (n - len(window))]
-            g_nll, g_tok = sft_step(engine, batches, c.packing, world, penalty)
+            g_nll, g_tok, outcome = sft_step(engine, batches, c.packing, world, penalty)
             state["micro"] += n
             state["step"] += 1
             step = state["step"]
+            # Past the limit this raises on every rank (they agree on the flags), before anything is saved.
+            guard.record(outcome, f"step {step}")
             tokens_since += int(g_tok)
             if rank == 0 and step % c.log_every == 0:
                 now = time.time()
                 log.metrics({"loss": g_nll / max(g_tok, 1), "lr": engine.get_lr()[0],
                              "tokens_per_s": tokens_since / max(now - t_last, 1e-9), "epoch": epoch,
+                             "grad_norm": outcome.grad_norm, "nonfinite_steps": guard.skipped,
                              **({"projector_norm_ratio": penalty.last_ratio} if penalty else {})}, step)
                 t_last, tokens_since = now, 0
             if step % c.checkpoint_every == 0:
+                _check_finite(engine, step)
                 checkpoint.save(engine, step, state, {"loss": g_nll / max(g_tok, 1)}, rank)
             if step >= limit:
                 break
@@ -271,6 +287,7 @@ def sft_loop(cfg: dict[str, Any]) -> None:
         _finish_epoch(state, epoch, rank, log, cfg["stage_dir"])
         state.update(epoch=epoch + 1, rows_consumed=0, trained=0, quarantined=[], buffer_start=0, groups_done=0)
         # An end-of-epoch checkpoint: a crash after this point never redoes (or recounts) the epoch.
+        _check_finite(engine, state["step"])
         checkpoint.save(engine, state["step"], state, {"epoch": epoch}, rank, name=f"epoch-{epoch:03d}-end")
 
     t_export = time.time()
@@ -278,6 +295,14 @@ def sft_loop(cfg: dict[str, Any]) -> None:
     if rank == 0:
         print(f"[sft] rank0: model exported in {time.time() - t_export:.1f} s ({time.time() - t_setup:.1f} s in "
               "all)", flush=True)
+
+
+def _check_finite(engine, step: int) -> None:
+    """Refuse to checkpoint non-finite weights: skipped steps keep them finite, so this only fires on a finite
+    update that overflowed; the checkpoints already kept are then the last good ones (Ray keeps the newest)."""
+    if not params_finite(engine):
+        raise NonFiniteStepError(f"sft step {step}: trainable parameters are not finite after the optimizer step; "
+                                 "not checkpointing them")
 
 
 def count_rows(rows: list[dict[str, Any]], state: dict[str, Any]) -> list[dict[str, Any]]:

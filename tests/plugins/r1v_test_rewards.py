@@ -16,3 +16,9 @@ def digits(completion: str, sample: dict[str, Any]) -> float:
     """Fraction of non-space characters that are digits."""
     chars = [ch for ch in completion if not ch.isspace()]
     return sum(ch.isdigit() for ch in chars) / len(chars) if chars else 0.0
+
+
+@REWARDS.register("broken_parser", replace=True)
+def broken_parser(completion: str, sample: dict[str, Any]) -> float:
+    """A grader that raises on every completion (a reward whose dependency is broken)."""
+    raise ValueError(f"cannot parse answer {sample.get('answer')!r}: grammar not loaded")

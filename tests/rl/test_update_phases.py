@@ -142,6 +142,22 @@ def test_mini_batches_are_optimizer_steps_and_old_logprobs_are_reused_once(tiny)
     assert (one_step, two_steps, two_epochs) == (6, 9, 12)
 
 
+def test_a_nonfinite_mini_batch_is_skipped_and_reported(tiny):
+    from r1v.rl.update import grpo_update, score_phase
+
+    model, tok, t, _ = tiny
+    c = cfg(micro_batch=2, ppo_mini_batch=6)
+    rb = score_phase(rollout(tiny), c)
+    rb.advantages[7] = float("nan")  # a sample of the second mini-batch
+    engine = LocalEngine(copy.deepcopy(model), lr=0.1)
+    out = grpo_update(engine, rb, c, tok.pad_token_id, t, world=1)
+    assert out["optimizer_steps"] == 1 and len(engine.grads) == 1  # only the first mini-batch stepped
+    [(where, skipped)] = out["nonfinite"]
+    assert where == "PPO epoch 0, mini-batch 1" and skipped.nonfinite == "loss and grad norm"
+    assert all(p.grad is None for p in engine.module.parameters())  # its gradients were dropped
+    assert out["grad_norm"] > 0
+
+
 def test_one_vision_pass_per_prompt_with_a_frozen_tower(tiny):
     calls = []
     hook = tiny[0].model.vision_tower.register_forward_hook(lambda *_: calls.append(1))
