@@ -29,14 +29,19 @@ def _host() -> str:
     return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
-def _start_time(pid: int) -> int:
-    """The process's start time in clock ticks since boot (Linux), 0 where it cannot be read: with the pid it
-    names one process, so a pid reused by an unrelated process does not pass for the writer."""
+def _proc_stat(pid: int) -> tuple[str, int]:
+    """(state, start time in clock ticks since boot) of a process (Linux), ("", 0) where it cannot be read.
+    With the pid the start time names one process, so a pid reused by an unrelated process does not pass for
+    the writer; state "Z" is a process that is dead but not yet reaped."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return int(stat.rsplit(")", 1)[1].split()[19])
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[19])
     except (OSError, ValueError, IndexError):
-        return 0
+        return "", 0
+
+
+def _start_time(pid: int) -> int:
+    return _proc_stat(pid)[1]
 
 
 def owner_tag() -> str:
@@ -60,8 +65,8 @@ def is_dead_owner(tag: str) -> bool:
         return True
     except PermissionError:  # someone else's live process
         pass
-    now = _start_time(pid)
-    return bool(start and now and now != start)
+    state, now = _proc_stat(pid)
+    return state == "Z" or bool(start and now and now != start)
 
 
 def remove_stale(parent: Path, prefix: str, suffix: str = "") -> list[Path]:

@@ -83,7 +83,8 @@ def _validated(records: Iterable[Record], cfg: DataImportConfig,
     `cfg.row_timeout_s` (`r1v.data.importers.pool`)."""
     return validate_in_workers(records, init=_make_validator, init_arg=cfg.model_dump(), check=_check,
                                source=source, workers=cfg.workers, batch_rows=cfg.batch_rows,
-                               row_timeout_s=cfg.row_timeout_s)
+                               row_timeout_s=cfg.row_timeout_s,
+                               preload=[__name__, *(["r1v.data.prompt", "r1v.model.assemble"] if cfg.model else [])])
 
 
 def default_source_name(cfg: DataImportConfig) -> str:
