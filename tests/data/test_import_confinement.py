@@ -278,3 +278,19 @@ def test_a_killed_import_leaves_nothing_the_next_one_keeps(tmp_path) -> None:
     assert _hidden(out) == []
     assert sorted(p.name for p in out.iterdir()) == ["c", "c.quarantine.parquet", "c.report.json"]
     assert read_corpus(out / "c").num_rows == 50
+
+
+def test_cli_options(tmp_path, corpus, capsys) -> None:
+    import argparse
+
+    from r1v.cli.data import add_data_parser
+
+    p = argparse.ArgumentParser(prog="r1v")
+    add_data_parser(p.add_subparsers(dest="command", required=True))
+    base = ["data", "import", "--format", "openai", str(corpus), "--quiet", "--row-timeout", "30"]
+    args = p.parse_args([*base, "--out", str(tmp_path / "a")])
+    assert args.fn(args) == 0 and '"outside_root": 7' in capsys.readouterr().out
+    args = p.parse_args([*base, "--out", str(tmp_path / "b"), "--allow-outside-root"])
+    assert args.fn(args) == 0 and "outside_root" not in capsys.readouterr().out
+    args = p.parse_args([*base[:-1], "0", "--out", str(tmp_path / "c")])
+    assert args.fn(args) == 2 and "row_timeout_s" in capsys.readouterr().err
