@@ -26,8 +26,9 @@ def cmd_import(args: argparse.Namespace) -> int:
                              "system_prompt": args.system_prompt}.items() if v is not None}
     fields = {"format": args.format, "source": args.source, "image_root": args.image_root,
               "model": args.model, "source_name": args.source_name, "on_too_long": args.on_too_long,
-              "max_pixels": args.max_pixels,
-              "rows_per_file": args.rows_per_file, "workers": args.workers, "limit": args.limit}
+              "max_pixels": args.max_pixels, "allow_outside_root": args.allow_outside_root or None,
+              "row_timeout_s": args.row_timeout, "rows_per_file": args.rows_per_file, "workers": args.workers,
+              "limit": args.limit}
     try:
         cfg = DataImportConfig(preprocess=PreprocessConfig(**pre),
                                **{k: v for k, v in fields.items() if v is not None})
@@ -60,6 +61,8 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--out", required=True, help="corpus directory to write")
     p.add_argument("--image-root", help="root of relative image paths (default: the source file's folder)")
+    p.add_argument("--allow-outside-root", action="store_true",
+                   help="read image paths that resolve outside the image root (default: quarantine them)")
     p.add_argument("--source-name", help="value of the corpus `source` column")
     p.add_argument("--model", help="model dir for the tokenised length check (omit to skip it)")
     p.add_argument("--max-length", type=int, help="context length in tokens (default 1024)")
@@ -69,6 +72,8 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument("--max-pixels", type=int, help="decompression-bomb guard (default 50M)")
     p.add_argument("--rows-per-file", type=int)
     p.add_argument("--workers", type=int, help="validation processes (default 1)")
+    p.add_argument("--row-timeout", type=float,
+                   help="seconds a row's validation may take before it is quarantined as timeout (default 60)")
     p.add_argument("--limit", type=int, help="import only the first N rows")
     p.add_argument("--quarantine", help="quarantine Parquet (default DST.quarantine.parquet)")
     p.add_argument("--report", help="report JSON (default DST.report.json)")

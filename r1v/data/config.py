@@ -40,6 +40,9 @@ class DataImportConfig(Strict):
     source: str = Field(description="a file, a directory (all files of the format in it) or a glob")
     image_root: str | None = Field(None, description="root of relative image paths (default: the "
                                                      "file's folder)")
+    allow_outside_root: bool = Field(False, description="read image paths that resolve outside the image root "
+                                                        "(`..`, absolute paths, symlinks); by default such "
+                                                        "rows are quarantined as outside_root")
     source_name: str | None = Field(None, description="value of the corpus `source` column; default the "
                                                       "source's file or folder name")
     model: str | None = Field(None, description="model dir whose tokenizer and vision geometry the length "
@@ -55,4 +58,7 @@ class DataImportConfig(Strict):
                                                                 "about libraries + 5 x this")
     batch_rows: int = operational(64, ge=1, description="rows per Parquet read batch and per worker task")
     workers: int = operational(1, ge=1, description="validation processes (image decoding is the CPU cost)")
+    row_timeout_s: float = Field(60.0, gt=0, description="a row whose validation (image reads, decoding, "
+                                                         "tokenising) takes longer is quarantined as timeout "
+                                                         "and its worker process replaced")
     limit: int | None = Field(None, ge=1, description="import only the first N rows (a trial run)")

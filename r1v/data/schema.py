@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from r1v.core.fs import atomic_directory
+from r1v.core.fs import atomic_directory, owner_tag, remove_stale
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 
@@ -74,7 +75,9 @@ class QuarantineWriter:
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.path, self.tmp = path, path.with_name(f".{path.name}.tmp")
+        # the temp name carries its writer, so a killed import's temp is removed by the next one
+        remove_stale(path.parent, f".{path.name}.", ".tmp")
+        self.path, self.tmp = path, path.with_name(f".{path.name}.{owner_tag()}{os.urandom(4).hex()}.tmp")
         self.writer = pq.ParquetWriter(self.tmp, QUARANTINE_SCHEMA)
         self.buf: list[dict[str, str]] = []
 

@@ -9,6 +9,8 @@ applied, JPEG/PNG/WebP); bytes are re-encoded only when such a conversion was ne
 from __future__ import annotations
 
 import io
+import os
+import stat
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,13 +36,28 @@ ROLES = "roles"                      # unknown role, roles not alternating, unan
 EMPTY_TURN = "empty_turn"            # a turn with no text, or nothing to learn from (no reply, no answer)
 TOO_LONG = "too_long"                # tokenised length over max_length (drop, or truncating not enough)
 BAD_RECORD = "bad_record"            # unparsable line/record, missing fields, wrong types
+OUTSIDE_ROOT = "outside_root"        # image path resolves (`..`, absolute, symlink) outside the image root
+NOT_A_FILE = "not_a_file"            # image path is a FIFO, directory, device, socket: only regular files are read
+TIMEOUT = "timeout"                  # validating the row took over row_timeout_s (a stuck read, a slow decode)
+VALIDATOR_CRASHED = "validator_crashed"  # the validator process died on the row (a native crash, OOM kill)
 REASONS = (IMAGE_MISSING, IMAGE_EMPTY, IMAGE_DECODE, IMAGE_TOO_LARGE, IMAGE_MARKERS, ROLES, EMPTY_TURN,
-           TOO_LONG, BAD_RECORD)
+           TOO_LONG, BAD_RECORD, OUTSIDE_ROOT, NOT_A_FILE, TIMEOUT, VALIDATOR_CRASHED)
 
 KEEP_MODES = frozenset({"RGB", "L"})
 KEEP_FORMATS = frozenset({"JPEG", "PNG", "WEBP"})
-ImageRef = bytes | Path | None
-"""An image as an importer found it: bytes, a local path read at validation, or None (a null image)."""
+
+
+@dataclass(frozen=True)
+class LocalImage:
+    """A local image file, read at validation; with a `root` it must resolve (symlinks followed) inside it."""
+
+    path: Path
+    root: Path | None = None
+
+
+ImageRef = bytes | LocalImage | Path | None
+"""An image as an importer found it: bytes, a local file read at validation (a bare Path is unconfined), or
+None (a null image)."""
 
 
 @dataclass
@@ -123,22 +140,57 @@ def normalize_image(data: bytes, max_pixels: int) -> tuple[bytes, tuple[int, int
         raise RowError(IMAGE_DECODE, f"cannot decode image ({len(data)} bytes): {e}") from e
 
 
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def read_file(ref: LocalImage, max_bytes: int) -> bytes:
+    """A local image's bytes, read only when it is a regular file inside its root, and never more than
+    `max_bytes` + 1 bytes of it (enough to tell it is too big).
+
+    The path is resolved first (so `..` and symlinks are judged by where they lead), stat'ed before it is
+    opened (a FIFO or a device is never opened: opening a FIFO blocks until a writer comes), opened
+    non-blocking and without following a last-moment symlink, and checked again on the open descriptor.
+    """
+    path = os.path.realpath(ref.path)
+    if ref.root is not None and not _inside(path, os.path.realpath(ref.root)):
+        raise RowError(OUTSIDE_ROOT, f"{ref.path} resolves to {path}, outside the image root {ref.root} "
+                                     f"(allow_outside_root is false)")
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise RowError(NOT_A_FILE, f"{ref.path} is not a regular file (mode {stat.filemode(st.st_mode)})")
+        if st.st_size > max_bytes:
+            raise RowError(IMAGE_TOO_LARGE, f"{ref.path}: {st.st_size} bytes, max_image_bytes is {max_bytes}")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise RowError(IMAGE_MISSING, f"{ref.path}: {e.strerror or e}") from e
+    try:
+        st2 = os.fstat(fd)
+        if not stat.S_ISREG(st2.st_mode) or (st2.st_dev, st2.st_ino) != (st.st_dev, st.st_ino):
+            raise RowError(NOT_A_FILE, f"{ref.path} changed while being opened")
+        chunks, left = [], max_bytes + 1
+        while left > 0 and (chunk := os.read(fd, min(left, 1 << 20))):
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    except OSError as e:
+        raise RowError(IMAGE_MISSING, f"{ref.path}: {e.strerror or e}") from e
+    finally:
+        os.close(fd)
+
+
 def read_image(ref: ImageRef, max_bytes: int) -> bytes:
-    """Bytes of an image reference; a missing or oversized file is a row problem, not an import failure."""
+    """Bytes of an image reference; a missing, misplaced or oversized file is a row problem, not an import
+    failure."""
     if ref is None:
         raise RowError(IMAGE_MISSING, "image is null")
     if isinstance(ref, bytes | bytearray):
         data = bytes(ref)
     else:
-        try:
-            size = ref.stat().st_size
-        except OSError as e:
-            raise RowError(IMAGE_MISSING, f"{ref}: {e.strerror or e}") from e
-        if size > max_bytes:
-            raise RowError(IMAGE_TOO_LARGE, f"{ref}: {size} bytes, max_image_bytes is {max_bytes}")
-        data = ref.read_bytes()
+        data = read_file(ref if isinstance(ref, LocalImage) else LocalImage(Path(ref)), max_bytes)
     if len(data) > max_bytes:
-        raise RowError(IMAGE_TOO_LARGE, f"image has {len(data)} bytes, max_image_bytes is {max_bytes}")
+        raise RowError(IMAGE_TOO_LARGE, f"image has {len(data)} bytes or more, max_image_bytes is {max_bytes}")
     return data
 
 

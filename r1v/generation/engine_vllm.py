@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from r1v.core.fs import atomic_directory
+from r1v.core.fs import atomic_directory, file_lock
 from r1v.data.collate import tiles_from_bytes
 from r1v.generation.engines import Completion, Request, RolloutEngine, is_vlm_dir, request_penalty
 from r1v.model.checksums import dir_sha256
@@ -119,8 +119,13 @@ def llm_dir_for(model_dir: str | os.PathLike, cache_dir: str | os.PathLike | Non
     if layout == "llm":
         return path
     out = cache_root(cache_dir) / "vllm-llm" / dir_sha256(path)[:24]
-    if not (out / "model.safetensors.index.json").is_file():
-        export_llm(path, out)
+    done = out / "model.safetensors.index.json"  # written last: its presence means a complete export
+    if not done.is_file():
+        # N engine actors start together: one exports, the others wait and reuse it. Without the lock the last
+        # to finish would swap its copy in and delete the directory another engine is already loading.
+        with file_lock(out.with_name(out.name + ".lock")):
+            if not done.is_file():
+                export_llm(path, out)
     return out
 
 

@@ -30,7 +30,10 @@ from r1v.core.config import is_operational
 SCHEME = 2
 """The fingerprint scheme this code writes; stage states record it (absent: scheme 1)."""
 
-ADDED_SINCE_SCHEME_1: frozenset[str] = frozenset()
+ADDED_SINCE_SCHEME_1: frozenset[str] = frozenset({
+    "TrainerConfig.max_nonfinite_steps", "GRPOConfig.max_reward_failure_fraction",
+    "DataImportConfig.allow_outside_root", "DataImportConfig.row_timeout_s",
+})
 """`Class.field` of every config field added after scheme 1 was retired: scheme 1's fingerprint of a run written
 before them is computed without them while they are at their default."""
 

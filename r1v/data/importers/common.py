@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from r1v.data.pipeline import RowError
-from r1v.data.validate import BAD_RECORD, IMAGE_DECODE, IMAGE_MISSING, ROLES, ImageRef, Record
+from r1v.data.validate import BAD_RECORD, IMAGE_DECODE, IMAGE_MISSING, ROLES, ImageRef, LocalImage, Record
 from r1v.model.tokens import IMAGE_MARKER
 
 if TYPE_CHECKING:
@@ -113,8 +113,20 @@ def iter_json_array(path: Path, chunk: int = 1 << 20,
                 buf, base, pos = buf[pos:], base + pos, 0
 
 
-def path_resolver(root: Path) -> Resolve:
-    """Image reference -> ImageRef: data URLs decoded, local paths relative to `root`, remote URLs refused."""
+def image_root(cfg: DataImportConfig, source_file: Path) -> Path:
+    """The folder a source file's relative image paths are relative to: `cfg.image_root`, else the file's own
+    folder. Local images must resolve inside it unless `cfg.allow_outside_root`."""
+    return Path(cfg.image_root) if cfg.image_root else source_file.parent
+
+
+def resolver_for(cfg: DataImportConfig, source_file: Path) -> Resolve:
+    """`path_resolver` for the images of one source file, confined to its `image_root` per the config."""
+    return path_resolver(image_root(cfg, source_file), confine=not cfg.allow_outside_root)
+
+
+def path_resolver(root: Path, confine: bool = True) -> Resolve:
+    """Image reference -> ImageRef: data URLs decoded, local paths relative to `root` (and, with `confine`,
+    required at validation to resolve inside it), remote URLs refused."""
 
     def resolve(ref: Any) -> ImageRef:
         if ref is None:
@@ -134,7 +146,7 @@ def path_resolver(root: Path) -> Resolve:
                 raise RowError(IMAGE_DECODE, f"bad data URL: {e}") from e
         if ref.startswith(("http://", "https://")):
             raise RowError(IMAGE_MISSING, f"remote image {ref[:200]} (download images before importing)")
-        return root / ref.removeprefix("file://")
+        return LocalImage(root / ref.removeprefix("file://"), root if confine else None)
 
     return resolve
 
@@ -253,7 +265,7 @@ def json_records(cfg: DataImportConfig, suffixes: tuple[str, ...]) -> Iterator[R
     """Records of JSON-array or JSONL files (LLaVA and OpenAI/ShareGPT share this; `record_from_obj` tells
     their row layouts apart), image paths resolved against `image_root` or each file's folder."""
     for path in expand_sources(cfg.source, suffixes):
-        resolve = path_resolver(Path(cfg.image_root) if cfg.image_root else path.parent)
+        resolve = resolver_for(cfg, path)
         reader = iter_json_array(path) if path.suffix.lower() == ".json" else iter_jsonl(path)
         for i, (loc, obj) in enumerate(reader):
             yield record_from_obj(obj, loc, f"{path.stem}-{i}", resolve)

@@ -9,11 +9,9 @@ the report refuses to exist unless rows read == rows written + rows quarantined.
 from __future__ import annotations
 
 import itertools
-import multiprocessing
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ import pyarrow.parquet as pq
 from r1v.core.fs import atomic_directory, atomic_write_json
 from r1v.data.config import DataImportConfig
 from r1v.data.importers import open_records
+from r1v.data.importers.pool import validate_in_workers
 from r1v.data.schema import CORPUS_SCHEMA, QuarantineWriter
 from r1v.data.validate import Outcome, Record, Validator
 
@@ -70,39 +69,22 @@ class CorpusWriter:
             pq.write_table(CORPUS_SCHEMA.empty_table(), self.folder / "part-00000.parquet")
 
 
-_WORKER: Validator | None = None
+def _make_validator(cfg: dict[str, Any]) -> Validator:
+    return Validator(DataImportConfig.model_validate(cfg))
 
 
-def _init_worker(cfg: dict[str, Any]) -> None:
-    global _WORKER
-    _WORKER = Validator(DataImportConfig.model_validate(cfg))
-
-
-def _validate_batch(batch: list[Record], source: str) -> list[Outcome]:
-    assert _WORKER is not None
-    return [_WORKER(r, source) for r in batch]
+def _check(v: Validator, rec: Record, source: str) -> Outcome:
+    return v(rec, source)
 
 
 def _validated(records: Iterable[Record], cfg: DataImportConfig,
                source: str) -> Iterator[tuple[Record, Outcome]]:
-    """(record, outcome) in input order; with workers > 1 a bounded window of batches runs in processes."""
-    if cfg.workers <= 1:
-        v = Validator(cfg)
-        for r in records:
-            yield r, v(r, source)
-        return
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(cfg.model_dump(),)) as pool:
-        window: deque[tuple[list[Record], Future]] = deque()
-        it = iter(records)
-        while True:
-            while len(window) < 2 * cfg.workers and (batch := list(itertools.islice(it, cfg.batch_rows))):
-                window.append((batch, pool.submit(_validate_batch, batch, source)))
-            if not window:
-                return
-            batch, fut = window.popleft()
-            yield from zip(batch, fut.result(), strict=True)
+    """(record, outcome) in input order, validated in `cfg.workers` processes, each row under
+    `cfg.row_timeout_s` (`r1v.data.importers.pool`)."""
+    return validate_in_workers(records, init=_make_validator, init_arg=cfg.model_dump(), check=_check,
+                               source=source, workers=cfg.workers, batch_rows=cfg.batch_rows,
+                               row_timeout_s=cfg.row_timeout_s,
+                               preload=[__name__, *(["r1v.data.prompt", "r1v.model.assemble"] if cfg.model else [])])
 
 
 def default_source_name(cfg: DataImportConfig) -> str:

@@ -9,10 +9,9 @@ prompt row for RL or evaluation. Lines with `conversations`/`messages` are read 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from r1v.data.importers.common import expand_sources, iter_jsonl, path_resolver, record_from_obj
+from r1v.data.importers.common import expand_sources, iter_jsonl, record_from_obj, resolver_for
 from r1v.data.validate import Record
 
 if TYPE_CHECKING:
@@ -21,6 +20,6 @@ if TYPE_CHECKING:
 
 def records(cfg: DataImportConfig) -> Iterator[Record]:
     for path in expand_sources(cfg.source, (".jsonl",)):
-        resolve = path_resolver(Path(cfg.image_root) if cfg.image_root else path.parent)
+        resolve = resolver_for(cfg, path)
         for i, (loc, obj) in enumerate(iter_jsonl(path)):
             yield record_from_obj(obj, loc, f"{path.stem}-{i}", resolve)

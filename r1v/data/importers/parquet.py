@@ -9,13 +9,12 @@ with null bytes but a path is read from `image_root`. Files are read `batch_rows
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from r1v.data.importers.common import expand_sources, path_resolver, record_from_obj
+from r1v.data.importers.common import expand_sources, record_from_obj, resolver_for
 from r1v.data.pipeline import RowError
 from r1v.data.validate import BAD_RECORD, ImageRef, Record
 
@@ -53,7 +52,7 @@ def _images(row: dict[str, Any], cols: list[str], resolve) -> list[ImageRef]:
 
 def records(cfg: DataImportConfig) -> Iterator[Record]:
     for path in expand_sources(cfg.source, (".parquet",), recursive=True):
-        resolve = path_resolver(Path(cfg.image_root) if cfg.image_root else path.parent)
+        resolve = resolver_for(cfg, path)
         try:
             pf = pq.ParquetFile(path)
         except (pa.ArrowException, OSError) as e:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from r1v.data.importers.common import expand_sources, path_resolver, record_from_obj
+from r1v.data.importers.common import expand_sources, record_from_obj, resolver_for
 from r1v.data.pipeline import RowError
 from r1v.data.validate import BAD_RECORD, Record
 
@@ -76,4 +76,4 @@ def _shard(path: Path, resolve) -> Iterator[Record]:
 
 def records(cfg: DataImportConfig) -> Iterator[Record]:
     for path in expand_sources(cfg.source, (".tar", ".tar.gz", ".tgz"), recursive=True):
-        yield from _shard(path, path_resolver(Path(cfg.image_root) if cfg.image_root else path.parent))
+        yield from _shard(path, resolver_for(cfg, path))
