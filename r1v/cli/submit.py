@@ -21,7 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from r1v.core.config import ConfigError
-from r1v.core.fs import read_json
+from r1v.core.fs import atomic_write_json, read_json
+from r1v.workflow.runner import Runner, check_only
+from r1v.workflow.schema import load_workflow
+from r1v.workflow.tracking import is_local_store
 
 EXCLUDES = [".git", ".venv", "venv", "runs", "mlruns", "mlartifacts", ".pytest_cache", ".ruff_cache", "__pycache__",
             "*.egg-info", "*.safetensors", "*.pt", "*.bin", "*.parquet", ".ipynb_checkpoints", "build", "dist"]
@@ -37,9 +40,7 @@ TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 def project_root() -> Path:
     """The checkout whose code is submitted: the directory holding the `r1v` package and pyproject.toml."""
-    import r1v
-
-    root = Path(r1v.__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     if not (root / "pyproject.toml").is_file():
         raise ConfigError(f"r1v is not running from a checkout ({root} has no pyproject.toml): `r1v submit` uploads "
                           "the checkout as the job's working_dir")
@@ -76,8 +77,6 @@ def _loopback(address: str) -> bool:
 
 def check_tracking(tracking_uri: str | None, address: str) -> None:
     """A store only the submitting machine's disk holds cannot take logs from a remote cluster's nodes."""
-    from r1v.workflow.tracking import is_local_store
-
     if is_local_store(tracking_uri) and not _loopback(address):
         raise ConfigError(
             f"tracking.tracking_uri is {tracking_uri or 'the default SQLite file under run_root'}, which the nodes "
@@ -140,7 +139,6 @@ def follow(address: str, job_id: str) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from r1v.workflow.runner import check_only
     from r1v.workflow.schema import load_workflow
 
     overrides = list(args.overrides) + ([f"run_root={args.run_root}"] if args.run_root else [])
@@ -168,8 +166,6 @@ def submit_resume(args: argparse.Namespace) -> int:
     run_dir = str(args.run)
     local = Path(run_dir)
     if (local / "run.json").exists():
-        from r1v.workflow.runner import Runner
-
         runner = Runner.open(local, args.overrides)  # validated, not stored: the job's driver stores them
         runner.plan(args.only, args.with_needs)
         check_tracking(runner.meta.get("tracking_uri"), args.address)
@@ -186,8 +182,6 @@ def record_job(run_dir: Path) -> None:
     job_id = os.environ.get(JOB_ENV)
     if not job_id:
         return
-    from r1v.core.fs import atomic_write_json
-
     meta = read_json(run_dir / "run.json", {}) or {}
     meta["job"] = {"id": job_id, "address": os.environ.get(ADDRESS_ENV)}
     meta.setdefault("jobs", []).append(job_id)
