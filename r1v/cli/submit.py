@@ -139,8 +139,6 @@ def follow(address: str, job_id: str) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from r1v.workflow.schema import load_workflow
-
     overrides = list(args.overrides) + ([f"run_root={args.run_root}"] if args.run_root else [])
     wf = load_workflow(args.workflow, overrides)  # a bad config: the error, no job
     check_only(wf, args.only)
