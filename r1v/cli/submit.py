@@ -36,6 +36,9 @@ MAX_UPLOAD = 500 * 2**20
 JOB_ENV = "R1V_JOB_ID"
 ADDRESS_ENV = "R1V_JOB_ADDRESS"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+AGENT_WAIT_S = 120.0
+STAGING = ".r1v-submit"
+"""Where a submitted workflow file is staged inside the package (for the upload only)."""
 
 
 def project_root() -> Path:
@@ -89,6 +92,14 @@ def check_tracking(tracking_uri: str | None, address: str) -> None:
 def _client(address: str):
     from ray.job_submission import JobSubmissionClient
 
+    try:  # like the `ray` CLI: a token of this machine's (~/.ray/auth_token) is used when RAY_AUTH_MODE is unset
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    except ImportError:  # a Ray without token authentication
+        pass
     return JobSubmissionClient(address)
 
 
@@ -108,8 +119,17 @@ def _runtime_env(root: Path, job_id: str, address: str) -> dict[str, Any]:
 def _submit(address: str, args_for_r1v: list[str], job_id: str, run_dir: str) -> None:
     root = project_root()
     entrypoint = shlex.join([sys.executable if _loopback(address) else "python", "-m", "r1v.cli", *args_for_r1v])
-    _client(address).submit_job(entrypoint=entrypoint, submission_id=job_id,
-                                runtime_env=_runtime_env(root, job_id, address), metadata={"r1v.run_dir": run_dir})
+    client, env = _client(address), _runtime_env(root, job_id, address)
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            client.submit_job(entrypoint=entrypoint, submission_id=job_id, runtime_env=env,
+                              metadata={"r1v.run_dir": run_dir})
+            return
+        except RuntimeError as e:  # a cluster that just started has no job agent yet: that passes
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
 
 
 def _watch(address: str, job_id: str, run_dir: str, tracking_uri: str | None) -> None:
@@ -143,17 +163,19 @@ def cmd_submit(args: argparse.Namespace) -> int:
     wf = load_workflow(args.workflow, overrides)  # a bad config: the error, no job
     check_only(wf, args.only)
     check_tracking(wf.config.tracking.tracking_uri, args.address)
-    root = project_root()
-    workflow = Path(args.workflow).resolve()
-    if not workflow.is_relative_to(root):
-        raise ConfigError(f"{args.workflow} is outside the checkout {root} that is uploaded; copy it into it "
-                          "(workflows/)")
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     name = f"{wf.config.name}-{stamp}"
     run_dir = f"{wf.config.run_root.rstrip('/')}/{name}"
     job_id = f"r1v-{name}"
-    cmd = ["run", str(workflow.relative_to(root)), *overrides, "--run-dir", run_dir]
-    _submit(args.address, cmd + (["--only", *args.only] if args.only else []), job_id, run_dir)
+    # The workflow file travels in the package (wherever it lies here), under a name of its own.
+    staged = project_root() / STAGING / f"{job_id}.yaml"
+    staged.parent.mkdir(exist_ok=True)
+    staged.write_text(Path(args.workflow).read_text())
+    try:
+        cmd = ["run", f"{STAGING}/{staged.name}", *overrides, "--run-dir", run_dir]
+        _submit(args.address, cmd + (["--only", *args.only] if args.only else []), job_id, run_dir)
+    finally:
+        staged.unlink(missing_ok=True)
     _watch(args.address, job_id, run_dir, wf.config.tracking.tracking_uri)
     return follow(args.address, job_id) if args.follow else 0
 

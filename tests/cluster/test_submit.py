@@ -15,8 +15,6 @@ from r1v_test_servers import MlflowServer
 from r1v.cli import main
 from r1v.workflow.runner import Runner
 
-ROOT = Path(__file__).resolve().parents[2]
-
 WORKFLOW = """
 name: submitted
 run_root: {root}
@@ -39,10 +37,7 @@ def tracking_server(tmp_path_factory):
 
 
 def _workflow(tmp_path: Path, uri: str) -> Path:
-    # the workflow must lie inside the uploaded checkout: a scratch folder there that submit's excludes skip
-    d = ROOT / "runs" / "test-workflows"
-    d.mkdir(parents=True, exist_ok=True)
-    p = d / f"{tmp_path.name}.yaml"
+    p = tmp_path / "wf.yaml"  # outside the checkout: submit ships it in the package
     p.write_text(WORKFLOW.format(root=tmp_path / "shared" / "runs", uri=uri))
     return p
 
