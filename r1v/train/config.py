@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from r1v.core.config import Group, OptimConfig, PreprocessConfig, Strict, TrainerConfig
 
@@ -17,7 +17,11 @@ class SFTConfig(Strict):
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
     batch_size: int = Field(4, ge=1, description="rows (packed sequences with packing) per worker per micro-step")
-    grad_accum: int = Field(1, ge=1)
+    grad_accum: int = Field(1, ge=1, description="micro-steps per optimizer step on each worker")
+    global_batch: int | None = Field(None, ge=1, description="rows (packed sequences with packing) per optimizer "
+                                     "step over all workers: grad_accum becomes global_batch / "
+                                     "(trainer.num_workers x batch_size), so the worker count does not change "
+                                     "what a step trains on; None: grad_accum as given")
     packing: bool = Field(False, description="pack rows into token-budget sequences (no cross-sample attention)")
     max_tokens: int = Field(4096, ge=16, description="token budget of one packed sequence")
     pack_buffer: int = Field(256, ge=1, description="rows considered together when forming packed sequences, "
@@ -31,3 +35,19 @@ class SFTConfig(Strict):
                                       "token-embedding norm - 1)^2, averaged over image tokens, added to the loss "
                                       "(0: off): pulls image features to the scale of the LLM's token embeddings "
                                       "(r1v.train.projector_reg; a compared option, docs/world.md)")
+
+    @model_validator(mode="after")
+    def _one_batch_size(self) -> SFTConfig:
+        if self.global_batch is not None and self.grad_accum != 1:
+            raise ValueError("set global_batch or grad_accum, not both: global_batch derives grad_accum")
+        return self
+
+    def accumulation(self, world: int) -> int:
+        """Micro-steps per optimizer step on each of `world` workers."""
+        if self.global_batch is None:
+            return self.grad_accum
+        per = world * self.batch_size
+        if self.global_batch % per:
+            raise ValueError(f"global_batch {self.global_batch} is not a multiple of trainer.num_workers ({world}) "
+                             f"x batch_size ({self.batch_size}) = {per}")
+        return self.global_batch // per
