@@ -167,7 +167,7 @@ def grpo_loop(cfg: dict[str, Any]) -> None:
     # The KL reference: frozen backbones + the projector as it starts, on the engine's device and in its dtype.
     ref_projector = (reference_projector(engine.module, engine_device(engine), engine_dtype(engine))
                      if c.kl_coef > 0 else None)
-    portable = checkpoint.portable(c.trainable)
+    portable = checkpoint.portable(c.trainable, c.trainer)
     restored = checkpoint.restore(engine, rank, portable=portable)
     state = restored.state if restored else {"step": 0}
     buffer = SelectiveSampleBuffer(c.replay.capacity)

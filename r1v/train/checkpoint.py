@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from r1v.core.config import TrainerConfig
 from r1v.train.engine import gather_objects, gathered
 
 TAG = "ds"
@@ -39,10 +40,12 @@ ARRAYS = "arrays.safetensors"
 PORTABLE, DEEPSPEED = "r1v-portable-1", "deepspeed"
 
 
-def portable(trainable: list[str]) -> bool:
-    """Whether a stage training `trainable` writes the portable format (the projector alone: small enough to
-    gather on every save)."""
-    return list(trainable) == ["projector"]
+def portable(trainable: list[str], trainer: TrainerConfig) -> bool:
+    """Whether a stage training `trainable` writes the portable format: the projector alone (small enough to
+    gather on every save), under ZeRO-3 or without ZeRO in fp32 (the optimizer layouts r1v sets back; ZeRO-1/2
+    and DeepSpeed's bf16/fp16 wrappers keep DeepSpeed's format)."""
+    return list(trainable) == ["projector"] and (trainer.zero_stage == 3 or
+                                                 (trainer.zero_stage == 0 and trainer.dtype == "float32"))
 
 
 @dataclass
@@ -207,19 +210,28 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     save_file(tensors, str(path))
 
 
-def _ensure_optimizer_state(inner: torch.optim.Optimizer, keys: list[str], step: float) -> None:
-    """Give every parameter the optimizer holds a state with `keys` (zeros) and step count `step`: a fresh torch
+def _optimizer_tensors(engine) -> list[torch.Tensor]:
+    """The tensors the torch optimizer keeps state for: ZeRO-3's flat fp32 partitions (handed to the optimizer
+    only during its step), else the parameters themselves."""
+    opt = engine.optimizer
+    if hasattr(opt, "fp32_partitioned_groups_flat"):
+        return list(opt.fp32_partitioned_groups_flat)
+    return [q for group in _inner_optimizer(engine).param_groups for q in group["params"]]
+
+
+def _ensure_optimizer_state(engine, keys: list[str], step: float) -> None:
+    """Give every tensor the optimizer updates a state with `keys` (zeros) and step count `step`: a fresh torch
     optimizer creates its state in its first step, and the values are then set through DeepSpeed's API."""
-    for group in inner.param_groups:
-        for q in group["params"]:
-            st = inner.state[q]
-            for k in keys:
-                if k not in st:
-                    st[k] = torch.zeros_like(q, memory_format=torch.preserve_format)
-            if "step" in st and torch.is_tensor(st["step"]):
-                st["step"].fill_(step)
-            else:  # as torch's Adam creates it (a float32 scalar on the CPU unless capturable / fused)
-                st["step"] = torch.tensor(step, dtype=torch.float32)
+    inner = _inner_optimizer(engine)
+    for q in _optimizer_tensors(engine):
+        st = inner.state[q]
+        for k in keys:
+            if k not in st:
+                st[k] = torch.zeros_like(q, memory_format=torch.preserve_format)
+        if "step" in st and torch.is_tensor(st["step"]):
+            st["step"].fill_(step)
+        else:  # as torch's Adam creates it (a float32 scalar on the CPU unless capturable / fused)
+            st["step"] = torch.tensor(step, dtype=torch.float32)
 
 
 def _load_trainable(engine, path: Path, meta: dict[str, Any]) -> None:
@@ -238,7 +250,7 @@ def _load_trainable(engine, path: Path, meta: dict[str, Any]) -> None:
     if set(tensors) != expected:
         raise RuntimeError(f"checkpoint {path} does not hold this model's trainable parameters: missing "
                            f"{sorted(expected - set(tensors))[:5]}, unexpected {sorted(set(tensors) - expected)[:5]}")
-    _ensure_optimizer_state(inner, opt["state_keys"], opt["step"])
+    _ensure_optimizer_state(engine, opt["state_keys"], opt["step"])
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     for name, p in _trainable(engine):
         value = tensors[f"param/{name}"]

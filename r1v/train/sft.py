@@ -215,7 +215,7 @@ def sft_loop(cfg: dict[str, Any]) -> None:
     limit = c.max_steps or 10**12
     engine = init_engine(model, c.trainer, c.optim, total, c.batch_size, grad_accum)
     penalty = ProjectorNormPenalty(model, c.projector_norm_reg) if c.projector_norm_reg > 0 else None
-    portable = checkpoint.portable(c.trainable)
+    portable = checkpoint.portable(c.trainable, c.trainer)
     restored = checkpoint.restore(engine, rank, portable=portable)
     state = restored.state if restored else {"step": 0, "epoch": 0, "micro": 0}
     seen = EpochRows(cfg["rows"], rank, state.get("rows"), restored.arrays if restored else None)
