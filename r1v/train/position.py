@@ -29,8 +29,9 @@ class EpochRows:
         self.segments = arrays.get("rows_segment", np.zeros(0, np.int16)).astype(np.int16)
         self.trained: int = state.get("trained", 0)
         self.quarantined: list[dict[str, Any]] = list(state.get("quarantined", []))
-        # a resumed epoch is a new segment; a fresh one starts at 0
-        self.segment: int = state["segment"] + 1 if "segment" in state else 0
+        # An epoch resumed after some of its rows is a new segment (its windows are formed anew from the rest); an
+        # epoch started from its beginning, resumed or not, is segment 0.
+        self.segment: int = state.get("segment", 0) + 1 if len(self.rows) else 0
         self._new: list[int] = []
         self._new_trained = 0
         self._new_bad: list[dict[str, Any]] = []

@@ -224,6 +224,7 @@ def sft_loop(cfg: dict[str, Any]) -> None:
         seen.merge()  # every rank's rows since the last checkpoint, to rank 0
         checkpoint.save(engine, state["step"], {**state, "rows": seen.state()}, metrics, rank, portable=portable,
                         name=name, arrays=seen.arrays())
+
     if rank == 0:
         log.params({"trainable_params": counts, "total_steps": total})
         print(f"[sft] rank0: trainable {counts}; ~{total} optimizer steps; starting at step {state['step']} "
