@@ -180,7 +180,7 @@ def _full_fp32(p: torch.nn.Parameter, key: str | None, inner: torch.optim.Optimi
         out = safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
     else:
         out = p.detach() if key is None else inner.state[p][key]
-    return out.detach().float().cpu()
+    return out.detach()
 
 
 def _trainable_state(engine, rank: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -193,9 +193,9 @@ def _trainable_state(engine, rank: int) -> tuple[dict[str, torch.Tensor], dict[s
     tensors: dict[str, torch.Tensor] = {}
     for name, p in _trainable(engine):  # the projector: gathering it whole is cheap (~100M parameters at 38B)
         for key in (None, *keys):
-            t = _full_fp32(p, key, inner)
+            t = _full_fp32(p, key, inner)  # on the accelerator; only rank 0 copies it to the host
             if rank == 0:
-                tensors[f"{key or 'param'}/{name}"] = t.contiguous()
+                tensors[f"{key or 'param'}/{name}"] = t.float().cpu().contiguous()
     sched = engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None
     meta = {"optimizer": {"type": type(inner).__name__, "step": opt_step, "state_keys": keys},
             "lr_scheduler": sched,
