@@ -23,6 +23,9 @@ class EpochRows:
     def __init__(self, corpus_rows: int, rank: int, state: dict[str, Any] | None = None,
                  arrays: dict[str, np.ndarray] | None = None) -> None:
         state, arrays = state or {}, arrays or {}
+        if state.get("corpus_rows", corpus_rows) != corpus_rows:
+            raise RuntimeError(f"the checkpoint's data position is over a corpus of {state['corpus_rows']} rows, the "
+                               f"corpus now has {corpus_rows}: its row indices would name other rows")
         self.corpus_rows, self.rank = corpus_rows, rank
         self.rows = arrays.get("rows", np.zeros(0, np.int64)).astype(np.int64)
         self.ranks = arrays.get("rows_rank", np.zeros(0, np.int16)).astype(np.int16)
@@ -71,7 +74,8 @@ class EpochRows:
 
     def state(self) -> dict[str, Any]:
         """The JSON side of rank 0's record (after `merge`)."""
-        return {"trained": self.trained, "quarantined": self.quarantined, "segment": self.segment}
+        return {"trained": self.trained, "quarantined": self.quarantined, "segment": self.segment,
+                "corpus_rows": self.corpus_rows}
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The array side of rank 0's record (after `merge`)."""
