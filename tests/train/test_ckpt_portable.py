@@ -185,7 +185,8 @@ train_sft(SFTConfig.model_validate(json.loads(sys.argv[1])), Path(sys.argv[2]), 
 @pytest.mark.slow
 def test_sft_resumed_on_one_worker_trains_each_remaining_row_once(ray_cluster, tiny_assets, tmp_path):
     """Epoch 0 on two workers (61 rows: 31 and 30), killed in epoch 1, resumed on one worker in the same stage
-    folder (the same Ray Train storage): every row of each epoch trained once, counts reconcile."""
+    folder (the same Ray Train storage): every row of each epoch trained once, counts reconcile, and with
+    `global_batch` the one worker takes steps of the same 4 rows (16 steps an epoch either way)."""
     import os
     import signal
     import subprocess
@@ -199,8 +200,8 @@ def test_sft_resumed_on_one_worker_trains_each_remaining_row_once(ray_cluster, t
     from r1v.train.sft import train_sft
 
     data = generate(tmp_path / "data", n_train=61, n_test=2, seed=0, corrupt_rows=3)
-    cfg = SFTConfig(model=tiny_assets["model"], corpus=str(data["train"]), batch_size=2, checkpoint_every=2,
-                    keep_checkpoints=10, epochs=2, pack_buffer=8, optim={"lr": 1e-3})
+    cfg = SFTConfig(model=tiny_assets["model"], corpus=str(data["train"]), batch_size=2, global_batch=4,
+                    checkpoint_every=2, keep_checkpoints=10, epochs=2, pack_buffer=8, optim={"lr": 1e-3})
     stage = tmp_path / "sft"
     env = {**os.environ, "RAY_ADDRESS": ray_cluster}
     log = tmp_path / "first.log"
@@ -231,5 +232,20 @@ def test_sft_resumed_on_one_worker_trains_each_remaining_row_once(ray_cluster, t
     for epoch, cnt in enumerate(out["counts"]):
         assert cnt["epoch"] == epoch and cnt["rows_in"] == cnt["rows_distinct"] == 61
         assert cnt["rows_trained"] + cnt["rows_quarantined"] == 61 and cnt["rows_quarantined"] == 3
+    end = json.loads((stage / "ray" / "train" / "epoch-001-end" / "state.json").read_text())
+    assert end["step"] == 32 and end["state"]["epoch"] == 2
     projector = load_file(str(stage / "model" / "projector.safetensors"))
     assert projector and all(np.isfinite(v.astype(np.float64)).all() for v in projector.values())
+
+
+def test_global_batch_derives_grad_accum():
+    from r1v.train.config import SFTConfig
+
+    c = SFTConfig(model="m", corpus="c", batch_size=2, global_batch=8)
+    assert [c.accumulation(w) for w in (1, 2, 4)] == [4, 2, 1]
+    assert SFTConfig(model="m", corpus="c", grad_accum=3).accumulation(4) == 3  # None: per worker, as given
+    with pytest.raises(ValueError, match=r"global_batch 8 is not a multiple of trainer.num_workers \(3\) x "
+                                         r"batch_size \(2\) = 6"):
+        c.accumulation(3)
+    with pytest.raises(ValueError, match="global_batch or grad_accum, not both"):
+        SFTConfig(model="m", corpus="c", global_batch=8, grad_accum=2)
