@@ -2,6 +2,9 @@
 
 A preprocessed row carries `error` (a reason code, "" when fine). Training skips and counts error rows and
 writes them to the quarantine Parquet, so rows in == rows trained + rows quarantined holds for every epoch.
+A preprocessed row also carries `row`, its global index in the corpus (`r1v.data.reader`; -1 when read without
+one): SFT's data position and its balanced shards are kept in those indices, so they do not depend on the number
+of workers.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ PREPROCESSED_SCHEMA = pa.schema(
         ("error", pa.string()),
         ("detail", pa.string()),
         ("source", pa.string()),
+        ("row", pa.int64()),
     ]
 )
 
@@ -208,7 +212,7 @@ def preprocess_batch(batch: pa.Table, model_dir: str, pre: dict[str, Any], with_
     encoded: list[EncodedRow | None] = []
     for row in batch.to_pylist():
         rec = {"id": row["id"], "answer": row.get("answer") or "", "source": row.get("source") or "",
-               "error": "", "detail": "", "input_ids": [], "labels": [], "n_tiles": 0}
+               "error": "", "detail": "", "input_ids": [], "labels": [], "n_tiles": 0, "row": row.get("row", -1)}
         enc = None
         try:
             enc = encode_row(row, model_dir, cfg, with_labels)
@@ -245,10 +249,29 @@ ROWS_PER_TASK = 128
 BLOCK_BYTES = 16 << 20  # Ray Data block size target of the preprocessed dataset (its own context only)
 
 
+def epoch_order(corpus: str, seed: int | Sequence[int] | None = None) -> np.ndarray:
+    """Global row indices in the order `preprocessed_dataset(corpus, seed=seed)` reads them: from the Parquet
+    metadata alone, the same on every rank."""
+    # imported on use, to keep ray out of light paths
+    from r1v.data.reader import RowGroupSource
+
+    return RowGroupSource(corpus, rows_per_task=ROWS_PER_TASK, seed=seed).order()
+
+
+def balanced_shard(rows: np.ndarray, world: int, rank: int) -> np.ndarray:
+    """Rank `rank`'s share of `rows`: a contiguous run of len(rows) // world rows, one more for the first
+    len(rows) % world ranks. Contiguous, so that a rank reads few row groups beyond its own rows."""
+    base, extra = divmod(len(rows), world)
+    start = rank * base + min(rank, extra)
+    return rows[start : start + base + (rank < extra)]
+
+
 def preprocessed_dataset(corpus: str, model_dir: str, pre: PreprocessConfig, with_labels: bool = True,
-                         concurrency: int | None = None, seed: int | Sequence[int] | None = None):
-    """A lazy Ray Dataset of preprocessed rows (order preserved so that resume can skip consumed rows), in corpus
-    order, or with `seed` in that seed's permutation of row groups (`r1v.data.reader.RowGroupSource`).
+                         concurrency: int | None = None, seed: int | Sequence[int] | None = None,
+                         rows: np.ndarray | None = None):
+    """A lazy Ray Dataset of preprocessed rows (order preserved), in corpus order, or with `seed` in that seed's
+    permutation of row groups (`r1v.data.reader.RowGroupSource`); with `rows` (global indices), only those rows,
+    dropped before they are decoded. Every row carries its global index (`row`).
 
     Each Ray task reads a few row groups of the corpus and preprocesses them `BATCH_ROWS` at a time
     (`r1v.data.reader`), so every free CPU preprocesses, even for a corpus in one file; `concurrency` caps
@@ -264,7 +287,8 @@ def preprocessed_dataset(corpus: str, model_dir: str, pre: PreprocessConfig, wit
     transform = functools.partial(preprocess_batch, model_dir=model_dir, pre=pre.model_dump(),
                                   with_labels=with_labels)
     ds = read_corpus(corpus, columns=["id", "images", "messages", "answer", "source"], rows_per_task=ROWS_PER_TASK,
-                     batch_rows=BATCH_ROWS, transform=transform, concurrency=concurrency, seed=seed)
+                     batch_rows=BATCH_ROWS, transform=transform, concurrency=concurrency, seed=seed,
+                     row_index=True, keep=rows)
     # Small blocks: a task then hands each preprocessed batch on as soon as it is made, instead of holding its
     # batches until a 128 MB block is full (about 50 MATH-Vision rows at 448 px). Holding them costs memory and
     # made every batch's pixel buffer land in fresh pages: 17.2-19.2 vs 16.6 ms a row (bench/data_pipeline.py).

@@ -193,10 +193,14 @@ def grpo_loop(cfg: dict[str, Any]) -> None:
     # The KL reference: frozen backbones + the projector as it starts, on the engine's device and in its dtype.
     ref_projector = (reference_projector(engine.module, engine_device(engine), engine_dtype(engine))
                      if c.kl_coef > 0 else None)
-    state = checkpoint.restore(engine, rank) or {"step": 0}
+    portable = checkpoint.portable(c.trainable, c.trainer)
+    restored = checkpoint.restore(engine, rank, portable=portable)
+    state = restored.state if restored else {"step": 0}
     buffer = SelectiveSampleBuffer(c.replay.capacity)
-    if state.get("replay"):
-        buffer.load_state_dict(state["replay"])
+    # The buffer holds this rank's prompts by index in its slice: it resumes only on as many workers (with
+    # another number it starts empty, as a fresh run's does).
+    if restored and restored.rank_state and restored.rank_state.get("replay"):
+        buffer.load_state_dict(restored.rank_state["replay"])
     module = engine.module
     tile = tile_size(model)
     quarantined = sum(all_reduce_sum([float(len(bad))]))
@@ -265,8 +269,9 @@ def grpo_loop(cfg: dict[str, Any]) -> None:
             if not params_finite(engine):  # only a finite update that overflowed gets here: keep the last good one
                 raise NonFiniteStepError(f"grpo step {step}: trainable parameters are not finite after the update; "
                                          "not checkpointing them")
-            checkpoint.save(engine, step, {"step": step, "replay": buffer.state_dict() if c.replay.enabled else None},
-                            {"reward": sums["reward"] / max(sums["samples"], 1.0)}, rank)
+            checkpoint.save(engine, step, {"step": step}, {"reward": sums["reward"] / max(sums["samples"], 1.0)},
+                            rank, portable=portable,
+                            rank_state={"replay": buffer.state_dict() if c.replay.enabled else None})
 
     export_model(engine, c.model, Path(cfg["stage_dir"]) / "model", rank)
 

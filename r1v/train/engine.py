@@ -86,15 +86,16 @@ def init_engine(model: torch.nn.Module, trainer: TrainerConfig, optim: OptimConf
     return engine
 
 
-def gathered(params: Iterable[torch.nn.Parameter]):
-    """Context manager giving full tensors under ZeRO-3 (a no-op context otherwise). All ranks must enter."""
+def gathered(params: Iterable[torch.nn.Parameter], modifier_rank: int | None = None):
+    """Context manager giving full tensors under ZeRO-3 (a no-op context otherwise). All ranks must enter. With
+    `modifier_rank`, that rank's changes are broadcast and re-partitioned on exit."""
     import contextlib
 
     params = list(params)
     if params and hasattr(params[0], "ds_id"):
         import deepspeed
 
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
     return contextlib.nullcontext()
 
 

@@ -37,30 +37,13 @@ def setup_worker(trainer: TrainerConfig) -> tuple[int, int]:
     return rank, world
 
 
-def _no_drop_data_config():
-    """Ray Train's default DataConfig splits with `equal=True`, which drops up to world_size-1 rows: data
-    loss we do not accept. Our loops tolerate unequal shards (a rank that runs dry steps on a dummy row)."""
-    from ray.train import DataConfig
-
-    class NoDropDataConfig(DataConfig):
-        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-            output: list[dict[str, Any]] = [{} for _ in range(world_size)]
-            hints = worker_node_ids if self._enable_shard_locality else None
-            for name, ds in datasets.items():
-                if ds.name is None:
-                    ds.set_name(name)
-                ds = ds.copy(ds)
-                ds.context.execution_options = self._resolve_execution_options(name)
-                for i, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=hints)):
-                    output[i][name] = split
-            return output
-
-    return NoDropDataConfig()
-
-
 def fit(loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], trainer: TrainerConfig,
-        storage: Path, keep_checkpoints: int, datasets: dict[str, Any] | None = None):
-    """Run `loop` on the workers. Re-running with the same `storage` resumes from its latest checkpoint."""
+        storage: Path, keep_checkpoints: int):
+    """Run `loop` on the workers. Re-running with the same `storage` resumes from its latest checkpoint.
+
+    No Ray datasets are handed to Ray Train: its split decides which rows a worker gets as they stream (unequal
+    on small corpora, different on every run), while resume needs the rows given by what a checkpoint records;
+    each SFT worker reads its own rows (`r1v.train.sft.rank_rows`)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -74,8 +57,6 @@ def fit(loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], tra
         run_config=RunConfig(name="train", storage_path=str(storage.resolve()),
                              checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
                              failure_config=FailureConfig(max_failures=0)),
-        datasets=datasets,
-        dataset_config=_no_drop_data_config() if datasets else None,
     )
     result = t.fit()
     if result.error is not None:

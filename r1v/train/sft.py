@@ -8,11 +8,13 @@ ZeRO-3 runs collectives inside every forward, so all ranks must take the same nu
 the vision tower every time: a rank whose shard ran dry (or whose rows were all quarantined) steps on a
 zero-weight dummy row holding one blank tile.
 
-Order: with `shuffle`, epoch e reads its own dataset, whose row groups come in a permutation seeded by
-(trainer seed, e), and each worker shuffles its rows within windows of `pack_buffer` rows with an rng seeded by
-(seed, e, rank, window). Ray's split hands blocks to ranks deterministically for a given order (`preserve_order`),
-so a resumed run regenerates the same stream per rank; the worker state records the rows of finished windows
-and the micro-steps done in the current one, and resume skips exactly those.
+Order and shards: epoch e visits the corpus in an order of global row indices (with `shuffle`, row groups in a
+permutation seeded by (trainer seed, e); `r1v.data.pipeline.epoch_order`), every worker computes it from the
+Parquet metadata, drops the rows the epoch already consumed (none unless resumed), and reads its balanced
+contiguous share of the rest (`balanced_shard`: within one row of the others), preprocessing only those rows.
+Each worker shuffles its rows within windows of `pack_buffer` rows with an rng seeded by (seed, e, rank,
+segment, window). Checkpoints record the consumed rows by global index (`r1v.train.position`), so a resume, on
+any number of workers, trains every remaining row once.
 
 Loss: every label token of an accumulation window weighs the same, whichever micro-batch or rank holds it (see
 `window_loss`).
@@ -33,7 +35,7 @@ import torch
 from r1v.core.fs import atomic_write_json, read_json
 from r1v.data.collate import IGNORE, collate_sft, table_rows
 from r1v.data.packing import collate_packed, token_budget_batches
-from r1v.data.pipeline import preprocessed_dataset, vision_geometry
+from r1v.data.pipeline import balanced_shard, epoch_order, preprocessed_dataset, vision_geometry
 from r1v.data.schema import write_quarantine
 from r1v.model.forward import normalize_pixels
 from r1v.train import checkpoint
@@ -46,12 +48,12 @@ from r1v.train.engine import (
     all_reduce_max,
     all_reduce_sum,
     export_model,
-    gather_objects,
     guarded_step,
     init_engine,
     params_finite,
 )
 from r1v.train.launch import fit
+from r1v.train.position import EpochRows
 from r1v.train.projector_reg import ProjectorNormPenalty
 from r1v.train.worker import load_trainable, start_worker
 
@@ -180,59 +182,59 @@ def window_groups(buf: list[dict[str, Any]], c: SFTConfig, rng: np.random.Genera
     return groups
 
 
-def micro_batches(shard, c: SFTConfig, state: dict[str, Any], key: Sequence[int] | None = None
-                  ) -> Iterator[list[dict[str, Any]]]:
-    """This rank's preprocessed rows (good and quarantined alike), one list per micro-step, resuming after
-    what `state` records as consumed.
+def micro_batches(shard, c: SFTConfig, key: Sequence[int] | None = None) -> Iterator[list[dict[str, Any]]]:
+    """This rank's preprocessed rows (good and quarantined alike), one list per micro-step.
 
     The stream is cut into windows of `window_size` rows, each cut into micro-steps by `window_groups`, shuffled
-    with `window_rng(key, window index)` when `key` (seed, epoch, rank) is given. `state["buffer_start"]` counts
-    the rows of finished windows and `state["groups_done"]` the micro-steps handed out from the current one
-    (updated as they are yielded: the caller checkpoints only after training them). Resume skips the finished
-    windows, re-forms the current one (the same rng, hence the same micro-steps) and skips its finished ones.
+    with `window_rng(key, window index)` when `key` (seed, epoch, rank, segment) is given.
     """
     size = window_size(c)
     rows = _rows(shard, min(size, 64))
-    for _ in itertools.islice(rows, state["buffer_start"]):
-        pass
+    window = 0
     while buf := list(itertools.islice(rows, size)):
-        rng = window_rng(key, state["buffer_start"] // size) if key is not None else None
-        for g, group in enumerate(window_groups(buf, c, rng)):
-            if g < state["groups_done"]:
-                continue
-            state["groups_done"] = g + 1
-            yield group
-        state["buffer_start"] += len(buf)
-        state["groups_done"] = 0
+        yield from window_groups(buf, c, window_rng(key, window) if key is not None else None)
+        window += 1
 
 
-def epoch_dataset(c: SFTConfig, epoch: int) -> str:
-    """The name of the dataset an epoch reads: with `shuffle` every epoch has its own order, hence dataset."""
-    return f"train-{epoch}" if c.shuffle else "train"
+def epoch_seed(c: SFTConfig, epoch: int) -> list[int] | None:
+    """The seed of epoch `epoch`'s row-group order (None: corpus order)."""
+    return [c.trainer.seed % 2**63, epoch] if c.shuffle else None
+
+
+def rank_rows(c: SFTConfig, epoch: int, seen: EpochRows, rank: int, world: int):
+    """This rank's rows of `epoch` not consumed yet, as a Ray Dataset of preprocessed rows."""
+    mine = balanced_shard(seen.remaining(epoch_order(c.corpus, epoch_seed(c, epoch))), world, rank)
+    return preprocessed_dataset(c.corpus, c.model, c.preprocess, with_labels=True, seed=epoch_seed(c, epoch),
+                                rows=mine)
 
 
 def sft_loop(cfg: dict[str, Any]) -> None:
     """Ray Train worker function."""
-    import ray.train
-
     c = SFTConfig.model_validate(cfg["config"])
     t_setup = time.time()
     rank, world, log = start_worker(c.trainer, cfg["tracking_uri"], cfg["run_id"])
     model, tok, counts = load_trainable(c.model, c.trainer, c.trainable)
     tile, per_tile = vision_geometry(c.model)
     image_token = model.config.image_token_id
-    # Shards are split dynamically (no row dropped), so their sizes are only known at the end: the step
-    # count below sizes the LR schedule; an epoch ends when every shard is exhausted.
+    # The step count below sizes the LR schedule; an epoch ends when every shard is exhausted.
     # With packing the rows per step are unknown up front: assume sequences of half the context on average.
     rows_per_micro = c.batch_size * (max(1, 2 * c.max_tokens // c.preprocess.max_length) if c.packing else 1)
-    steps_per_epoch = math.ceil(cfg["rows"] / (world * rows_per_micro * c.grad_accum))
+    grad_accum = c.accumulation(world)
+    steps_per_epoch = math.ceil(cfg["rows"] / (world * rows_per_micro * grad_accum))
     total = min(c.max_steps or 10**12, steps_per_epoch * c.epochs)
     limit = c.max_steps or 10**12
-    engine = init_engine(model, c.trainer, c.optim, total, c.batch_size, c.grad_accum)
+    engine = init_engine(model, c.trainer, c.optim, total, c.batch_size, grad_accum)
     penalty = ProjectorNormPenalty(model, c.projector_norm_reg) if c.projector_norm_reg > 0 else None
-    state = checkpoint.restore(engine, rank) or {"step": 0, "epoch": 0, "rows_consumed": 0, "micro": 0,
-                                                  "trained": 0, "quarantined": [], "buffer_start": 0,
-                                                  "groups_done": 0}
+    portable = checkpoint.portable(c.trainable, c.trainer)
+    restored = checkpoint.restore(engine, rank, portable=portable)
+    state = restored.state if restored else {"step": 0, "epoch": 0, "micro": 0}
+    seen = EpochRows(cfg["rows"], rank, state.get("rows"), restored.arrays if restored else None)
+
+    def save(metrics: dict[str, float], name: str | None = None) -> None:
+        seen.merge()  # every rank's rows since the last checkpoint, to rank 0
+        checkpoint.save(engine, state["step"], {**state, "rows": seen.state()}, metrics, rank, portable=portable,
+                        name=name, arrays=seen.arrays())
+
     if rank == 0:
         log.params({"trainable_params": counts, "total_steps": total})
         print(f"[sft] rank0: trainable {counts}; ~{total} optimizer steps; starting at step {state['step']} "
@@ -243,7 +245,7 @@ def sft_loop(cfg: dict[str, Any]) -> None:
     guard = NonFiniteGuard(c.trainer.max_nonfinite_steps, "sft")
 
     def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
-        good = count_rows(rows, state)
+        good = seen.count(rows)
         if not any(r["n_tiles"] for r in good):  # keep the vision tower in every forward (ZeRO-3)
             good.append(dummy_row(image_token, per_tile, tile))
         if c.packing:
@@ -253,10 +255,10 @@ def sft_loop(cfg: dict[str, Any]) -> None:
     for epoch in range(state["epoch"], c.epochs):
         if state["step"] >= limit:
             break
-        shard = ray.train.get_dataset_shard(epoch_dataset(c, epoch))
-        it = micro_batches(shard, c, state, (c.trainer.seed, epoch, rank) if c.shuffle else None)
+        shard = rank_rows(c, epoch, seen, rank, world)
+        it = micro_batches(shard, c, (c.trainer.seed, epoch, rank, seen.segment) if c.shuffle else None)
         while True:
-            window = list(itertools.islice(it, c.grad_accum))
+            window = list(itertools.islice(it, grad_accum))
             n = all_reduce_max(len(window))
             if not n:
                 break  # every rank's shard is exhausted
@@ -278,17 +280,18 @@ def sft_loop(cfg: dict[str, Any]) -> None:
                 t_last, tokens_since = now, 0
             if step % c.checkpoint_every == 0:
                 _check_finite(engine, step)
-                checkpoint.save(engine, step, state, {"loss": g_nll / max(g_tok, 1)}, rank)
+                save({"loss": g_nll / max(g_tok, 1)})
             if step >= limit:
                 break
         if rank == 0:
             print(f"[sft] rank0: epoch {epoch} trained to step {state['step']} at {time.time() - t_setup:.1f} s",
                   flush=True)
-        _finish_epoch(state, epoch, rank, log, cfg["stage_dir"])
-        state.update(epoch=epoch + 1, rows_consumed=0, trained=0, quarantined=[], buffer_start=0, groups_done=0)
+        _finish_epoch(seen, epoch, log, cfg["stage_dir"])
+        state.update(epoch=epoch + 1)
+        seen = EpochRows(cfg["rows"], rank)
         # An end-of-epoch checkpoint: a crash after this point never redoes (or recounts) the epoch.
         _check_finite(engine, state["step"])
-        checkpoint.save(engine, state["step"], state, {"epoch": epoch}, rank, name=f"epoch-{epoch:03d}-end")
+        save({"epoch": epoch}, name=f"epoch-{epoch:03d}-end")
 
     t_export = time.time()
     export_model(engine, c.model, Path(cfg["stage_dir"]) / "model", rank)
@@ -305,31 +308,25 @@ def _check_finite(engine, step: int) -> None:
                                  "not checkpointing them")
 
 
-def count_rows(rows: list[dict[str, Any]], state: dict[str, Any]) -> list[dict[str, Any]]:
-    """Record a micro-step's rows in `state` (consumed, trained, quarantined); returns the ones to train on."""
-    good = [r for r in rows if not r["error"]]
-    state["quarantined"] += [{"id": r["id"], "reason": r["error"], "detail": r["detail"], "source": r["source"]}
-                             for r in rows if r["error"]]
-    state["rows_consumed"] += len(rows)
-    state["trained"] += len(good)
-    return good
+def _finish_epoch(seen: EpochRows, epoch: int, log, stage_dir: str) -> None:
+    """Reconcile rows in = trained + quarantined across ranks (and any earlier worker group of the epoch); rank 0
+    writes the quarantine, the epoch's consumed rows (`epoch-E-rows.parquet`: global index, rank, segment) and
+    the counts. Every rank calls it (it gathers)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-
-def _finish_epoch(state: dict[str, Any], epoch: int, rank: int, log, stage_dir: str) -> None:
-    """Reconcile rows in = trained + quarantined across ranks; rank 0 writes the quarantine and logs counts."""
-    parts = gather_objects({"consumed": state["rows_consumed"], "trained": state["trained"],
-                            "quarantined": state["quarantined"]})
-    if rank != 0:
+    seen.merge()
+    if seen.rank != 0:
         return
-    consumed = sum(p["consumed"] for p in parts)
-    trained = sum(p["trained"] for p in parts)
-    bad = [q for p in parts for q in p["quarantined"]]
+    consumed, trained, bad = len(seen.rows), seen.trained, seen.quarantined
     by_reason: dict[str, int] = {}
     for q in bad:
         by_reason[q["reason"]] = by_reason.get(q["reason"], 0) + 1
     write_quarantine(bad, Path(stage_dir) / "quarantine" / f"epoch-{epoch}.parquet")
+    pq.write_table(pa.table({"row": seen.rows, "rank": seen.ranks, "segment": seen.segments}),
+                   Path(stage_dir) / f"epoch-{epoch}-rows.parquet")
     summary = {"epoch": epoch, "rows_in": consumed, "rows_trained": trained, "rows_quarantined": len(bad),
-               "quarantined_by_reason": by_reason}
+               "rows_distinct": len(np.unique(seen.rows)), "quarantined_by_reason": by_reason}
     atomic_write_json(Path(stage_dir) / f"epoch-{epoch}-counts.json", summary)
     log.metrics({"rows_in": consumed, "rows_trained": trained, "rows_quarantined": len(bad)}, epoch)
     print(f"[sft] epoch {epoch}: {summary}")
@@ -343,15 +340,12 @@ def train_sft(c: SFTConfig, stage_dir: Path, tracking_uri: str | None, run_id: s
     rows = pads.dataset(c.corpus, format="parquet").count_rows()
     if rows == 0:
         raise ValueError(f"corpus {c.corpus} has no rows")
-    # With shuffle, one dataset (one idle Ray Data split coordinator until its epoch starts) per epoch that can
-    # start: every epoch takes at least one optimizer step, so no more than max_steps of them.
-    n = min(c.epochs, c.max_steps or c.epochs) if c.shuffle else 1
-    datasets = {epoch_dataset(c, e): preprocessed_dataset(c.corpus, c.model, c.preprocess, with_labels=True,
-                                                          seed=[c.trainer.seed % 2**63, e] if c.shuffle else None)
-                for e in range(n)}
+    c.accumulation(c.trainer.num_workers)  # a global_batch the workers cannot split fails here, before Ray
+    # Each worker reads its own rows (`rank_rows`): which ones depends on what the checkpoint it resumes from
+    # records, known only there.
     loop_cfg = {"config": c.model_dump(mode="json"), "tracking_uri": tracking_uri, "run_id": run_id,
                 "stage_dir": str(stage_dir), "rows": rows}
-    fit(sft_loop, loop_cfg, c.trainer, stage_dir / "ray", c.keep_checkpoints, datasets=datasets)
+    fit(sft_loop, loop_cfg, c.trainer, stage_dir / "ray", c.keep_checkpoints)
     counts = [read_json(p) for p in sorted(stage_dir.glob("epoch-*-counts.json"))]
     for cnt in counts:
         if cnt["rows_in"] != rows and c.max_steps is None:
@@ -359,4 +353,6 @@ def train_sft(c: SFTConfig, stage_dir: Path, tracking_uri: str | None, run_id: s
                                f"has {rows}: rows were lost")
         if cnt["rows_in"] != cnt["rows_trained"] + cnt["rows_quarantined"]:
             raise RuntimeError(f"epoch {cnt['epoch']}: counts do not reconcile: {cnt}")
+        if cnt.get("rows_distinct", cnt["rows_in"]) != cnt["rows_in"]:
+            raise RuntimeError(f"epoch {cnt['epoch']}: a row was trained more than once: {cnt}")
     return {"model": stage_dir / "model", "counts": counts, "rows": rows}

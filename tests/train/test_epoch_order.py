@@ -1,10 +1,9 @@
-"""SFT's per-epoch corpus order: a seeded permutation of row groups that Ray's split hands to ranks the same way
-every time it is replayed (what exact resume stands on), and a new one every epoch."""
+"""SFT's per-epoch corpus order: a seeded permutation of row groups, the same every time it is computed (on every
+rank, from the metadata alone) and a new one every epoch; each rank reads only its rows of it, by global index."""
 
 from __future__ import annotations
 
-import threading
-
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -34,31 +33,28 @@ def test_seeded_row_group_order(tmp_path):
         assert len({file for file, _, _, _ in src.chunks[:3]}) > 1  # tasks interleave files
 
 
-def split_rows(path, seed, world: int = 2) -> list[list[int]]:
-    """Each rank's rows of one pass over a fresh split (a fresh Ray Data coordinator, as after a restart)."""
+def rank_rows(path, seed, keep) -> list[int]:
+    """The rows a rank's dataset yields when it keeps the global indices `keep`."""
     import ray.data
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # as preprocessed_dataset sets
-    ds = read_corpus(path, rows_per_task=20, batch_rows=5, seed=seed)
-    out: list[list[int]] = [[] for _ in range(world)]
-
-    def consume(rank: int, it) -> None:
-        out[rank] = [r["x"] for r in it.iter_rows()]
-
-    threads = [threading.Thread(target=consume, args=(i, it))
-               for i, it in enumerate(ds.streaming_split(world, equal=False))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return out
+    ds = read_corpus(path, rows_per_task=20, batch_rows=5, seed=seed, keep=keep)
+    return [(r["x"], r["row"]) for r in ds.iter_rows()]
 
 
-def test_split_of_a_seeded_order_replays_exactly(ray_cluster, tmp_path):
-    every = write_corpus(tmp_path)
-    first = split_rows(tmp_path, [5, 0])
-    assert sorted(first[0] + first[1]) == every  # no row lost or duplicated by the uneven split
-    assert first[0] and first[1]
-    assert split_rows(tmp_path, [5, 0]) == first  # a restart gets the same rows per rank, in the same order
-    second = split_rows(tmp_path, [5, 1])
-    assert sorted(second[0] + second[1]) == every and second != first
+def test_ranks_read_their_rows_of_the_order(ray_cluster, tmp_path):
+    from r1v.data.pipeline import balanced_shard
+
+    every = write_corpus(tmp_path)  # x == the global index
+    order = RowGroupSource(tmp_path, rows_per_task=20, seed=[5, 0]).order()
+    assert sorted(order.tolist()) == every and order.tolist() != every
+    assert RowGroupSource(tmp_path, rows_per_task=20, seed=[5, 0]).order().tolist() == order.tolist()
+    got = [rank_rows(tmp_path, [5, 0], balanced_shard(order, 2, r)) for r in range(2)]
+    assert [x for part in got for x, _ in part] == order.tolist()  # each rank its share, in the epoch's order
+    assert all(x == row for part in got for x, row in part)
+    # After a resume that consumed some scattered rows: the rest, over three ranks now.
+    consumed = order[np.r_[0:7, 40:45, 100:101]]
+    rest = order[~np.isin(order, consumed)]
+    got = [rank_rows(tmp_path, [5, 0], balanced_shard(rest, 3, r)) for r in range(3)]
+    assert [x for part in got for x, _ in part] == rest.tolist()
+    assert max(map(len, got)) - min(map(len, got)) <= 1
