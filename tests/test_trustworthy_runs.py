@@ -154,6 +154,9 @@ def test_a_rerun_keeps_the_old_output_until_gc_and_resume_says_what_it_sets_asid
     assert (run / "superseded" / f"up-{old_up['fingerprint']}" / "out.txt").read_text() == "A"
     assert (run / "stages" / "up" / "out.txt").read_text() == "B"
     assert [e["event"] for e in read_events(run) if e["event"] == "set_aside"] == ["set_aside", "set_aside"]
+    # made private: only the owner reads or writes a run (checkpoints, configs, corpora)
+    assert {oct(p.stat().st_mode & 0o777) for p in (run, run / "stages" / "up", run / "stages" / "up" / "out.txt",
+                                                    run / "workflow.yaml")} <= {"0o700", "0o600"}
 
 
 def test_only_refuses_a_stale_upstream_and_runs_it_first_when_asked(tmp_path, capsys):

@@ -98,6 +98,10 @@ class TrainerConfig(Strict):
     activation_checkpointing: bool = Field(False, description="recompute the LLM's activations in backward "
                                            "(less memory, ~1/3 more compute)")
     seed: int = 0
+    max_failures: int = operational(1, ge=-1, description="worker-group failures (a dead worker, a lost node) "
+                                    "that Ray Train recovers from by itself, restarting the workers from the "
+                                    "latest checkpoint; -1: no limit, 0: fail at once. Errors the same inputs "
+                                    "would raise again (divergence, a broken reward) are never retried")
     max_nonfinite_steps: int = Field(
         3, ge=0, description="optimizer steps whose loss or global gradient norm is NaN/inf (on any rank) are "
         "skipped: parameters, optimizer state and LR schedule stay as they were and the step is counted "

@@ -23,6 +23,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from r1v.core.errors import NotRetryable
 from r1v.core.registry import Registry
 from r1v.grading.extract import last_boxed
 from r1v.grading.pool import run_bounded
@@ -238,7 +239,7 @@ def score(completions: list[str], samples: list[dict[str, Any]], weights: dict[s
     return total, per
 
 
-class RewardFailureError(RuntimeError):
+class RewardFailureError(NotRetryable):
     """A reward failed on more of a step's samples than `max_reward_failure_fraction` allows."""
 
 

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from r1v.core.config import OptimConfig, TrainerConfig
+from r1v.core.errors import NotRetryable
 from r1v.core.fs import atomic_directory
 from r1v.model.convert_keys import hf_disk_key
 from r1v.model.full_export import ShardWriter, finish_full
@@ -196,7 +197,7 @@ def gather_objects(obj: Any) -> list[Any]:
 # --------------------------------------------------------------------------- non-finite steps
 
 
-class NonFiniteStepError(RuntimeError):
+class NonFiniteStepError(NotRetryable):
     """A stage skipped more non-finite optimizer steps than `TrainerConfig.max_nonfinite_steps` allows, or its
     parameters stopped being finite."""
 

@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from r1v.core.config import TrainerConfig
+from r1v.core.errors import NotRetryable
+from r1v.core.fs import atomic_write_text
 from r1v.core.noise import quiet_worker
 
 
@@ -48,17 +50,38 @@ def fit(loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], tra
     from ray.train.torch import TorchConfig, TorchTrainer
 
     storage.mkdir(parents=True, exist_ok=True)
+    marker = storage / NOT_RETRYABLE
+    marker.unlink(missing_ok=True)  # a new attempt of the stage (the user fixed the cause) tries again
     t = TorchTrainer(
-        loop,
+        _fail_once(loop, marker),
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if trainer.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=trainer.num_workers, use_gpu=trainer.use_gpu,
                                      resources_per_worker={"CPU": trainer.cpus_per_worker}),
         run_config=RunConfig(name="train", storage_path=str(storage.resolve()),
                              checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
-                             failure_config=FailureConfig(max_failures=0)),
+                             failure_config=FailureConfig(max_failures=trainer.max_failures)),
     )
     result = t.fit()
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}") from result.error
     return result
+
+
+NOT_RETRYABLE = "not-retryable.txt"
+
+
+def _fail_once(loop: Callable[[dict[str, Any]], None], marker: Path) -> Callable[[dict[str, Any]], None]:
+    """`loop`, but a NotRetryable error is recorded, and a worker group that Ray Train restarts after it fails at
+    once with the same message instead of training up to the error again."""
+
+    def wrapped(cfg: dict[str, Any]) -> None:
+        if marker.exists():
+            raise NotRetryable(f"not retried: {marker.read_text()}")
+        try:
+            loop(cfg)
+        except NotRetryable as e:
+            atomic_write_text(marker, f"{type(e).__name__}: {e}")
+            raise
+
+    return wrapped

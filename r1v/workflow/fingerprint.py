@@ -33,6 +33,7 @@ SCHEME = 2
 ADDED_SINCE_SCHEME_1: frozenset[str] = frozenset({
     "TrainerConfig.max_nonfinite_steps", "GRPOConfig.max_reward_failure_fraction",
     "DataImportConfig.allow_outside_root", "DataImportConfig.row_timeout_s", "SFTConfig.global_batch",
+    "TrainerConfig.max_failures",
 })
 """`Class.field` of every config field added after scheme 1 was retired: scheme 1's fingerprint of a run written
 before them is computed without them while they are at their default."""

@@ -1,0 +1,106 @@
+"""Stages survive their workers, and a stopped job resumes: on the head + two workers cluster (127.0.0.1).
+
+- A Ray Train worker killed (SIGKILL, by pid) mid-SFT: Ray Train restarts the worker group from the latest
+  checkpoint by itself; the stage ends `done` in its first attempt, and every row of the epoch is trained exactly
+  once in the final accounting (the work after the last checkpoint is redone, not counted twice).
+- The submitted job stopped mid-stage (`r1v stop`): the run reads `interrupted`; `r1v resume --address` finishes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from r1v.cli import main
+from r1v.workflow.runner import Runner, read_events
+
+WORKFLOW = """
+name: survive
+run_root: {root}
+stages:
+  data: {{kind: data.synthetic, config: {{n_train: 61, n_test: 4, corrupt_rows: 1}}}}
+  models: {{kind: model.tiny}}
+  sft:
+    kind: sft
+    config: {{model: "@models.model", corpus: "@data.train", batch_size: 2, checkpoint_every: 2,
+             keep_checkpoints: 3, optim: {{lr: 1.0e-3}}, trainer: {{num_workers: 2, cpus_per_worker: 1}}}}
+"""
+
+
+def _submit(tmp_path: Path, local_cluster, capsys) -> Path:
+    wf = tmp_path / "wf.yaml"
+    wf.write_text(WORKFLOW.format(root=tmp_path / "shared"))
+    assert main(["submit", str(wf), "--address", local_cluster.dashboard]) == 0
+    out = capsys.readouterr().out
+    return Path(next(line.split(" ", 2)[2] for line in out.splitlines() if line.startswith("r1v: run ")))
+
+
+def _wait(cond, what: str, timeout: float = 600) -> None:
+    t0 = time.monotonic()
+    while not cond():
+        if time.monotonic() - t0 > timeout:
+            raise TimeoutError(what)
+        time.sleep(0.2)
+
+
+def _job(run_dir: Path) -> dict:
+    return json.loads((run_dir / "run.json").read_text()).get("job", {})
+
+
+def _job_status(local_cluster, job_id: str) -> str:
+    from ray.job_submission import JobSubmissionClient
+
+    return str(JobSubmissionClient(local_cluster.dashboard).get_job_status(job_id)).split(".")[-1]
+
+
+def _checkpoint(run_dir: Path, step: int) -> bool:
+    return bool(list((run_dir / "stages" / "sft" / "ray" / "train").glob(f"step-{step:06d}")))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_a_killed_trainer_is_replaced_and_the_stage_finishes_by_itself(local_cluster, tmp_path, capsys):
+    run_dir = _submit(tmp_path, local_cluster, capsys)
+    _wait(lambda: _checkpoint(run_dir, 4), "no checkpoint at step 4")
+    from ray.util.state import list_actors
+
+    trainers = [a for a in list_actors(address=local_cluster.gcs, filters=[("class_name", "=", "RayTrainWorker"),
+                                                                           ("state", "=", "ALIVE")], detail=True)]
+    assert trainers, "no live trainer"
+    t_kill = time.monotonic()
+    os.kill(trainers[0].pid, signal.SIGKILL)
+    job = _job(run_dir)["id"]
+    _wait(lambda: _job_status(local_cluster, job) in ("SUCCEEDED", "FAILED", "STOPPED"), "the job did not end")
+    assert _job_status(local_cluster, job) == "SUCCEEDED"
+    print(f"kill to job end: {time.monotonic() - t_kill:.1f} s")
+    runner = Runner.open(run_dir)
+    st = runner.state("sft")
+    assert st["status"] == "done" and st["attempts"] == 1  # no second command, no second attempt
+    assert [e["event"] for e in read_events(run_dir) if e["stage"] == "sft"] == ["started", "finished"]
+    counts = json.loads((run_dir / "stages" / "sft" / "epoch-0-counts.json").read_text())
+    assert counts["rows_in"] == 61 == counts["rows_trained"] + counts["rows_quarantined"]
+    rows = pq.read_table(run_dir / "stages" / "sft" / "epoch-0-rows.parquet").column("row").to_pylist()
+    assert sorted(rows) == list(range(61))  # each row of the epoch once: nothing skipped, nothing twice
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_a_stopped_job_reads_interrupted_and_resume_address_finishes_it(local_cluster, tmp_path, capsys):
+    run_dir = _submit(tmp_path, local_cluster, capsys)
+    _wait(lambda: _checkpoint(run_dir, 2), "no checkpoint at step 2")
+    assert main(["stop", str(run_dir)]) == 0
+    capsys.readouterr()
+    assert main(["status", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "sft" in out and " interrupted " in out and "STOPPED" in out
+    assert main(["resume", str(run_dir), "--address", local_cluster.dashboard, "--follow"]) == 0
+    runner = Runner.open(run_dir)
+    assert [r["status"] for r in runner.status_rows()] == ["done"] * 3
+    assert runner.state("sft")["attempts"] == 2
+    assert len(json.loads((run_dir / "run.json").read_text())["jobs"]) == 2
