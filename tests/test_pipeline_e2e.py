@@ -77,8 +77,8 @@ def test_tiny_workflow_end_to_end(ray_cluster, tmp_path, capsys):
     # the broken alignment rows were quarantined and counted, every other row trained on
     n_align = runner.wf.stage_configs["data"].n_align
     counts = json.loads((run_dir / "stages" / "align" / "epoch-0-counts.json").read_text())
-    assert counts == {"epoch": 0, "rows_in": n_align, "rows_trained": n_align - 2, "rows_quarantined": 2,
-                      "quarantined_by_reason": {"image_decode": 2}}
+    assert counts == {"epoch": 0, "rows_in": n_align, "rows_distinct": n_align, "rows_trained": n_align - 2,
+                      "rows_quarantined": 2, "quarantined_by_reason": {"image_decode": 2}}
     import pyarrow.parquet as pq
 
     q = pq.read_table(run_dir / "stages" / "align" / "quarantine" / "epoch-0.parquet").to_pylist()

@@ -329,7 +329,8 @@ class Runner:
                         self._run_stage(name, fps[name])
                     what[name] = "ran"
             except BaseException as e:
-                killed = isinstance(e, KeyboardInterrupt) or isinstance(getattr(e, "cause", None), KeyboardInterrupt)
+                killed = isinstance(e, KeyboardInterrupt | SystemExit) or isinstance(getattr(e, "cause", None),
+                                                                                    KeyboardInterrupt | SystemExit)
                 tracking.set_status(uri, parent, "KILLED" if killed else "FAILED")
                 raise
             finally:
@@ -411,7 +412,8 @@ class Runner:
             if missing:
                 raise RuntimeError(f"stage returned outputs {missing} that were not written")
         except BaseException as e:
-            killed = isinstance(e, KeyboardInterrupt)
+            # SystemExit: Ray's driver turns SIGTERM (`r1v stop`, `ray job stop`) into sys.exit once it has started
+            killed = isinstance(e, KeyboardInterrupt | SystemExit)
             state.update(status="failed", interrupted=killed, ended_at=_now(), seconds=round(time.time() - t0, 1),
                          error="".join(traceback.format_exception_only(type(e), e)).strip()
                          or ("interrupted (SIGTERM or SIGINT)" if killed else type(e).__name__))

@@ -1,14 +1,13 @@
-"""A Ray cluster of a head and two worker nodes on 127.0.0.1 (`ray.cluster_utils.Cluster`: one raylet per node, as
-Ray's own tests do), owned by this session and stopped with it.
+"""A Ray cluster of a head and two worker nodes on 127.0.0.1 for the session (`local_cluster.py`, a process the
+session starts and stops by pid).
 
 - Each node has its own temp dir and a custom resource (`head`, `worker0`, `worker1`; workers also `worker`).
 - The head has no CPUs, as on a real cluster: the driver runs there; trainers, engines and Ray Data tasks run on
   the workers.
 - Every address is the loopback one. Ray otherwise picks the machine's interface address, which on these machines
-  need not even be reachable. `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` makes every Ray process (raylets, workers, job
-  drivers) take 127.0.0.1 as its node address.
-- Ray 2.60 turns token authentication on for a new cluster: the cluster and this session share a token of their
-  own (RAY_AUTH_MODE / RAY_AUTH_TOKEN).
+  need not even be reachable.
+- Ray 2.60 turns token authentication on for a new cluster; the cluster uses the machine's token
+  (~/.ray/auth_token), and so do the clients here (RAY_AUTH_MODE=token).
 """
 
 from __future__ import annotations
@@ -17,77 +16,75 @@ import json
 import os
 import secrets
 import shutil
-import socket
+import signal
+import subprocess
+import sys
 import tempfile
+import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+HERE = Path(__file__).resolve().parent
 
 
 class LocalCluster:
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.dashboard_port = _free_port()
-        self.cluster = None
-        self.workers: dict[str, object] = {}
+        self.proc: subprocess.Popen | None = None
+        self.info: dict[str, str] = {}
 
     @property
     def gcs(self) -> str:
-        return self.cluster.address
+        return self.info["gcs"]
 
     @property
     def dashboard(self) -> str:
-        return f"http://127.0.0.1:{self.dashboard_port}"
+        return self.info["dashboard"]
 
-    def start(self, workers: int = 2, cpus_per_worker: int = 2) -> LocalCluster:
-        import ray._private.ray_constants as rc
-        from ray.cluster_utils import Cluster
-
-        rc.ENABLE_RAY_CLUSTER = False  # this process too (Ray read the variable when it was imported)
-        self.cluster = Cluster(initialize_head=True, head_node_args=dict(
-            node_ip_address="127.0.0.1", num_cpus=0, resources={"head": 1}, include_dashboard=True,
-            dashboard_host="127.0.0.1", dashboard_port=self.dashboard_port, temp_dir=str(self.root / "head"),
-            dashboard_agent_listen_port=_free_port()))  # not Ray's fixed default: another cluster may hold it
-        for i in range(workers):
-            self.add_worker(f"worker{i}", cpus_per_worker)
-        self.cluster.wait_for_nodes()
+    def start(self, workers: int = 2, cpus_per_worker: int = 2, timeout: float = 300) -> LocalCluster:
+        log = open(self.root / "cluster.log", "ab")
+        self.proc = subprocess.Popen([sys.executable, str(HERE / "local_cluster.py"), str(self.root), str(workers),
+                                      str(cpus_per_worker)], stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        t0 = time.monotonic()
+        while not (self.root / "cluster.json").exists():
+            if self.proc.poll() is not None or time.monotonic() - t0 > timeout:
+                raise RuntimeError(f"the cluster did not start: {(self.root / 'cluster.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        self.info = json.loads((self.root / "cluster.json").read_text())
         ips = {n["raylet"]["nodeManagerAddress"] for n in self.nodes() if n["raylet"]["state"] == "ALIVE"}
         assert ips == {"127.0.0.1"}, ips  # all traffic on loopback
         return self
 
-    def add_worker(self, name: str, cpus: int):
-        node = self.cluster.add_node(node_ip_address="127.0.0.1", num_cpus=cpus,
-                                     resources={name: 1, "worker": 1}, temp_dir=str(self.root / name))
-        self.workers[name] = node
-        return node
-
-    def remove_worker(self, name: str) -> None:
-        self.cluster.remove_node(self.workers.pop(name))
-
     def nodes(self) -> list[dict]:
+        from ray._raylet import AuthenticationTokenLoader
+
         req = urllib.request.Request(f"{self.dashboard}/nodes?view=summary",
-                                     headers={"Authorization": f"Bearer {os.environ['RAY_AUTH_TOKEN']}"})
+                                     headers=AuthenticationTokenLoader.instance().get_token_for_http_header())
         with urllib.request.urlopen(req, timeout=10) as r:
             return json.loads(r.read())["data"]["summary"]
 
     def stop(self) -> None:
-        if self.cluster is not None:
-            self.cluster.shutdown()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(120)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
 
 
 @pytest.fixture(scope="session")
 def local_cluster():
-    saved = {k: os.environ.get(k) for k in (*ENV, "RAY_AUTH_TOKEN")}
-    os.environ.update(ENV, RAY_AUTH_TOKEN=secrets.token_hex(32))
+    saved = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "token"  # this process's clients send the machine's token
+    token = Path.home() / ".ray" / "auth_token"
+    if "RAY_AUTH_TOKEN" not in os.environ and not token.exists():  # what Ray does for a machine's first cluster
+        token.parent.mkdir(exist_ok=True)
+        token.write_text(secrets.token_hex(32))
+        token.chmod(0o600)
     # a short root: Ray's unix sockets live under each node's temp dir and their paths must fit in 107 bytes
     root = Path(tempfile.mkdtemp(prefix="r1vc-", dir="/tmp"))
     cluster = LocalCluster(root)
@@ -96,8 +93,7 @@ def local_cluster():
     finally:
         cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        if saved is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = saved

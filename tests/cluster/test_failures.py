@@ -41,12 +41,18 @@ def _submit(tmp_path: Path, local_cluster, capsys) -> Path:
     return Path(next(line.split(" ", 2)[2] for line in out.splitlines() if line.startswith("r1v: run ")))
 
 
-def _wait(cond, what: str, timeout: float = 600) -> None:
+def _wait(cond, what: str, run_dir: Path | None = None, local_cluster=None, timeout: float = 600) -> None:
     t0 = time.monotonic()
     while not cond():
+        if run_dir is not None and _job(run_dir) and _job_status(local_cluster, _job(run_dir)["id"]) in TERMINAL:
+            logs = "".join(p.read_text()[-2000:] for p in (run_dir / "logs").glob("*.log"))
+            raise AssertionError(f"the job ended before {what}: {logs}")
         if time.monotonic() - t0 > timeout:
             raise TimeoutError(what)
-        time.sleep(0.2)
+        time.sleep(0.5)
+
+
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
 def _job(run_dir: Path) -> dict:
@@ -67,16 +73,16 @@ def _checkpoint(run_dir: Path, step: int) -> bool:
 @pytest.mark.timeout(1200)
 def test_a_killed_trainer_is_replaced_and_the_stage_finishes_by_itself(local_cluster, tmp_path, capsys):
     run_dir = _submit(tmp_path, local_cluster, capsys)
-    _wait(lambda: _checkpoint(run_dir, 4), "no checkpoint at step 4")
+    _wait(lambda: _checkpoint(run_dir, 4), "a checkpoint at step 4", run_dir, local_cluster)
     from ray.util.state import list_actors
 
-    trainers = [a for a in list_actors(address=local_cluster.gcs, filters=[("class_name", "=", "RayTrainWorker"),
+    trainers = [a for a in list_actors(address=local_cluster.dashboard, filters=[("class_name", "=", "RayTrainWorker"),
                                                                            ("state", "=", "ALIVE")], detail=True)]
     assert trainers, "no live trainer"
     t_kill = time.monotonic()
     os.kill(trainers[0].pid, signal.SIGKILL)
     job = _job(run_dir)["id"]
-    _wait(lambda: _job_status(local_cluster, job) in ("SUCCEEDED", "FAILED", "STOPPED"), "the job did not end")
+    _wait(lambda: _job_status(local_cluster, job) in TERMINAL, "the job's end")
     assert _job_status(local_cluster, job) == "SUCCEEDED"
     print(f"kill to job end: {time.monotonic() - t_kill:.1f} s")
     runner = Runner.open(run_dir)
@@ -93,7 +99,7 @@ def test_a_killed_trainer_is_replaced_and_the_stage_finishes_by_itself(local_clu
 @pytest.mark.timeout(1200)
 def test_a_stopped_job_reads_interrupted_and_resume_address_finishes_it(local_cluster, tmp_path, capsys):
     run_dir = _submit(tmp_path, local_cluster, capsys)
-    _wait(lambda: _checkpoint(run_dir, 2), "no checkpoint at step 2")
+    _wait(lambda: _checkpoint(run_dir, 2), "a checkpoint at step 2", run_dir, local_cluster)
     assert main(["stop", str(run_dir)]) == 0
     capsys.readouterr()
     assert main(["status", str(run_dir)]) == 0

@@ -64,9 +64,9 @@ def test_submit_runs_the_workflow_on_worker_nodes(local_cluster, tracking_server
     # placement: the trainers ran on worker nodes, never on the head (which has no CPUs)
     from ray.util.state import list_actors, list_nodes
 
-    nodes = {n.node_id: n.resources_total for n in list_nodes(address=local_cluster.gcs)}
-    trainers = list_actors(address=local_cluster.gcs, filters=[("class_name", "=", "RayTrainWorker")], detail=True,
-                           limit=1000)
+    nodes = {n.node_id: n.resources_total for n in list_nodes(address=local_cluster.dashboard)}
+    trainers = list_actors(address=local_cluster.dashboard, filters=[("class_name", "=", "RayTrainWorker")],
+                           detail=True, limit=1000)
     assert len(trainers) >= 2
     assert all("worker" in nodes[a.node_id] and "head" not in nodes[a.node_id] for a in trainers)
 

@@ -158,11 +158,11 @@ def sft_config(poisoned: dict, max_nonfinite: int):
 
 
 def projector(ckpt: Path) -> dict[str, torch.Tensor]:
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    """The fp32 master weights in r1v's portable checkpoint (no pickle: safetensors)."""
+    from safetensors.torch import load_file
 
-    from r1v.train.checkpoint import TAG
-
-    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=TAG, exclude_frozen_parameters=True)
+    tensors = load_file(ckpt / "trainable.safetensors")
+    state = {k.removeprefix("param/"): v for k, v in tensors.items() if k.startswith("param/")}
     assert state and all("multi_modal_projector" in k for k in state), list(state)
     return state
 

@@ -1,0 +1,50 @@
+"""`python tests/cluster/local_cluster.py ROOT WORKERS CPUS`: a Ray cluster of a head and WORKERS worker nodes on
+127.0.0.1, in this process (one raylet per node, as Ray's own tests build them), until SIGTERM.
+
+It runs in a process of its own so that no Ray state of the test process (a session's local cluster, a token
+loaded earlier) reaches it. Writes ROOT/cluster.json (gcs, dashboard) once every node is up."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(root: Path, workers: int, cpus: int) -> None:
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # every Ray process takes 127.0.0.1 as its address
+    os.environ["RAY_AUTH_MODE"] = "token"
+    import ray._private.ray_constants as rc
+    from ray.cluster_utils import Cluster
+
+    rc.ENABLE_RAY_CLUSTER = False
+    dashboard_port = _free_port()
+    cluster = Cluster(initialize_head=True, head_node_args=dict(
+        node_ip_address="127.0.0.1", num_cpus=0, resources={"head": 1}, include_dashboard=True,
+        dashboard_host="127.0.0.1", dashboard_port=dashboard_port, temp_dir=str(root / "head"),
+        dashboard_agent_listen_port=_free_port()))  # not Ray's fixed default: another cluster may hold it
+    for i in range(workers):
+        cluster.add_node(node_ip_address="127.0.0.1", num_cpus=cpus, resources={f"worker{i}": 1, "worker": 1},
+                         temp_dir=str(root / f"worker{i}"))
+    cluster.wait_for_nodes()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    (root / "cluster.json.tmp").write_text(json.dumps({"gcs": cluster.address,
+                                                       "dashboard": f"http://127.0.0.1:{dashboard_port}"}))
+    os.replace(root / "cluster.json.tmp", root / "cluster.json")
+    stop.wait()
+    cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
