@@ -41,7 +41,8 @@ def init_ray(address: str | None, num_cpus: int | None, verbose: bool = True) ->
     if address:
         ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": worker_env(verbose)})
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
+        # "local": a cluster of this run's own, never one that `ray start` left on this machine
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
     return True
 
 

@@ -13,6 +13,7 @@ import asyncio
 import datetime as dt
 import fnmatch
 import os
+import secrets
 import shlex
 import sys
 import time
@@ -166,7 +167,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     name = f"{wf.config.name}-{stamp}"
     run_dir = f"{wf.config.run_root.rstrip('/')}/{name}"
-    job_id = f"r1v-{name}"
+    job_id = f"r1v-{name}-{secrets.token_hex(3)}"  # two submissions in one second must not collide
     # The workflow file travels in the package (wherever it lies here), under a name of its own.
     staged = project_root() / STAGING / f"{job_id}.yaml"
     staged.parent.mkdir(exist_ok=True)

@@ -23,6 +23,9 @@ def _free_port() -> int:
 
 def main(root: Path, workers: int, cpus: int) -> None:
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # every Ray process takes 127.0.0.1 as its address
+    # Ray notes "the current cluster" in its temp dir, where a later plain ray.init() on the machine would find it
+    os.environ["RAY_TMPDIR"] = str(root / "tmp")
+    (root / "tmp" / "ray").mkdir(parents=True, exist_ok=True)
     os.environ["RAY_AUTH_MODE"] = "token"
     import ray._private.ray_constants as rc
     from ray.cluster_utils import Cluster

@@ -3,7 +3,6 @@
 - A Ray Train worker killed (SIGKILL, by pid) mid-SFT: Ray Train restarts the worker group from the latest
   checkpoint by itself; the stage ends `done` in its first attempt, and every row of the epoch is trained exactly
   once in the final accounting (the work after the last checkpoint is redone, not counted twice).
-- The submitted job stopped mid-stage (`r1v stop`): the run reads `interrupted`; `r1v resume --address` finishes it.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from r1v.cli import main
+from cluster.conftest import r1v
 from r1v.workflow.runner import Runner, read_events
 
 WORKFLOW = """
@@ -36,8 +35,9 @@ stages:
 def _submit(tmp_path: Path, local_cluster, capsys) -> Path:
     wf = tmp_path / "wf.yaml"
     wf.write_text(WORKFLOW.format(root=tmp_path / "shared"))
-    assert main(["submit", str(wf), "--address", local_cluster.dashboard]) == 0
-    out = capsys.readouterr().out
+    res = r1v("submit", str(wf), "--address", local_cluster.dashboard)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = res.stdout
     return Path(next(line.split(" ", 2)[2] for line in out.splitlines() if line.startswith("r1v: run ")))
 
 
@@ -56,7 +56,8 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
 def _job(run_dir: Path) -> dict:
-    return json.loads((run_dir / "run.json").read_text()).get("job", {})
+    p = run_dir / "run.json"
+    return json.loads(p.read_text()).get("job", {}) if p.exists() else {}
 
 
 def _job_status(local_cluster, job_id: str) -> str:
@@ -93,20 +94,3 @@ def test_a_killed_trainer_is_replaced_and_the_stage_finishes_by_itself(local_clu
     assert counts["rows_in"] == 61 == counts["rows_trained"] + counts["rows_quarantined"]
     rows = pq.read_table(run_dir / "stages" / "sft" / "epoch-0-rows.parquet").column("row").to_pylist()
     assert sorted(rows) == list(range(61))  # each row of the epoch once: nothing skipped, nothing twice
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(1200)
-def test_a_stopped_job_reads_interrupted_and_resume_address_finishes_it(local_cluster, tmp_path, capsys):
-    run_dir = _submit(tmp_path, local_cluster, capsys)
-    _wait(lambda: _checkpoint(run_dir, 2), "a checkpoint at step 2", run_dir, local_cluster)
-    assert main(["stop", str(run_dir)]) == 0
-    capsys.readouterr()
-    assert main(["status", str(run_dir)]) == 0
-    out = capsys.readouterr().out
-    assert "sft" in out and " interrupted " in out and "STOPPED" in out
-    assert main(["resume", str(run_dir), "--address", local_cluster.dashboard, "--follow"]) == 0
-    runner = Runner.open(run_dir)
-    assert [r["status"] for r in runner.status_rows()] == ["done"] * 3
-    assert runner.state("sft")["attempts"] == 2
-    assert len(json.loads((run_dir / "run.json").read_text())["jobs"]) == 2

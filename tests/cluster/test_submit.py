@@ -12,7 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from r1v_test_servers import MlflowServer
 
-from r1v.cli import main
+from cluster.conftest import r1v
 from r1v.workflow.runner import Runner
 
 WORKFLOW = """
@@ -47,17 +47,17 @@ def _workflow(tmp_path: Path, uri: str) -> Path:
 def test_submit_runs_the_workflow_on_worker_nodes(local_cluster, tracking_server, tmp_path, capsys):
     wf = _workflow(tmp_path, tracking_server.uri)
     t0 = time.monotonic()
-    rc = main(["submit", str(wf), "--address", local_cluster.dashboard, "--follow"])
-    out = capsys.readouterr().out
-    assert rc == 0, out[-4000:]
+    res = r1v("submit", str(wf), "--address", local_cluster.dashboard, "--follow")
+    out = res.stdout
+    assert res.returncode == 0, (out + res.stderr)[-4000:]
     run_dir = Path(next(line.split(" ", 2)[2] for line in out.splitlines() if line.startswith("r1v: run ")))
     assert run_dir.parent == tmp_path / "shared" / "runs"
     runner = Runner.open(run_dir)
     assert [r["status"] for r in runner.status_rows()] == ["done"] * 3
     meta = json.loads((run_dir / "run.json").read_text())
     assert meta["job"]["address"] == local_cluster.dashboard and meta["job"]["id"].startswith("r1v-submitted-")
-    assert main(["status", str(run_dir)]) == 0
-    assert f"job {meta['job']['id']} on {local_cluster.dashboard}: SUCCEEDED" in capsys.readouterr().out
+    res = r1v("status", str(run_dir))
+    assert res.returncode == 0 and f"job {meta['job']['id']} on {local_cluster.dashboard}: SUCCEEDED" in res.stdout
     counts = json.loads((run_dir / "stages" / "sft" / "epoch-0-counts.json").read_text())
     assert counts["rows_in"] == 61
 
@@ -78,8 +78,8 @@ def test_submit_runs_the_workflow_on_worker_nodes(local_cluster, tracking_server
 
 def test_a_bad_config_submits_nothing(local_cluster, tmp_path, capsys):
     wf = _workflow(tmp_path, "http://127.0.0.1:1")
-    assert main(["submit", str(wf), "stages.sft.config.bogus=1", "--address", local_cluster.dashboard]) == 2
-    assert "stages.sft.config.bogus" in capsys.readouterr().err
+    res = r1v("submit", str(wf), "stages.sft.config.bogus=1", "--address", local_cluster.dashboard)
+    assert res.returncode == 2 and "stages.sft.config.bogus" in res.stderr
     from ray.job_submission import JobSubmissionClient
 
     jobs = JobSubmissionClient(local_cluster.dashboard).list_jobs()
