@@ -79,11 +79,8 @@ class LocalCluster:
                 self.proc.wait()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def local_cluster():
-    # One cluster per module, not per session: on these one-host clusters a second job's Ray Train workers could
-    # not fetch its working_dir package from the GCS (`Failed to download runtime_env file package`), while the
-    # first job of every fresh cluster ran (docs/cluster.md, known limits).
     saved = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "token"  # this process's clients send the machine's token
     token = Path.home() / ".ray" / "auth_token"

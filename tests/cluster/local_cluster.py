@@ -23,9 +23,10 @@ def _free_port() -> int:
 
 def main(root: Path, workers: int, cpus: int) -> None:
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # every Ray process takes 127.0.0.1 as its address
-    # Ray notes "the current cluster" in its temp dir, where a later plain ray.init() on the machine would find it
-    os.environ["RAY_TMPDIR"] = str(root / "tmp")
-    (root / "tmp" / "ray").mkdir(parents=True, exist_ok=True)
+    # The head's temp dir is Ray's default under RAY_TMPDIR, where Ray notes "the current cluster": a job's driver
+    # finds its cluster through that note (RAY_ADDRESS=auto), and no other cluster on the machine reads this one.
+    os.environ["RAY_TMPDIR"] = str(root / "h")
+    (root / "h" / "ray").mkdir(parents=True, exist_ok=True)
     os.environ["RAY_AUTH_MODE"] = "token"
     import ray._private.ray_constants as rc
     from ray.cluster_utils import Cluster
@@ -34,11 +35,11 @@ def main(root: Path, workers: int, cpus: int) -> None:
     dashboard_port = _free_port()
     cluster = Cluster(initialize_head=True, head_node_args=dict(
         node_ip_address="127.0.0.1", num_cpus=0, resources={"head": 1}, include_dashboard=True,
-        dashboard_host="127.0.0.1", dashboard_port=dashboard_port, temp_dir=str(root / "head"),
+        dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
         dashboard_agent_listen_port=_free_port()))  # not Ray's fixed default: another cluster may hold it
     for i in range(workers):
         cluster.add_node(node_ip_address="127.0.0.1", num_cpus=cpus, resources={f"worker{i}": 1, "worker": 1},
-                         temp_dir=str(root / f"worker{i}"))
+                         temp_dir=str(root / f"w{i}"))
     cluster.wait_for_nodes()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

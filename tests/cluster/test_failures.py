@@ -3,6 +3,7 @@
 - A Ray Train worker killed (SIGKILL, by pid) mid-SFT: Ray Train restarts the worker group from the latest
   checkpoint by itself; the stage ends `done` in its first attempt, and every row of the epoch is trained exactly
   once in the final accounting (the work after the last checkpoint is redone, not counted twice).
+- The submitted job stopped mid-stage (`r1v stop`): the run reads `interrupted`; `r1v resume --address` finishes it.
 """
 
 from __future__ import annotations
@@ -94,3 +95,20 @@ def test_a_killed_trainer_is_replaced_and_the_stage_finishes_by_itself(local_clu
     assert counts["rows_in"] == 61 == counts["rows_trained"] + counts["rows_quarantined"]
     rows = pq.read_table(run_dir / "stages" / "sft" / "epoch-0-rows.parquet").column("row").to_pylist()
     assert sorted(rows) == list(range(61))  # each row of the epoch once: nothing skipped, nothing twice
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_a_stopped_job_reads_interrupted_and_resume_address_finishes_it(local_cluster, tmp_path, capsys):
+    run_dir = _submit(tmp_path, local_cluster, capsys)
+    _wait(lambda: _checkpoint(run_dir, 2), "a checkpoint at step 2", run_dir, local_cluster)
+    assert r1v("stop", str(run_dir)).returncode == 0
+    res = r1v("status", str(run_dir))
+    assert res.returncode == 0
+    assert "sft" in res.stdout and " interrupted " in res.stdout and "STOPPED" in res.stdout, res.stdout
+    res = r1v("resume", str(run_dir), "--address", local_cluster.dashboard, "--follow")
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    runner = Runner.open(run_dir)
+    assert [r["status"] for r in runner.status_rows()] == ["done"] * 3
+    assert runner.state("sft")["attempts"] == 2
+    assert len(json.loads((run_dir / "run.json").read_text())["jobs"]) == 2
