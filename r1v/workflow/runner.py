@@ -226,9 +226,6 @@ class Runner:
                 return f"upstream {dep} changed since it read it"
         return None
 
-    def is_done(self, name: str, fingerprint: str | None = None) -> bool:
-        return self.is_current(name)
-
     def superseded(self) -> list[dict[str, Any]]:
         """Directories set aside when a stage's fingerprint changed, oldest first."""
         root = self.run_dir / "superseded"
