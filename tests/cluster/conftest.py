@@ -2,6 +2,8 @@
 session starts and stops by pid).
 
 - Each node has its own temp dir and a custom resource (`head`, `worker0`, `worker1`; workers also `worker`).
+- A worker node has 3 CPUs: when one is removed, a 2-worker SFT group (1 CPU each) and the Ray Data tasks that feed
+  it still fit on the other (with 2, the trainers would take both and their data tasks would wait forever).
 - The head has no CPUs, as on a real cluster: the driver runs there; trainers, engines and Ray Data tasks run on
   the workers.
 - Every address is the loopback one. Ray otherwise picks the machine's interface address, which on these machines
@@ -43,7 +45,7 @@ class LocalCluster:
     def dashboard(self) -> str:
         return self.info["dashboard"]
 
-    def start(self, workers: int = 2, cpus_per_worker: int = 2, timeout: float = 300) -> LocalCluster:
+    def start(self, workers: int = 2, cpus_per_worker: int = 3, timeout: float = 300) -> LocalCluster:
         log = open(self.root / "cluster.log", "ab")
         # RAY_ADDRESS names the session's local cluster once that started: inherited, it would send this cluster's
         # job drivers there
@@ -68,6 +70,20 @@ class LocalCluster:
                                      headers=AuthenticationTokenLoader.instance().get_token_for_http_header())
         with urllib.request.urlopen(req, timeout=10) as r:
             return json.loads(r.read())["data"]["summary"]
+
+    def control(self, op: str, worker: int, timeout: float = 120) -> None:
+        """Remove (`op` "remove": killed at once, as a lost machine) or add back worker node `worker`."""
+        name = f"{time.time_ns()}"
+        tmp = self.root / "ctl" / f"{name}.tmp"
+        tmp.write_text(json.dumps({"op": op, "worker": worker}))
+        tmp.rename(tmp.with_suffix(".json"))
+        done = tmp.with_suffix(".done")
+        t0 = time.monotonic()
+        while not done.exists():
+            if time.monotonic() - t0 > timeout:
+                raise TimeoutError(f"{op} worker {worker}")
+            time.sleep(0.2)
+        assert done.read_text() == "ok", done.read_text()
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -2,7 +2,11 @@
 127.0.0.1, in this process (one raylet per node, as Ray's own tests build them), until SIGTERM.
 
 It runs in a process of its own so that no Ray state of the test process (a session's local cluster, a token
-loaded earlier) reaches it. Writes ROOT/cluster.json (gcs, dashboard) once every node is up."""
+loaded earlier) reaches it. Writes ROOT/cluster.json (gcs, dashboard) once every node is up.
+
+Worker nodes are removed and added back on request: a file `ROOT/ctl/N.json` holding `{"op": "remove" | "add",
+"worker": I}` is answered by `ROOT/ctl/N.done` (its text: "ok" or the error). Removing a node kills its raylet and
+every process on it at once (no graceful shutdown), as a lost machine does."""
 
 from __future__ import annotations
 
@@ -37,16 +41,40 @@ def main(root: Path, workers: int, cpus: int) -> None:
         node_ip_address="127.0.0.1", num_cpus=0, resources={"head": 1}, include_dashboard=True,
         dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
         dashboard_agent_listen_port=_free_port()))  # not Ray's fixed default: another cluster may hold it
+    nodes = {}
+
+    def add(i: int) -> None:
+        # a node added back gets a temp dir of its own: the removed node's sockets may linger in the old one
+        n = sum(1 for d in root.iterdir() if d.name.startswith(f"w{i}"))
+        nodes[i] = cluster.add_node(node_ip_address="127.0.0.1", num_cpus=cpus,
+                                    resources={f"worker{i}": 1, "worker": 1},
+                                    temp_dir=str(root / (f"w{i}" if n == 0 else f"w{i}.{n}")))
+
     for i in range(workers):
-        cluster.add_node(node_ip_address="127.0.0.1", num_cpus=cpus, resources={f"worker{i}": 1, "worker": 1},
-                         temp_dir=str(root / f"w{i}"))
+        add(i)
     cluster.wait_for_nodes()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    (root / "ctl").mkdir(exist_ok=True)
     (root / "cluster.json.tmp").write_text(json.dumps({"gcs": cluster.address,
                                                        "dashboard": f"http://127.0.0.1:{dashboard_port}"}))
     os.replace(root / "cluster.json.tmp", root / "cluster.json")
-    stop.wait()
+    while not stop.wait(0.2):
+        for req in sorted((root / "ctl").glob("*.json")):
+            try:
+                r = json.loads(req.read_text())
+                if r["op"] == "remove":
+                    cluster.remove_node(nodes.pop(r["worker"]), allow_graceful=False)
+                elif r["op"] == "add":
+                    add(r["worker"])
+                    cluster.wait_for_nodes()
+                else:
+                    raise ValueError(f"unknown op {r['op']!r}")
+                answer = "ok"
+            except Exception as e:  # answered, not fatal: the test reads it
+                answer = f"{type(e).__name__}: {e}"
+            req.with_suffix(".done").write_text(answer)
+            req.unlink()
     cluster.shutdown()
 
 
