@@ -152,7 +152,9 @@ def main() -> None:
                 if mode == "killed":
                     losses, resumed = _losses(run_dir)
                     steps = [s for s, _ in losses]
-                    again = min(t for _, t in losses if t > kill["at"])  # the restarted group's first step
+                    # the restarted group's first step: the last time the step after the one it resumed from
+                    # was logged (surviving ranks may log a step or two between the kill and the group's end)
+                    again = max(t for s, t in losses if s == int(resumed) + 1)
                     row.update(kill_to_training_again=round(again - kill["at"], 1), resumed_from=resumed,
                                steps_lost=len({s for s in steps if steps.count(s) > 1}))
                 rows[mode].append(row)

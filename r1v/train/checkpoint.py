@@ -108,34 +108,98 @@ def restore(engine, rank: int, *, portable: bool) -> Restored | None:
     """Verify, then load the latest checkpoint into `engine`; None on a fresh start. Every rank calls it."""
     import ray.train
 
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
-        return None
     world = len(gather_objects(None))
-    with ckpt.as_directory() as d:
-        d = Path(d)
-        verify(d, rank, world)
-        meta = json.loads((d / STATE).read_text())
-        want = PORTABLE if portable else DEEPSPEED
-        if meta.get("format") != want:
-            raise RuntimeError(f"checkpoint {d} is in format {meta.get('format')!r}, this stage writes {want!r} "
-                               "(did `trainable` change?): resume it with the settings it was written with")
-        if portable:
-            _load_trainable(engine, d / TRAINABLE, meta)
-        else:
-            if meta["world_size"] != world:
-                raise RuntimeError(f"checkpoint {d} was written by {meta['world_size']} workers and DeepSpeed's "
-                                   f"format resumes only on as many (this run has {world}); a stage training the "
-                                   "projector alone writes a format that resumes on any number")
-            engine.load_checkpoint(str(d), tag=TAG, load_module_strict=False)  # frozen weights: from the model
-        arrays: dict[str, np.ndarray] = {}
-        if (d / ARRAYS).exists():
-            from safetensors.numpy import load_file
+    registered = ray.train.get_checkpoint()
+    # Rank 0 looks, every rank takes its answer: a listing made on each rank could differ.
+    newer = gather_objects(_newest_written(registered) if rank == 0 else None)[0]
+    choices = [c for c in (newer and ray.train.Checkpoint(
+        newer, filesystem=ray.train.get_context().get_storage().storage_filesystem), registered) if c is not None]
+    for i, ckpt in enumerate(choices):
+        with ckpt.as_directory() as d:
+            d = Path(d)
+            try:
+                verify(d, rank, world)
+            except RuntimeError as e:
+                if i + 1 == len(choices):
+                    raise
+                if rank == 0:  # a part half-copied when its writer died: the registered one is whole
+                    print(f"r1v: not resuming from {newer} ({e}); taking the checkpoint Ray Train registered",
+                          flush=True)
+                continue
+            return _load(engine, d, rank, world, portable)
+    return None
 
-            arrays = load_file(str(d / ARRAYS))
-        own = d / f"rank-{rank}.json"
-        rank_state = json.loads(own.read_text()) if meta["world_size"] == world and own.exists() else None
-        return Restored(meta["state"], arrays, rank_state)
+
+def _load(engine, d: Path, rank: int, world: int, portable: bool) -> Restored:
+    """Load the verified checkpoint folder `d` into `engine`."""
+    meta = json.loads((d / STATE).read_text())
+    want = PORTABLE if portable else DEEPSPEED
+    if meta.get("format") != want:
+        raise RuntimeError(f"checkpoint {d} is in format {meta.get('format')!r}, this stage writes {want!r} "
+                           "(did `trainable` change?): resume it with the settings it was written with")
+    if portable:
+        _load_trainable(engine, d / TRAINABLE, meta)
+    else:
+        if meta["world_size"] != world:
+            raise RuntimeError(f"checkpoint {d} was written by {meta['world_size']} workers and DeepSpeed's "
+                               f"format resumes only on as many (this run has {world}); a stage training the "
+                               "projector alone writes a format that resumes on any number")
+        engine.load_checkpoint(str(d), tag=TAG, load_module_strict=False)  # frozen weights: from the model
+    arrays: dict[str, np.ndarray] = {}
+    if (d / ARRAYS).exists():
+        from safetensors.numpy import load_file
+
+        arrays = load_file(str(d / ARRAYS))
+    own = d / f"rank-{rank}.json"
+    rank_state = json.loads(own.read_text()) if meta["world_size"] == world and own.exists() else None
+    return Restored(meta["state"], arrays, rank_state)
+
+
+def _newest_written(registered) -> str | None:
+    """`newest_complete` in this Ray Train run's storage, given its registered checkpoint (or None)."""
+    import ray.train
+
+    storage = ray.train.get_context().get_storage()
+    return newest_complete(storage.storage_filesystem, storage.experiment_fs_path,
+                           registered.path if registered is not None else None)
+
+
+def newest_complete(fs, base: str, registered: str | None) -> str | None:
+    """The path of a checkpoint under `base` (on pyarrow filesystem `fs`) newer than `registered` (Ray Train's
+    latest) whose every rank's part is written, or None. Ray Train registers a checkpoint when its controller next
+    hears from the workers: a worker that dies after writing one and before that would otherwise send the restart
+    back one more interval. Complete means: the state file, every rank's sha256 list (for the world size that
+    wrote it) and every file they list are there; the digests are checked before it is used. Newer: a higher step,
+    or the same step written later (an epoch's end after its last step)."""
+    import pyarrow.fs as pafs
+
+    def step_of(path: str) -> tuple[int, float] | None:
+        try:
+            with fs.open_input_stream(f"{path}/{STATE}") as f:
+                meta = json.loads(f.read())
+            files = {i.path[len(path) + 1:]: i for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                     if i.type == pafs.FileType.File}
+            sums = [_sums_name(r) for r in range(int(meta["world_size"]))]
+            if not all(s in files for s in sums):
+                return None
+            for s in sums:
+                with fs.open_input_stream(f"{path}/{s}") as f:
+                    listed = [line.partition("  ")[2] for line in f.read().decode().splitlines()]
+                if not all(rel in files for rel in listed):
+                    return None
+            return int(meta["step"]), files[STATE].mtime.timestamp() if files[STATE].mtime else 0.0
+        except (OSError, ValueError, KeyError):
+            return None
+
+    best = step_of(registered) if registered is not None else None
+    newest = None
+    for info in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True)):
+        if info.type != pafs.FileType.Directory or info.path == registered:
+            continue
+        key = step_of(info.path)
+        if key is not None and (best is None or key > best):
+            best, newest = key, info.path
+    return newest
 
 
 def verify(d: Path, rank: int, world: int) -> None:

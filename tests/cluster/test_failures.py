@@ -127,7 +127,9 @@ def _survives(run_dir: Path, local_cluster, kill) -> dict[str, float]:
     assert (counts["rows_in"], counts["rows_trained"], counts["rows_quarantined"]) == (61, 60, 1), counts
     rows = pq.read_table(run_dir / "stages" / "sft" / "epoch-0-rows.parquet").column("row").to_pylist()
     assert sorted(rows) == list(range(61))  # each row of the epoch once: nothing skipped, nothing twice
-    again = min(t for s, t in losses if t > t_kill)  # the restarted group's first step
+    # the restarted group's first step: the last time the step after the one it resumed from was logged (the
+    # surviving ranks may log a step or two more between the kill and the group's end)
+    again = max(t for s, t in losses if s == int(resumed) + 1)
     return {"kill_to_training_again_s": round(again - t_kill, 1), "resumed_from_step": int(resumed),
             "newest_checkpoint_at_kill": at_kill, "steps_trained_twice": len(redone)}
 
