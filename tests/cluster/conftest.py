@@ -118,9 +118,40 @@ def local_cluster():
             os.environ["RAY_AUTH_MODE"] = saved
 
 
+@pytest.fixture(scope="session")
+def cluster_assets(tmp_path_factory) -> dict[str, str]:
+    """The tiny VLM (what a `model.tiny` stage builds) and a synthetic corpus of 41 rows, one corrupt, for the
+    cluster tests' SFT stages: built once, in this process, on a path every node of the local cluster sees."""
+    from r1v.data.synthetic import generate
+    from r1v.model.config import TinyModelConfig
+    from r1v.model.io import save_model
+    from r1v.model.tiny import TinySpec, build_tiny_vlm
+    from r1v.model.tokenizer import build_tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("cluster-assets")
+    c = TinyModelConfig()
+    vlm, tok = build_tiny_vlm(TinySpec(**c.model_dump(exclude={"reasoning_seed"})),
+                              tokenizer=build_tiny_tokenizer(vocab_size=c.vocab_size))
+    data = generate(root / "data", n_train=41, n_test=4, seed=0, corrupt_rows=1)
+    return {"model": str(save_model(vlm, tok, root / "vlm")), "train": str(data["train"])}
+
+
+@pytest.fixture(scope="session")
+def tracking_server(tmp_path_factory):
+    """An MLflow tracking server (`mlflow server --serve-artifacts`) on 127.0.0.1 for the cluster tests."""
+    from r1v_test_servers import MlflowServer
+
+    s = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
+    yield s
+    s.stop()
+
+
+def r1v_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+
 def r1v(*args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
     """`r1v ARGS` in a process of its own, as a user runs it: a test process that already drives another Ray
     cluster (the session's local one) must not lend the CLI its Ray state."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return subprocess.run([sys.executable, "-m", "r1v.cli", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "r1v.cli", *args], capture_output=True, text=True, env=r1v_env(),
                           timeout=timeout)

@@ -1,6 +1,8 @@
-"""Stages survive their workers, and a stopped job resumes: on the head + two workers cluster (127.0.0.1).
+"""Submitted jobs on the head + two workers cluster (127.0.0.1): stages survive their workers, a stopped job resumes.
 
-- A Ray Train worker killed (SIGKILL, by pid) mid-SFT: Ray Train restarts the worker group from the latest
+- `r1v submit --follow` runs a workflow with its run root on a path every node sees and MLflow on a tracking server;
+  the trainers run on worker nodes, `status` names the job, MLflow holds the stage's run and metrics. In it a Ray
+  Train worker is killed (SIGKILL, by pid) mid-SFT: Ray Train restarts the worker group from the latest
   checkpoint by itself; the stage ends `done` in its first attempt, and every row of the epoch is trained exactly
   once in the final accounting (the work after the last checkpoint is redone, not counted twice). What is lost is
   at most one checkpoint interval: the restart resumes from the newest checkpoint on disk at the kill.
@@ -15,34 +17,43 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from mlflow.tracking import MlflowClient
 
-from cluster.conftest import r1v
+from cluster.conftest import r1v, r1v_env
 from r1v.workflow.runner import Runner, read_events
 
 WORKFLOW = """
 name: survive
 run_root: {root}
+tracking: {{tracking_uri: "{uri}", experiment: cluster}}
 stages:
-  data: {{kind: data.synthetic, config: {{n_train: 61, n_test: 4, corrupt_rows: 1}}}}
-  models: {{kind: model.tiny}}
   sft:
     kind: sft
-    config: {{model: "@models.model", corpus: "@data.train", batch_size: 2, checkpoint_every: 2,
+    config: {{model: "{model}", corpus: "{train}", batch_size: 2, checkpoint_every: {every},
              keep_checkpoints: 3, optim: {{lr: 1.0e-3}}, trainer: {{num_workers: 2, cpus_per_worker: 1}}}}
 """
 
 
-def _submit(tmp_path: Path, local_cluster, capsys) -> Path:
-    wf = tmp_path / "wf.yaml"
-    wf.write_text(WORKFLOW.format(root=tmp_path / "shared"))
+def _workflow(tmp_path: Path, tracking_server, assets: dict[str, str], every: int = 4) -> Path:
+    wf = tmp_path / "wf.yaml"  # outside the checkout: submit ships it in the package
+    wf.write_text(WORKFLOW.format(root=tmp_path / "shared", uri=tracking_server.uri, every=every, **assets))
+    return wf
+
+
+def _submit(wf: Path, local_cluster) -> Path:
     res = r1v("submit", str(wf), "--address", local_cluster.dashboard)
     assert res.returncode == 0, res.stderr[-3000:]
-    out = res.stdout
+    return _run_dir(res.stdout)
+
+
+def _run_dir(out: str) -> Path:
     return Path(next(line.split(" ", 2)[2] for line in out.splitlines() if line.startswith("r1v: run ")))
 
 
@@ -123,10 +134,10 @@ def _survives(run_dir: Path, local_cluster, kill) -> dict[str, float]:
     assert len(redone) < 4 and all(s > int(resumed) for s in redone), (resumed, redone)
     assert sorted(set(steps)) == list(range(1, max(steps) + 1))  # every step logged, none skipped
     counts = json.loads((run_dir / "stages" / "sft" / "epoch-0-counts.json").read_text())
-    # what an unkilled run of this corpus counts: 61 rows in, the one corrupt row quarantined, 60 trained
-    assert (counts["rows_in"], counts["rows_trained"], counts["rows_quarantined"]) == (61, 60, 1), counts
+    # what an unkilled run of this corpus counts: 41 rows in, the one corrupt row quarantined, 40 trained
+    assert (counts["rows_in"], counts["rows_trained"], counts["rows_quarantined"]) == (41, 40, 1), counts
     rows = pq.read_table(run_dir / "stages" / "sft" / "epoch-0-rows.parquet").column("row").to_pylist()
-    assert sorted(rows) == list(range(61))  # each row of the epoch once: nothing skipped, nothing twice
+    assert sorted(rows) == list(range(41))  # each row of the epoch once: nothing skipped, nothing twice
     # the restarted group's first step: the last time the step after the one it resumed from was logged (the
     # surviving ranks may log a step or two more between the kill and the group's end)
     again = max(t for s, t in losses if s == int(resumed) + 1)
@@ -136,8 +147,18 @@ def _survives(run_dir: Path, local_cluster, kill) -> dict[str, float]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_a_killed_trainer_is_replaced_and_the_stage_finishes_by_itself(local_cluster, tmp_path, capsys):
-    run_dir = _submit(tmp_path, local_cluster, capsys)
+def test_a_submitted_run_on_worker_nodes_survives_a_killed_trainer(local_cluster, tracking_server, cluster_assets,
+                                                                    tmp_path):
+    wf = _workflow(tmp_path, tracking_server, cluster_assets)
+    t0 = time.monotonic()
+    log = tmp_path / "follow.log"
+    with log.open("w") as f:
+        follow = subprocess.Popen([sys.executable, "-m", "r1v.cli", "submit", str(wf), "--address",
+                                   local_cluster.dashboard, "--follow"], stdout=f, stderr=subprocess.STDOUT,
+                                  text=True, env=r1v_env())
+    _wait(lambda: "r1v: run " in log.read_text() or follow.poll() is not None, "the submission")
+    run_dir = _run_dir(log.read_text())
+    assert run_dir.parent == tmp_path / "shared"
 
     def kill() -> None:
         trainers = _trainers(local_cluster)
@@ -145,13 +166,35 @@ def test_a_killed_trainer_is_replaced_and_the_stage_finishes_by_itself(local_clu
         os.kill(trainers[0].pid, signal.SIGKILL)
 
     figures = _survives(run_dir, local_cluster, kill)
-    print(f"killed trainer: {figures}")
+    assert follow.wait(timeout=300) == 0, log.read_text()[-4000:]  # --follow exits with the job's status
+    print(f"killed trainer: {figures}; submit to done {time.monotonic() - t0:.1f} s")
+
+    meta = json.loads((run_dir / "run.json").read_text())
+    assert meta["job"]["address"] == local_cluster.dashboard and meta["job"]["id"].startswith("r1v-survive-")
+    res = r1v("status", str(run_dir))
+    assert res.returncode == 0 and f"job {meta['job']['id']} on {local_cluster.dashboard}: SUCCEEDED" in res.stdout
+    # placement: the trainers ran on worker nodes, never on the head (which has no CPUs)
+    from ray.util.state import list_actors, list_nodes
+
+    nodes = {n.node_id: n.resources_total for n in list_nodes(address=local_cluster.dashboard)}
+    from ray.job_submission import JobSubmissionClient
+
+    ray_job = JobSubmissionClient(local_cluster.dashboard).get_job_info(meta["job"]["id"]).job_id
+    trainers = list_actors(address=local_cluster.dashboard, detail=True, limit=1000,
+                           filters=[("class_name", "=", "RayTrainWorker"), ("job_id", "=", ray_job)])
+    assert len(trainers) >= 4  # two groups of two: the first and the one that replaced it
+    assert all("worker" in nodes[a.node_id] and "head" not in nodes[a.node_id] for a in trainers)
+    # MLflow on the tracking server: the stage's run, finished, with its metrics and its artifacts
+    client = MlflowClient(tracking_server.uri)
+    child = client.get_run(Runner.open(run_dir).state("sft")["mlflow_run_id"])
+    assert child.info.status == "FINISHED" and client.get_metric_history(child.info.run_id, "rows_trained")
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_a_removed_worker_node_and_the_stage_goes_on_on_the_rest(local_cluster, tmp_path, capsys):
-    run_dir = _submit(tmp_path, local_cluster, capsys)
+def test_a_removed_worker_node_and_the_stage_goes_on_on_the_rest(local_cluster, tracking_server, cluster_assets,
+                                                                  tmp_path):
+    run_dir = _submit(_workflow(tmp_path, tracking_server, cluster_assets), local_cluster)
     removed: list[int] = []
 
     def kill() -> None:
@@ -173,8 +216,9 @@ def test_a_removed_worker_node_and_the_stage_goes_on_on_the_rest(local_cluster, 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_a_stopped_job_reads_interrupted_and_resume_address_finishes_it(local_cluster, tmp_path, capsys):
-    run_dir = _submit(tmp_path, local_cluster, capsys)
+def test_a_stopped_job_reads_interrupted_and_resume_address_finishes_it(local_cluster, tracking_server,
+                                                                        cluster_assets, tmp_path):
+    run_dir = _submit(_workflow(tmp_path, tracking_server, cluster_assets, every=2), local_cluster)
     _wait(lambda: _checkpoint(run_dir, 2), "a checkpoint at step 2", run_dir, local_cluster)
     assert r1v("stop", str(run_dir)).returncode == 0
     res = r1v("status", str(run_dir))
@@ -183,6 +227,6 @@ def test_a_stopped_job_reads_interrupted_and_resume_address_finishes_it(local_cl
     res = r1v("resume", str(run_dir), "--address", local_cluster.dashboard, "--follow")
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     runner = Runner.open(run_dir)
-    assert [r["status"] for r in runner.status_rows()] == ["done"] * 3
+    assert [r["status"] for r in runner.status_rows()] == ["done"]
     assert runner.state("sft")["attempts"] == 2
     assert len(json.loads((run_dir / "run.json").read_text())["jobs"]) == 2
