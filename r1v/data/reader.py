@@ -180,3 +180,20 @@ def read_corpus(path: str | Path, columns: Sequence[str] | None = None, rows_per
     if not source.chunks:  # nothing kept: Ray refuses a source without read tasks
         return ray.data.from_arrow(source.schema.empty_table())
     return ray.data.read_datasource(source, override_num_blocks=max(1, len(source.chunks)), concurrency=concurrency)
+
+
+def row_count(path: str | Path) -> int:
+    """The corpus's number of rows, from the Parquet footers alone."""
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in corpus_files(path))
+
+
+def read_rows(path: str | Path, rows: np.ndarray, columns: Sequence[str] | None = None, batch_rows: int = 64
+              ) -> pa.Table:
+    """The corpus rows with global indices `rows`, in corpus order, with their `row` column, read in this process
+    (no Ray tasks): only the row groups holding them are read (`RowGroupSource` with `keep`), so a contiguous
+    share of the corpus costs about its own size, not the corpus's."""
+    source = RowGroupSource(path, columns, batch_rows=batch_rows, keep=rows)
+    tables = [t for file, groups, _, _ in source.chunks
+              for t in _read_groups(file, groups, source.columns, batch_rows, None,
+                                    [source.starts[(file, g)][0] for g in groups], source._kept(file, groups))]
+    return pa.concat_tables(tables) if tables else source.schema.empty_table()
