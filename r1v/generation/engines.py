@@ -236,8 +236,9 @@ class EngineHost:
     """The Ray actor body: builds the engine named in config and forwards calls.
 
     `version` names the pushed weights the engine holds (None: the checkpoint's, as loaded): a weight push sends
-    its parts with `update_weights(..., version=v)` and ends with `commit_weights(v, parts)`, which sets it only
-    when every part arrived in this process; `generate(..., version=v)` refuses to run under other weights."""
+    its parts with `update_weights(..., version=v, part=k)` and ends with `commit_weights(v, parts)`, which sets
+    it only when every part arrived in this process, in order; `generate(..., version=v)` refuses to run under
+    other weights."""
 
     def __init__(self, kind: str, model_dir: str, max_batch: int, torch_threads: int = 1, dtype: str = "float32",
                  options: dict[str, Any] | None = None) -> None:
@@ -261,11 +262,14 @@ class EngineHost:
                                    "(None: the checkpoint's): the actor restarted since they were pushed")
         return self.engine.generate(requests, sampling, n, seed)
 
-    def update_weights(self, named_tensors: dict[str, torch.Tensor], version: int | None = None) -> int:
+    def update_weights(self, named_tensors: dict[str, torch.Tensor], version: int | None = None, part: int = 0
+                       ) -> int:
+        """Load `named_tensors`; with `version`, as part `part` (0, 1, ...) of that push: part 0 starts a push
+        (a repeated one too), a part out of order (this process missed the earlier ones) spoils it."""
         if version is not None:
             self.version = None  # part old, part new until the push is committed
-            v, parts = self._staged
-            self._staged = (version, parts + 1 if v == version else 1)
+            v, got = self._staged
+            self._staged = (version, 1) if part == 0 else (version, got + 1 if (v, got) == (version, part) else -1)
         return self.engine.update_weights(named_tensors)
 
     def commit_weights(self, version: int, parts: int) -> bool:

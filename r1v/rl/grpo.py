@@ -248,12 +248,12 @@ def grpo_loop(cfg: dict[str, Any]) -> None:
         for attempt in range(c.engine.max_restarts + 1):
             lost: EngineLostError | None = None
             sent = 0.0
-            for group in groups:
+            for part, group in enumerate(groups):
                 with gathered([p for _, p in group]):
                     tensors = {n: p.detach().to("cpu", copy=True) for n, p in group} if rank == 0 else {}
                 if rank == 0 and lost is None:
                     try:
-                        engines.call("update_weights", every, ray.put(tensors), version)
+                        engines.call("update_weights", every, ray.put(tensors), version, part)
                     except EngineLostError as e:
                         lost = e  # keep gathering with the other ranks; the push is repeated below
                     sent += sum(t.numel() * t.element_size() for t in tensors.values())

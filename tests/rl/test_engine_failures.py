@@ -109,11 +109,13 @@ def test_a_killed_engine_comes_back_and_rolls_out_only_once_its_weights_are_back
         with pytest.raises(EngineLostError, match="StaleEngineError: asked for a rollout under weights 7, holds "
                            "None"):
             engines.call("generate", [0], [req], SAMPLING, 3, 11, version=7)
-        # a push is committed only when all its parts reached this process
-        engines.call("update_weights", [0], new, 7)
+        # a push is committed only when all its parts reached this process, in order; a repeated push starts over
+        part1 = dict(list(new.items())[1:])
+        engines.call("update_weights", [0], part1, 7, 1)
         assert engines.call("commit_weights", [0], 7, 2) == [False]
-        engines.call("update_weights", [0], new, 7)
-        assert engines.call("commit_weights", [0], 7, 1) == [True]
+        engines.call("update_weights", [0], dict(list(new.items())[:1]), 7, 0)
+        engines.call("update_weights", [0], part1, 7, 1)
+        assert engines.call("commit_weights", [0], 7, 2) == [True]
         assert _tokens(engines.call("generate", [0], [req], SAMPLING, 3, 11, version=7)[0]) == before
 
         os.kill(second["pid"], signal.SIGKILL)  # its one restart is used up
