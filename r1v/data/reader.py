@@ -65,6 +65,8 @@ def _read_groups(file: str, groups: Sequence[int], columns: Sequence[str] | None
         yield table if transform is None else transform(table)
 
     for g, start in zip(groups, starts, strict=True):
+        if keep is not None and not np.any((keep >= start) & (keep < start + pf.metadata.row_group(g).num_rows)):
+            continue  # a group of the task without kept rows: not read at all
         at = start
         for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[g], columns=columns):
             index = np.arange(at, at + batch.num_rows, dtype=np.int64)
