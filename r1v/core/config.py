@@ -159,10 +159,12 @@ class EngineConfig(Strict):
                                     "or node lost); the restarted engine reloads the model, gets the current "
                                     "trained weights again and the interrupted calls are re-run, so the results "
                                     "are those of a run without the loss. 0: a dead engine fails the stage")
-    call_timeout_s: float = operational(3600.0, gt=0, description="deadline of one call on an engine (a rollout's "
+    call_timeout_s: float = operational(1200.0, gt=0, description="deadline of one call on an engine (a rollout's "
                                         "generate, a weight update): past it the engine counts as hung and the "
-                                        "stage fails naming it. Generous: a 38B model's rollout of long chains "
-                                        "takes minutes")
+                                        "stage fails naming it. Generous (a 38B model's rollout of long chains "
+                                        "takes minutes) but under the trainers' collective timeout (Ray Train's "
+                                        "30 min), which would otherwise fail the ranks waiting for a hung one "
+                                        "first, with a message that does not name the engine")
     ready_timeout_s: float = operational(3600.0, gt=0, description="deadline for an engine actor to start and "
                                          "load its model (at the start, after a restart, on a model swap): a 38B "
                                          "checkpoint from a network volume can take tens of minutes")

@@ -305,7 +305,7 @@ class Engines:
     A call whose actor died or restarted raises `EngineLostError` (the caller decides how to recover); one past
     its deadline `EngineHungError`; an actor that cannot come back `EngineGoneError`."""
 
-    def __init__(self, handles: list[Any], call_timeout_s: float = 3600.0, ready_timeout_s: float = 3600.0) -> None:
+    def __init__(self, handles: list[Any], call_timeout_s: float = 1200.0, ready_timeout_s: float = 3600.0) -> None:
         self.handles = list(handles)
         self.call_timeout_s, self.ready_timeout_s = call_timeout_s, ready_timeout_s
         self.where: list[dict[str, Any]] = [{} for _ in self.handles]

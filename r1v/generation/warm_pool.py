@@ -69,7 +69,7 @@ class EnginePool:
     IN_FLIGHT = 2
 
     def __init__(self, key: tuple[Any, ...], handles: list[Any], max_restarts: int = 0,
-                 call_timeout_s: float = 3600.0, ready_timeout_s: float = 3600.0) -> None:
+                 call_timeout_s: float = 1200.0, ready_timeout_s: float = 3600.0) -> None:
         self.key = key
         self.handles = handles
         self.max_restarts = max_restarts  # the actors' own (fixed when they start; key[6])
@@ -86,7 +86,7 @@ class EnginePool:
     @classmethod
     def start(cls, key: tuple[Any, ...], model_dir: str, kind: str, num: int, num_cpus: float, num_gpus: float,
               max_batch: int, torch_threads: int, dtype: str, options: dict[str, Any], max_restarts: int = 0,
-              call_timeout_s: float = 3600.0, ready_timeout_s: float = 3600.0) -> EnginePool:
+              call_timeout_s: float = 1200.0, ready_timeout_s: float = 3600.0) -> EnginePool:
         """Create the actors without waiting: they load the model while the caller prepares its prompts."""
         return cls(key, start_engines(kind, model_dir, num, num_cpus, num_gpus, max_batch, torch_threads=torch_threads,
                                       dtype=dtype, options=options, wait=False, host=EvalEngineHost,
@@ -181,7 +181,7 @@ _warm: tuple[EnginePool, threading.Timer] | None = None
 
 def acquire(model_dir: str, kind: str, num: int, num_cpus: float, num_gpus: float, max_batch: int,
             torch_threads: int, dtype: str, options: dict[str, Any], max_restarts: int = 0,
-            call_timeout_s: float = 3600.0, ready_timeout_s: float = 3600.0) -> EnginePool:
+            call_timeout_s: float = 1200.0, ready_timeout_s: float = 3600.0) -> EnginePool:
     """A pool of `num` actors with `model_dir` loaded (or loading): the warm one when it fits, else new actors."""
     import ray
 

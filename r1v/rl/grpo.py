@@ -193,7 +193,7 @@ def grpo_loop(cfg: dict[str, Any]) -> None:
     load_reward_modules(c.reward_modules, list(c.rewards))
     engines = Engines(cfg["engines"], c.engine.call_timeout_s, c.engine.ready_timeout_s)
     mine = rank % len(engines.handles)  # this rank's rollout engine
-    engines.ready(None if rank == 0 else [mine])  # where they run, for messages; rank 0 pushes to all
+    engines.ready()  # where they run, for messages
     prompts, bad = load_prompts(c, rank, world)
     for i, p in enumerate(prompts):
         p["_index"] = i  # the replay buffer keeps this index, not the row (its state goes into a JSON checkpoint)
@@ -227,7 +227,9 @@ def grpo_loop(cfg: dict[str, Any]) -> None:
 
     def lost_anywhere(lost: EngineLostError | None, what: str, attempt: int) -> bool:
         """Whether an engine was lost on any rank (a collective: every rank calls it at the same point). Past
-        `max_restarts` re-runs, every rank fails naming the lost engines."""
+        `max_restarts` re-runs, every rank fails naming the lost engines. After a loss every rank waits for the
+        engines itself (`Engines.ready`, within its deadline), not in a collective, whose own timeout (Ray
+        Train's, 30 min) would end the wait for a large model's reload with a less telling error."""
         msgs = [m for m in gather_objects(str(lost) if lost else None) if m]
         if not msgs:
             return False
@@ -267,8 +269,7 @@ def grpo_loop(cfg: dict[str, Any]) -> None:
                     lost = e
             if not lost_anywhere(lost, f"weight update {version}", attempt):
                 return time.perf_counter() - t0, sent
-            if rank == 0:
-                engines.ready()
+            engines.ready()
         raise AssertionError("unreachable: lost_anywhere raises past max_restarts")
 
     push_weights(state["step"])  # engines start from the base checkpoint; after a resume they need the trained ones
@@ -299,12 +300,10 @@ def grpo_loop(cfg: dict[str, Any]) -> None:
                     lost = e
             if not lost_anywhere(lost, f"step {step} rollout", attempt):
                 break
-            if rank == 0:
-                engines.ready()
+            engines.ready()
             push_weights(step - 1)
         assert collected is not None
         rb, extra, rounds = collected
-        rb, extra, rounds = collect(generate, prompts_for_round, c)
         check_reward_failures(rounds, c, step)
         if c.replay.enabled:
             rng = np.random.default_rng([c.trainer.seed % 2**63, step, rank, 17])
