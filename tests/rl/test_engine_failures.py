@@ -239,4 +239,5 @@ def test_a_hung_engine_fails_grpo_within_its_deadline_naming_it(ray_cluster, tin
     failed = time.time()
     started = float((model.parent / "generate-started").read_text())
     # the deadline, then Ray Train's teardown (a second worker group fails at once on the not-retryable marker)
+    print(f"hung engine: generate started to stage failed {failed - started:.1f} s (deadline 3 s)")
     assert failed - started < 3.0 + 90, (failed - started, err.value)
