@@ -55,6 +55,7 @@ class EvalEngineHost(EngineHost):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         self.engine = ENGINES.get(kind)(model_dir, max_batch=max_batch, dtype=dtype, **options)
+        self.version = None  # a checkpoint's weights again
         return True
 
 
