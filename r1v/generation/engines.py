@@ -7,10 +7,10 @@ the trainable ones travel: the projector is MBs where the whole model is GBs).
 Engines: `transformers` (CPU or GPU, in-process `generate`). vLLM is the intended GPU engine and plugs in
 here by registering another class with the same two methods.
 
-Engine actors outlive nothing by accident: `start_engines` gives them `max_restarts` (Ray restarts a dead one,
-which reloads the base model), `Engines` puts a deadline on every call and names the engine in its errors, and
-the host tracks which pushed weights it holds (`version`), so a restarted engine cannot serve a rollout with the
-base model's weights unnoticed.
+Engine actors survive their processes: `start_engines` gives them `max_restarts` (Ray restarts a dead one, which
+reloads the base model), `Engines` puts a deadline on every call and names the engine in its errors, and the
+host tracks which pushed weights it holds (`version`), so a restarted engine cannot serve a rollout with the base
+model's weights unnoticed.
 """
 
 from __future__ import annotations
@@ -320,16 +320,19 @@ class Engines:
         refs = [getattr(self.handles[i], method).remote(*args, **kwargs) for i in indices]
         return self.get(indices, refs, method, self.call_timeout_s)
 
-    def get(self, indices: list[int], refs: list[Any], what: str, timeout_s: float) -> list[Any]:
-        """The results of `refs` (one call on each engine of `indices`), waiting at most `timeout_s` for all."""
+    def get(self, indices: list[int], refs: list[Any], what: str, timeout_s: float,
+            setting: str = "engine.call_timeout_s", limit_s: float | None = None) -> list[Any]:
+        """The results of `refs` (one call on each engine of `indices`), waiting at most `timeout_s` for all; a
+        late one is reported against `setting`, whose value is `limit_s` (default `timeout_s`)."""
         import ray
         from ray.exceptions import RayActorError
 
         _, late = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
         if late:
             hung = ", ".join(self.name(i) for i, r in zip(indices, refs, strict=True) if r in late)
-            raise EngineHungError(f"{hung}: {what} did not return within {timeout_s:g} s (engine.call_timeout_s / "
-                                  "ready_timeout_s); the engine is hung or far slower than expected")
+            limit = timeout_s if limit_s is None else limit_s
+            raise EngineHungError(f"{hung}: {what} did not return within {limit:g} s ({setting}); the engine is "
+                                  "hung or far slower than expected")
         out = []
         for i, ref in zip(indices, refs, strict=True):
             try:
@@ -352,7 +355,8 @@ class Engines:
             try:
                 refs = [self.handles[i].ready.remote() for i in indices]
                 where = self.get(indices, refs, "ready (starting, loading the model)",
-                                 max(0.0, deadline - time.monotonic()))
+                                 max(0.0, deadline - time.monotonic()), "engine.ready_timeout_s",
+                                 self.ready_timeout_s)
                 break
             except EngineLostError as e:
                 if isinstance(e.__cause__, ActorDiedError):  # a fresh call to it: Ray will not bring it back

@@ -102,7 +102,8 @@ class EnginePool:
         """Wait for the actors' start and model load (a model that fails to load fails here, by engine)."""
         every = list(range(len(self.handles)))
         if self._loading:
-            self.engines.get(every, self._loading, "load (the stage's model)", self.engines.ready_timeout_s)
+            self.engines.get(every, self._loading, "load (the stage's model)", self.engines.ready_timeout_s,
+                             "engine.ready_timeout_s")
             self._loading = []
         self._pids = [w["pid"] for w in self.engines.ready()]
 
@@ -112,7 +113,7 @@ class EnginePool:
         (w,) = self.engines.ready([e])
         if w["pid"] != self._pids[e] and self._model is not None:
             self.engines.get([e], [self.handles[e].load.remote(*self._model)], "load (after a restart)",
-                             self.engines.ready_timeout_s)
+                             self.engines.ready_timeout_s, "engine.ready_timeout_s")
         self._pids[e] = w["pid"]
 
     def run(self, calls: list[tuple[Any, ...]], desc: str) -> list[Any]:
