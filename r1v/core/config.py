@@ -155,6 +155,19 @@ class EngineConfig(Strict):
         None, description="weights and activations of the engine's model; None: bfloat16 when num_gpus > 0, else "
         "float32 (CPU numbers stay those of fp32); float16 only with num_gpus > 0")
     vllm: VLLMOptions = VLLMOptions()
+    max_restarts: int = operational(2, ge=0, description="times Ray restarts an engine actor that died (its process "
+                                    "or node lost); the restarted engine reloads the model, gets the current "
+                                    "trained weights again and the interrupted calls are re-run, so the results "
+                                    "are those of a run without the loss. 0: a dead engine fails the stage")
+    call_timeout_s: float = operational(1200.0, gt=0, description="deadline of one call on an engine (a rollout's "
+                                        "generate, a weight update): past it the engine counts as hung and the "
+                                        "stage fails naming it. Generous (a 38B model's rollout of long chains "
+                                        "takes minutes) but under the trainers' collective timeout (Ray Train's "
+                                        "30 min), which would otherwise fail the ranks waiting for a hung one "
+                                        "first, with a message that does not name the engine")
+    ready_timeout_s: float = operational(3600.0, gt=0, description="deadline for an engine actor to start and "
+                                         "load its model (at the start, after a restart, on a model swap): a 38B "
+                                         "checkpoint from a network volume can take tens of minutes")
 
     @model_validator(mode="after")
     def _dtype_fits_device(self) -> EngineConfig:

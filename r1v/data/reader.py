@@ -65,6 +65,8 @@ def _read_groups(file: str, groups: Sequence[int], columns: Sequence[str] | None
         yield table if transform is None else transform(table)
 
     for g, start in zip(groups, starts, strict=True):
+        if keep is not None and not np.any((keep >= start) & (keep < start + pf.metadata.row_group(g).num_rows)):
+            continue  # a group of the task without kept rows: not read at all
         at = start
         for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[g], columns=columns):
             index = np.arange(at, at + batch.num_rows, dtype=np.int64)
@@ -180,3 +182,20 @@ def read_corpus(path: str | Path, columns: Sequence[str] | None = None, rows_per
     if not source.chunks:  # nothing kept: Ray refuses a source without read tasks
         return ray.data.from_arrow(source.schema.empty_table())
     return ray.data.read_datasource(source, override_num_blocks=max(1, len(source.chunks)), concurrency=concurrency)
+
+
+def row_count(path: str | Path) -> int:
+    """The corpus's number of rows, from the Parquet footers alone."""
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in corpus_files(path))
+
+
+def read_rows(path: str | Path, rows: np.ndarray, columns: Sequence[str] | None = None, batch_rows: int = 64
+              ) -> pa.Table:
+    """The corpus rows with global indices `rows`, in corpus order, with their `row` column, read in this process
+    (no Ray tasks): only the row groups holding them are read (`RowGroupSource` with `keep`), so a contiguous
+    share of the corpus costs about its own size, not the corpus's."""
+    source = RowGroupSource(path, columns, batch_rows=batch_rows, keep=rows)
+    tables = [t for file, groups, _, _ in source.chunks
+              for t in _read_groups(file, groups, source.columns, batch_rows, None,
+                                    [source.starts[(file, g)][0] for g in groups], source._kept(file, groups))]
+    return pa.concat_tables(tables) if tables else source.schema.empty_table()

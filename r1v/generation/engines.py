@@ -6,11 +6,18 @@ the trainable ones travel: the projector is MBs where the whole model is GBs).
 
 Engines: `transformers` (CPU or GPU, in-process `generate`). vLLM is the intended GPU engine and plugs in
 here by registering another class with the same two methods.
+
+Engine actors survive their processes: `start_engines` gives them `max_restarts` (Ray restarts a dead one, which
+reloads the base model), `Engines` puts a deadline on every call and names the engine in its errors, and the
+host tracks which pushed weights it holds (`version`), so a restarted engine cannot serve a rollout with the base
+model's weights unnoticed.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +25,7 @@ from typing import Any
 
 import torch
 
+from r1v.core.errors import NotRetryable
 from r1v.core.registry import LazyRegistry
 from r1v.data.collate import tiles_from_bytes
 from r1v.model.tokens import IM_END, IMG_CONTEXT, IMG_END, IMG_START, PAD
@@ -199,39 +207,174 @@ class TransformersEngine(RolloutEngine):
         return len(named_tensors)
 
 
+class StaleEngineError(RuntimeError):
+    """Raised inside an engine actor asked for a rollout under weights it does not hold: it restarted (and
+    reloaded the base model) since they were pushed, or a push into it did not complete."""
+
+
+class EngineLostError(RuntimeError):
+    """An engine actor died or restarted under a call. Ray restarts it (`max_restarts`): the caller waits for it
+    (`Engines.ready`), pushes the weights again and re-runs the call."""
+
+    def __init__(self, index: int, message: str) -> None:
+        super().__init__(message)
+        self.index = index
+
+
+# Both are NotRetryable: the engine actors belong to the stage's driver, not to the Ray Train worker group, so a
+# restart of the workers from their checkpoint would meet the same hung or dead actor again (a hung call also
+# holds the actor's only thread, so every later call queues behind it). Failing at once spends no retries on it.
+class EngineHungError(NotRetryable):
+    """An engine call (or an engine's start) did not finish within its deadline."""
+
+
+class EngineGoneError(NotRetryable):
+    """An engine actor died and could not be brought back (its restarts used up, or it kept dying)."""
+
+
 class EngineHost:
-    """The Ray actor body: builds the engine named in config and forwards calls."""
+    """The Ray actor body: builds the engine named in config and forwards calls.
+
+    `version` names the pushed weights the engine holds (None: the checkpoint's, as loaded): a weight push sends
+    its parts with `update_weights(..., version=v, part=k)` and ends with `commit_weights(v, parts)`, which sets
+    it only when every part arrived in this process, in order; `generate(..., version=v)` refuses to run under
+    other weights."""
 
     def __init__(self, kind: str, model_dir: str, max_batch: int, torch_threads: int = 1, dtype: str = "float32",
                  options: dict[str, Any] | None = None) -> None:
         torch.set_num_threads(torch_threads)
         self.engine = ENGINES.get(kind)(model_dir, max_batch=max_batch, dtype=dtype, **(options or {}))
+        self.version: int | None = None
+        self._staged: tuple[int | None, int] = (None, 0)  # the push under way: its version, parts received
 
-    def ready(self) -> bool:
-        return True
+    def ready(self) -> dict[str, Any]:
+        """Where the actor runs (for error messages, and the pid for tests that kill it) and its weights."""
+        import ray
 
-    def generate(self, requests: list[Request], sampling: dict[str, Any], n: int, seed: int
-                 ) -> list[list[Completion]]:
+        ctx = ray.get_runtime_context()
+        return {"pid": os.getpid(), "node_id": ctx.get_node_id(), "ip": ray.util.get_node_ip_address(),
+                "version": self.version}
+
+    def generate(self, requests: list[Request], sampling: dict[str, Any], n: int, seed: int,
+                 version: int | None = None) -> list[list[Completion]]:
+        if version is not None and version != self.version:
+            raise StaleEngineError(f"asked for a rollout under weights {version}, holds {self.version} "
+                                   "(None: the checkpoint's): the actor restarted since they were pushed")
         return self.engine.generate(requests, sampling, n, seed)
 
-    def update_weights(self, named_tensors: dict[str, torch.Tensor]) -> int:
+    def update_weights(self, named_tensors: dict[str, torch.Tensor], version: int | None = None, part: int = 0
+                       ) -> int:
+        """Load `named_tensors`; with `version`, as part `part` (0, 1, ...) of that push: part 0 starts a push
+        (a repeated one too), a part out of order (this process missed the earlier ones) spoils it."""
+        if version is not None:
+            self.version = None  # part old, part new until the push is committed
+            v, got = self._staged
+            self._staged = (version, 1) if part == 0 else (version, got + 1 if (v, got) == (version, part) else -1)
         return self.engine.update_weights(named_tensors)
+
+    def commit_weights(self, version: int, parts: int) -> bool:
+        """Mark the push of `version` complete if all its `parts` reached this process; whether they did."""
+        if self._staged != (version, parts):
+            return False
+        self.version, self._staged = version, (None, 0)
+        return True
 
 
 def start_engines(kind: str, model_dir: str, num: int, num_cpus: float, num_gpus: float, max_batch: int,
                   torch_threads: int = 1, dtype: str = "float32", options: dict[str, Any] | None = None,
-                  wait: bool = True, host: type[EngineHost] | None = None):
-    """Create `num` engine actors and (with `wait`) wait until each has loaded its model; `options` are further
-    keyword arguments of the engine class, `host` a subclass of EngineHost to run instead."""
+                  wait: bool = True, host: type[EngineHost] | None = None, max_restarts: int = 0,
+                  ready_timeout_s: float | None = None):
+    """Create `num` engine actors and (with `wait`) wait until each has loaded its model (at most `ready_timeout_s`
+    seconds); `options` are further keyword arguments of the engine class, `host` a subclass of EngineHost to run
+    instead. Ray restarts an actor that dies up to `max_restarts` times (it then loads the model again); calls
+    are never retried by Ray itself, since a caller must first give a restarted engine its weights back."""
     import ray
 
     actor = ray.remote(host or EngineHost)
-    handles = [actor.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(kind, model_dir, max_batch, torch_threads,
-                                                                          dtype, options)
+    handles = [actor.options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts, max_task_retries=0)
+               .remote(kind, model_dir, max_batch, torch_threads, dtype, options)
                for _ in range(num)]
     if wait:
-        ray.get([h.ready.remote() for h in handles])
+        Engines(handles, ready_timeout_s=ready_timeout_s or 3600.0).ready()
     return handles
+
+
+class Engines:
+    """Calls on engine actors with a deadline each, and errors that name the engine (index, actor, node).
+
+    A call whose actor died or restarted raises `EngineLostError` (the caller decides how to recover); one past
+    its deadline `EngineHungError`; an actor that cannot come back `EngineGoneError`."""
+
+    def __init__(self, handles: list[Any], call_timeout_s: float = 1200.0, ready_timeout_s: float = 3600.0) -> None:
+        self.handles = list(handles)
+        self.call_timeout_s, self.ready_timeout_s = call_timeout_s, ready_timeout_s
+        self.where: list[dict[str, Any]] = [{} for _ in self.handles]
+
+    def name(self, i: int) -> str:
+        w = self.where[i]
+        at = f", pid {w['pid']} on node {w['ip']} ({w['node_id'][:12]})" if w else ""
+        return f"engine {i} (actor {self.handles[i]._actor_id.hex()}{at})"
+
+    def call(self, method: str, indices: list[int], *args: Any, **kwargs: Any) -> list[Any]:
+        """`method(*args, **kwargs)` on the engines `indices` at once; their results, within `call_timeout_s`."""
+        refs = [getattr(self.handles[i], method).remote(*args, **kwargs) for i in indices]
+        return self.get(indices, refs, method, self.call_timeout_s)
+
+    def get(self, indices: list[int], refs: list[Any], what: str, timeout_s: float,
+            setting: str = "engine.call_timeout_s", limit_s: float | None = None) -> list[Any]:
+        """The results of `refs` (one call on each engine of `indices`), waiting at most `timeout_s` for all; a
+        late one is reported against `setting`, whose value is `limit_s` (default `timeout_s`)."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        _, late = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        if late:
+            hung = ", ".join(self.name(i) for i, r in zip(indices, refs, strict=True) if r in late)
+            limit = timeout_s if limit_s is None else limit_s
+            raise EngineHungError(f"{hung}: {what} did not return within {limit:g} s ({setting}); the engine is "
+                                  "hung or far slower than expected")
+        out = []
+        for i, ref in zip(indices, refs, strict=True):
+            try:
+                out.append(ray.get(ref))
+            except (RayActorError, StaleEngineError) as e:
+                # Ray 2.60: a call in flight when a restartable actor dies, and calls while it restarts, raise
+                # ActorUnavailableError; calls to an actor Ray will not restart raise ActorDiedError
+                raise EngineLostError(i, f"{self.name(i)} lost during {what}: {type(e).__name__}: "
+                                      f"{_last_line(e)}") from e
+        return out
+
+    def ready(self, indices: list[int] | None = None) -> list[dict[str, Any]]:
+        """Wait (at most `ready_timeout_s` in all) until the engines `indices` (default all) answer, after a start
+        or a restart (a restarting actor refuses calls until it has loaded its model); where they run."""
+        from ray.exceptions import ActorDiedError
+
+        indices = list(range(len(self.handles))) if indices is None else indices
+        deadline = time.monotonic() + self.ready_timeout_s
+        while True:
+            try:
+                refs = [self.handles[i].ready.remote() for i in indices]
+                where = self.get(indices, refs, "ready (starting, loading the model)",
+                                 max(0.0, deadline - time.monotonic()), "engine.ready_timeout_s",
+                                 self.ready_timeout_s)
+                break
+            except EngineLostError as e:
+                if isinstance(e.__cause__, ActorDiedError):  # a fresh call to it: Ray will not bring it back
+                    raise EngineGoneError(f"{self.name(e.index)} is dead and Ray will not restart it "
+                                          f"(engine.max_restarts used up, or its model failed to load): "
+                                          f"{_last_line(e.__cause__)}") from e
+                if time.monotonic() > deadline:
+                    raise EngineHungError(f"{e}; not back within engine.ready_timeout_s "
+                                          f"{self.ready_timeout_s:g} s") from e
+                time.sleep(0.5)  # restarting: ask again
+        for i, w in zip(indices, where, strict=True):
+            self.where[i] = w
+        return where
+
+
+def _last_line(e: BaseException) -> str:
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else type(e).__name__
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

@@ -87,7 +87,8 @@ def engine_pool(model_dir: str, c: EngineSpec, actors: bool, keep_warm_s: float 
         return
     e = c.engine
     pool = warm_pool.acquire(model_dir, e.kind, e.num_engines, e.num_cpus, e.num_gpus, e.max_batch,
-                               engine_threads(c), e.resolved_dtype(), engine_options(c))
+                               engine_threads(c), e.resolved_dtype(), engine_options(c), e.max_restarts,
+                               e.call_timeout_s, e.ready_timeout_s)
     try:
         yield pool
     except BaseException:

@@ -8,17 +8,31 @@ count, CPUs, GPUs, threads) reloads them with its model instead of starting new 
 them. The workflow's eval stages come one after another (tiny.yaml: seven at the end), so only the first pays.
 Before a stage of another kind the workflow stops a pool that holds CPUs or GPUs; one that holds neither (CPU
 engines with num_cpus 0) is kept through it, up to KEEP_FREE_WARM_S (tiny.yaml's iterative SFT rounds).
+
+Every wait on an actor has a deadline (`engine.ready_timeout_s` for starting and loading, `engine.call_timeout_s`
+for a chunk); an actor that dies is restarted by Ray (`engine.max_restarts`), given the stage's model again and
+sent the chunks it lost, which carry their own seeds: the predictions are those of a run without the loss.
 """
 
 from __future__ import annotations
 
 import gc
 import threading
+import time
+from collections import deque
 from typing import Any
 
 import torch
 
-from r1v.generation.engines import ENGINES, EngineHost, start_engines
+from r1v.generation.engines import (
+    ENGINES,
+    EngineGoneError,
+    EngineHost,
+    EngineHungError,
+    EngineLostError,
+    Engines,
+    start_engines,
+)
 
 # How long the workflow's eval stage keeps its actors for the next eval stage: more than the few seconds of
 # bookkeeping between two stages; a later stage of another kind waits at most this long for their resources.
@@ -41,6 +55,7 @@ class EvalEngineHost(EngineHost):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         self.engine = ENGINES.get(kind)(model_dir, max_batch=max_batch, dtype=dtype, **options)
+        self.version = None  # a checkpoint's weights again
         return True
 
 
@@ -54,10 +69,15 @@ class EnginePool:
 
     IN_FLIGHT = 2
 
-    def __init__(self, key: tuple[Any, ...], handles: list[Any]) -> None:
+    def __init__(self, key: tuple[Any, ...], handles: list[Any], max_restarts: int = 0,
+                 call_timeout_s: float = 1200.0, ready_timeout_s: float = 3600.0) -> None:
         self.key = key
         self.handles = handles
+        self.max_restarts = max_restarts  # the actors' own (fixed when they start; key[6])
+        self.engines = Engines(handles, call_timeout_s, ready_timeout_s)
         self._loading: list[Any] = []
+        self._model: tuple[Any, ...] | None = None  # the last `load`'s arguments: what a restarted actor gets again
+        self._pids: list[int | None] = [None] * len(handles)  # each actor's process when it got the current model
 
     @property
     def reserves_nothing(self) -> bool:
@@ -66,38 +86,83 @@ class EnginePool:
 
     @classmethod
     def start(cls, key: tuple[Any, ...], model_dir: str, kind: str, num: int, num_cpus: float, num_gpus: float,
-              max_batch: int, torch_threads: int, dtype: str, options: dict[str, Any]) -> EnginePool:
+              max_batch: int, torch_threads: int, dtype: str, options: dict[str, Any], max_restarts: int = 0,
+              call_timeout_s: float = 1200.0, ready_timeout_s: float = 3600.0) -> EnginePool:
         """Create the actors without waiting: they load the model while the caller prepares its prompts."""
         return cls(key, start_engines(kind, model_dir, num, num_cpus, num_gpus, max_batch, torch_threads=torch_threads,
-                                      dtype=dtype, options=options, wait=False, host=EvalEngineHost))
+                                      dtype=dtype, options=options, wait=False, host=EvalEngineHost,
+                                      max_restarts=max_restarts), max_restarts, call_timeout_s, ready_timeout_s)
 
     def load(self, kind: str, model_dir: str, max_batch: int, dtype: str, options: dict[str, Any]) -> None:
         """Swap every actor's model (without waiting; `run` waits)."""
-        self._loading = [h.load.remote(kind, model_dir, max_batch, dtype, options) for h in self.handles]
+        self._model = (kind, model_dir, max_batch, dtype, options)
+        self._loading = [h.load.remote(*self._model) for h in self.handles]
+
+    def _ready(self) -> None:
+        """Wait for the actors' start and model load (a model that fails to load fails here, by engine)."""
+        every = list(range(len(self.handles)))
+        if self._loading:
+            self.engines.get(every, self._loading, "load (the stage's model)", self.engines.ready_timeout_s,
+                             "engine.ready_timeout_s")
+            self._loading = []
+        self._pids = [w["pid"] for w in self.engines.ready()]
+
+    def _revive(self, e: int) -> None:
+        """After a lost call on actor `e`: wait until Ray has restarted it and give it the stage's model again
+        (a restarted actor loads the model it was created with)."""
+        (w,) = self.engines.ready([e])
+        if w["pid"] != self._pids[e] and self._model is not None:
+            self.engines.get([e], [self.handles[e].load.remote(*self._model)], "load (after a restart)",
+                             self.engines.ready_timeout_s, "engine.ready_timeout_s")
+        self._pids[e] = w["pid"]
 
     def run(self, calls: list[tuple[Any, ...]], desc: str) -> list[Any]:
-        """`engine.generate(*call)` for each call, spread over the actors; results in call order."""
+        """`engine.generate(*call)` for each call, spread over the actors; results in call order. An actor with
+        calls in flight that answers none within `call_timeout_s` fails the run naming it."""
         import ray
         from tqdm import tqdm
 
-        ray.get(self._loading)  # a model that failed to load fails here, not as a missing engine
-        self._loading = []
+        self._ready()
         results: list[Any] = [None] * len(calls)
         load = [0] * len(self.handles)
+        since = [0.0] * len(self.handles)  # when each busy actor last started or finished a call
         pending: dict[Any, tuple[int, int]] = {}
-        nxt = 0
+        todo = deque(range(len(calls)))
+        lost = 0
+        timeout = self.engines.call_timeout_s
         with tqdm(total=len(calls), desc=desc, unit="batch", mininterval=5) as bar:
-            while nxt < len(calls) or pending:
-                while nxt < len(calls) and min(load) < self.IN_FLIGHT:
+            while todo or pending:
+                while todo and min(load) < self.IN_FLIGHT:
                     e = load.index(min(load))
-                    pending[self.handles[e].generate.remote(*calls[nxt])] = (nxt, e)
+                    k = todo.popleft()
+                    pending[self.handles[e].generate.remote(*calls[k])] = (k, e)
+                    if load[e] == 0:
+                        since[e] = time.monotonic()
                     load[e] += 1
-                    nxt += 1
-                done, _ = ray.wait(list(pending), num_returns=1)
+                busy = [e for e in range(len(load)) if load[e]]
+                wait_s = max(0.0, min(since[e] for e in busy) + timeout - time.monotonic())
+                done, _ = ray.wait(list(pending), num_returns=1, timeout=wait_s)
+                if not done:
+                    hung = [e for e in busy if time.monotonic() - since[e] >= timeout]
+                    if hung:
+                        raise EngineHungError(f"{', '.join(self.engines.name(e) for e in hung)}: generate did not "
+                                              f"return within {timeout:g} s (engine.call_timeout_s); the engine is "
+                                              "hung or far slower than expected")
+                    continue
                 for ref in done:
                     k, e = pending.pop(ref)
                     load[e] -= 1
-                    results[k] = ray.get(ref)
+                    since[e] = time.monotonic()
+                    try:
+                        (results[k],) = self.engines.get([e], [ref], "generate", 0.0)
+                    except EngineLostError as err:
+                        lost += 1
+                        if lost > self.max_restarts * len(self.handles) * self.IN_FLIGHT:
+                            raise EngineGoneError(f"{err}; {lost} calls lost in this run (engine.max_restarts "
+                                                  f"{self.max_restarts})") from err
+                        self._revive(e)
+                        todo.appendleft(k)  # chunks carry their own seeds: any actor gives the same result
+                        continue
                     bar.update()
         return results
 
@@ -117,22 +182,25 @@ _warm: tuple[EnginePool, threading.Timer] | None = None
 
 
 def acquire(model_dir: str, kind: str, num: int, num_cpus: float, num_gpus: float, max_batch: int,
-            torch_threads: int, dtype: str, options: dict[str, Any]) -> EnginePool:
+            torch_threads: int, dtype: str, options: dict[str, Any], max_restarts: int = 0,
+            call_timeout_s: float = 1200.0, ready_timeout_s: float = 3600.0) -> EnginePool:
     """A pool of `num` actors with `model_dir` loaded (or loading): the warm one when it fits, else new actors."""
     import ray
 
     global _warm
-    key = (ray.get_runtime_context().get_job_id(), kind, num, num_cpus, num_gpus, torch_threads)
+    key = (ray.get_runtime_context().get_job_id(), kind, num, num_cpus, num_gpus, torch_threads, max_restarts)
     with _lock:
         warm, _warm = _warm, None
     if warm is not None:
         pool, timer = warm
         timer.cancel()
         if pool.key == key:
+            pool.engines.call_timeout_s, pool.engines.ready_timeout_s = call_timeout_s, ready_timeout_s
             pool.load(kind, model_dir, max_batch, dtype, options)
             return pool
         pool.close()
-    return EnginePool.start(key, model_dir, kind, num, num_cpus, num_gpus, max_batch, torch_threads, dtype, options)
+    return EnginePool.start(key, model_dir, kind, num, num_cpus, num_gpus, max_batch, torch_threads, dtype, options,
+                            max_restarts, call_timeout_s, ready_timeout_s)
 
 
 def release(pool: EnginePool, keep_warm_s: float) -> None:

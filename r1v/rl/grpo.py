@@ -15,6 +15,11 @@ then the step's metrics, all-reduced by name.
 Prompts are taken in passes over the worker's slice, each pass in a permutation seeded by (seed, pass, rank):
 the prompts of a step are a function of the step number alone, so a run resumed at step k takes the same
 prompts as one that never stopped.
+
+An engine actor that dies is restarted by Ray (`engine.max_restarts`) with the base model: the step's ranks agree
+that one was lost (a collective after the rollout, and after each weight push), wait for it, push the current
+weights to it again and re-run the lost rollouts with the same seeds, so the step's result is the one it would
+have had. Every engine call has a deadline (`engine.call_timeout_s`): a hung engine fails the stage naming it.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from r1v.generation.engines import Request, start_engines
+from r1v.generation.engines import EngineGoneError, EngineHost, EngineLostError, Engines, Request, start_engines
 from r1v.grading.rewards import check_failure_fraction, failures_by_reward, load_reward_modules
 from r1v.rl.config import GRPOConfig
 from r1v.rl.rollout import collect, replay
@@ -41,7 +46,6 @@ from r1v.train.engine import (
     NonFiniteStepError,
     all_reduce_named,
     all_reduce_sum,
-    barrier,
     export_model,
     gather_objects,
     gathered,
@@ -53,17 +57,24 @@ from r1v.train.worker import load_trainable, start_worker
 
 
 def load_prompts(c: GRPOConfig, rank: int, world: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """This worker's prompts (rows rank, rank+world, ...) preprocessed for generation, and the quarantined."""
+    """This worker's prompts preprocessed for generation, and the quarantined: a contiguous balanced shard of the
+    corpus rows (`balanced_shard`), in corpus order. Only the Parquet row groups holding them are read (images
+    are inline in the corpus: every rank reading all of it costs the corpus's size per rank)."""
     # imported on use, to keep pyarrow out of light paths
-    import pyarrow.parquet as pq
+    from r1v.data.pipeline import balanced_shard, prepare_prompts
+    from r1v.data.reader import read_rows, row_count
 
-    from r1v.data.pipeline import prepare_prompts
-
-    table = pq.read_table(c.corpus, columns=["id", "images", "messages", "answer", "source"])
-    good, bad = prepare_prompts(table.to_pylist()[rank::world], c.model, c.preprocess)
+    mine = balanced_shard(np.arange(row_count(c.corpus)), world, rank)
+    table = read_rows(c.corpus, mine, columns=["id", "images", "messages", "answer", "source"])
+    good, bad = prepare_prompts(table.drop_columns(["row"]).to_pylist(), c.model, c.preprocess)
     if not good:
         raise ValueError(f"rank {rank}: no usable prompts in {c.corpus} ({len(bad)} quarantined)")
     return good, bad
+
+
+# What the replay buffer's prompt indices refer to: a checkpoint of a run that sliced prompts otherwise (before
+# balanced shards: rows rank, rank + world, ...) must not resume its buffer against other prompts.
+PROMPT_SHARDS = "balanced"
 
 
 @functools.lru_cache(maxsize=4)
@@ -180,8 +191,9 @@ def grpo_loop(cfg: dict[str, Any]) -> None:
     c = GRPOConfig.model_validate(cfg["config"])
     rank, world, log = start_worker(c.trainer, cfg["tracking_uri"], cfg["run_id"])
     load_reward_modules(c.reward_modules, list(c.rewards))
-    engines = cfg["engines"]
-    rollout = engines[rank % len(engines)]
+    engines = Engines(cfg["engines"], c.engine.call_timeout_s, c.engine.ready_timeout_s)
+    mine = rank % len(engines.handles)  # this rank's rollout engine
+    engines.ready()  # where they run, for messages
     prompts, bad = load_prompts(c, rank, world)
     for i, p in enumerate(prompts):
         p["_index"] = i  # the replay buffer keeps this index, not the row (its state goes into a JSON checkpoint)
@@ -197,9 +209,10 @@ def grpo_loop(cfg: dict[str, Any]) -> None:
     restored = checkpoint.restore(engine, rank, portable=portable)
     state = restored.state if restored else {"step": 0}
     buffer = SelectiveSampleBuffer(c.replay.capacity)
-    # The buffer holds this rank's prompts by index in its slice: it resumes only on as many workers (with
-    # another number it starts empty, as a fresh run's does).
-    if restored and restored.rank_state and restored.rank_state.get("replay"):
+    # The buffer holds this rank's prompts by index in its slice: it resumes only on as many workers, sliced the
+    # same way (otherwise it starts empty, as a fresh run's does).
+    if (restored and restored.rank_state and restored.rank_state.get("replay")
+            and restored.rank_state.get("prompt_shards") == PROMPT_SHARDS):
         buffer.load_state_dict(restored.rank_state["replay"])
     module = engine.module
     tile = tile_size(model)
@@ -212,20 +225,54 @@ def grpo_loop(cfg: dict[str, Any]) -> None:
     groups = weight_groups(module)
     guard = NonFiniteGuard(c.trainer.max_nonfinite_steps, "grpo")
 
-    def push_weights() -> tuple[float, float]:
-        """The trainable tensors to every engine, one group (a decoder layer, the projector) at a time: rank 0
-        never holds more than one gathered layer, and vLLM gets a fused layer's parts in one call."""
-        t0, sent = time.perf_counter(), 0.0
-        for group in groups:
-            with gathered([p for _, p in group]):
-                tensors = {n: p.detach().to("cpu", copy=True) for n, p in group} if rank == 0 else {}
-            if rank == 0:
-                ray.get([e.update_weights.remote(tensors) for e in engines])
-                sent += sum(t.numel() * t.element_size() for t in tensors.values())
-        barrier()
-        return time.perf_counter() - t0, sent
+    def lost_anywhere(lost: EngineLostError | None, what: str, attempt: int) -> bool:
+        """Whether an engine was lost on any rank (a collective: every rank calls it at the same point). Past
+        `max_restarts` re-runs, every rank fails naming the lost engines. After a loss every rank waits for the
+        engines itself (`Engines.ready`, within its deadline), not in a collective, whose own timeout (Ray
+        Train's, 30 min) would end the wait for a large model's reload with a less telling error."""
+        msgs = [m for m in gather_objects(str(lost) if lost else None) if m]
+        if not msgs:
+            return False
+        if attempt >= c.engine.max_restarts:
+            raise EngineGoneError(f"{what}: engines lost {attempt + 1} times (engine.max_restarts "
+                                  f"{c.engine.max_restarts}): " + "; ".join(msgs))
+        if rank == 0:
+            print(f"[grpo] {what}: {'; '.join(msgs)}; waiting for the restarted engines, pushing the weights again")
+        return True
 
-    push_weights()  # engines start from the base checkpoint; after a resume they need the trained tensors
+    def push_weights(version: int) -> tuple[float, float]:
+        """The trainable tensors to every engine, one group (a decoder layer, the projector) at a time: rank 0
+        never holds more than one gathered layer, and vLLM gets a fused layer's parts in one call. `version`
+        (the step whose update they are) lets an engine tell that it holds them; an engine lost during the push
+        is waited for and the push repeated, on every rank (the gathers are collectives)."""
+        t0 = time.perf_counter()
+        every = list(range(len(engines.handles)))
+        for attempt in range(c.engine.max_restarts + 1):
+            lost: EngineLostError | None = None
+            sent = 0.0
+            for part, group in enumerate(groups):
+                with gathered([p for _, p in group]):
+                    tensors = {n: p.detach().to("cpu", copy=True) for n, p in group} if rank == 0 else {}
+                if rank == 0 and lost is None:
+                    try:
+                        engines.call("update_weights", every, ray.put(tensors), version, part)
+                    except EngineLostError as e:
+                        lost = e  # keep gathering with the other ranks; the push is repeated below
+                    sent += sum(t.numel() * t.element_size() for t in tensors.values())
+            if rank == 0 and lost is None:
+                try:  # an engine that restarted between two groups holds only the later ones
+                    done = engines.call("commit_weights", every, version, len(groups))
+                    if not all(done):
+                        i = done.index(False)
+                        lost = EngineLostError(i, f"{engines.name(i)} restarted during the weight update")
+                except EngineLostError as e:
+                    lost = e
+            if not lost_anywhere(lost, f"weight update {version}", attempt):
+                return time.perf_counter() - t0, sent
+            engines.ready()
+        raise AssertionError("unreachable: lost_anywhere raises past max_restarts")
+
+    push_weights(state["step"])  # engines start from the base checkpoint; after a resume they need the trained ones
     for step in range(state["step"] + 1, c.steps + 1):
         t0 = time.perf_counter()
 
@@ -238,10 +285,25 @@ def grpo_loop(cfg: dict[str, Any]) -> None:
 
         def generate(ps: list[dict[str, Any]], r: int, step: int = step) -> list[list[Any]]:
             reqs = [Request(p["input_ids"], p["pixel_values"], p["n_tiles"]) for p in ps]
-            return ray.get(rollout.generate.remote(reqs, c.sampling.model_dump(), c.group_size,
-                                                   c.trainer.seed * 100_003 + step * 1009 + rank + 7919 * r))
+            # `version`: the engine refuses to roll out under other weights than the previous step's update
+            # (a restarted one holds the base model's until they are pushed again)
+            return engines.call("generate", [mine], reqs, c.sampling.model_dump(), c.group_size,
+                                c.trainer.seed * 100_003 + step * 1009 + rank + 7919 * r, version=step - 1)[0]
 
-        rb, extra, rounds = collect(generate, prompts_for_round, c)
+        collected = None
+        for attempt in range(c.engine.max_restarts + 1):
+            lost = None
+            if collected is None:  # a rank whose rollout finished keeps it: seeds and weights fix its result
+                try:
+                    collected = collect(generate, prompts_for_round, c)
+                except EngineLostError as e:
+                    lost = e
+            if not lost_anywhere(lost, f"step {step} rollout", attempt):
+                break
+            engines.ready()
+            push_weights(step - 1)
+        assert collected is not None
+        rb, extra, rounds = collected
         check_reward_failures(rounds, c, step)
         if c.replay.enabled:
             rng = np.random.default_rng([c.trainer.seed % 2**63, step, rank, 17])
@@ -250,7 +312,7 @@ def grpo_loop(cfg: dict[str, Any]) -> None:
         for where, outcome in out["nonfinite"]:  # raises on every rank alike, before the sync and any save
             guard.record(outcome, f"step {step} ({where})")
         extra["nonfinite_steps"] = float(guard.skipped)
-        t_sync, sync_bytes = push_weights()
+        t_sync, sync_bytes = push_weights(step)
         out["timings"]["sync"] = t_sync
         extra["sync_bytes"] = sync_bytes / world  # rank 0's tensors, summed over ranks by the all-reduce
         sums = all_reduce_named(step_metrics(rounds, rb, out, extra))
@@ -271,19 +333,22 @@ def grpo_loop(cfg: dict[str, Any]) -> None:
                                          "not checkpointing them")
             checkpoint.save(engine, step, {"step": step}, {"reward": sums["reward"] / max(sums["samples"], 1.0)},
                             rank, portable=portable,
-                            rank_state={"replay": buffer.state_dict() if c.replay.enabled else None})
+                            rank_state={"replay": buffer.state_dict() if c.replay.enabled else None,
+                                        "prompt_shards": PROMPT_SHARDS})
 
     export_model(engine, c.model, Path(cfg["stage_dir"]) / "model", rank)
 
 
-def train_grpo(c: GRPOConfig, stage_dir: Path, tracking_uri: str | None, run_id: str | None) -> dict[str, Any]:
-    """Driver side: start the rollout actors, run the trainer workers, stop the actors."""
+def train_grpo(c: GRPOConfig, stage_dir: Path, tracking_uri: str | None, run_id: str | None,
+               host: type[EngineHost] | None = None) -> dict[str, Any]:
+    """Driver side: start the rollout actors (`host`: another EngineHost class, for tests), run the trainer
+    workers, stop the actors."""
     import ray
-
 
     load_reward_modules(c.reward_modules, list(c.rewards))  # fail before starting anything
     engines = start_engines(c.engine.kind, c.model, c.engine.num_engines, c.engine.num_cpus, c.engine.num_gpus,
-                            c.engine.max_batch, dtype=c.engine.resolved_dtype(), options=c.engine.kind_options())
+                            c.engine.max_batch, dtype=c.engine.resolved_dtype(), options=c.engine.kind_options(),
+                            host=host, max_restarts=c.engine.max_restarts, ready_timeout_s=c.engine.ready_timeout_s)
     try:
         loop_cfg = {"config": c.model_dump(mode="json"), "tracking_uri": tracking_uri, "run_id": run_id,
                     "stage_dir": str(stage_dir), "engines": engines}

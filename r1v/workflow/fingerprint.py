@@ -34,6 +34,8 @@ ADDED_SINCE_SCHEME_1: frozenset[str] = frozenset({
     "TrainerConfig.max_nonfinite_steps", "GRPOConfig.max_reward_failure_fraction",
     "DataImportConfig.allow_outside_root", "DataImportConfig.row_timeout_s", "SFTConfig.global_batch",
     "TrainerConfig.max_failures",
+    *(f"{cls}.{f}" for cls in ("EngineConfig", "EvalEngineConfig")
+      for f in ("max_restarts", "call_timeout_s", "ready_timeout_s")),
 })
 """`Class.field` of every config field added after scheme 1 was retired: scheme 1's fingerprint of a run written
 before them is computed without them while they are at their default."""
