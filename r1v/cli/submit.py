@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import fnmatch
+import functools
 import os
 import secrets
 import shlex
@@ -29,7 +29,10 @@ from r1v.workflow.tracking import is_local_store
 
 EXCLUDES = [".git", ".venv", "venv", "runs", "mlruns", "mlartifacts", ".pytest_cache", ".ruff_cache", "__pycache__",
             "*.egg-info", "*.safetensors", "*.pt", "*.bin", "*.parquet", ".ipynb_checkpoints", "build", "dist"]
-"""Left out of the uploaded package: run outputs, environments, checkpoints, corpora, caches."""
+"""Left out of the uploaded package: run outputs, environments, checkpoints, corpora, caches (gitignore syntax)."""
+
+PACKAGE_DATA = ["!/r1v/**", "__pycache__"]
+"""...but never the r1v package's own files (the world's backbones are safetensors), its bytecode aside."""
 
 MAX_UPLOAD = 500 * 2**20
 """Ray stores a working_dir package in its GCS, which refuses packages over 512 MiB."""
@@ -51,8 +54,15 @@ def project_root() -> Path:
     return root
 
 
+@functools.cache
+def _spec():
+    from ray._private.thirdparty.pathspec import PathSpec  # what Ray matches `excludes` with
+
+    return PathSpec.from_lines("gitwildmatch", EXCLUDES + PACKAGE_DATA)
+
+
 def _excluded(rel: str) -> bool:
-    return any(fnmatch.fnmatch(part, pat) for part in Path(rel).parts for pat in EXCLUDES)
+    return _spec().match_file(rel)
 
 
 def package_size(root: Path) -> tuple[int, list[tuple[int, str]]]:
@@ -112,7 +122,7 @@ def _runtime_env(root: Path, job_id: str, address: str) -> dict[str, Any]:
                           f"{MAX_UPLOAD / 2**20:.0f} MiB: move large files out of the checkout or under an excluded "
                           f"name ({', '.join(EXCLUDES)}); largest: {top}")
     # Only identifiers here: the dashboard shows a job's env_vars to anyone who can open it.
-    return {"working_dir": str(root), "excludes": EXCLUDES,
+    return {"working_dir": str(root), "excludes": EXCLUDES + PACKAGE_DATA,
             "env_vars": {JOB_ENV: job_id, ADDRESS_ENV: address, "RAY_JOB_STOP_WAIT_TIME_S": "30",
                          "PYTHONUNBUFFERED": "1"}}
 
