@@ -28,7 +28,13 @@ def ray_cluster():
     from r1v.cli.app import init_ray
 
     Path(os.environ["RAY_TMPDIR"]).mkdir(parents=True, exist_ok=True)
-    init_ray(None, 2)
+    try:
+        init_ray(None, 2)
+    except Exception as e:  # Ray gives a new node 30 s to register, which a loaded 2-core machine can miss
+        if "timed out during startup" not in str(e):
+            raise
+        ray.shutdown()
+        init_ray(None, 2)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
