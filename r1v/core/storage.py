@@ -135,6 +135,18 @@ def list_files(uri: str) -> dict[str, int]:
     return {i.path[len(path) + 1:]: i.size for i in infos if i.type == pafs.FileType.File}
 
 
+def list_dirs(uri: str) -> list[str]:
+    """The names of the "directories" (common prefixes) right under `uri`."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(uri)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+    except FileNotFoundError:
+        return []
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
+
 def delete_dir(uri: str) -> None:
     fs, path = filesystem(uri)
     try:
@@ -169,20 +181,23 @@ def upload_file(local: str | os.PathLike, uri: str) -> None:
             f.write(chunk)
 
 
-def _local_files(local: Path) -> list[str]:
-    return sorted(str(p.relative_to(local)) for p in local.rglob("*")
-                  if p.is_file() and not p.is_symlink() and p.name != MANIFEST)
+def _local_files(local: Path, exclude: set[str]) -> list[str]:
+    # temporaries of atomic writers (`.NAME.<owner>...tmp`, `.NAME.tmp-...`) are someone's unfinished work
+    return sorted(r for p in local.rglob("*")
+                  if p.is_file() and not p.is_symlink() and p.name != MANIFEST and not p.name.endswith(".tmp")
+                  and ".tmp-" not in p.as_posix() and (r := p.relative_to(local).as_posix()) not in exclude)
 
 
-def upload_dir(local: str | os.PathLike, uri: str, skip: dict[str, dict[str, Any]] | None = None
-               ) -> dict[str, dict[str, Any]]:
-    """Upload the files under `local` to `uri`, then the manifest of all of them (sha256, size), last: a reader
-    that finds the manifest finds every file it lists. `skip`: a previous manifest; its files whose checksum is
-    unchanged and whose object exists are not sent again. Returns the manifest's entries."""
+def upload_dir(local: str | os.PathLike, uri: str, skip: dict[str, dict[str, Any]] | None = None,
+               exclude: set[str] | frozenset[str] = frozenset()) -> dict[str, dict[str, Any]]:
+    """Upload the files under `local` (but the relative paths in `exclude`) to `uri`, then the manifest of all
+    of them (sha256, size), last: a reader that finds the manifest finds every file it lists. `skip`: a previous
+    manifest; its files whose checksum is unchanged and whose object exists are not sent again. Returns the
+    manifest's entries."""
     local = Path(local)
     remote = list_files(uri) if skip else {}
     entries: dict[str, dict[str, Any]] = {}
-    for rel in _local_files(local):
+    for rel in _local_files(local, set(exclude)):
         p = local / rel
         entries[rel] = {"sha256": sha256_file(p), "size": p.stat().st_size}
         if skip and skip.get(rel) == entries[rel] and remote.get(rel) == entries[rel]["size"]:
@@ -218,12 +233,13 @@ def _fetch(uri: str, dest: Path, want: dict[str, Any] | None) -> None:
         raise
 
 
-def download_dir(uri: str, local: str | os.PathLike) -> list[str]:
-    """Download everything under `uri` into `local`, each file checked against `uri`'s manifest when it has one
-    (files it does not list, written after it, are taken as they are). Returns the relative paths."""
+def download_dir(uri: str, local: str | os.PathLike, exclude: set[str] | frozenset[str] = frozenset()
+                 ) -> list[str]:
+    """Download everything under `uri` (but `exclude`) into `local`, each file checked against `uri`'s manifest
+    when it has one (files it does not list, written after it, are taken as they are). Returns the paths."""
     local = Path(local)
     manifest = read_manifest(uri) or {}
-    files = [r for r in list_files(uri) if r != MANIFEST]
+    files = [r for r in list_files(uri) if r != MANIFEST and r not in exclude]
     for rel in files:
         _fetch(join(uri, rel), local / rel, manifest.get(rel))
     return files
