@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
+import subprocess
+import sys
+import tempfile
 
 import pytest
 from r1v_test_servers import MlflowServer, S3Server
@@ -21,6 +23,7 @@ WORKFLOW = """
 name: s3run
 run_root: {root}
 tracking: {{tracking_uri: "{mlflow}", experiment: s3}}
+ray: {{num_cpus: 2}}
 stages:
   data: {{kind: data.synthetic, config: {{n_train: 8, n_test: 2, corrupt_rows: 1}}}}
   models: {{kind: model.tiny}}
@@ -41,6 +44,17 @@ def s3(tmp_path, monkeypatch):
     server.stop()
 
 
+def _r1v(*args: str) -> subprocess.CompletedProcess:
+    """`r1v ARGS` in a process of its own (a Ray cluster of its own, never the test session's)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="r1v-s3-ray-", dir="/tmp")  # short: Ray's socket paths
+    try:
+        return subprocess.run([sys.executable, "-m", "r1v.cli", *args], capture_output=True, text=True, env=env,
+                              timeout=500)
+    finally:
+        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+
+
 @pytest.fixture
 def mlflow(tmp_path):
     s = MlflowServer(tmp_path / "mlflow").start()
@@ -58,7 +72,7 @@ def test_an_object_store_run_root_without_a_tracking_server_is_refused(tmp_path,
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_a_run_in_an_object_store_resumes_from_the_store_alone(tmp_path, s3, mlflow, ray_cluster, capsys):
+def test_a_run_in_an_object_store_resumes_from_the_store_alone(tmp_path, s3, mlflow, capsys):
     root = s3.create_bucket("runs") + "/team/r1v"
     p = tmp_path / "wf.yaml"
     p.write_text(WORKFLOW.format(root=root, mlflow=mlflow.uri))
@@ -75,16 +89,19 @@ def test_a_run_in_an_object_store_resumes_from_the_store_alone(tmp_path, s3, mlf
     assert main(["status", uri]) == 0
     out = capsys.readouterr().out
     assert f"run {uri}" in out and "sft" in out and "pending" in out
-    assert main(["resume", uri]) == 0
-    out = capsys.readouterr().out
-    assert "ran ['sft'], skipped ['data', 'models']" in out
+    # as a user runs it: its own local Ray cluster, whose workers inherit the credentials from its environment
+    res = _r1v("resume", uri)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "ran ['sft'], skipped ['data', 'models']" in res.stdout
     st = storage.read_json(f"{uri}/stages/sft/state.json")
     assert st["status"] == "done" and st["outputs"]["model"] == f"{uri}/stages/sft/model"
     files = storage.list_files(f"{uri}/stages/sft")
     assert "model/config.json" in files and any(f.startswith("ray/") for f in files), sorted(files)  # + checkpoints
     # what sft read came from this node's checked copies of the store's objects
-    staged = list((tmp_path / "node-cache" / "store").glob("*/s3/runs/team/r1v/*/stages/models/substitute_vlm/config.json"))
-    assert staged, list((tmp_path / "node-cache").rglob("config.json"))[:5]
+    store = tmp_path / "node-cache" / "store"
+    assert list(store.glob("*/s3/runs/team/r1v/*/stages/models/substitute_vlm/config.json"))
+    assert list(store.glob("*/s3/runs/team/r1v/*/stages/data/**/*.parquet"))
+    assert "model/.r1v-manifest.json" in files  # the workers' upload: the model checked where it is staged
 
     # a third node: everything is done, read from the store
     shutil.rmtree(tmp_path / "node-cache")

@@ -135,6 +135,15 @@ def list_files(uri: str) -> dict[str, int]:
     return {i.path[len(path) + 1:]: i.size for i in infos if i.type == pafs.FileType.File}
 
 
+def delete(uri: str) -> None:
+    """Remove one object (nothing when there is none)."""
+    fs, path = filesystem(uri)
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
+
+
 def list_dirs(uri: str) -> list[str]:
     """The names of the "directories" (common prefixes) right under `uri`."""
     import pyarrow.fs as pafs
@@ -231,6 +240,12 @@ def _fetch(uri: str, dest: Path, want: dict[str, Any] | None) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def download_file(uri: str, local: str | os.PathLike) -> Path:
+    """One object to `local` (replaced whole)."""
+    _fetch(uri, Path(local), None)
+    return Path(local)
 
 
 def download_dir(uri: str, local: str | os.PathLike, exclude: set[str] | frozenset[str] = frozenset()

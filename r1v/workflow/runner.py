@@ -560,7 +560,7 @@ class Runner:
                 ctx.log.params(cfg.model_dump(mode="json"))
                 ctx.log.text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml")
             outputs = kind.run_function()(ctx, cfg)
-            missing = [k for k, p in outputs.items() if not Path(p).exists()]
+            missing = [k for k, p in outputs.items() if not storage.exists(str(p))]
             if missing:
                 raise RuntimeError(f"stage returned outputs {missing} that were not written")
             published = self._publish(name, outputs)
@@ -592,16 +592,18 @@ class Runner:
     def _publish(self, name: str, outputs: dict[str, Any]) -> dict[str, str]:
         """The outputs to record: absolute paths, or, with an object-store run root, the URIs of their objects,
         uploaded (the stage's whole directory, manifest last) before the caller records the state."""
-        local = {k: Path(p).resolve() for k, p in outputs.items()}
+        stored = {k: str(p) for k, p in outputs.items() if storage.is_uri(str(p))}  # written there by workers
+        local = {k: Path(p).resolve() for k, p in outputs.items() if k not in stored}
         if not self.store:
-            return {k: str(p) for k, p in local.items()}
-        sdir = self.stage_dir(name).resolve()
+            return {k: str(p) for k, p in local.items()} | stored
+        sdir, suri = self.stage_dir(name).resolve(), self.stage_uri(name) or ""
         outside = [k for k, p in local.items() if not p.is_relative_to(sdir)]
+        outside += [k for k, u in stored.items() if not u.startswith(suri + "/")]
         if outside:
             raise RuntimeError(f"stage outputs {outside} lie outside the stage's directory {sdir}: with an "
                                "object-store run root a stage writes its outputs under its directory")
         self._push_stage(name)
-        return {k: storage.join(self.stage_uri(name) or "", *p.relative_to(sdir).parts) for k, p in local.items()}
+        return {k: storage.join(suri, *p.relative_to(sdir).parts) for k, p in local.items()} | stored
 
 
 class Interrupted(KeyboardInterrupt):
