@@ -42,6 +42,7 @@ def _tree(root: Path) -> Path:
     (root / "model" / "weights.bin").write_bytes(os.urandom(3 * 2**20 + 7))
     (root / "model" / "sub" / "config.json").write_text('{"a": 1}\n')
     (root / "counts.json").write_text("{}\n")
+    (root / "quarantine").mkdir()  # an output may be an empty directory
     return root
 
 
@@ -61,14 +62,16 @@ def test_a_put_replaces_an_object_whole(bucket):
     assert storage.get_bytes(uri) == b"b" * 10
 
 
-def test_upload_writes_the_manifest_last_and_download_checks_it(bucket, tmp_path):
+def test_upload_writes_the_manifest_last_and_download_checks_it(bucket, tmp_path, monkeypatch):
+    monkeypatch.setenv("R1V_CACHE", str(tmp_path / "cache"))
     src = _tree(tmp_path / "src")
     entries = storage.upload_dir(src, f"{bucket}/stage")
-    assert set(entries) == {"model/weights.bin", "model/sub/config.json", "counts.json"}
+    assert set(entries) == {"model/weights.bin", "model/sub/config.json", "counts.json", "quarantine/.r1v-keep"}
+    assert storage.exists(f"{bucket}/stage/quarantine") and storage.stage_local(f"{bucket}/stage/quarantine").is_dir()
     manifest = storage.read_json(f"{bucket}/stage/{storage.MANIFEST}")
     assert manifest["files"]["counts.json"]["sha256"] == storage.sha256_file(src / "counts.json")
     got = storage.download_dir(f"{bucket}/stage", tmp_path / "dst")
-    assert sorted(got) == sorted(entries)
+    assert sorted(got) == sorted(entries) and (tmp_path / "dst/quarantine").is_dir()
     assert (tmp_path / "dst/model/weights.bin").read_bytes() == (src / "model/weights.bin").read_bytes()
     # a second upload sends only what changed
     (src / "counts.json").write_text('{"n": 1}\n')

@@ -31,6 +31,8 @@ from typing import Any
 from r1v.core.fs import file_lock, owner_tag
 
 MANIFEST = ".r1v-manifest.json"
+KEEP = ".r1v-keep"
+"""An empty object standing for an empty directory (a store has only objects), listed in the manifest."""
 SCHEMES = ("s3",)
 CHUNK = 8 * 2**20
 _STAGED = re.compile(r"/store/(?P<digest>[0-9a-f]{16})/(?P<scheme>s3)/(?P<rest>.+)$")
@@ -190,11 +192,23 @@ def upload_file(local: str | os.PathLike, uri: str) -> None:
             f.write(chunk)
 
 
-def _local_files(local: Path, exclude: set[str]) -> list[str]:
+def _excluded(rel: str, exclude: set[str] | frozenset[str]) -> bool:
+    """`rel` is one of `exclude` or lies under one of them."""
+    return any(rel == e or rel.startswith(e.rstrip("/") + "/") for e in exclude)
+
+
+def _local_files(local: Path, exclude: set[str] | frozenset[str]) -> list[str]:
     # temporaries of atomic writers (`.NAME.<owner>...tmp`, `.NAME.tmp-...`) are someone's unfinished work
-    return sorted(r for p in local.rglob("*")
-                  if p.is_file() and not p.is_symlink() and p.name != MANIFEST and not p.name.endswith(".tmp")
-                  and ".tmp-" not in p.as_posix() and (r := p.relative_to(local).as_posix()) not in exclude)
+    out = []
+    for p in local.rglob("*"):
+        rel = p.relative_to(local).as_posix()
+        if _excluded(rel, exclude) or ".tmp-" in rel or p.name.endswith(".tmp") or p.is_symlink():
+            continue
+        if p.is_file() and p.name != MANIFEST:
+            out.append(rel)
+        elif p.is_dir() and not any(p.iterdir()):
+            out.append(f"{rel}/{KEEP}")
+    return sorted(out)
 
 
 def upload_dir(local: str | os.PathLike, uri: str, skip: dict[str, dict[str, Any]] | None = None,
@@ -206,8 +220,13 @@ def upload_dir(local: str | os.PathLike, uri: str, skip: dict[str, dict[str, Any
     local = Path(local)
     remote = list_files(uri) if skip else {}
     entries: dict[str, dict[str, Any]] = {}
-    for rel in _local_files(local, set(exclude)):
+    for rel in _local_files(local, exclude):
         p = local / rel
+        if p.name == KEEP and not p.exists():  # an empty directory
+            entries[rel] = {"sha256": hashlib.sha256(b"").hexdigest(), "size": 0}
+            if rel not in remote:
+                put_bytes(join(uri, rel), b"")
+            continue
         entries[rel] = {"sha256": sha256_file(p), "size": p.stat().st_size}
         if skip and skip.get(rel) == entries[rel] and remote.get(rel) == entries[rel]["size"]:
             continue
@@ -226,6 +245,8 @@ def _fetch(uri: str, dest: Path, want: dict[str, Any] | None) -> None:
     """Download `uri` to `dest` through a temporary sibling; with `want`, refuse it unless it matches."""
     fs, path = filesystem(uri)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.name == KEEP:  # stands for the empty directory just made
+        return
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.{owner_tag()}", suffix=".tmp")
     try:
         h = hashlib.sha256()
@@ -254,7 +275,7 @@ def download_dir(uri: str, local: str | os.PathLike, exclude: set[str] | frozens
     when it has one (files it does not list, written after it, are taken as they are). Returns the paths."""
     local = Path(local)
     manifest = read_manifest(uri) or {}
-    files = [r for r in list_files(uri) if r != MANIFEST and r not in exclude]
+    files = [r for r in list_files(uri) if r != MANIFEST and not _excluded(r, exclude)]
     for rel in files:
         _fetch(join(uri, rel), local / rel, manifest.get(rel))
     return files
@@ -314,7 +335,9 @@ def stage_local(src: str | os.PathLike) -> Path:
         if not done.exists():
             for r, e in sorted(wanted.items()):
                 dest = root / r
-                if not (dest.exists() and dest.stat().st_size == e["size"] and sha256_file(dest) == e["sha256"]):
+                if dest.name == KEEP:
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                elif not (dest.exists() and dest.stat().st_size == e["size"] and sha256_file(dest) == e["sha256"]):
                     _fetch(join(base, r), dest, e)
             done.parent.mkdir(parents=True, exist_ok=True)
             done.write_text(uri + "\n")

@@ -306,10 +306,11 @@ class Runner:
             storage.upload_dir(self.stage_dir(name), uri, skip=storage.read_manifest(uri), exclude={"state.json"})
 
     def _pull_stage(self, name: str) -> None:
-        """A resumed stage continues from what its last attempt uploaded (its checkpoints, finished parts)."""
+        """A resumed stage continues from what its last attempt uploaded (its finished parts; Ray Train reads its
+        checkpoints, `ray/`, from the store itself)."""
         uri = self.stage_uri(name)
         if uri:
-            storage.download_dir(uri, self.stage_dir(name), exclude={"state.json"})
+            storage.download_dir(uri, self.stage_dir(name), exclude={"state.json", "ray"})
 
     def fingerprints(self, scheme: int = SCHEME) -> dict[str, str]:
         """A stage's fingerprint covers its own config and its upstream stages' fingerprints."""

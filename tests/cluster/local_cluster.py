@@ -35,11 +35,12 @@ def main(root: Path, workers: int, cpus: int) -> None:
     dashboard_port = _free_port()
     cluster = Cluster(initialize_head=True, head_node_args=dict(
         node_ip_address="127.0.0.1", num_cpus=0, resources={"head": 1}, include_dashboard=True,
+        env_vars={"R1V_CACHE": str(root / "cache" / "head")},  # each node its own cache, as on separate machines
         dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
         dashboard_agent_listen_port=_free_port()))  # not Ray's fixed default: another cluster may hold it
     for i in range(workers):
         cluster.add_node(node_ip_address="127.0.0.1", num_cpus=cpus, resources={f"worker{i}": 1, "worker": 1},
-                         temp_dir=str(root / f"w{i}"))
+                         temp_dir=str(root / f"w{i}"), env_vars={"R1V_CACHE": str(root / "cache" / f"w{i}")})
     cluster.wait_for_nodes()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
