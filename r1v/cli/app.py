@@ -15,12 +15,13 @@ from r1v.cli.model import add_model_parser
 from r1v.cli.plan import add_plan_parser
 from r1v.cli.submit import add_submit_parsers, job_state, record_job, submit_resume
 from r1v.cli.world import add_world_parser
+from r1v.core import storage
 from r1v.core.config import ConfigError
 from r1v.core.noise import quiet_libraries, worker_env
 from r1v.eval.results import format_table, report
 from r1v.workflow.console import Console, show_path
 from r1v.workflow.lock import RunBusy, RunLock, describe, holder
-from r1v.workflow.runner import Runner, StageFailed, check_only
+from r1v.workflow.runner import Runner, StageFailed, check_only, locate, pull_records
 from r1v.workflow.schema import load_workflow
 
 
@@ -48,7 +49,7 @@ def init_ray(address: str | None, num_cpus: int | None, verbose: bool = True) ->
 
 def _print_status(runner) -> None:
     rows = runner.status_rows()
-    print(f"run {runner.run_dir}  (MLflow run {runner.meta.get('parent_run_id')}, "
+    print(f"run {runner.where}  (MLflow run {runner.meta.get('parent_run_id')}, "
           f"store {runner.meta.get('tracking_uri')})")
     job = job_state(runner.meta)
     if job:
@@ -60,11 +61,11 @@ def _print_status(runner) -> None:
         print(f"{r['stage']:<{w}} {r['kind']:<16} {r['status']:<11} {r['attempts']:>5} {secs:>8}  {r['error'][0]}")
     if any(r["status"] == "interrupted" for r in rows):
         print(f"r1v: the driver that ran this is gone ({describe(holder(runner.run_dir))}); "
-              f"`r1v resume {runner.run_dir}` continues")
+              f"`r1v resume {runner.where}` continues")
     aside = runner.superseded()
     if aside:
         total = sum(a["bytes"] for a in aside)
-        print(f"superseded (set aside when their config changed; `r1v gc {runner.run_dir}` removes them, "
+        print(f"superseded (set aside when their config changed; `r1v gc {runner.where}` removes them, "
               f"{_size(total)}):")
         for a in aside:
             print(f"  {a['path'].relative_to(runner.run_dir)}  {a['status']}  {_size(a['bytes'])}")
@@ -83,11 +84,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     with Console(args.verbose) as con:  # from here until the table, output goes to RUN/logs unless --verbose
         wf = load_workflow(args.workflow, args.overrides)
         check_only(wf, args.only)  # before a run directory or a cluster exists
-        runner = Runner.create(wf, Path(args.run_dir) if args.run_dir else None)
-        with RunLock(runner.run_dir):
+        runner = Runner.create(wf, args.run_dir)
+        with RunLock(runner.run_dir, runner.store):
             record_job(runner.run_dir)
             con.attach(runner.run_dir)
-            con.line(f"r1v: run directory {runner.run_dir}")
+            con.line(f"r1v: run directory {runner.where}")
             outcome = _execute(runner, con, wf.config.ray.address, wf.config.ray.num_cpus, args.only)
     return _report(runner, outcome, con)
 
@@ -96,18 +97,20 @@ def cmd_resume(args: argparse.Namespace) -> int:
     if args.address:
         return submit_resume(args)
     os.umask(0o077)
-    run_dir = Path(args.run)
+    run_dir, store = locate(args.run)
+    if store is not None:
+        pull_records(run_dir, store)
     if not (run_dir / "run.json").exists():
-        raise FileNotFoundError(f"{run_dir} is not an r1v run directory (no run.json)")
-    with Console(args.verbose) as con, RunLock(run_dir) as lock:  # the lock before anything is written
-        runner = Runner.open(run_dir, args.overrides)
+        raise FileNotFoundError(f"{args.run} is not an r1v run directory (no run.json)")
+    with Console(args.verbose) as con, RunLock(run_dir, store) as lock:  # the lock before anything is written
+        runner = Runner.open(args.run, args.overrides)
         check_only(runner.wf, args.only)
         runner.plan(args.only, args.with_needs)  # refuses a stale upstream before the overrides are stored
         record_job(run_dir)
         con.attach(runner.run_dir)
         if lock.previous:
             con.line(f"r1v: the previous driver ended without releasing the run ({describe(lock.previous)})")
-        con.line(f"r1v: resuming {runner.run_dir}")
+        con.line(f"r1v: resuming {runner.where}")
         outcome = _execute(runner, con, runner.wf.config.ray.address, runner.wf.config.ray.num_cpus, args.only,
                            args.with_needs)
     return _report(runner, outcome, con)
@@ -154,6 +157,7 @@ def _report(runner, outcome, con) -> int:
     if logs:
         print(logs)
     _print_results(runner.run_dir)
+    runner.push_records()  # the results and the logs up to here
     return 0
 
 
@@ -166,7 +170,7 @@ def _print_results(run_dir: Path) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    _print_status(Runner.open(Path(args.run)))
+    _print_status(Runner.open(args.run))
     return 0
 
 
@@ -174,17 +178,20 @@ def cmd_gc(args: argparse.Namespace) -> int:
     """Remove the run's superseded stage directories (under the run lock, so never while a driver works)."""
     import shutil
 
-    run_dir = Path(args.run)
-    with RunLock(run_dir):
-        runner = Runner.open(run_dir)
+    run_dir, store = locate(args.run)
+    with RunLock(run_dir, store):
+        runner = Runner.open(args.run)
         aside = runner.superseded()
         if not aside:
-            print(f"r1v: nothing superseded in {run_dir}")
+            print(f"r1v: nothing superseded in {args.run}")
             return 0
         for a in aside:
-            print(f"{'would remove' if args.dry_run else 'removing'} {a['path']} ({a['status']}, {_size(a['bytes'])})")
+            what = a.get("uri") or a["path"]
+            print(f"{'would remove' if args.dry_run else 'removing'} {what} ({a['status']}, {_size(a['bytes'])})")
             if not args.dry_run:
-                shutil.rmtree(a["path"])
+                if a.get("uri"):
+                    storage.delete_dir(a["uri"])
+                shutil.rmtree(a["path"], ignore_errors=bool(a.get("uri")))
         total = _size(sum(a["bytes"] for a in aside))
         print(f"r1v: {'would free' if args.dry_run else 'freed'} {total} in {len(aside)} directories")
     return 0

@@ -21,6 +21,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
+from r1v.core import storage
 from r1v.core.config import ConfigError
 from r1v.core.fs import atomic_write_json, read_json
 from r1v.workflow.runner import Runner, check_only
@@ -174,6 +175,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
     wf = load_workflow(args.workflow, overrides)  # a bad config: the error, no job
     check_only(wf, args.only)
     check_tracking(wf.config.tracking.tracking_uri, args.address)
+    if storage.is_uri(wf.config.run_root) and is_local_store(wf.config.tracking.tracking_uri):
+        raise ConfigError(f"run_root {wf.config.run_root} is an object store, which an MLflow SQLite database "
+                          "cannot live in: start an MLflow tracking server (docs/cluster.md) and pass "
+                          "tracking.tracking_uri=http://MLFLOW_HOST:5000")  # here, before a job exists
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     name = f"{wf.config.name}-{stamp}"
     run_dir = f"{wf.config.run_root.rstrip('/')}/{name}"
@@ -195,9 +200,8 @@ def submit_resume(args: argparse.Namespace) -> int:
     """`r1v resume RUN --address URL`: the resume as a job on the cluster. Checked here first when this machine
     sees the run."""
     run_dir = str(args.run)
-    local = Path(run_dir)
-    if (local / "run.json").exists():
-        runner = Runner.open(local, args.overrides)  # validated, not stored: the job's driver stores them
+    if storage.is_uri(run_dir) or (Path(run_dir) / "run.json").exists():
+        runner = Runner.open(run_dir, args.overrides)  # validated, not stored: the job's driver stores them
         runner.plan(args.only, args.with_needs)
         check_tracking(runner.meta.get("tracking_uri"), args.address)
     job_id = f"r1v-{Path(run_dir).name}-resume-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
@@ -232,7 +236,8 @@ def job_state(meta: dict[str, Any]) -> str | None:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    meta = read_json(Path(args.run) / "run.json", None)
+    meta = (storage.read_json(storage.join(args.run, "run.json")) if storage.is_uri(args.run)
+            else read_json(Path(args.run) / "run.json", None))
     if meta is None:
         raise FileNotFoundError(f"{args.run} is not an r1v run directory (no run.json)")
     job = meta.get("job")
@@ -255,7 +260,8 @@ def add_submit_parsers(sub) -> None:
     s.add_argument("workflow")
     s.add_argument("overrides", nargs="*", help="config overrides key.path=value")
     s.add_argument("--address", required=True, help="the cluster's dashboard, http://HEAD:8265")
-    s.add_argument("--run-root", help="run root every node sees (a shared path); sets run_root")
+    s.add_argument("--run-root", help="run root every node sees (a shared path, or s3://bucket/prefix with the "
+                   "AWS_* variables set on every node, docs/storage.md); sets run_root")
     s.add_argument("--follow", action="store_true", help="print the job's log until it ends; exit with its status")
     s.add_argument("--only", nargs="+", help="run only these stages")
     s.set_defaults(fn=cmd_submit)

@@ -29,10 +29,13 @@ import pyarrow.parquet as pq
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
+from r1v.core.storage import stage_local
+
 
 def corpus_files(path: str | Path) -> list[Path]:
-    """The Parquet part files of a corpus directory (or the one file), in name order."""
-    path = Path(path)
+    """The Parquet part files of a corpus directory (or the one file), in name order (staged on this node when
+    the corpus lies in an object store)."""
+    path = stage_local(path)
     if path.is_file():
         return [path]
     files = sorted(p for p in path.rglob("*.parquet") if not any(part.startswith((".", "_")) for part in
@@ -50,7 +53,7 @@ def _read_groups(file: str, groups: Sequence[int], columns: Sequence[str] | None
                  keep: np.ndarray | None = None) -> Iterator[pa.Table]:
     """The rows of `groups`, `batch_rows` at a time. With `starts` (each group's first global index) they carry a
     `row` column; with `keep` (sorted global indices) only those rows are kept, before `transform` sees them."""
-    pf = pq.ParquetFile(file)
+    pf = pq.ParquetFile(stage_local(file))  # a read task may run on another node than its planner
     if starts is None:
         for batch in pf.iter_batches(batch_size=batch_rows, row_groups=list(groups), columns=columns):
             table = pa.Table.from_batches([batch])

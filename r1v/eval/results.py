@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from r1v.core.fs import atomic_write_json, atomic_write_text, read_json
+from r1v.core.storage import exists, stage_local
 from r1v.eval.config import EvalConfig
 from r1v.workflow.refs import REF
 from r1v.workflow.runner import Runner, topo_order
@@ -51,12 +52,13 @@ def _corpus_fields(runner: Any, stage: str) -> dict[str, Any]:
         return {}
     m = REF.match(corpus)
     outputs = runner.state(m.group(1)).get("outputs", {}) if m else {}
-    path = Path(outputs.get(m.group(2), "")) if m else Path(corpus)
+    where = outputs.get(m.group(2), "") if m else corpus
+    path = stage_local(where) if where and exists(where) else Path(where)
     files = sorted(path.rglob("*.parquet")) if path.is_dir() else []
     if not files:
         return {}
     out: dict[str, Any] = {"corpus_rows": sum(pq.ParquetFile(f).metadata.num_rows for f in files)}
-    counts = read_json(outputs["counts"]) if outputs.get("counts") else None
+    counts = read_json(stage_local(outputs["counts"])) if outputs.get("counts") else None
     if isinstance(counts, dict) and isinstance(counts.get("totals"), dict):
         out["corpus_by_score"] = counts["totals"].get("kept_by_score", 0)
         out["corpus_as_errors"] = counts["totals"].get("added_as_errors", 0)
@@ -77,7 +79,7 @@ def collect(run_dir: str | Path) -> dict[str, Any]:
         state = runner.state(name)
         current = runner.is_current(name, upstream=False)  # the table reports what this config's evals wrote
         path = state.get("outputs", {}).get("summary") if current else None  # a stale summary is not this run's
-        summary = read_json(path) if path else None
+        summary = read_json(stage_local(path)) if path else None
         if summary is None:
             missing.append(name)
             continue

@@ -27,6 +27,7 @@ import torch
 
 from r1v.core.errors import NotRetryable
 from r1v.core.registry import LazyRegistry
+from r1v.core.storage import stage_local
 from r1v.data.collate import tiles_from_bytes
 from r1v.model.tokens import IM_END, IMG_CONTEXT, IMG_END, IMG_START, PAD
 
@@ -243,6 +244,7 @@ class EngineHost:
     def __init__(self, kind: str, model_dir: str, max_batch: int, torch_threads: int = 1, dtype: str = "float32",
                  options: dict[str, Any] | None = None) -> None:
         torch.set_num_threads(torch_threads)
+        model_dir = str(stage_local(model_dir))  # an actor on another node than the driver: its own copy
         self.engine = ENGINES.get(kind)(model_dir, max_batch=max_batch, dtype=dtype, **(options or {}))
         self.version: int | None = None
         self._staged: tuple[int | None, int] = (None, 0)  # the push under way: its version, parts received

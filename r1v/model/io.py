@@ -21,13 +21,14 @@ from transformers import (
 )
 
 from r1v.core.fs import atomic_directory
+from r1v.core.storage import stage_local
 from r1v.model.checksums import record_checksums
 from r1v.model.convert import hf_view
 from r1v.model.manifest import is_manifest_dir, load_manifest_model
 
 
 def _require_dir(path: str | os.PathLike) -> Path:
-    p = Path(path)
+    p = stage_local(path)  # staged on this node when it lies in an object store
     if not (p / "config.json").is_file():
         raise FileNotFoundError(f"no saved model at {p}: {p / 'config.json'} does not exist")
     return p

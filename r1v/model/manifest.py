@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from r1v.core.fs import atomic_directory
+from r1v.core.storage import stage_local
 from r1v.model.checksums import (
     _WEIGHT_SUFFIXES,
     CHECKSUMS,
@@ -116,7 +117,7 @@ def part_record(path: str | os.PathLike, layout: str, name: str) -> dict[str, An
 
 
 def _verify_part(name: str, rec: dict[str, Any], where: Path, rehash: bool) -> None:
-    p = Path(rec.get("path", ""))
+    p = stage_local(rec.get("path", ""))  # a part staged on another node is staged on this one
     layout = rec.get("layout")
     if layout not in LAYOUTS:
         raise ManifestError(f"{where / MANIFEST}: part {name!r} has unknown layout {layout!r}")
@@ -149,7 +150,7 @@ def _source_record(directory: Path, name: str, rehash: bool) -> dict[str, Any]:
         _verify_part(name, rec, at, rehash)
         if rec["layout"] != "manifest":
             return copy.deepcopy(rec)
-        at = Path(rec["path"])
+        at = stage_local(rec["path"])
 
 
 def resolve_parts(directory: str | os.PathLike, rehash: bool = False) -> dict[str, tuple[Path, str]]:
@@ -161,7 +162,7 @@ def resolve_parts(directory: str | os.PathLike, rehash: bool = False) -> dict[st
     out = {}
     for name in PARTS:
         rec = _source_record(d, name, rehash)
-        out[name] = (Path(rec["path"]), rec["layout"])
+        out[name] = (stage_local(rec["path"]), rec["layout"])
     return out
 
 

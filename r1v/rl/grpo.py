@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from r1v.core import storage
 from r1v.generation.engines import EngineGoneError, EngineHost, EngineLostError, Engines, Request, start_engines
 from r1v.grading.rewards import check_failure_fraction, failures_by_reward, load_reward_modules
 from r1v.rl.config import GRPOConfig
@@ -52,7 +53,7 @@ from r1v.train.engine import (
     init_engine,
     params_finite,
 )
-from r1v.train.launch import fit
+from r1v.train.launch import fit, publish, staged, worker_dir
 from r1v.train.worker import load_trainable, start_worker
 
 
@@ -188,7 +189,7 @@ def grpo_loop(cfg: dict[str, Any]) -> None:
 
     from r1v.model.assemble import tile_size
 
-    c = GRPOConfig.model_validate(cfg["config"])
+    c = staged(GRPOConfig.model_validate(cfg["config"]))
     rank, world, log = start_worker(c.trainer, cfg["tracking_uri"], cfg["run_id"])
     load_reward_modules(c.reward_modules, list(c.rewards))
     engines = Engines(cfg["engines"], c.engine.call_timeout_s, c.engine.ready_timeout_s)
@@ -336,11 +337,13 @@ def grpo_loop(cfg: dict[str, Any]) -> None:
                             rank_state={"replay": buffer.state_dict() if c.replay.enabled else None,
                                         "prompt_shards": PROMPT_SHARDS})
 
-    export_model(engine, c.model, Path(cfg["stage_dir"]) / "model", rank)
+    export_model(engine, c.model, worker_dir(cfg) / "model", rank)
+    if rank == 0:
+        publish(cfg, "model")
 
 
 def train_grpo(c: GRPOConfig, stage_dir: Path, tracking_uri: str | None, run_id: str | None,
-               host: type[EngineHost] | None = None) -> dict[str, Any]:
+               stage_uri: str | None = None, host: type[EngineHost] | None = None) -> dict[str, Any]:
     """Driver side: start the rollout actors (`host`: another EngineHost class, for tests), run the trainer
     workers, stop the actors."""
     import ray
@@ -351,9 +354,9 @@ def train_grpo(c: GRPOConfig, stage_dir: Path, tracking_uri: str | None, run_id:
                             host=host, max_restarts=c.engine.max_restarts, ready_timeout_s=c.engine.ready_timeout_s)
     try:
         loop_cfg = {"config": c.model_dump(mode="json"), "tracking_uri": tracking_uri, "run_id": run_id,
-                    "stage_dir": str(stage_dir), "engines": engines}
+                    "stage_dir": str(stage_dir), "stage_uri": stage_uri, "engines": engines}
         fit(grpo_loop, loop_cfg, c.trainer, stage_dir / "ray", c.keep_checkpoints)
     finally:
         for e in engines:
             ray.kill(e)
-    return {"model": stage_dir / "model"}
+    return {"model": storage.join(stage_uri, "model") if stage_uri else stage_dir / "model"}

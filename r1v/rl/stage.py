@@ -13,5 +13,5 @@ def grpo_stage(ctx: StageContext, c: GRPOConfig) -> dict[str, Any]:
     from r1v.model.convert import with_hf_model
     from r1v.rl.grpo import train_grpo
 
-    res = train_grpo(with_hf_model(c), ctx.stage_dir, ctx.tracking_uri, ctx.mlflow_run_id)
+    res = train_grpo(with_hf_model(c), ctx.stage_dir, ctx.tracking_uri, ctx.mlflow_run_id, ctx.stage_uri)
     return {"model": str(res["model"])}

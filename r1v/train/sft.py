@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from r1v.core import storage
 from r1v.core.fs import atomic_write_json, read_json
 from r1v.data.collate import IGNORE, collate_sft, table_rows
 from r1v.data.packing import collate_packed, token_budget_batches
@@ -52,7 +53,7 @@ from r1v.train.engine import (
     init_engine,
     params_finite,
 )
-from r1v.train.launch import fit
+from r1v.train.launch import fetch_outputs, fit, publish, staged, worker_dir
 from r1v.train.position import EpochRows
 from r1v.train.projector_reg import ProjectorNormPenalty
 from r1v.train.worker import load_trainable, start_worker
@@ -210,7 +211,8 @@ def rank_rows(c: SFTConfig, epoch: int, seen: EpochRows, rank: int, world: int):
 
 def sft_loop(cfg: dict[str, Any]) -> None:
     """Ray Train worker function."""
-    c = SFTConfig.model_validate(cfg["config"])
+    c = staged(SFTConfig.model_validate(cfg["config"]))
+    out = worker_dir(cfg)
     t_setup = time.time()
     rank, world, log = start_worker(c.trainer, cfg["tracking_uri"], cfg["run_id"])
     model, tok, counts = load_trainable(c.model, c.trainer, c.trainable)
@@ -286,7 +288,10 @@ def sft_loop(cfg: dict[str, Any]) -> None:
         if rank == 0:
             print(f"[sft] rank0: epoch {epoch} trained to step {state['step']} at {time.time() - t_setup:.1f} s",
                   flush=True)
-        _finish_epoch(seen, epoch, log, cfg["stage_dir"])
+        _finish_epoch(seen, epoch, log, str(out))
+        if rank == 0:
+            for rel in ("quarantine/epoch-{}.parquet", "epoch-{}-rows.parquet", "epoch-{}-counts.json"):
+                publish(cfg, rel.format(epoch))
         state.update(epoch=epoch + 1)
         seen = EpochRows(cfg["rows"], rank)
         # An end-of-epoch checkpoint: a crash after this point never redoes (or recounts) the epoch.
@@ -294,7 +299,9 @@ def sft_loop(cfg: dict[str, Any]) -> None:
         save({"epoch": epoch}, name=f"epoch-{epoch:03d}-end")
 
     t_export = time.time()
-    export_model(engine, c.model, Path(cfg["stage_dir"]) / "model", rank)
+    export_model(engine, c.model, out / "model", rank)
+    if rank == 0:
+        publish(cfg, "model")
     if rank == 0:
         print(f"[sft] rank0: model exported in {time.time() - t_export:.1f} s ({time.time() - t_setup:.1f} s in "
               "all)", flush=True)
@@ -332,8 +339,10 @@ def _finish_epoch(seen: EpochRows, epoch: int, log, stage_dir: str) -> None:
     print(f"[sft] epoch {epoch}: {summary}")
 
 
-def train_sft(c: SFTConfig, stage_dir: Path, tracking_uri: str | None, run_id: str | None) -> dict[str, Any]:
-    """Driver side: build the Ray Data pipeline, run the workers (resuming if a checkpoint exists), check counts."""
+def train_sft(c: SFTConfig, stage_dir: Path, tracking_uri: str | None, run_id: str | None,
+              stage_uri: str | None = None) -> dict[str, Any]:
+    """Driver side: build the Ray Data pipeline, run the workers (resuming if a checkpoint exists), check counts.
+    With `stage_uri` (an object-store run root) the workers write the model, counts and checkpoints there."""
     import pyarrow.dataset as pads
 
 
@@ -344,8 +353,9 @@ def train_sft(c: SFTConfig, stage_dir: Path, tracking_uri: str | None, run_id: s
     # Each worker reads its own rows (`rank_rows`): which ones depends on what the checkpoint it resumes from
     # records, known only there.
     loop_cfg = {"config": c.model_dump(mode="json"), "tracking_uri": tracking_uri, "run_id": run_id,
-                "stage_dir": str(stage_dir), "rows": rows}
+                "stage_dir": str(stage_dir), "stage_uri": stage_uri, "rows": rows}
     fit(sft_loop, loop_cfg, c.trainer, stage_dir / "ray", c.keep_checkpoints)
+    fetch_outputs(stage_uri, stage_dir, lambda rel: rel.startswith(("epoch-", "quarantine/")))
     counts = [read_json(p) for p in sorted(stage_dir.glob("epoch-*-counts.json"))]
     for cnt in counts:
         if cnt["rows_in"] != rows and c.max_steps is None:
@@ -355,4 +365,5 @@ def train_sft(c: SFTConfig, stage_dir: Path, tracking_uri: str | None, run_id: s
             raise RuntimeError(f"epoch {cnt['epoch']}: counts do not reconcile: {cnt}")
         if cnt.get("rows_distinct", cnt["rows_in"]) != cnt["rows_in"]:
             raise RuntimeError(f"epoch {cnt['epoch']}: a row was trained more than once: {cnt}")
-    return {"model": stage_dir / "model", "counts": counts, "rows": rows}
+    model = storage.join(stage_uri, "model") if stage_uri else stage_dir / "model"
+    return {"model": model, "counts": counts, "rows": rows}

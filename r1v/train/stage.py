@@ -13,7 +13,7 @@ def sft_stage(ctx: StageContext, c: SFTConfig) -> dict[str, Any]:
     from r1v.model.convert import with_hf_model
     from r1v.train.sft import train_sft
 
-    res = train_sft(with_hf_model(c), ctx.stage_dir, ctx.tracking_uri, ctx.mlflow_run_id)
+    res = train_sft(with_hf_model(c), ctx.stage_dir, ctx.tracking_uri, ctx.mlflow_run_id, ctx.stage_uri)
     for cnt in res["counts"]:
         ctx.log.dict(cnt, f"counts/epoch-{cnt['epoch']}.json")
     quarantine = ctx.stage_dir / "quarantine"

@@ -5,6 +5,11 @@ The lock is an exclusive `flock` on RUN/.lock, which the kernel releases when th
 the holder (pid, host, start, heartbeat every `HEARTBEAT_S`) for messages and for `status`, which calls a run
 `interrupted` when its stages say `running` but no driver holds the lock; from another host (a shared run root)
 the holder counts as gone once its heartbeat is older than `STALE_AFTER_S`.
+
+With an object-store run root the flock is on the node-local mirror, so it excludes drivers on this node only; the
+heartbeat is published to the store's RUN/driver.json, and a driver that finds another host's heartbeat there,
+fresh, refuses to start. That check and the write that follows are not one atomic step (S3 has no lock): two
+drivers started on two hosts within one request's time could both proceed; do not resume a run from two places.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from r1v.core.fs import atomic_write_json, read_json
+from r1v.core import storage
+from r1v.core.fs import atomic_write_json, atomic_write_text, read_json
 
 HEARTBEAT_S = 10.0
 STALE_AFTER_S = 6 * HEARTBEAT_S
@@ -67,8 +73,10 @@ def holder_alive(run_dir: Path) -> bool:
 class RunLock:
     """`with RunLock(run_dir):` the caller owns the run; a second driver gets RunBusy naming this one."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, store: str | None = None) -> None:
         self.run_dir = Path(run_dir)
+        self.store = store
+        """The run's object-store URI (`run_dir` is its mirror): the heartbeat is published there."""
         self._fd: int | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -76,6 +84,11 @@ class RunLock:
         """The holder before this one, when it died holding the run (its stages may read `running`)."""
 
     def acquire(self) -> RunLock:
+        if self.store:  # another host's driver is known only from the store's copy
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            data = storage.get_bytes(storage.join(self.store, "driver.json"))
+            if data is not None:
+                atomic_write_text(self.run_dir / "driver.json", data.decode())
         fd = os.open(self.run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -97,12 +110,15 @@ class RunLock:
         return self
 
     def _beat(self, **extra: Any) -> None:
-        atomic_write_json(self.run_dir / "driver.json",
-                          {**self._info, "heartbeat": _now(), "beat": time.time(), **extra})
+        info = {**self._info, "heartbeat": _now(), "beat": time.time(), **extra}
+        atomic_write_json(self.run_dir / "driver.json", info)
+        if self.store:
+            storage.put_json(storage.join(self.store, "driver.json"), info)
 
     def _beat_loop(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
-            with contextlib.suppress(OSError):  # a full disk must not kill the driver; status then says stale
+            # a full disk or a store outage must not kill the driver; status then says stale
+            with contextlib.suppress(OSError):
                 self._beat()
 
     def release(self) -> None:

@@ -16,6 +16,13 @@ Run directory layout::
     RUN/superseded/NAME-FP/ a stage's earlier directory, set aside when its fingerprint FP changed
     RUN/.lock, driver.json  the driver that holds the run (r1v.workflow.lock)
     RUN/logs/               console output of `r1v run/resume`: driver.log, NAME.log per stage (r1v.workflow.console)
+
+With an object-store run root (`s3://bucket/prefix`, `r1v.core.storage`) the store holds the run and the driver
+works in a node-local mirror of it (`storage.mirror_dir`), synced at stage boundaries: opening a run pulls its
+records and every stage's state; a stage that resumes pulls its own directory; a finished or failed stage's
+directory is uploaded (with its manifest) before the state that declares it is written, so a reader that sees
+`done` finds every output. Outputs are recorded as URIs; a stage reading one gets a node-local copy
+(`storage.stage_local`, checksummed, once per node). See docs/storage.md.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
+from r1v.core import storage
 from r1v.core.config import ConfigError
 from r1v.core.fs import atomic_write_json, atomic_write_text, read_json
 from r1v.core.overrides import apply_overrides
@@ -49,7 +57,7 @@ from r1v.workflow.schema import Workflow, read_yaml, stage_deps, validate_workfl
 
 
 class StageFailed(RuntimeError):
-    def __init__(self, stage: str, run_dir: Path, cause: BaseException) -> None:
+    def __init__(self, stage: str, run_dir: Path | str, cause: BaseException) -> None:
         self.stage, self.run_dir, self.cause = stage, run_dir, cause
         super().__init__(f"stage {stage!r} failed: {cause!r}\n  fix the cause, then: r1v resume {run_dir}")
 
@@ -66,6 +74,9 @@ class StageContext:
     tracking_uri: str
     mlflow_run_id: str
     upstream: dict[str, dict[str, str]] = field(default_factory=dict)
+    stage_uri: str | None = None
+    """Where the stage's directory lives in an object-store run root (None for a path): what Ray Train workers
+    on other nodes write to, since they cannot see the driver's `stage_dir`."""
     _log: tracking.RunLogger | None = field(default=None, repr=False)
 
     @property
@@ -103,21 +114,64 @@ def topo_order(wf: Workflow) -> list[str]:
     return order(stage_deps(wf.config, wf.stage_configs), wf.source)
 
 
+RUN_FILES = ("run.json", "workflow.yaml", "events.jsonl", "driver.json")
+"""The run-level records a mirror pulls from the store (beside each stage's state.json)."""
+PUSHED = ("run.json", "workflow.yaml", "events.jsonl", "results.json", "results.txt", "results.png")
+
+
+STORE_NOTE = ".r1v-store"
+"""In a mirror: the URI of the run it mirrors, so that opening the mirror's path opens the run in the store."""
+
+
+def locate(run: str | Path) -> tuple[Path, str | None]:
+    """(the local directory to work in, the run's URI or None): a path is its own; a URI has a mirror."""
+    if storage.is_uri(str(run)):
+        uri = str(run).rstrip("/")
+        return storage.mirror_dir(uri), uri
+    note = Path(run) / STORE_NOTE
+    return Path(run), (note.read_text().strip() if note.is_file() else None)
+
+
+def pull_records(mirror: Path, uri: str) -> None:
+    """Make the mirror's run records and stage states those of the store (the store is the truth)."""
+    mirror.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(mirror / STORE_NOTE, uri + "\n")
+    for name in RUN_FILES:
+        data = storage.get_bytes(storage.join(uri, name))
+        if data is None:
+            (mirror / name).unlink(missing_ok=True)
+        else:
+            atomic_write_text(mirror / name, data.decode())
+    stored = set(storage.list_dirs(storage.join(uri, "stages")))
+    for name in stored:
+        data = storage.get_bytes(storage.join(uri, "stages", name, "state.json"))
+        if data is not None:
+            atomic_write_text(mirror / "stages" / name / "state.json", data.decode())
+    for d in (mirror / "stages").iterdir() if (mirror / "stages").is_dir() else ():
+        if d.name not in stored:
+            (d / "state.json").unlink(missing_ok=True)
+
+
 class Runner:
     """Runs or resumes one workflow in one run directory."""
 
-    def __init__(self, wf: Workflow, run_dir: Path) -> None:
+    def __init__(self, wf: Workflow, run_dir: Path, store: str | None = None) -> None:
         self.wf = wf
         self.deps = stage_deps(wf.config, wf.stage_configs)  # {stage: what it needs or refers to}
         self.run_dir = run_dir.resolve()  # workers run in other cwds: every path they get is absolute
+        self.store = store
+        """The run's URI in an object store (the truth; `run_dir` is then this node's mirror), or None."""
         self.meta = read_json(run_dir / "run.json", {})
         self.console: StageReporter = StageReporter()  # the CLI sets an r1v.workflow.console.Console: lines and logs
         self.before_stage: Callable[[kinds.StageKind], None] | None = None  # the CLI's: starts Ray on first need
 
     # ----------------------------------------------------------------- creation / loading
     @classmethod
-    def create(cls, wf: Workflow, run_dir: Path | None = None) -> Runner:
+    def create(cls, wf: Workflow, run_dir: Path | str | None = None) -> Runner:
+        if storage.is_uri(wf.config.run_root) or storage.is_uri(str(run_dir or "")):
+            return cls._create_in_store(wf, str(run_dir) if run_dir else None)
         root = Path(wf.config.run_root)
+        run_dir = Path(run_dir) if run_dir is not None else None
         if run_dir is None:
             stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
             run_dir = root / f"{wf.config.name}-{stamp}"
@@ -130,24 +184,64 @@ class Runner:
                     else "not empty")
             raise ConfigError(f"run directory {run_dir} already exists and is {what}; choose a new one")
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "workflow.yaml", yaml.safe_dump(wf.raw, sort_keys=False))
         uri = wf.config.tracking.tracking_uri or tracking.default_tracking_uri(root)
         # a server keeps artifacts where it was told to (--serve-artifacts); a local store beside the runs
         artifacts = root.resolve() / "mlartifacts" if tracking.is_local_store(uri) else None
+        cls._start(wf, run_dir, str(run_dir.resolve()), uri, artifacts)
+        return cls(wf, run_dir)
+
+    @staticmethod
+    def _start(wf: Workflow, run_dir: Path, where: str, uri: str, artifacts: Path | None) -> None:
+        """Write the run's workflow.yaml and run.json and open its parent MLflow run."""
+        atomic_write_text(run_dir / "workflow.yaml", yaml.safe_dump(wf.raw, sort_keys=False))
         exp = tracking.ensure_experiment(uri, wf.config.tracking.experiment, artifacts)
-        parent = tracking.start_run(uri, exp, run_dir.name, tags={"r1v.run_dir": str(run_dir.resolve())})
+        parent = tracking.start_run(uri, exp, run_dir.name, tags={"r1v.run_dir": where})
         log = tracking.RunLogger(uri, parent)
         log.params(wf.raw)
         log.text(yaml.safe_dump(wf.raw, sort_keys=False), "workflow.yaml")
         meta = {"name": run_dir.name, "created": _now(), "tracking_uri": uri, "experiment_id": exp,
                 "parent_run_id": parent, "source": wf.source}
         atomic_write_json(run_dir / "run.json", meta)
-        return cls(wf, run_dir)
 
     @classmethod
-    def open(cls, run_dir: Path, overrides: list[str] | None = None) -> Runner:
+    def _create_in_store(cls, wf: Workflow, run_uri: str | None) -> Runner:
+        uri = wf.config.tracking.tracking_uri
+        if tracking.is_local_store(uri):
+            raise ConfigError(f"run_root {wf.config.run_root} is an object store, which an MLflow SQLite database "
+                              f"cannot live in (tracking.tracking_uri is {uri or 'unset: SQLite under run_root'}): "
+                              "start an MLflow tracking server (docs/cluster.md) and set "
+                              "tracking.tracking_uri=http://HOST:PORT")
+        root = wf.config.run_root.rstrip("/")
+        if run_uri is None:
+            stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+            run_uri, i = f"{root}/{wf.config.name}-{stamp}", 1
+            while storage.list_files(run_uri):
+                run_uri, i = f"{root}/{wf.config.name}-{stamp}-{i}", i + 1
+        run_uri = run_uri.rstrip("/")
+        if storage.list_files(run_uri):
+            what = (f"a run: `r1v resume {run_uri}` continues it" if storage.exists(storage.join(run_uri, "run.json"))
+                    else "not empty")
+            raise ConfigError(f"run directory {run_uri} already exists and is {what}; choose a new one")
+        mirror, _ = locate(run_uri)
+        if mirror.exists():  # left by a run of the same name whose objects were deleted: the store decides
+            import shutil
+
+            shutil.rmtree(mirror)
+        mirror.mkdir(parents=True)
+        atomic_write_text(mirror / STORE_NOTE, run_uri + "\n")
+        cls._start(wf, mirror, run_uri, uri, None)
+        runner = cls(wf, mirror, run_uri)
+        runner.push_records()
+        return runner
+
+    @classmethod
+    def open(cls, run: Path | str, overrides: list[str] | None = None) -> Runner:
         """The run as RUN/workflow.yaml has it, with `overrides` applied in memory only: `commit_overrides`
-        stores them once the caller has checked what they imply (a bad override leaves the run as it was)."""
+        stores them once the caller has checked what they imply (a bad override leaves the run as it was).
+        `run` may be an object-store URI: its records are pulled into this node's mirror first."""
+        run_dir, store = locate(run)
+        if store is not None:
+            pull_records(run_dir, store)
         if not (run_dir / "run.json").exists():
             raise FileNotFoundError(f"{run_dir} is not an r1v run directory (no run.json)")
 
@@ -155,7 +249,7 @@ class Runner:
         raw = read_yaml(source)
         if overrides:
             raw = apply_overrides(raw, overrides)
-        runner = cls(validate_workflow(raw, str(source)), run_dir)
+        runner = cls(validate_workflow(raw, str(source)), run_dir, store)
         runner._pending = (raw, list(overrides)) if overrides else None
         return runner
 
@@ -167,6 +261,7 @@ class Runner:
         raw, overrides = pending
         atomic_write_text(self.run_dir / "workflow.yaml", yaml.safe_dump(raw, sort_keys=False))
         _append_event(self.run_dir, "", "overrides", overrides=overrides)
+        self.push_records()
         meta = self.meta
         if meta.get("tracking_uri") and meta.get("parent_run_id"):
             n = sum(1 for e in read_events(self.run_dir) if e["event"] == "overrides")
@@ -178,11 +273,44 @@ class Runner:
     def stage_dir(self, name: str) -> Path:
         return self.run_dir / "stages" / name
 
+    @property
+    def where(self) -> Path | str:
+        """What names the run to a user: its URI in an object store, else its directory."""
+        return self.store or self.run_dir
+
+    def stage_uri(self, name: str) -> str | None:
+        return storage.join(self.store, "stages", name) if self.store else None
+
     def state(self, name: str) -> dict[str, Any]:
         return read_json(self.stage_dir(name) / "state.json", {}) or {}
 
     def _save_state(self, name: str, state: dict[str, Any]) -> None:
         atomic_write_json(self.stage_dir(name) / "state.json", state)
+        if self.store:  # after the stage's objects (`_push_stage`): a state read from the store is never ahead
+            storage.put_json(storage.join(self.store, "stages", name, "state.json"), state)
+
+    def push_records(self) -> None:
+        """Upload the run-level records (run.json, events, results) and the console logs to the store."""
+        if not self.store:
+            return
+        for name in PUSHED:
+            if (self.run_dir / name).is_file():
+                storage.upload_file(self.run_dir / name, storage.join(self.store, name))
+        for log in sorted((self.run_dir / "logs").glob("*.log")):
+            storage.upload_file(log, storage.join(self.store, "logs", log.name))
+
+    def _push_stage(self, name: str) -> None:
+        """Upload the stage's directory (but its state, written after) with its manifest."""
+        uri = self.stage_uri(name)
+        if uri and self.stage_dir(name).is_dir():
+            storage.upload_dir(self.stage_dir(name), uri, skip=storage.read_manifest(uri), exclude={"state.json"})
+
+    def _pull_stage(self, name: str) -> None:
+        """A resumed stage continues from what its last attempt uploaded (its finished parts; Ray Train reads its
+        checkpoints, `ray/`, from the store itself)."""
+        uri = self.stage_uri(name)
+        if uri:
+            storage.download_dir(uri, self.stage_dir(name), exclude={"state.json", "ray"})
 
     def fingerprints(self, scheme: int = SCHEME) -> dict[str, str]:
         """A stage's fingerprint covers its own config and its upstream stages' fingerprints."""
@@ -216,7 +344,7 @@ class Runner:
             return st.get("status", "pending")
         if st.get("fingerprint") != self.expected(name, st):
             return "its config changed"
-        if not all(Path(p).exists() for p in st.get("outputs", {}).values()):
+        if not all(storage.exists(p) for p in st.get("outputs", {}).values()):
             return "an output is missing"
         read = st.get("inputs", {})
         for dep in sorted(self.deps[name]) if upstream else ():
@@ -228,6 +356,8 @@ class Runner:
 
     def superseded(self) -> list[dict[str, Any]]:
         """Directories set aside when a stage's fingerprint changed, oldest first."""
+        if self.store:
+            return self._superseded_in_store()
         root = self.run_dir / "superseded"
         rows = []
         for d in sorted(root.iterdir(), key=lambda p: p.stat().st_mtime) if root.is_dir() else []:
@@ -236,6 +366,18 @@ class Runner:
             rows.append({"path": d, "stage": st.get("stage", d.name.rsplit("-", 1)[0]),
                          "fingerprint": st.get("fingerprint"), "status": st.get("status"), "bytes": size})
         return rows
+
+    def _superseded_in_store(self) -> list[dict[str, Any]]:
+        root = storage.join(self.store or "", "superseded")
+        rows = []
+        for name in storage.list_dirs(root):
+            uri = storage.join(root, name)
+            st = storage.read_json(storage.join(uri, "state.json"), {}) or {}
+            rows.append({"path": self.run_dir / "superseded" / name, "uri": uri,
+                         "stage": st.get("stage", name.rsplit("-", 1)[0]), "fingerprint": st.get("fingerprint"),
+                         "status": st.get("status"), "bytes": sum(storage.list_files(uri).values()),
+                         "ended": st.get("ended_at") or ""})
+        return sorted(rows, key=lambda r: r["ended"])
 
     def status_rows(self) -> list[dict[str, Any]]:
         alive: bool | None = None
@@ -296,7 +438,9 @@ class Runner:
             if out not in outputs:
                 raise ConfigError(f"stages.{name}: {s} - stage {stage!r} has no output {out!r} "
                                   f"(it has {sorted(outputs)})")
-            return outputs[out]
+            # an object-store output is read from this node's checked copy; a worker on another node that is
+            # handed this path stages it there the same way (`storage.stage_local`)
+            return str(storage.stage_local(outputs[out])) if storage.is_uri(outputs[out]) else outputs[out]
 
         return type(cfg).model_validate(walk(cfg.model_dump(mode="json"), sub))
 
@@ -311,6 +455,7 @@ class Runner:
         order = [n for n in topo_order(self.wf) if not only or n in only or n in to_run]
         self._announce(to_run, fps)
         tracking.set_status(uri, parent, "RUNNING")
+        self.push_records()
         what: dict[str, str] = {}
         with _terminate_as_interrupt():
             try:
@@ -332,6 +477,7 @@ class Runner:
                 raise
             finally:
                 kinds.release_idle_engines(None)
+                self.push_records()
         tracking.set_status(uri, parent, "FINISHED")
         return what
 
@@ -343,7 +489,7 @@ class Runner:
         self.console.line(f"r1v: will run {len(to_run)} stage(s): {', '.join(to_run) or 'none'}")
         for n, st in aside:
             self.console.line(f"r1v: sets aside stages/{n} ({st.get('status')}, fingerprint {st.get('fingerprint')})"
-                              f" -> superseded/ (kept until `r1v gc {self.run_dir}`)")
+                              f" -> superseded/ (kept until `r1v gc {self.where}`)")
 
     def _upgrade_scheme(self, name: str, fps: dict[str, str]) -> None:
         """A current stage recorded under an older fingerprint scheme is re-recorded under today's."""
@@ -358,12 +504,19 @@ class Runner:
         """Move a stage's directory out of the way, named by the fingerprint it was made under."""
         root = self.run_dir / "superseded"
         root.mkdir(exist_ok=True)
+        taken = {r["path"].name for r in self.superseded()} if self.store else set()
         dest = root / f"{name}-{prev.get('fingerprint', 'unknown')}"
         i = 2
-        while dest.exists():
+        while dest.exists() or dest.name in taken:
             dest = root / f"{name}-{prev.get('fingerprint', 'unknown')}-{i}"
             i += 1
-        os.replace(self.stage_dir(name), dest)
+        if self.store:
+            # copied (manifest last), then deleted: a reader in between sees the stage as it was or its outputs
+            # missing (not current), never another config's outputs as current
+            src, to = self.stage_uri(name) or "", storage.join(self.store, "superseded", dest.name)
+            storage.move_dir(src, to)
+        if self.stage_dir(name).exists():
+            os.replace(self.stage_dir(name), dest)
         _append_event(self.run_dir, name, "set_aside", fingerprint=prev.get("fingerprint"), to=str(dest))
         return dest
 
@@ -376,6 +529,8 @@ class Runner:
             self._set_aside(name, prev)
             prev = {}
         sdir.mkdir(parents=True, exist_ok=True)
+        if prev and kinds.get(spec.kind).resumable:
+            self._pull_stage(name)  # this node's mirror may not have what the last attempt left
         uri, exp = self.meta["tracking_uri"], self.meta["experiment_id"]
         child = prev.get("mlflow_run_id") or tracking.try_start_run(
             uri, exp, name, parent_run_id=self.meta["parent_run_id"], tags={"r1v.stage_kind": spec.kind})
@@ -391,7 +546,8 @@ class Runner:
         _append_event(self.run_dir, name, "started", attempt=attempt, fingerprint=fingerprint)
         ctx = StageContext(name=name, kind=spec.kind, run_dir=self.run_dir, stage_dir=sdir, attempt=attempt,
                            tracking_uri=uri, mlflow_run_id=child,
-                           upstream={d: self.state(d).get("outputs", {}) for d in deps})
+                           upstream={d: self.state(d).get("outputs", {}) for d in deps},
+                           stage_uri=self.stage_uri(name))
         t0 = time.time()
         try:
             kinds.release_idle_engines(spec.kind)
@@ -405,29 +561,50 @@ class Runner:
                 ctx.log.params(cfg.model_dump(mode="json"))
                 ctx.log.text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml")
             outputs = kind.run_function()(ctx, cfg)
-            missing = [k for k, p in outputs.items() if not Path(p).exists()]
+            missing = [k for k, p in outputs.items() if not storage.exists(str(p))]
             if missing:
                 raise RuntimeError(f"stage returned outputs {missing} that were not written")
+            published = self._publish(name, outputs)
         except BaseException as e:
             # SystemExit: Ray's driver turns SIGTERM (`r1v stop`, `ray job stop`) into sys.exit once it has started
             killed = isinstance(e, KeyboardInterrupt | SystemExit)
             state.update(status="failed", interrupted=killed, ended_at=_now(), seconds=round(time.time() - t0, 1),
                          error="".join(traceback.format_exception_only(type(e), e)).strip()
                          or ("interrupted (SIGTERM or SIGINT)" if killed else type(e).__name__))
+            try:
+                self._push_stage(name)  # its checkpoints and finished parts, for the next attempt on any node
+            except Exception as push_error:  # the stage's own error is the one to report
+                state["error"] += f"\n(its directory could not be uploaded: {push_error!r})"
             self._save_state(name, state)
             _append_event(self.run_dir, name, "failed", attempt=attempt, error=state["error"][-500:])
             tracking.set_status(uri, child, "KILLED" if killed else "FAILED")
-            raise StageFailed(name, self.run_dir, e) from e
+            raise StageFailed(name, self.where, e) from e
         secs = round(time.time() - t0, 1)
         ctx.log.metrics({"stage_seconds": secs}, step=0)
         ctx.log.flush()
-        state.update(status="done", ended_at=_now(), seconds=secs,
-                     outputs={k: str(Path(p).resolve()) for k, p in outputs.items()})
+        state.update(status="done", ended_at=_now(), seconds=secs, outputs=published)
         if ctx.log.failures or ctx.log.dropped:
             state.update(tracking_failures=ctx.log.failures, tracking_dropped=ctx.log.dropped)
         self._save_state(name, state)
         tracking.set_status(uri, child, "FINISHED")
         _append_event(self.run_dir, name, "finished", attempt=attempt, seconds=secs)
+
+
+    def _publish(self, name: str, outputs: dict[str, Any]) -> dict[str, str]:
+        """The outputs to record: absolute paths, or, with an object-store run root, the URIs of their objects,
+        uploaded (the stage's whole directory, manifest last) before the caller records the state."""
+        stored = {k: str(p) for k, p in outputs.items() if storage.is_uri(str(p))}  # written there by workers
+        local = {k: Path(p).resolve() for k, p in outputs.items() if k not in stored}
+        if not self.store:
+            return {k: str(p) for k, p in local.items()} | stored
+        sdir, suri = self.stage_dir(name).resolve(), self.stage_uri(name) or ""
+        outside = [k for k, p in local.items() if not p.is_relative_to(sdir)]
+        outside += [k for k, u in stored.items() if not u.startswith(suri + "/")]
+        if outside:
+            raise RuntimeError(f"stage outputs {outside} lie outside the stage's directory {sdir}: with an "
+                               "object-store run root a stage writes its outputs under its directory")
+        self._push_stage(name)
+        return {k: storage.join(suri, *p.relative_to(sdir).parts) for k, p in local.items()} | stored
 
 
 class Interrupted(KeyboardInterrupt):

@@ -10,6 +10,9 @@ session starts and stops by pid).
   need not even be reachable.
 - Ray 2.60 turns token authentication on for a new cluster; the cluster uses the machine's token
   (~/.ray/auth_token), and so do the clients here (RAY_AUTH_MODE=token).
+- An S3-compatible server (moto, `cluster_s3`) runs beside it; every node gets its endpoint and credentials from
+  the environment the cluster starts with (never from a job's runtime_env, which the dashboard shows), and its own
+  cache (R1V_CACHE) for what it stages from the store.
 """
 
 from __future__ import annotations
@@ -27,13 +30,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from r1v_test_servers import S3Server
 
 HERE = Path(__file__).resolve().parent
 
 
 class LocalCluster:
-    def __init__(self, root: Path) -> None:
-        self.root = root
+    def __init__(self, root: Path, env: dict[str, str] | None = None) -> None:
+        self.root, self.env = root, env or {}
         self.proc: subprocess.Popen | None = None
         self.info: dict[str, str] = {}
 
@@ -49,7 +53,7 @@ class LocalCluster:
         log = open(self.root / "cluster.log", "ab")
         # RAY_ADDRESS names the session's local cluster once that started: inherited, it would send this cluster's
         # job drivers there
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | self.env
         self.proc = subprocess.Popen([sys.executable, str(HERE / "local_cluster.py"), str(self.root), str(workers),
                                       str(cpus_per_worker)], stdout=log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
@@ -96,7 +100,15 @@ class LocalCluster:
 
 
 @pytest.fixture(scope="session")
-def local_cluster():
+def cluster_s3(tmp_path_factory):
+    """The S3-compatible server the cluster's nodes know (their environment has its endpoint and credentials)."""
+    server = S3Server(tmp_path_factory.mktemp("cluster-s3")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def local_cluster(cluster_s3):
     saved = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "token"  # this process's clients send the machine's token
     token = Path.home() / ".ray" / "auth_token"
@@ -106,7 +118,7 @@ def local_cluster():
         token.chmod(0o600)
     # a short root: Ray's unix sockets live under each node's temp dir and their paths must fit in 107 bytes
     root = Path(tempfile.mkdtemp(prefix="r1vc-", dir="/tmp"))
-    cluster = LocalCluster(root)
+    cluster = LocalCluster(root, cluster_s3.env)
     try:
         yield cluster.start()
     finally:

@@ -39,6 +39,7 @@ def main(root: Path, workers: int, cpus: int) -> None:
     dashboard_port = _free_port()
     cluster = Cluster(initialize_head=True, head_node_args=dict(
         node_ip_address="127.0.0.1", num_cpus=0, resources={"head": 1}, include_dashboard=True,
+        env_vars={"R1V_CACHE": str(root / "cache" / "head")},  # each node its own cache, as on separate machines
         dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
         dashboard_agent_listen_port=_free_port()))  # not Ray's fixed default: another cluster may hold it
     nodes = {}
@@ -48,7 +49,8 @@ def main(root: Path, workers: int, cpus: int) -> None:
         n = sum(1 for d in root.iterdir() if d.name.startswith(f"w{i}"))
         nodes[i] = cluster.add_node(node_ip_address="127.0.0.1", num_cpus=cpus,
                                     resources={f"worker{i}": 1, "worker": 1},
-                                    temp_dir=str(root / (f"w{i}" if n == 0 else f"w{i}.{n}")))
+                                    temp_dir=str(root / (f"w{i}" if n == 0 else f"w{i}.{n}")),
+                                    env_vars={"R1V_CACHE": str(root / "cache" / f"w{i}")})
 
     for i in range(workers):
         add(i)

@@ -29,7 +29,7 @@ class MlflowServer:
     def uri(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 90) -> MlflowServer:
+    def start(self, timeout: float = 240) -> MlflowServer:  # a loaded 2-core machine: 90 s measured
         self.root.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
                "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
@@ -47,6 +47,59 @@ class MlflowServer:
             if self.proc.poll() is not None or time.monotonic() - t0 > timeout:
                 raise RuntimeError(f"mlflow server did not start: {(self.root / 'server.log').read_text()[-2000:]}")
             time.sleep(0.3)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
+
+
+class S3Server:
+    """moto's S3-compatible server on 127.0.0.1 (`python -m moto.server`), in its own process group, stopped by
+    its pid. `env` is what a client needs (endpoint, region, dummy credentials)."""
+
+    def __init__(self, root: Path, port: int | None = None) -> None:
+        self.root, self.port = root, port or _free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "testing-key-id",
+                "AWS_SECRET_ACCESS_KEY": "testing-secret-key", "AWS_REGION": "us-east-1",
+                "AWS_EC2_METADATA_DISABLED": "true"}
+
+    def start(self, timeout: float = 60) -> S3Server:
+        self.root.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
+        self.proc = subprocess.Popen(cmd, stdout=open(self.root / "s3.log", "ab"), stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        t0 = time.monotonic()
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() - t0 > timeout:
+                raise RuntimeError(f"moto server did not start: {(self.root / 's3.log').read_text()[-2000:]}")
+            time.sleep(0.2)
+
+    def create_bucket(self, name: str) -> str:
+        """Create `name` (S3's own PUT Bucket) and return `s3://name`."""
+        req = urllib.request.Request(f"{self.endpoint}/{name}", method="PUT")
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert r.status == 200, r.status
+        return f"s3://{name}"
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
