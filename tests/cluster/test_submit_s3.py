@@ -5,7 +5,6 @@ job's runtime_env carries none; the trainers upload the model and checkpoints to
 from __future__ import annotations
 
 import pytest
-from r1v_test_servers import MlflowServer
 
 from cluster.conftest import r1v
 from r1v.core import storage
@@ -21,13 +20,6 @@ stages:
     config: {{model: "@models.model", corpus: "@data.train", batch_size: 2, checkpoint_every: 2,
              optim: {{lr: 1.0e-3}}, trainer: {{num_workers: 2, cpus_per_worker: 1}}}}
 """
-
-
-@pytest.fixture(scope="module")
-def tracking_server(tmp_path_factory):
-    s = MlflowServer(tmp_path_factory.mktemp("mlflow-s3")).start()
-    yield s
-    s.stop()
 
 
 @pytest.mark.slow
