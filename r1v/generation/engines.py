@@ -282,6 +282,20 @@ class EngineHost:
         return True
 
 
+def off_idle_driver_node() -> dict[str, str] | None:
+    """A label selector that keeps actors off the driver's node when that node offers no CPU and no GPU (a
+    cluster's head started with `num_cpus=0`, as the cluster's own work goes elsewhere); None otherwise (one
+    machine, or a head that takes work). Ray places an actor that requests no resources (CPU engines with
+    `num_cpus: 0`) on any node, the caller's first."""
+    import ray
+
+    me = ray.get_runtime_context().get_node_id()
+    node = next((n for n in ray.nodes() if n["NodeID"] == me), None)
+    if node is None or node["Resources"].get("CPU") or node["Resources"].get("GPU"):
+        return None
+    return {"ray.io/node-id": f"!{me}"}
+
+
 def start_engines(kind: str, model_dir: str, num: int, num_cpus: float, num_gpus: float, max_batch: int,
                   torch_threads: int = 1, dtype: str = "float32", options: dict[str, Any] | None = None,
                   wait: bool = True, host: type[EngineHost] | None = None, max_restarts: int = 0,
@@ -293,7 +307,9 @@ def start_engines(kind: str, model_dir: str, num: int, num_cpus: float, num_gpus
     import ray
 
     actor = ray.remote(host or EngineHost)
-    handles = [actor.options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts, max_task_retries=0)
+    where = off_idle_driver_node()
+    handles = [actor.options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts, max_task_retries=0,
+                             **({"label_selector": where} if where else {}))
                .remote(kind, model_dir, max_batch, torch_threads, dtype, options)
                for _ in range(num)]
     if wait:
