@@ -110,10 +110,16 @@ def _trainers(local_cluster) -> list:
                        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
 
 
-def _survives(run_dir: Path, local_cluster, kill) -> dict[str, float]:
+def _survives(run_dir: Path, local_cluster, kill, ended=lambda: False) -> dict[str, float]:
     """Wait for the checkpoint at step 4, `kill()`, then follow the job to its end; asserts what a stage that
-    survives must show (done in one attempt, every row once, at most one interval lost) and returns figures."""
-    _wait(lambda: _checkpoint(run_dir, 4), "a checkpoint at step 4", run_dir, local_cluster)
+    survives must show (done in one attempt, every row once, at most one interval lost) and returns figures.
+    `ended()`: whether what follows the job has ended (then no checkpoint is coming)."""
+    def ready() -> bool:
+        if ended():
+            raise AssertionError(f"the job ended before its step-4 checkpoint (run {run_dir})")
+        return _checkpoint(run_dir, 4)
+
+    _wait(ready, "a checkpoint at step 4", run_dir, local_cluster)
     at_kill = _latest_checkpoint(run_dir)
     t_kill = time.time()
     kill()
@@ -165,7 +171,7 @@ def test_a_submitted_run_on_worker_nodes_survives_a_killed_trainer(local_cluster
         assert trainers, "no live trainer"
         os.kill(trainers[0].pid, signal.SIGKILL)
 
-    figures = _survives(run_dir, local_cluster, kill)
+    figures = _survives(run_dir, local_cluster, kill, ended=lambda: follow.poll() is not None)
     assert follow.wait(timeout=300) == 0, log.read_text()[-4000:]  # --follow exits with the job's status
     print(f"killed trainer: {figures}; submit to done {time.monotonic() - t0:.1f} s")
 
