@@ -144,7 +144,9 @@ def main() -> None:
                             kill["at"] = time.time()
 
                 if mode == "local":
-                    m = _follow([*cli, "run", str(wf)], root)
+                    # one machine's 2 CPUs: trainers of 1 CPU each would leave none to the Ray Data tasks
+                    # feeding them (the cluster's worker nodes have 3 each)
+                    m = _follow([*cli, "run", str(wf), "stages.sft.config.trainer.cpus_per_worker=0.5"], root)
                 else:
                     m = _follow([*cli, "submit", str(wf), "--address", cluster.dashboard, "--follow"], root,
                                 on_tick if mode == "killed" else None)
