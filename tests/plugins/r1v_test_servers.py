@@ -18,35 +18,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class MlflowServer:
-    """`mlflow server --serve-artifacts` on 127.0.0.1, in its own process group, stopped by its pid."""
+class _Server:
+    """A server process in its own process group, started until its health URL answers 200, stopped by its pid."""
 
     def __init__(self, root: Path, port: int | None = None) -> None:
         self.root, self.port = root, port or _free_port()
         self.proc: subprocess.Popen | None = None
 
-    @property
-    def uri(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 240) -> MlflowServer:  # a loaded 2-core machine: 90 s measured
+    def _launch(self, cmd: list[str], log: str, health: str, what: str, timeout: float, poll: float) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-               "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-               "--serve-artifacts", "--artifacts-destination", str(self.root / "artifacts")]
-        self.proc = subprocess.Popen(cmd, stdout=open(self.root / "server.log", "ab"), stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(cmd, stdout=open(self.root / log, "ab"), stderr=subprocess.STDOUT,
                                      start_new_session=True)
         t0 = time.monotonic()
         while True:
             try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
+                with urllib.request.urlopen(health, timeout=2) as r:
                     if r.status == 200:
-                        return self
+                        return
             except OSError:
                 pass
             if self.proc.poll() is not None or time.monotonic() - t0 > timeout:
-                raise RuntimeError(f"mlflow server did not start: {(self.root / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.3)
+                raise RuntimeError(f"{what} did not start: {(self.root / log).read_text()[-2000:]}")
+            time.sleep(poll)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -59,13 +52,24 @@ class MlflowServer:
         self.proc = None
 
 
-class S3Server:
+class MlflowServer(_Server):
+    """`mlflow server --serve-artifacts` on 127.0.0.1, in its own process group, stopped by its pid."""
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 240) -> MlflowServer:  # a loaded 2-core machine: 90 s measured
+        cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+               "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+               "--serve-artifacts", "--artifacts-destination", str(self.root / "artifacts")]
+        self._launch(cmd, "server.log", f"{self.uri}/health", "mlflow server", timeout, 0.3)
+        return self
+
+
+class S3Server(_Server):
     """moto's S3-compatible server on 127.0.0.1 (`python -m moto.server`), in its own process group, stopped by
     its pid. `env` is what a client needs (endpoint, region, dummy credentials)."""
-
-    def __init__(self, root: Path, port: int | None = None) -> None:
-        self.root, self.port = root, port or _free_port()
-        self.proc: subprocess.Popen | None = None
 
     @property
     def endpoint(self) -> str:
@@ -78,21 +82,9 @@ class S3Server:
                 "AWS_EC2_METADATA_DISABLED": "true"}
 
     def start(self, timeout: float = 60) -> S3Server:
-        self.root.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
-        self.proc = subprocess.Popen(cmd, stdout=open(self.root / "s3.log", "ab"), stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        t0 = time.monotonic()
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() - t0 > timeout:
-                raise RuntimeError(f"moto server did not start: {(self.root / 's3.log').read_text()[-2000:]}")
-            time.sleep(0.2)
+        self._launch(cmd, "s3.log", f"{self.endpoint}/moto-api/", "moto server", timeout, 0.2)
+        return self
 
     def create_bucket(self, name: str) -> str:
         """Create `name` (S3's own PUT Bucket) and return `s3://name`."""
@@ -100,13 +92,3 @@ class S3Server:
         with urllib.request.urlopen(req, timeout=10) as r:
             assert r.status == 200, r.status
         return f"s3://{name}"
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.proc = None
