@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,24 @@ sys.path.insert(0, str(PLUGINS))
 # One Ray temp dir per xdist worker: each worker starts its own cluster.
 os.environ.setdefault("RAY_TMPDIR", f"/tmp/r1v-ray-tests-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_configure(config):
+    """The controller (or the only process, without xdist) makes the directory where the session's shared services
+    are recorded (`r1v_test_servers.shared`); xdist workers, started after this, inherit it."""
+    if not hasattr(config, "workerinput") and "R1V_TEST_SHARED" not in os.environ:
+        # short: the multi-node cluster's unix sockets live under it, and their paths must fit in 107 bytes
+        config._r1v_shared = os.environ["R1V_TEST_SHARED"] = tempfile.mkdtemp(prefix="r1vs-", dir="/tmp")
+
+
+def pytest_unconfigure(config):
+    d = getattr(config, "_r1v_shared", None)
+    if d:
+        from r1v_test_servers import stop_shared
+
+        stop_shared(Path(d))
+        shutil.rmtree(d, ignore_errors=True)
+        os.environ.pop("R1V_TEST_SHARED", None)
 
 
 @pytest.fixture(scope="session")
@@ -58,13 +78,13 @@ def tiny_assets(tmp_path_factory):
 
 
 def pytest_collection_modifyitems(config, items):
-    """The e2e demo run first, then one quick test, then the other slow tests (a stable sort).
+    """The demo run first, then one quick test, then the other slow tests (a stable sort).
 
-    Under `--dist worksteal` (pyproject.toml) the worker that starts the e2e run (~9 min) keeps the test queued
+    Under `--dist worksteal` (pyproject.toml) the worker that starts the demo run (~9 min) keeps the test queued
     right after it, which no other worker can steal: that one must be quick (it was the killed-SFT test, ~3 min,
-    run after the e2e test on the same worker: 12 min 28 s). The other slow tests start early on the other worker."""
+    run after the demo on the same worker: 12 min 28 s). The other slow tests start early on the other workers."""
     def rank(item) -> int:
-        if "test_pipeline_e2e" in item.nodeid:  # ~9 min: about as long as every other test together
+        if "test_the_demo_submitted_to_the_cluster" in item.nodeid:  # ~9 min: the suite's longest test
             return 0
         return 1 if item.get_closest_marker("slow") else 2
 

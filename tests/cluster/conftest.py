@@ -1,9 +1,12 @@
 """A Ray cluster of a head and two worker nodes on 127.0.0.1 for the session (`local_cluster.py`, a process the
-session starts and stops by pid).
+session starts and stops by pid), shared by the xdist workers: their tests submit jobs to it side by side, as users
+of one cluster do (`r1v_test_servers.shared`). A test that removes nodes starts a cluster of its own (`own_cluster`).
 
 - Each node has its own temp dir and a custom resource (`head`, `worker0`, `worker1`; workers also `worker`).
-- A worker node has 3 CPUs: when one is removed, a 2-worker SFT group (1 CPU each) and the Ray Data tasks that feed
-  it still fit on the other (with 2, the trainers would take both and their data tasks would wait forever).
+- A worker node of the shared cluster has 5 CPUs: three jobs at once (one per xdist worker), each with 2 trainers of
+  1 CPU, still leave CPUs for the Ray Data tasks that feed them (trainers that hold every CPU make their data tasks
+  wait forever). One of `own_cluster` has 3: when one node is removed, a 2-worker SFT group and its data tasks still
+  fit on the other.
 - The head has no CPUs, as on a real cluster: the driver runs there; trainers, engines and Ray Data tasks run on
   the workers.
 - Every address is the loopback one. Ray otherwise picks the machine's interface address, which on these machines
@@ -30,7 +33,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from r1v_test_servers import S3Server
+from r1v_test_servers import MlflowServer, S3Server, shared, shared_dir
 
 HERE = Path(__file__).resolve().parent
 
@@ -49,7 +52,28 @@ class LocalCluster:
     def dashboard(self) -> str:
         return self.info["dashboard"]
 
-    def start(self, workers: int = 2, cpus_per_worker: int = 3, timeout: float = 300) -> LocalCluster:
+    def start(self, workers: int = 2, cpus_per_worker: int = 3, timeout: float = 300, tries: int = 2) -> LocalCluster:
+        """Start the cluster; a start that fails (a loaded 2-core machine can miss Ray's deadlines) is retried in a
+        fresh directory."""
+        for attempt in range(tries):
+            try:
+                return self._start(workers, cpus_per_worker, timeout)
+            except RuntimeError:
+                self.stop()
+                if attempt == tries - 1:
+                    raise
+                shutil.rmtree(self.root, ignore_errors=True)
+                self.root.mkdir(parents=True)
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def attach(cls, root: Path) -> LocalCluster:
+        """The cluster another process started in `root`."""
+        c = cls(root)
+        c.info = json.loads((root / "cluster.json").read_text())
+        return c
+
+    def _start(self, workers: int, cpus_per_worker: int, timeout: float) -> LocalCluster:
         log = open(self.root / "cluster.log", "ab")
         # RAY_ADDRESS names the session's local cluster once that started: inherited, it would send this cluster's
         # job drivers there
@@ -99,24 +123,45 @@ class LocalCluster:
                 self.proc.wait()
 
 
-@pytest.fixture(scope="session")
-def cluster_s3(tmp_path_factory):
-    """The S3-compatible server the cluster's nodes know (their environment has its endpoint and credentials)."""
-    server = S3Server(tmp_path_factory.mktemp("cluster-s3")).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="session")
-def local_cluster(cluster_s3):
-    saved = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "token"  # this process's clients send the machine's token
+def _auth_token() -> None:
+    """This process's Ray clients send the machine's token (~/.ray/auth_token), which the clusters use."""
+    os.environ["RAY_AUTH_MODE"] = "token"
     token = Path.home() / ".ray" / "auth_token"
     if "RAY_AUTH_TOKEN" not in os.environ and not token.exists():  # what Ray does for a machine's first cluster
         token.parent.mkdir(exist_ok=True)
         token.write_text(secrets.token_hex(32))
         token.chmod(0o600)
+
+
+@pytest.fixture(scope="session")
+def cluster_s3():
+    """The S3-compatible server the cluster's nodes know (their environment has its endpoint and credentials)."""
+    def start() -> dict:
+        s = S3Server(shared_dir() / "s3").start()
+        return {"pid": s.proc.pid, "group": True, "root": str(s.root), "port": s.port}
+
+    info = shared("s3", start)
+    return S3Server(Path(info["root"]), info["port"])
+
+
+@pytest.fixture(scope="session")
+def local_cluster(cluster_s3):
+    _auth_token()
     # a short root: Ray's unix sockets live under each node's temp dir and their paths must fit in 107 bytes
+    root = shared_dir() / "c"
+
+    def start() -> dict:
+        root.mkdir()
+        c = LocalCluster(root, cluster_s3.env).start(cpus_per_worker=5)
+        return {"pid": c.proc.pid, "group": False, "root": str(root)}
+
+    return LocalCluster.attach(Path(shared("cluster", start)["root"]))
+
+
+@pytest.fixture()
+def own_cluster(cluster_s3):
+    """A head and two worker nodes of 3 CPUs for one test, which may remove and add its nodes."""
+    _auth_token()
     root = Path(tempfile.mkdtemp(prefix="r1vc-", dir="/tmp"))
     cluster = LocalCluster(root, cluster_s3.env)
     try:
@@ -124,10 +169,6 @@ def local_cluster(cluster_s3):
     finally:
         cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
-        if saved is None:
-            os.environ.pop("RAY_AUTH_MODE", None)
-        else:
-            os.environ["RAY_AUTH_MODE"] = saved
 
 
 @pytest.fixture(scope="session")
@@ -149,13 +190,14 @@ def cluster_assets(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def tracking_server(tmp_path_factory):
+def tracking_server():
     """An MLflow tracking server (`mlflow server --serve-artifacts`) on 127.0.0.1 for the cluster tests."""
-    from r1v_test_servers import MlflowServer
+    def start() -> dict:
+        s = MlflowServer(shared_dir() / "mlflow").start()
+        return {"pid": s.proc.pid, "group": True, "root": str(s.root), "port": s.port}
 
-    s = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
-    yield s
-    s.stop()
+    info = shared("mlflow", start)
+    return MlflowServer(Path(info["root"]), info["port"])
 
 
 def r1v_env() -> dict[str, str]:

@@ -6,10 +6,11 @@
   checkpoint by itself; the stage ends `done` in its first attempt, and every row of the epoch is trained exactly
   once in the final accounting (the work after the last checkpoint is redone, not counted twice). What is lost is
   at most one checkpoint interval: the restart resumes from the newest checkpoint on disk at the kill.
-- A worker node removed mid-SFT (its raylet and every process on it killed at once): the worker group restarts on
-  the remaining node (2 trainers of 1 CPU and the Ray Data tasks that feed them fit on its 3 CPUs), with the same
-  accounting; the node comes back after.
-- The submitted job stopped mid-stage (`r1v stop`): the run reads `interrupted`; `r1v resume --address` finishes it.
+- A worker node removed mid-SFT (its raylet and every process on it killed at once), on a cluster of the test's own:
+  the worker group restarts on the remaining node (2 trainers of 1 CPU and the Ray Data tasks that feed them fit on
+  its 3 CPUs), with the same accounting.
+- The submitted job stopped mid-stage (`r1v stop`): the run reads `interrupted`; `r1v resume --address` finishes it
+  from a checkpoint, every row of the epoch trained once.
 """
 
 from __future__ import annotations
@@ -103,11 +104,20 @@ def _losses(run_dir: Path) -> tuple[list[tuple[int, float]], str | None]:
     return [(m.step, m.timestamp / 1000) for m in hist], c.get_run(run_id).data.tags.get("r1v.resumed_from_step")
 
 
-def _trainers(local_cluster) -> list:
+def _ray_job(local_cluster, run_dir: Path) -> str:
+    """The Ray job id (what the state API filters by) of the run's submitted job."""
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(local_cluster.dashboard).get_job_info(_job(run_dir)["id"]).job_id
+
+
+def _trainers(local_cluster, run_dir: Path) -> list:
+    """The run's live Ray Train workers (other tests' jobs share the cluster)."""
     from ray.util.state import list_actors
 
-    return list_actors(address=local_cluster.dashboard, detail=True,
-                       filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    return list_actors(address=local_cluster.dashboard, detail=True, filters=[
+        ("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE"), ("job_id", "=", _ray_job(local_cluster,
+                                                                                                 run_dir))])
 
 
 def _survives(run_dir: Path, local_cluster, kill, ended=lambda: False) -> dict[str, float]:
@@ -131,12 +141,10 @@ def _survives(run_dir: Path, local_cluster, kill, ended=lambda: False) -> dict[s
     assert st["status"] == "done" and st["attempts"] == 1  # no second command, no second attempt
     assert [e["event"] for e in read_events(run_dir) if e["stage"] == "sft"] == ["started", "finished"]
     losses, resumed = _losses(run_dir)
-    from ray.job_submission import JobSubmissionClient
     from ray.util.state import list_actors
 
-    ray_job = JobSubmissionClient(local_cluster.dashboard).get_job_info(job).job_id
     groups = list_actors(address=local_cluster.dashboard, limit=1000, filters=[
-        ("class_name", "=", "RayTrainWorker"), ("job_id", "=", ray_job)])
+        ("class_name", "=", "RayTrainWorker"), ("job_id", "=", _ray_job(local_cluster, run_dir))])
     assert len(groups) >= 4, "the worker group was not replaced"  # two groups of two: the first, its replacement
     steps = [s for s, _ in losses]
     # The tag is best effort (a slow server loses it); the metrics are buffered and sent again. The restarted
@@ -178,7 +186,7 @@ def test_a_submitted_run_on_worker_nodes_survives_a_killed_trainer(local_cluster
     assert run_dir.parent == tmp_path / "shared"
 
     def kill() -> None:
-        trainers = _trainers(local_cluster)
+        trainers = _trainers(local_cluster, run_dir)
         assert trainers, "no live trainer"
         os.kill(trainers[0].pid, signal.SIGKILL)
 
@@ -209,13 +217,14 @@ def test_a_submitted_run_on_worker_nodes_survives_a_killed_trainer(local_cluster
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_a_removed_worker_node_and_the_stage_goes_on_on_the_rest(local_cluster, tracking_server, cluster_assets,
+def test_a_removed_worker_node_and_the_stage_goes_on_on_the_rest(own_cluster, tracking_server, cluster_assets,
                                                                   tmp_path):
+    local_cluster = own_cluster
     run_dir = _submit(_workflow(tmp_path, tracking_server, cluster_assets), local_cluster)
     removed: list[int] = []
 
     def kill() -> None:
-        node_ids = {t.node_id for t in _trainers(local_cluster)}
+        node_ids = {t.node_id for t in _trainers(local_cluster, run_dir)}
         workers = [n for n in local_cluster.nodes() if n["raylet"]["nodeId"] in node_ids
                    and n["raylet"]["state"] == "ALIVE"]
         worker = next(int(k[len("worker"):]) for n in workers for k in n["raylet"]["resourcesTotal"]
@@ -223,11 +232,7 @@ def test_a_removed_worker_node_and_the_stage_goes_on_on_the_rest(local_cluster, 
         local_cluster.control("remove", worker)
         removed.append(worker)
 
-    try:
-        figures = _survives(run_dir, local_cluster, kill)
-    finally:
-        for w in removed:  # the next test gets the whole cluster back
-            local_cluster.control("add", w)
+    figures = _survives(run_dir, local_cluster, kill)
     print(f"removed node: {figures}")
 
 
@@ -235,15 +240,32 @@ def test_a_removed_worker_node_and_the_stage_goes_on_on_the_rest(local_cluster, 
 @pytest.mark.timeout(1200)
 def test_a_stopped_job_reads_interrupted_and_resume_address_finishes_it(local_cluster, tracking_server,
                                                                         cluster_assets, tmp_path):
+    """Stopped after its step-4 checkpoint, the run reads `interrupted`; the resumed job restarts SFT from a
+    checkpoint (not step 0), and the epoch trains every row once across the stop, on both ranks."""
     run_dir = _submit(_workflow(tmp_path, tracking_server, cluster_assets, every=2), local_cluster)
-    _wait(lambda: _checkpoint(run_dir, 2), "a checkpoint at step 2", run_dir, local_cluster)
+    _wait(lambda: _checkpoint(run_dir, 4), "a checkpoint at step 4", run_dir, local_cluster)
     assert r1v("stop", str(run_dir)).returncode == 0
     res = r1v("status", str(run_dir))
     assert res.returncode == 0
     assert "sft" in res.stdout and " interrupted " in res.stdout and "STOPPED" in res.stdout, res.stdout
+    assert not (run_dir / "stages" / "sft" / "model").exists()
     res = r1v("resume", str(run_dir), "--address", local_cluster.dashboard, "--follow")
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     runner = Runner.open(run_dir)
     assert [r["status"] for r in runner.status_rows()] == ["done"]
     assert runner.state("sft")["attempts"] == 2
     assert len(json.loads((run_dir / "run.json").read_text())["jobs"]) == 2
+    losses, resumed = _losses(run_dir)
+    steps = [s for s, _ in losses]
+    back = [b for a, b in zip(steps, steps[1:], strict=False) if b <= a]
+    if resumed is None:  # the tag is best effort: the resumed run logs again from the step after its checkpoint
+        resumed = str(back[0] - 1) if back else str(max(steps))  # no step logged twice: nothing was redone
+    assert int(resumed) >= 2, (resumed, steps)  # from a checkpoint, not from step 0
+    counts = json.loads((run_dir / "stages" / "sft" / "epoch-0-counts.json").read_text())
+    assert (counts["rows_in"], counts["rows_trained"], counts["rows_quarantined"]) == (41, 40, 1), counts
+    rows = pq.read_table(run_dir / "stages" / "sft" / "epoch-0-rows.parquet").to_pydict()
+    assert sorted(rows["row"]) == list(range(41))  # every row once, across the stop
+    for segment in (0, 1):  # before the stop and after the resume, both ranks took rows, within one of each other
+        ranks = [r for r, g in zip(rows["rank"], rows["segment"], strict=True) if g == segment]
+        assert abs(ranks.count(0) - ranks.count(1)) <= 1 and ranks.count(1) > 0, (segment, ranks)
+    assert (run_dir / "stages" / "sft" / "model" / "config.json").exists()

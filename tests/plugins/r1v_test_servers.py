@@ -25,10 +25,11 @@ class _Server:
         self.root, self.port = root, port or _free_port()
         self.proc: subprocess.Popen | None = None
 
-    def _launch(self, cmd: list[str], log: str, health: str, what: str, timeout: float, poll: float) -> None:
+    def _launch(self, cmd: list[str], log: str, health: str, what: str, timeout: float, poll: float,
+                env: dict[str, str] | None = None) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(cmd, stdout=open(self.root / log, "ab"), stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, env=os.environ | (env or {}))
         t0 = time.monotonic()
         while True:
             try:
@@ -59,11 +60,14 @@ class MlflowServer(_Server):
     def uri(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 240) -> MlflowServer:  # a loaded 2-core machine: 90 s measured
+    def start(self, timeout: float = 240) -> MlflowServer:
         cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
                "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
                "--serve-artifacts", "--artifacts-destination", str(self.root / "artifacts")]
-        self._launch(cmd, "server.log", f"{self.uri}/health", "mlflow server", timeout, 0.3)
+        # MLflow 3's job runner (GenAI scorers and the like, which r1v does not use) would start seven more
+        # processes of about 240 MB each beside the server
+        self._launch(cmd, "server.log", f"{self.uri}/health", "mlflow server", timeout, 0.3,
+                     env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
         return self
 
 
@@ -92,3 +96,57 @@ class S3Server(_Server):
         with urllib.request.urlopen(req, timeout=10) as r:
             assert r.status == 200, r.status
         return f"s3://{name}"
+
+
+# Services shared by every xdist worker of a session (one multi-node cluster, one S3 server, one tracking server
+# rather than one per worker): the first worker to ask starts one, under a lock, and records it in the session's
+# shared directory (R1V_TEST_SHARED, made by the controller); the controller stops them all when the session ends.
+
+
+def shared_dir() -> Path:
+    return Path(os.environ["R1V_TEST_SHARED"])
+
+
+def shared(name: str, start) -> dict:
+    """The record of shared service `name`, started by `start()` (which returns a JSON-able dict with the "pid"
+    to stop and "group": whether to signal its whole process group) if no worker has started it yet."""
+    import fcntl
+    import json
+
+    d = shared_dir()
+    with open(d / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        p = d / f"{name}.json"
+        if p.exists():
+            return json.loads(p.read_text())
+        info = start()
+        p.with_suffix(".tmp").write_text(json.dumps(info))
+        p.with_suffix(".tmp").rename(p)
+        return info
+
+
+def stop_shared(d: Path, timeout: float = 120) -> None:
+    """Stop every service recorded in `d`: SIGTERM, then SIGKILL to its process group after `timeout`."""
+    import json
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    infos = [json.loads(p.read_text()) for p in d.glob("*.json")]
+    for info in infos:
+        try:
+            (os.killpg if info.get("group") else os.kill)(info["pid"], signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    t0 = time.monotonic()
+    while any(alive(i["pid"]) for i in infos) and time.monotonic() - t0 < timeout:
+        time.sleep(0.2)
+    for info in infos:
+        try:
+            os.killpg(info["pid"], signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -1,6 +1,8 @@
-"""The tiny R1V workflow (the recipe on the miniature world) end to end on the local Ray cluster, via the CLI.
+"""The tiny R1V workflow (the recipe on the miniature world) submitted to the head + two workers cluster
+(127.0.0.1) with `r1v submit --follow`, MLflow on a tracking server: with the run root on a path every node sees,
+and (second test, shrunk) in an S3-compatible store.
 
-Checks what a user relies on: every stage finished with an MLflow child run holding metrics, the broken
+The first checks what a user relies on: every stage finished with an MLflow child run holding metrics, the broken
 rows were quarantined and counted, only the projector moved (vision and LLM weights bit-identical), and the
 results table reconciles with MLflow and shows each stage's effect in the order the recipe promises (the
 ordering, not exact values: a bug in masking, tiling, packing, the projector swap or the GRPO loss shows up
@@ -19,11 +21,30 @@ import torch
 from mlflow.tracking import MlflowClient
 from nbclient import NotebookClient
 
-from r1v.cli import main
+from cluster.conftest import r1v
+from cluster.test_failures import _run_dir
+from r1v.core import storage
 from r1v.workflow.runner import Runner
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 TINY = ROOT / "workflows" / "tiny.yaml"
+# what runs model code: Ray Train's workers and the engine actors (rollouts, evals, generation)
+ACTORS = ("RayTrainWorker", "EngineHost", "EvalEngineHost")
+
+
+def placement(local_cluster, job_id: str) -> dict[str, set[str]]:
+    """The classes of the job's model-running actors by the kind of node they ran on ("head" or "worker")."""
+    from ray.job_submission import JobSubmissionClient
+    from ray.util.state import list_actors, list_nodes
+
+    nodes = {n.node_id: n.resources_total for n in list_nodes(address=local_cluster.dashboard, detail=True)}
+    ray_job = JobSubmissionClient(local_cluster.dashboard).get_job_info(job_id).job_id
+    out: dict[str, set[str]] = {"head": set(), "worker": set()}
+    for a in list_actors(address=local_cluster.dashboard, detail=True, limit=10_000,
+                         filters=[("job_id", "=", ray_job)]):
+        if a.class_name in ACTORS:
+            out["head" if "head" in nodes[a.node_id] else "worker"].add(a.class_name)
+    return out
 
 
 def params_by_group(model_dir: str) -> dict[str, dict[str, torch.Tensor]]:
@@ -48,19 +69,23 @@ def assert_projector_only(before: str, after: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # ~8 min alone; sharing the 2 cores with the other xdist worker, up to half as fast
-def test_tiny_workflow_end_to_end(ray_cluster, tmp_path, capsys):
-    run_dir = tmp_path / "run"
+@pytest.mark.timeout(1800)  # ~8 min alone; sharing the 2 cores with the other xdist workers, up to half as fast
+def test_the_demo_submitted_to_the_cluster(local_cluster, tracking_server, tmp_path):
     # The demo as shipped but for GRPO's length (5 steps, not 30), the alignment corpus (3,000 rows, not 6,000) and
     # a held-out test of 300 items (not 1,000), to keep the suite within its budget (this test is its longest
     # path): the effects are measured at full size by bench/world_recipe.py. With seed 0 and these sizes the
     # orderings asserted below held by 0.12 or more in accuracy at n = 1,000 (about 4.5 standard errors at n = 300).
     n_test = 300
-    rc = main(["run", str(TINY), f"run_root={tmp_path}", "stages.grpo.config.steps=5",
-               "stages.data.config.n_align=3000", f"stages.data.config.n_test={n_test}", "--run-dir", str(run_dir)])
-    out = capsys.readouterr().out
-    assert rc == 0, out
+    res = r1v("submit", str(TINY), f"tracking.tracking_uri={tracking_server.uri}", "stages.grpo.config.steps=5",
+              "stages.data.config.n_align=3000", f"stages.data.config.n_test={n_test}",
+              "--run-root", str(tmp_path / "shared"), "--address", local_cluster.dashboard, "--follow",
+              timeout=1700)
+    out = res.stdout
+    assert res.returncode == 0, (out + res.stderr)[-6000:]
+    run_dir = _run_dir(out)
     runner = Runner.open(run_dir)
+    # trainers, rollout engines and eval engines all ran, and only on the worker nodes (the driver on the head)
+    assert placement(local_cluster, runner.meta["job"]["id"]) == {"head": set(), "worker": set(ACTORS)}
     outputs = {s: runner.state(s)["outputs"] for s in runner.wf.config.stages}
 
     client = MlflowClient(runner.meta["tracking_uri"])
@@ -142,8 +167,9 @@ def test_tiny_workflow_end_to_end(ray_cluster, tmp_path, capsys):
     assert min(acc["sft"], *(acc[r] for r in rounds), acc["grpo"]) > acc["no_image"]
     assert acc["sft"] > acc["reassemble"]
 
-    assert main(["status", str(run_dir)]) == 0
-    assert "eval_grpo        eval             done" in capsys.readouterr().out
+    st = r1v("status", str(run_dir))
+    assert st.returncode == 0 and "eval_grpo        eval             done" in st.stdout, st.stdout + st.stderr
+    assert "SUCCEEDED" in st.stdout
 
     # the run-inspection notebook executes against this run and draws its curves
     nb = nbformat.read(ROOT / "notebooks" / "inspect_run.ipynb", as_version=4)
@@ -153,3 +179,60 @@ def test_tiny_workflow_end_to_end(ray_cluster, tmp_path, capsys):
     finally:
         os.environ.pop("R1V_RUN", None)
     assert (run_dir / "curves.png").stat().st_size > 0
+
+
+# The demo's shape (every stage, three rounds, the results table) at toy sizes: what it checks is that each stage
+# kind reads its inputs from the store and writes its outputs there, not what the models learn.
+SHRUNK = ["stages.data.config.n_align=300", "stages.data.config.n_sft=96", "stages.data.config.n_grpo=32",
+          "stages.data.config.n_test=40", "stages.sft.config.max_steps=6",
+          "stages.round.repeat.stages.sft.config.max_steps=3", "stages.grpo.config.steps=2",
+          "stages.grpo.config.prompts_per_step=4", "stages.grpo.config.dynamic_sampling.enabled=false"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_the_demo_submitted_with_its_run_root_in_an_object_store(local_cluster, cluster_s3, tracking_server,
+                                                                 tmp_path, monkeypatch):
+    """`r1v submit --run-root s3://...`: the nodes take the store's credentials from their own environment (the
+    job's runtime_env carries none); trainers upload their models and checkpoints, engines and evals load from it;
+    `status` and the results are read back from the store alone."""
+    for k, v in cluster_s3.env.items():  # this machine reads the store too (status), as a user's laptop would
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("R1V_CACHE", str(tmp_path / "laptop-cache"))
+    root = cluster_s3.create_bucket("cluster-runs") + "/r1v"
+    res = r1v("submit", str(TINY), f"tracking.tracking_uri={tracking_server.uri}", *SHRUNK, "--run-root", root,
+              "--address", local_cluster.dashboard, "--follow", timeout=1400)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-6000:]
+    uri = next(line.split(" ", 2)[2] for line in res.stdout.splitlines() if line.startswith("r1v: run "))
+    assert uri.startswith(root + "/tiny-")
+
+    st = r1v("status", uri)
+    assert st.returncode == 0, st.stderr[-2000:]
+    wf_stages = Runner.open(uri).wf.config.stages
+    rows = {ln.split()[0]: ln.split()[2] for ln in st.stdout.splitlines() if ln.split()[:1] and
+            ln.split()[0] in wf_stages}
+    assert rows == dict.fromkeys(wf_stages, "done") and "SUCCEEDED" in st.stdout, st.stdout
+    results = storage.read_json(f"{uri}/results.json")
+    assert [r["stage"] for r in results["stages"]] == ["reassemble", "sft", *(f"round{t}_sft" for t in (1, 2, 3)),
+                                                      "grpo"]
+    assert all(r["n"] == 40 for r in results["stages"])
+    for stage in ("sft", "grpo"):
+        state = storage.read_json(f"{uri}/stages/{stage}/state.json")
+        assert state["outputs"]["model"] == f"{uri}/stages/{stage}/model"
+        files = storage.list_files(f"{uri}/stages/{stage}")
+        assert "model/.r1v-manifest.json" in files and any(f.startswith("ray/train/") for f in files), files
+    assert storage.read_json(f"{uri}/stages/sft/epoch-0-counts.json")["rows_in"] == 96
+    # the driver's node never held a model the trainers exported: they uploaded it
+    head_mirror = local_cluster.root / "cache" / "head" / "runs" / "s3" / uri.removeprefix("s3://")
+    assert (head_mirror / "run.json").exists() and not (head_mirror / "stages" / "sft" / "model").exists()
+    job = storage.read_json(f"{uri}/run.json")["job"]["id"]
+    assert placement(local_cluster, job) == {"head": set(), "worker": set(ACTORS)}
+
+    from ray.job_submission import JobSubmissionClient
+
+    info = JobSubmissionClient(local_cluster.dashboard).get_job_info(job)
+    assert cluster_s3.env["AWS_SECRET_ACCESS_KEY"] not in str(info.runtime_env)
+    # MLflow on the tracking server: the parent run holds the results
+    meta = storage.read_json(f"{uri}/run.json")
+    metrics = MlflowClient(tracking_server.uri).get_run(meta["parent_run_id"]).data.metrics
+    assert metrics["results/grpo/accuracy"] == pytest.approx(results["stages"][-1]["accuracy"])
