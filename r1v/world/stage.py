@@ -23,9 +23,15 @@ def world_data(ctx: StageContext, c: WorldDataConfig) -> dict[str, Any]:
 
 def world_models(ctx: StageContext, c: WorldModelConfig) -> dict[str, Any]:
     # imported on use, to keep torch, numpy, tqdm out of light paths
+    import shutil
+
     from r1v.world.load import substitute_vlm
 
     out = substitute_vlm(c.world, c.seed, ctx.stage_dir / "substitute_vlm")
     ctx.log.dict(out["manifest"], "world.json")
     ctx.log.metrics({f"text_accuracy_{k}": v["accuracy"] for k, v in out["manifest"]["text_accuracy"].items()}, 0)
-    return {"model": str(out["model"]), "llm": str(out["reasoning_llm"]), "instruct_llm": str(out["instruct_llm"])}
+    # The LLMs are copied into the stage (2 MB each): where r1v is installed differs between nodes (a submitted
+    # job's package is unpacked under each node's own temp dir), the stage's directory is what every node sees.
+    llms = {k: shutil.copytree(out[src], ctx.stage_dir / src, dirs_exist_ok=True)
+            for k, src in (("llm", "reasoning_llm"), ("instruct_llm", "instruct_llm"))}
+    return {"model": str(out["model"]), **{k: str(v) for k, v in llms.items()}}
