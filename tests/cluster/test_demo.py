@@ -221,7 +221,8 @@ def test_the_demo_submitted_with_its_run_root_in_an_object_store(local_cluster, 
         assert state["outputs"]["model"] == f"{uri}/stages/{stage}/model"
         files = storage.list_files(f"{uri}/stages/{stage}")
         assert "model/.r1v-manifest.json" in files and any(f.startswith("ray/train/") for f in files), files
-    assert storage.read_json(f"{uri}/stages/sft/epoch-0-counts.json")["rows_in"] == 96
+    counts = storage.read_json(f"{uri}/stages/sft/epoch-0-counts.json")  # 6 steps: part of the epoch
+    assert counts["rows_in"] > 0 and counts["rows_trained"] + counts["rows_quarantined"] == counts["rows_in"]
     # the driver's node never held a model the trainers exported: they uploaded it
     head_mirror = local_cluster.root / "cache" / "head" / "runs" / "s3" / uri.removeprefix("s3://")
     assert (head_mirror / "run.json").exists() and not (head_mirror / "stages" / "sft" / "model").exists()
