@@ -284,7 +284,8 @@ class ChatService:
         asked = req.max_completion_tokens or req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         if req.n > lim.max_n:
-            raise ServeError(400, f"n {req.n} is over the limit of {lim.max_n} (limits.max_n)", param="n")
+            raise ServeError(400, f"n {req.n} is over the limit of {lim.max_n} (limits.max_n)", param="n",
+                             code="too_many_choices")
         if asked is None:
             return max(1, min(lim.default_max_tokens, cap, lim.max_total_tokens // req.n)), False
         if asked > cap:

@@ -169,6 +169,13 @@ class Front:
                     msg = ("the model server is not ready or overloaded; retry later" if status in (503, 429)
                            else INTERNAL)
                     raise ServeError(status, msg)
+                if ctype.startswith("application/json"):  # the application's own answer: whole, with its length
+                    payload = await r.read()
+                    await send({"type": "http.response.start", "status": r.status,
+                                "headers": [(b"content-type", ctype.encode()),
+                                            (b"content-length", str(len(payload)).encode())]})
+                    await send({"type": "http.response.body", "body": payload})
+                    return
                 await send({"type": "http.response.start", "status": r.status,
                             "headers": [(b"content-type", ctype.encode()), (b"cache-control", b"no-cache")]})
                 async for chunk in r.content.iter_any():

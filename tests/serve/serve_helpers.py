@@ -1,0 +1,112 @@
+"""Helpers of the serving tests: images, raw HTTP, uvicorn servers run in threads of the test process."""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import struct
+import threading
+import time
+import zlib
+from typing import Any
+
+KEY = "test-key-0123456789abcdef"
+
+
+def png(w: int = 80, h: int = 60, color: tuple[int, int, int] = (200, 10, 10)) -> bytes:
+    from PIL import Image
+
+    b = io.BytesIO()
+    Image.new("RGB", (w, h), color).save(b, "PNG")
+    return b.getvalue()
+
+
+def bomb_png(w: int = 100_000, h: int = 100_000) -> bytes:
+    """A PNG whose header claims w x h pixels, followed by a few bytes of zeros: decoding it would need w*h*3 bytes
+    of memory, its header alone says so."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    idat = chunk(b"IDAT", zlib.compress(b"\0" * 4096))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + idat + chunk(b"IEND", b"")
+
+
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def image_message(url: str, text: str = "What is shown?") -> list[dict[str, Any]]:
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": text}]}]
+
+
+def raw_request(port: int, head: bytes, body: bytes = b"", timeout: float = 30.0) -> tuple[int, bytes, float]:
+    """Send `head` (request line + headers, without the blank line) and `body`; (status, response body, seconds to
+    the response). Reads until the server closes or the declared length arrived."""
+    t0 = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(head + b"\r\n\r\n" + body)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            part = s.recv(65536)
+            if not part:
+                break
+            data += part
+        took = time.monotonic() - t0
+        head_part, _, rest = data.partition(b"\r\n\r\n")
+        length = next((int(ln.split(b":", 1)[1]) for ln in head_part.split(b"\r\n")
+                       if ln.lower().startswith(b"content-length:")), None)
+        while length is not None and len(rest) < length:
+            part = s.recv(65536)
+            if not part:
+                break
+            rest += part
+    status = int(head_part.split(b" ", 2)[1]) if head_part else 0
+    return status, rest, took
+
+
+def post_head(path: str = "/v1/chat/completions", length: int | None = None, key: str | None = KEY,
+              extra: bytes = b"") -> bytes:
+    lines = [f"POST {path} HTTP/1.1".encode(), b"Host: 127.0.0.1", b"Content-Type: application/json"]
+    if key:
+        lines.append(f"Authorization: Bearer {key}".encode())
+    if length is not None:
+        lines.append(f"Content-Length: {length}".encode())
+    if extra:
+        lines.append(extra)
+    return b"\r\n".join(lines)
+
+
+class ThreadServer:
+    """A uvicorn.Server running in a daemon thread on a bound socket."""
+
+    def __init__(self, server: Any, host: str = "127.0.0.1") -> None:
+        from r1v.serve.front import bind
+
+        self.server = server
+        self.sock = bind(host, 0)
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("server did not start")
+            time.sleep(0.05)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+        self.sock.close()
+
+
+def plain_server(app: Any) -> Any:
+    import uvicorn
+
+    return uvicorn.Server(uvicorn.Config(app, access_log=False, log_config=None, lifespan="off", http="h11"))
