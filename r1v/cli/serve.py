@@ -32,7 +32,22 @@ def load_config(path: str | None, overrides: list[str]) -> ServeConfig:
     try:
         return ServeConfig.model_validate(raw)
     except pydantic.ValidationError as e:
-        raise ConfigError(format_errors(path or "command line", "", e)) from None
+        raise ConfigError(_errors(path or "command line", e)) from None
+
+
+def _errors(source: str, e: pydantic.ValidationError) -> str:
+    """The config's errors, one a line; the values of unknown keys and of the api_key_* settings are not repeated
+    (a key put there by mistake must not reach a terminal or a log)."""
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"])
+        if err["type"] == "extra_forbidden" or loc.startswith("api_key"):
+            hint = (" (API keys are read only from the environment variable api_key_env names, R1V_API_KEY by "
+                    "default, or from api_key_file)" if "key" in loc.lower() else "")
+            lines.append(f"{source}: {loc}: {err['msg']}{hint}")
+        else:
+            lines.append(format_errors(source, "", pydantic.ValidationError.from_exception_data(e.title, [err])))
+    return "\n".join(lines)
 
 
 def resolve(src: str, stage: str | None = None) -> tuple[str, str]:

@@ -83,7 +83,8 @@ class ServeConfig(Strict):
     port: int = Field(8000, ge=0, le=65535, description="0: a free port (printed at start)")
     internal_port: int = Field(0, ge=0, le=65535, description="Ray Serve's own HTTP proxy, on 127.0.0.1 only, "
                                "behind r1v's front; 0: a free port")
-    api_key_env: str | None = Field(None, description=f"environment variable holding the API keys (comma or "
+    api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                                    description=f"environment variable holding the API keys (comma or "
                                     f"whitespace separated); None: {DEFAULT_KEY_ENV} if it is set. A variable named "
                                     f"here must be set")
     api_key_file: str | None = Field(None, description="file holding the API keys, one a line (# comments); it "
@@ -109,6 +110,7 @@ class ServeConfig(Strict):
         return self
 
     def threads(self) -> int:
+        """Torch threads of each replica's engine."""
         return self.torch_threads or max(1, int(self.engine.num_cpus))
 
 
