@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import socket
 import struct
@@ -10,6 +11,11 @@ import threading
 import time
 import zlib
 from typing import Any
+
+from r1v.core.config import EvalEngineConfig, PreprocessConfig
+from r1v.data.pipeline import preprocess_row
+from r1v.generation.engines import Request
+from r1v.generation.service import GREEDY, make_engine
 
 KEY = "test-key-0123456789abcdef"
 
@@ -110,3 +116,21 @@ def plain_server(app: Any) -> Any:
     import uvicorn
 
     return uvicorn.Server(uvicorn.Config(app, access_log=False, log_config=None, lifespan="off", http="h11"))
+
+
+@functools.lru_cache(maxsize=2)
+def _engine(model: str) -> Any:
+    class Spec:
+        engine = EvalEngineConfig(num_cpus=1, max_batch=8)
+        torch_threads = 1
+
+    return make_engine(model, Spec())
+
+
+def expected_greedy(model: str, image: bytes, text: str, max_tokens: int) -> str:
+    """The engine run directly (no server): the prompt encoded by the data pipeline, greedy."""
+    enc = preprocess_row({"messages": [{"role": "user", "content": f"<image>\n{text}"}], "images": [image]}, model,
+                         PreprocessConfig(max_tiles=2, max_length=1024), with_labels=False)
+    comp = _engine(model).generate([Request(enc["input_ids"], enc["pixel_values"], enc["n_tiles"])],
+                                   {**GREEDY, "max_new_tokens": max_tokens}, 1, 0)[0][0]
+    return comp.text

@@ -18,6 +18,7 @@ from serve_helpers import (
     ThreadServer,
     bomb_png,
     data_url,
+    expected_greedy,
     image_message,
     plain_server,
     png,
@@ -25,10 +26,6 @@ from serve_helpers import (
     raw_request,
 )
 
-from r1v.core.config import EvalEngineConfig, PreprocessConfig
-from r1v.data.pipeline import preprocess_row
-from r1v.generation.engines import Request
-from r1v.generation.service import GREEDY, make_engine
 from r1v.serve.app import local_app
 from r1v.serve.chat import ChatService
 from r1v.serve.config import ServeConfig
@@ -87,21 +84,6 @@ def stack(tiny_assets):
     service.close()
     allowed.shutdown()
     other.shutdown()
-
-
-def expected_greedy(model: str, image: bytes, text: str, max_tokens: int) -> str:
-    """The engine run directly (no server): the prompt encoded by the data pipeline, greedy."""
-    enc = preprocess_row({"messages": [{"role": "user", "content": f"<image>\n{text}"}], "images": [image]}, model,
-                         PreprocessConfig(max_tiles=2, max_length=1024), with_labels=False)
-
-    class Spec:
-        engine = EvalEngineConfig(num_cpus=1, max_batch=8)
-        torch_threads = 1
-
-    engine = make_engine(model, Spec())
-    comp = engine.generate([Request(enc["input_ids"], enc["pixel_values"], enc["n_tiles"])],
-                           {**GREEDY, "max_new_tokens": max_tokens}, 1, 0)[0][0]
-    return comp.text
 
 
 def error_of(e: openai.APIStatusError) -> dict:
