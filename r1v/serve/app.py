@@ -148,8 +148,8 @@ def local_app(service: ChatService) -> FastAPI:
 # ------------------------------------------------------------------------------------------------ running
 
 
-def deployment(cfg: ServeConfig, model_dir: str, name: str, digests: list[bytes]) -> Any:
-    """The bound Serve application for `cfg` (replicas, autoscaling, resources, batching)."""
+def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
+    """The Serve deployment options of `cfg`: replicas (fixed or autoscaled), each replica's resources."""
     r = cfg.replicas
     opts: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": cfg.engine.num_cpus, "num_gpus": cfg.engine.num_gpus,
@@ -164,7 +164,12 @@ def deployment(cfg: ServeConfig, model_dir: str, name: str, digests: list[bytes]
                                       "target_ongoing_requests": r.target_ongoing_requests}
     else:
         opts["num_replicas"] = r.num_replicas
-    return ChatDeployment.options(**opts).bind(cfg.model_dump_json(), model_dir, name, digests)
+    return opts
+
+
+def deployment(cfg: ServeConfig, model_dir: str, name: str, digests: list[bytes]) -> Any:
+    """The bound Serve application for `cfg`."""
+    return ChatDeployment.options(**deployment_options(cfg)).bind(cfg.model_dump_json(), model_dir, name, digests)
 
 
 def _free_port() -> int:

@@ -305,3 +305,41 @@ def test_deadline_and_internal_errors(tiny_assets):
         assert leak not in text
     ok = ChatService(serve_config(), tiny_assets["model"], "tiny", key_digests([KEY]), engine=_Engine())
     assert _chat(ok, good)[0] == 200
+
+
+def test_a_projector_only_stage_model_is_served_without_export(tiny_assets, tmp_path, tiny_png):
+    from r1v.cli.serve import resolve
+    from r1v.model.manifest import is_manifest_dir, projector_tensors, write_projector_model
+
+    projector = {k: t * 1.5 for k, t in projector_tensors(tiny_assets["model"]).items()}
+    stage = tmp_path / "run" / "stages" / "sft"
+    manifest = write_projector_model(stage / "model", tiny_assets["model"], projector)
+    (stage / "state.json").write_text(json.dumps({"status": "done", "outputs": {"model": str(manifest)}}))
+    model_dir, name = resolve(str(stage))
+    assert is_manifest_dir(model_dir) and name == "sft"
+    service = ChatService(serve_config(), model_dir, name, key_digests([KEY]))
+    try:
+        status, body = _chat(service, {"model": "sft", "messages": image_message(data_url(tiny_png)),
+                                       "max_tokens": 8, "temperature": 0})
+    finally:
+        service.close()
+    assert status == 200, body
+    assert body["choices"][0]["message"]["content"] == expected_greedy(model_dir, tiny_png, "What is shown?", 8)
+
+
+def test_replicas_autoscaling_and_resources_from_the_config():
+    from r1v.serve.app import deployment_options
+
+    cfg = serve_config()
+    opts = deployment_options(cfg)
+    assert opts["num_replicas"] == 1 and "autoscaling_config" not in opts
+    assert opts["ray_actor_options"]["num_cpus"] == 1 and opts["max_ongoing_requests"] == 64
+    cfg = ServeConfig.model_validate({"engine": {"num_cpus": 0.5, "num_gpus": 1, "kind": "vllm"},
+                                      "replicas": {"autoscaling": True, "min_replicas": 0, "max_replicas": 4,
+                                                   "target_ongoing_requests": 3}})
+    opts = deployment_options(cfg)
+    assert opts["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 4, "initial_replicas": 1,
+                                          "target_ongoing_requests": 3}
+    assert "num_replicas" not in opts and opts["ray_actor_options"]["num_gpus"] == 1
+    with pytest.raises(ValueError, match="num_engines"):
+        ServeConfig.model_validate({"engine": {"num_engines": 2}})

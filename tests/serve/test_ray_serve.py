@@ -10,6 +10,7 @@ import queue
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -110,7 +111,23 @@ def test_concurrent_requests_share_engine_calls(served):
     assert after["batches"] - before["batches"] < 4, (before, after)
 
 
+def _outside_address() -> str | None:
+    """An address of this machine other than loopback (None: it has none)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # no packet is sent: this only picks the outgoing interface
+            ip = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if ip.startswith("127.") else ip
+
+
 def test_guards_hold_through_ray_serve(served):
+    ip = _outside_address()
+    for port in (served["port"], int(served["internal"].rsplit(":", 1)[1])):
+        if ip:  # both listen on loopback only
+            with pytest.raises(OSError):
+                socket.create_connection((ip, port), timeout=5).close()
     status, _, took = raw_request(served["port"], post_head(length=100_000, key=None))
     assert status == 401 and took < 2
     status, _, took = raw_request(served["port"], post_head(length=10 * 2**20))
