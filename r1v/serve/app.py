@@ -172,6 +172,30 @@ def deployment(cfg: ServeConfig, model_dir: str, name: str, digests: list[bytes]
     return ChatDeployment.options(**deployment_options(cfg)).bind(cfg.model_dump_json(), model_dir, name, digests)
 
 
+def build(args: dict[str, Any]) -> Any:
+    """The application for a Serve config file or KubeRay RayService (`import_path: r1v.serve.app:build`, see
+    cluster/rayservice.yaml): `args` are ServeConfig settings plus `model`, a model directory (a stage's `model`
+    output, a manifest included). There the cluster's own Serve proxy faces the clients, without r1v's front: the
+    replicas still check keys and every limit, but the proxy buffers request bodies (docs/serving.md). API keys are
+    required (the proxy is reachable from the cluster's network); they come from the environment variable or file
+    the config names, in the process that builds the application."""
+    # imported on use, to keep torch, safetensors out of this module's import
+    from r1v.model.convert import hf_view
+    from r1v.serve.limits import StartupError, key_digests, load_keys
+
+    args = dict(args)
+    model = args.pop("model", None)
+    if not model:
+        raise StartupError("args.model: the model directory to serve")
+    cfg = ServeConfig.model_validate(args)
+    digests = key_digests(load_keys(cfg))
+    if not digests:
+        raise StartupError("no API key: set R1V_API_KEY (or api_key_env / api_key_file) where the application is built")
+    model_dir = str(hf_view(model))
+    return deployment(cfg, model_dir, cfg.name or os.path.basename(os.path.dirname(model_dir.rstrip("/"))),
+                      digests)
+
+
 def _free_port() -> int:
     s = bind("127.0.0.1", 0)
     try:

@@ -343,3 +343,17 @@ def test_replicas_autoscaling_and_resources_from_the_config():
     assert "num_replicas" not in opts and opts["ray_actor_options"]["num_gpus"] == 1
     with pytest.raises(ValueError, match="num_engines"):
         ServeConfig.model_validate({"engine": {"num_engines": 2}})
+
+
+def test_the_rayservice_builder_needs_a_model_and_a_key(tiny_assets, monkeypatch):
+    from r1v.serve.app import build
+    from r1v.serve.limits import StartupError
+
+    monkeypatch.delenv("R1V_API_KEY", raising=False)
+    with pytest.raises(StartupError, match="args.model"):
+        build({})
+    with pytest.raises(StartupError, match="no API key"):
+        build({"model": tiny_assets["model"]})
+    monkeypatch.setenv("R1V_API_KEY", KEY)
+    app = build({"model": tiny_assets["model"], "name": "tiny", "replicas": {"num_replicas": 2}})
+    assert type(app).__name__ == "Application"
