@@ -16,13 +16,14 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from r1v.serve.chat import ChatService, Job
 from r1v.serve.config import ServeConfig
@@ -63,8 +64,17 @@ def _answer(status: int, body: Any) -> Response:
                              headers={"cache-control": "no-cache"})
 
 
+async def _stream(request: Request) -> AsyncIterator[bytes]:
+    """The request body; a client that disconnects mid-body is a 400 (nobody reads it), not a server error."""
+    try:
+        async for chunk in request.stream():
+            yield chunk
+    except ClientDisconnect:
+        raise ServeError(400, "the client disconnected") from None
+
+
 async def chat_route(service: ChatService, request: Request) -> Response:
-    status, body = await service.chat(request.scope["headers"], request.stream())
+    status, body = await service.chat(request.scope["headers"], _stream(request))
     return _answer(status, body)
 
 
