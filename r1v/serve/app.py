@@ -265,11 +265,10 @@ def serve_model(cfg: ServeConfig, model_dir: str, name: str, digests: list[bytes
         front.run(sockets=[sock])
     finally:
         sock.close()
-        try:
-            serve.shutdown()
-        finally:
-            if started:
-                ray.shutdown()
+        if started:  # our own cluster: stopping it stops Serve and the replicas at once
+            ray.shutdown()
+        else:  # a joined cluster: remove this application only
+            serve.delete(APP_NAME)
 
 
 def _wait_ready(upstream: str, timeout_s: float = 600.0) -> None:

@@ -5,68 +5,37 @@ requests share engine calls; a flood of bad requests does not stop good ones; th
 from __future__ import annotations
 
 import json
-import os
-import queue
-import re
-import shutil
 import signal
 import socket
-import subprocess
-import sys
-import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import openai
 import pytest
-import yaml
-from serve_helpers import KEY, data_url, expected_greedy, image_message, png, post_head, raw_request
+from serve_helpers import (
+    KEY,
+    data_url,
+    expected_greedy,
+    image_message,
+    png,
+    post_head,
+    processes_under,
+    r1v_serve,
+    raw_request,
+)
 
 WRONG_KEY = "wrong-key-ZZZ-0123456789"
 
 
 @pytest.fixture(scope="module")
 def served(tiny_assets):
-    ray_tmp = tempfile.mkdtemp(prefix="r1vsv-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
-    cfg = Path(ray_tmp) / "serve.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "name": "tiny", "port": 0, "engine": {"num_cpus": 1, "max_batch": 8}, "torch_threads": 1,
-        "preprocess": {"max_tiles": 2, "max_length": 1024}, "ray": {"num_cpus": 2},
-        "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 1.0},
-        "limits": {"max_images": 2, "max_image_pixels": 1000 * 1000, "max_n": 3, "max_total_tokens": 64,
-                   "default_max_tokens": 8, "max_body_bytes": 256 * 1024, "request_timeout_s": 240}}))
-    env = {**os.environ, "R1V_API_KEY": KEY, "RAY_TMPDIR": ray_tmp}
-    proc = subprocess.Popen([sys.executable, "-m", "r1v.cli", "serve", tiny_assets["model"], "--config", str(cfg)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
-    lines: queue.Queue[str] = queue.Queue()
-    seen: list[str] = []
-    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
-    deadline, m = time.monotonic() + 420, None
-    while m is None and time.monotonic() < deadline and proc.poll() is None:
-        try:
-            line = lines.get(timeout=1)
-        except queue.Empty:
-            continue
-        seen.append(line)
-        m = re.search(r"on http://127\.0\.0\.1:(\d+)/v1 \(API key required; Ray Serve at (http://127\.0\.0\.1:\d+)\)",
-                      line)
-    if m is None:
-        proc.kill()
-        pytest.fail("r1v serve did not start:\n" + "".join(seen[-40:]))
-    port = int(m.group(1))
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=240)
-    yield {"port": port, "internal": m.group(2), "client": client, "model": tiny_assets["model"],
-           "ray_tmp": ray_tmp, "output": seen, "lines": lines}
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=90)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    shutil.rmtree(ray_tmp, ignore_errors=True)
+    with r1v_serve(tiny_assets["model"], {
+            "name": "tiny", "engine": {"num_cpus": 1, "max_batch": 8}, "torch_threads": 1,
+            "preprocess": {"max_tiles": 2, "max_length": 1024}, "batching": {"max_batch_size": 8,
+                                                                             "batch_wait_timeout_s": 1.0},
+            "limits": {"max_images": 2, "max_image_pixels": 1000 * 1000, "max_n": 3, "max_total_tokens": 64,
+                       "default_max_tokens": 8, "max_body_bytes": 256 * 1024, "request_timeout_s": 240}}) as s:
+        yield {**s, "model": tiny_assets["model"]}
 
 
 def test_openai_client_image_chat_through_ray_serve(served, tiny_png):
@@ -192,3 +161,10 @@ def test_the_key_is_in_no_output_or_log(served):
     assert len(texts) > 5  # Ray's logs were read
     for secret in (KEY, WRONG_KEY):
         assert not any(secret in t for t in texts), secret
+
+
+def test_sigterm_stops_the_server_and_its_cluster(served):
+    proc = served["proc"]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    assert processes_under(served["ray_tmp"]) == []
