@@ -98,9 +98,9 @@ def test_guards_hold_through_ray_serve(served):
             with pytest.raises(OSError):
                 socket.create_connection((ip, port), timeout=5).close()
     status, _, took = raw_request(served["port"], post_head(length=100_000, key=None))
-    assert status == 401 and took < 2
+    assert status == 401 and took < 10  # body_timeout_s is 30 s
     status, _, took = raw_request(served["port"], post_head(length=10 * 2**20))
-    assert status == 413 and took < 2
+    assert status == 413 and took < 10
     # Serve's own proxy (127.0.0.1 only) reaches the replicas, which check the key themselves too
     internal_port = int(served["internal"].rsplit(":", 1)[1])
     status, _, _ = raw_request(internal_port, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close")
