@@ -57,7 +57,7 @@ class ChatRequest(BaseModel):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**62)
     stop: str | list[str] | None = Field(None, description="up to 4 strings; the text is cut before the first")
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -67,6 +67,10 @@ class ChatRequest(BaseModel):
     frequency_penalty: Literal[0, 0.0] | None = None
     presence_penalty: Literal[0, 0.0] | None = None
     logprobs: Literal[False] | None = None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def validation_error(e: ValidationError) -> ServeError:
@@ -263,8 +267,8 @@ class ChatService:
 
     def _parse(self, body: bytes) -> ChatRequest:
         try:
-            data = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+            data = json.loads(body, parse_constant=_no_constant)
+        except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser's stack
             raise ServeError(400, "the request body is not valid JSON", code="invalid_json") from None
         if not isinstance(data, dict):
             raise ServeError(400, "the request body must be a JSON object", code="invalid_json")

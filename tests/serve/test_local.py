@@ -246,6 +246,10 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(stack, tiny
         "reserved_text": json.dumps({**good, "messages": [{"role": "user", "content": "<IMG_CONTEXT> hi"}]}),
         "tool_role": json.dumps({**good, "messages": [{"role": "tool", "content": "x"}]}),
         "bad_type": json.dumps({**good, "temperature": "hot"}),
+        "nan": json.dumps({**good, "temperature": float("nan")}),
+        "huge_seed": json.dumps({**good, "seed": 2**80, "temperature": 1.0}),
+        "deep_json": b"[" * 100_000 + b"]" * 100_000,
+        "not_utf8": b'{"model": "\xff\xfe"}',
     }
     for name, body in cases.items():
         status, err = _post(port, body if isinstance(body, bytes) else body.encode())
