@@ -13,6 +13,7 @@ from r1v.cli.export import add_export_parser
 from r1v.cli.grade import add_grade_parser
 from r1v.cli.model import add_model_parser
 from r1v.cli.plan import add_plan_parser
+from r1v.cli.serve import add_serve_parser
 from r1v.cli.submit import add_submit_parsers, job_state, record_job, submit_resume
 from r1v.cli.world import add_world_parser
 from r1v.core import storage
@@ -245,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_parser(sub)
     add_export_parser(sub)
     add_plan_parser(sub)
+    add_serve_parser(sub)
     return p
 
 

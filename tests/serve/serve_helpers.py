@@ -1,0 +1,205 @@
+"""Helpers of the serving tests: images, raw HTTP, uvicorn servers run in threads of the test process."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import functools
+import io
+import os
+import queue
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import yaml
+
+from r1v.core.config import EvalEngineConfig, PreprocessConfig
+from r1v.data.pipeline import preprocess_row
+from r1v.generation.engines import Request
+from r1v.generation.service import GREEDY, make_engine
+
+KEY = "test-key-0123456789abcdef"
+
+
+def png(w: int = 80, h: int = 60, color: tuple[int, int, int] = (200, 10, 10)) -> bytes:
+    from PIL import Image
+
+    b = io.BytesIO()
+    Image.new("RGB", (w, h), color).save(b, "PNG")
+    return b.getvalue()
+
+
+def bomb_png(w: int = 100_000, h: int = 100_000) -> bytes:
+    """A PNG whose header claims w x h pixels, followed by a few bytes of zeros: decoding it would need w*h*3 bytes
+    of memory, its header alone says so."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    idat = chunk(b"IDAT", zlib.compress(b"\0" * 4096))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + idat + chunk(b"IEND", b"")
+
+
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def image_message(url: str, text: str = "What is shown?") -> list[dict[str, Any]]:
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": text}]}]
+
+
+def raw_request(port: int, head: bytes, body: bytes = b"", timeout: float = 30.0) -> tuple[int, bytes, float]:
+    """Send `head` (request line + headers, without the blank line) and `body`; (status, response body, seconds to
+    the response). Reads until the server closes or the declared length arrived."""
+    t0 = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(head + b"\r\n\r\n" + body)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            part = s.recv(65536)
+            if not part:
+                break
+            data += part
+        took = time.monotonic() - t0
+        head_part, _, rest = data.partition(b"\r\n\r\n")
+        length = next((int(ln.split(b":", 1)[1]) for ln in head_part.split(b"\r\n")
+                       if ln.lower().startswith(b"content-length:")), None)
+        while length is not None and len(rest) < length:
+            part = s.recv(65536)
+            if not part:
+                break
+            rest += part
+    status = int(head_part.split(b" ", 2)[1]) if head_part else 0
+    return status, rest, took
+
+
+def post_head(path: str = "/v1/chat/completions", length: int | None = None, key: str | None = KEY,
+              extra: bytes = b"") -> bytes:
+    lines = [f"POST {path} HTTP/1.1".encode(), b"Host: 127.0.0.1", b"Content-Type: application/json"]
+    if key:
+        lines.append(f"Authorization: Bearer {key}".encode())
+    if length is not None:
+        lines.append(f"Content-Length: {length}".encode())
+    if extra:
+        lines.append(extra)
+    return b"\r\n".join(lines)
+
+
+class ThreadServer:
+    """A uvicorn.Server running in a daemon thread on a bound socket."""
+
+    def __init__(self, server: Any, host: str = "127.0.0.1") -> None:
+        from r1v.serve.front import bind
+
+        self.server = server
+        self.sock = bind(host, 0)
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("server did not start")
+            time.sleep(0.05)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+        self.sock.close()
+
+
+def plain_server(app: Any) -> Any:
+    import uvicorn
+
+    return uvicorn.Server(uvicorn.Config(app, access_log=False, log_config=None, lifespan="off", http="h11"))
+
+
+@functools.lru_cache(maxsize=2)
+def _engine(model: str) -> Any:
+    class Spec:
+        engine = EvalEngineConfig(num_cpus=1, max_batch=8)
+        torch_threads = 1
+
+    return make_engine(model, Spec())
+
+
+def expected_greedy(model: str, image: bytes, text: str, max_tokens: int) -> str:
+    """The engine run directly (no server): the prompt encoded by the data pipeline, greedy."""
+    enc = preprocess_row({"messages": [{"role": "user", "content": f"<image>\n{text}"}], "images": [image]}, model,
+                         PreprocessConfig(max_tiles=2, max_length=1024), with_labels=False)
+    comp = _engine(model).generate([Request(enc["input_ids"], enc["pixel_values"], enc["n_tiles"])],
+                                   {**GREEDY, "max_new_tokens": max_tokens}, 1, 0)[0][0]
+    return comp.text
+
+
+def processes_under(path: str) -> list[int]:
+    """Pids of live processes whose command line mentions `path` (a Ray cluster's temp dir)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if path.encode() in (d / "cmdline").read_bytes():
+                    pids.append(int(d.name))
+            except OSError:
+                continue
+    return pids
+
+
+@contextlib.contextmanager
+def r1v_serve(model: str, config: dict[str, Any], start_timeout_s: float = 420) -> Iterator[dict[str, Any]]:
+    """`r1v serve MODEL --config C` in a subprocess with its own Ray cluster (2 CPUs, its own temp dir) and
+    R1V_API_KEY=KEY; yields port, internal (Serve's URL), an `openai` client, the process, its output so far and
+    the queue of later lines, the Ray temp dir. Stopped (SIGTERM, then SIGKILL of its process group) at the end."""
+    ray_tmp = tempfile.mkdtemp(prefix="r1vsv-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    cfg = Path(ray_tmp) / "serve.yaml"
+    cfg.write_text(yaml.safe_dump({"port": 0, "ray": {"num_cpus": 2}, **config}))
+    env = {**os.environ, "R1V_API_KEY": KEY, "RAY_TMPDIR": ray_tmp}
+    proc = subprocess.Popen([sys.executable, "-m", "r1v.cli", "serve", model, "--config", str(cfg)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    lines: queue.Queue[str] = queue.Queue()
+    seen: list[str] = []
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
+    deadline, m = time.monotonic() + start_timeout_s, None
+    pattern = re.compile(r"on http://127\.0\.0\.1:(\d+)/v1 \(API key required; Ray Serve at (http://127\.0\.0\.1:\d+)\)")
+    try:
+        while m is None and time.monotonic() < deadline and proc.poll() is None:
+            try:
+                line = lines.get(timeout=1)
+            except queue.Empty:
+                continue
+            seen.append(line)
+            m = pattern.search(line)
+        if m is None:
+            raise RuntimeError("r1v serve did not start:\n" + "".join(seen[-40:]))
+        port = int(m.group(1))
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=240)
+        yield {"port": port, "internal": m.group(2), "client": client, "proc": proc, "output": seen,
+               "lines": lines, "ray_tmp": ray_tmp}
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
