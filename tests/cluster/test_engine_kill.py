@@ -29,10 +29,7 @@ from r1v_test_engines import ControlledHost
 import ray
 
 cfg = json.loads(sys.argv[1])
-# this process joins the cluster as a node on 127.0.0.1 would (Ray's default is the machine's interface address,
-# where no raylet of the cluster runs); init_ray then finds Ray initialised
-ray.init(address=cfg["gcs"], _node_ip_address="127.0.0.1")
-init_ray(None, None)
+init_ray(None, None)  # RAY_ADDRESS: the cluster's
 uri = f"sqlite:///{{cfg['root']}}/mlflow.db"
 run = tracking.start_run(uri, tracking.ensure_experiment(uri, "engine-kill"), "grpo")
 killer = None
@@ -60,14 +57,15 @@ def test_a_killed_engine_is_replaced_and_its_steps_equal_an_unkilled_runs(local_
 
     script = tmp_path / "driver.py"
     script.write_text(DRIVER.format(tests=str(HERE.parent), rl=str(HERE.parent / "rl")))
-    env = r1v_env()
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: Ray takes 127.0.0.1 as this machine's address (as the cluster's nodes
+    # do), instead of rewriting the cluster's 127.0.0.1 address to the machine's interface address
+    env = r1v_env() | {"RAY_ADDRESS": local_cluster.gcs, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     procs = {}
     for name in ("unkilled", "killed"):  # side by side on the cluster
         root = tmp_path / name
         root.mkdir()
         model = shutil.copytree(tiny_assets["model"], root / "vlm")  # the control files go beside it
-        cfg = {"root": str(root), "model": str(model), "corpus": tiny_assets["train"], "kill": name == "killed",
-               "gcs": local_cluster.gcs}
+        cfg = {"root": str(root), "model": str(model), "corpus": tiny_assets["train"], "kill": name == "killed"}
         procs[name] = subprocess.Popen([sys.executable, str(script), json.dumps(cfg)], env=env, text=True,
                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     results = {}
