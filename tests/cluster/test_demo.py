@@ -176,9 +176,17 @@ def test_the_demo_submitted_to_the_cluster(local_cluster, tracking_server, tmp_p
     os.environ["R1V_RUN"] = str(run_dir)
     try:
         NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+        # the quickstart: the results, then the final model served by `r1v serve` and asked an image question
+        quick = nbformat.read(ROOT / "notebooks" / "quickstart.ipynb", as_version=4)
+        NotebookClient(quick, timeout=600, kernel_name="python3",
+                       resources={"metadata": {"path": str(ROOT)}}).execute()
     finally:
         os.environ.pop("R1V_RUN", None)
     assert (run_dir / "curves.png").stat().st_size > 0
+    printed = "".join(o.get("text", "") for c in quick.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert f"r1v serve: model '{run_dir.name}' on http://127.0.0.1:" in printed, printed[-2000:]
+    answer = next(ln for ln in printed.splitlines() if ln.startswith("answer:"))
+    assert len(answer.split(":", 1)[1].strip()) > 0 and "r1v serve exited with 0" in printed, printed[-2000:]
 
 
 # The demo's shape (every stage, three rounds, the results table) at toy sizes: what it checks is that each stage

@@ -20,6 +20,7 @@ HERE = Path(__file__).resolve().parent
 
 DRIVER = """
 import json, sys, threading
+from pathlib import Path
 sys.path[:0] = [{tests!r}, {rl!r}]
 from test_engine_failures import _grpo, _kill_when_waiting
 from r1v.cli.app import init_ray
@@ -36,10 +37,9 @@ killer = None
 if cfg["kill"]:
     # step 2's rollout of rank 1 (seed 0 * 100_003 + 2 * 1009 + rank 1): that rank's own engine (2 engines)
     open(cfg["root"] + "/kill-at-seed", "w").write(str(2 * 1009 + 1))
-    from pathlib import Path
     killer = threading.Thread(target=_kill_when_waiting, args=(Path(cfg["root"]),), daemon=True)
     killer.start()
-train_grpo(_grpo(cfg["model"], cfg["corpus"], engine={{"num_engines": 2}}), cfg["root"] + "/grpo", uri, run,
+train_grpo(_grpo(cfg["model"], cfg["corpus"], engine={{"num_engines": 2}}), Path(cfg["root"]) / "grpo", uri, run,
            host=ControlledHost)
 if killer is not None:
     killer.join(timeout=5)
