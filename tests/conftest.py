@@ -22,6 +22,24 @@ os.environ.setdefault("RAY_TMPDIR", f"/tmp/r1v-ray-tests-{os.environ.get('PYTEST
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _ray_token_auth() -> None:
+    """Every Ray cluster and client of the session (local ones, the multi-node test cluster, CLI subprocesses)
+    uses token authentication with the machine's token, decided before Ray is imported: Ray 2.60 turns it on for
+    a new cluster, and a process whose clients read the mode before it was set sends no token (401s, refused GCS
+    connections)."""
+    import secrets
+
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    token = Path.home() / ".ray" / "auth_token"
+    if "RAY_AUTH_TOKEN" not in os.environ and not token.exists():  # what Ray does for a machine's first cluster
+        token.parent.mkdir(exist_ok=True)
+        token.write_text(secrets.token_hex(32))
+        token.chmod(0o600)
+
+
+_ray_token_auth()
+
+
 def pytest_configure(config):
     """The controller (or the only process, without xdist) makes the directory where the session's shared services
     are recorded (`r1v_test_servers.shared`); xdist workers, started after this, inherit it."""

@@ -12,7 +12,7 @@ of one cluster do (`r1v_test_servers.shared`). A test that removes nodes starts 
 - Every address is the loopback one. Ray otherwise picks the machine's interface address, which on these machines
   need not even be reachable.
 - Ray 2.60 turns token authentication on for a new cluster; the cluster uses the machine's token
-  (~/.ray/auth_token), and so do the clients here (RAY_AUTH_MODE=token).
+  (~/.ray/auth_token), and so do the clients here (RAY_AUTH_MODE=token, set by tests/conftest.py).
 - An S3-compatible server (moto, `cluster_s3`) runs beside it; every node gets its endpoint and credentials from
   the environment the cluster starts with (never from a job's runtime_env, which the dashboard shows), and its own
   cache (R1V_CACHE) for what it stages from the store.
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -123,16 +122,6 @@ class LocalCluster:
                 self.proc.wait()
 
 
-def _auth_token() -> None:
-    """This process's Ray clients send the machine's token (~/.ray/auth_token), which the clusters use."""
-    os.environ["RAY_AUTH_MODE"] = "token"
-    token = Path.home() / ".ray" / "auth_token"
-    if "RAY_AUTH_TOKEN" not in os.environ and not token.exists():  # what Ray does for a machine's first cluster
-        token.parent.mkdir(exist_ok=True)
-        token.write_text(secrets.token_hex(32))
-        token.chmod(0o600)
-
-
 @pytest.fixture(scope="session")
 def cluster_s3():
     """The S3-compatible server the cluster's nodes know (their environment has its endpoint and credentials)."""
@@ -146,7 +135,6 @@ def cluster_s3():
 
 @pytest.fixture(scope="session")
 def local_cluster(cluster_s3):
-    _auth_token()
     # a short root: Ray's unix sockets live under each node's temp dir and their paths must fit in 107 bytes
     root = shared_dir() / "c"
 
@@ -161,7 +149,6 @@ def local_cluster(cluster_s3):
 @pytest.fixture()
 def own_cluster(cluster_s3):
     """A head and two worker nodes of 3 CPUs for one test, which may remove and add its nodes."""
-    _auth_token()
     root = Path(tempfile.mkdtemp(prefix="r1vc-", dir="/tmp"))
     cluster = LocalCluster(root, cluster_s3.env)
     try:
