@@ -129,14 +129,16 @@ def _engine(model: str) -> Any:
     return make_engine(model, Spec())
 
 
-def _request(model: str, image: bytes, text: str) -> Request:
-    enc = preprocess_row({"messages": [{"role": "user", "content": f"<image>\n{text}"}], "images": [image]}, model,
+def _request(model: str, image: bytes | None, text: str) -> Request:
+    content, images = (f"<image>\n{text}", [image]) if image is not None else (text, [])
+    enc = preprocess_row({"messages": [{"role": "user", "content": content}], "images": images}, model,
                          PreprocessConfig(max_tiles=2, max_length=1024), with_labels=False)
     return Request(enc["input_ids"], enc["pixel_values"], enc["n_tiles"])
 
 
-def expected_greedy(model: str, image: bytes, text: str, max_tokens: int) -> str:
-    """The engine run directly (no server): the prompt encoded by the data pipeline, greedy."""
+def expected_greedy(model: str, image: bytes | None, text: str, max_tokens: int) -> str:
+    """The engine run directly (no server): the prompt (`text` after the image, if any) encoded by the data
+    pipeline, greedy."""
     comp = _engine(model).generate([_request(model, image, text)], {**GREEDY, "max_new_tokens": max_tokens}, 1,
                                    0)[0][0]
     return comp.text
