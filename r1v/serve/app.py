@@ -25,7 +25,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from r1v.serve.chat import ChatService, Job, result_of
+from r1v.serve.chat import ChatService, Job
 from r1v.serve.config import ServeConfig
 from r1v.serve.front import Front, bind, server
 from r1v.serve.limits import INTERNAL, ServeError, require_key
@@ -103,12 +103,13 @@ class ChatDeployment:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
     async def generate(self, jobs: list[Job]) -> list[Any]:
-        # Futures, not results: Serve runs one batch handler at a time, so a handler that waited for the engine
-        # would hold back the batches behind it; the service's queue merges them into its next engine call.
-        return self.service.enqueue(jobs)
+        return await self.service.run_batch(jobs)
 
     async def _submit(self, job: Job) -> Any:
-        return await result_of(await self.generate(job))
+        res = await self.generate(job)
+        if isinstance(res, BaseException):
+            raise res
+        return res
 
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request) -> Response:
@@ -132,8 +133,7 @@ class ChatDeployment:
 
 
 def local_app(service: ChatService) -> FastAPI:
-    """The same routes around one ChatService in this process, without Ray (no `serve.batch`: jobs go to the
-    service's engine queue as they come)."""
+    """The same routes around one ChatService in this process, without Ray (jobs run one at a time)."""
     app = make_api()
 
     @app.post("/v1/chat/completions")

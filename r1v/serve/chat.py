@@ -164,14 +164,6 @@ def run_jobs(engine: Any, jobs: list[Job], batch: int) -> list[list[Completion] 
     return out  # type: ignore[return-value]
 
 
-async def result_of(future: asyncio.Future[Any]) -> list[Completion]:
-    """A queued job's completions, or its error raised."""
-    res = await future
-    if isinstance(res, BaseException):
-        raise res
-    return res
-
-
 def choose(engine: Any, job: Job) -> list[Completion]:
     """A guided-choice job's answer, n times: the choice whose tokens are likeliest after the prompt (the sum of
     their log-probabilities, `continuation_logprobs`)."""
@@ -257,13 +249,8 @@ class Prepared:
 
 
 class ChatService:
-    """One model behind the chat API. `submit(job)` runs a job: by default it joins the engine queue (`enqueue`)
-    at once; a Serve replica first gathers concurrent jobs with its `serve.batch` method, then enqueues them.
-
-    The engine queue: one engine call at a time, in a worker thread (the event loop keeps answering meanwhile).
-    When the engine is free, every job queued while it was busy goes into the next call, up to
-    `batching.max_batch_size` jobs. (Serve's `serve.batch` alone makes a batch every `batch_wait_timeout_s` while
-    the engine is busy and runs them one after another, so under load the engine would get many small calls.)"""
+    """One model behind the chat API. `submit(job)` runs a job (default: alone, in a worker thread; a Serve replica
+    replaces it with its `serve.batch` method)."""
 
     def __init__(self, cfg: ServeConfig, model_dir: str, name: str, digests: list[bytes],
                  engine: Any | None = None) -> None:
@@ -278,45 +265,24 @@ class ChatService:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="r1v-engine")  # one engine call at a time
         self.submit: Callable[[Job], Awaitable[list[Completion]]] = self._run_alone
         self.stats = {"requests": 0, "batches": 0, "batched_requests": 0, "largest_batch": 0, "errors": 0}
-        self._pending: list[tuple[Job, asyncio.Future[Any]]] = []
-        self._drainer: asyncio.Task[None] | None = None
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
         self._stack.close()
 
     async def _run_alone(self, job: Job) -> list[Completion]:
-        return await result_of(self.enqueue([job])[0])
+        res = (await self.run_batch([job]))[0]
+        if isinstance(res, BaseException):
+            raise res
+        return res
 
-    def enqueue(self, jobs: list[Job]) -> list[asyncio.Future[Any]]:
-        """Queue jobs for the engine; a future per job, resolved with its completions or its error (a cancelled
-        future's job is dropped if it has not started)."""
+    async def run_batch(self, jobs: list[Job]) -> list[list[Completion] | BaseException]:
+        """Run jobs together in the engine thread (the event loop keeps answering meanwhile)."""
+        self.stats["batches"] += 1
+        self.stats["batched_requests"] += len(jobs)
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(jobs))
         loop = asyncio.get_running_loop()
-        futures = [loop.create_future() for _ in jobs]
-        self._pending.extend(zip(jobs, futures, strict=True))
-        if self._drainer is None or self._drainer.done():
-            self._drainer = loop.create_task(self._drain())
-        return futures
-
-    async def _drain(self) -> None:
-        loop = asyncio.get_running_loop()
-        cap = self.cfg.batching.max_batch_size
-        while self._pending:
-            take, self._pending = self._pending[:cap], self._pending[cap:]
-            take = [(j, f) for j, f in take if not f.done()]
-            if not take:
-                continue
-            self.stats["batches"] += 1
-            self.stats["batched_requests"] += len(take)
-            self.stats["largest_batch"] = max(self.stats["largest_batch"], len(take))
-            try:
-                res = await loop.run_in_executor(self.executor, run_jobs, self.engine, [j for j, _ in take],
-                                                 self.cfg.engine.max_batch)
-            except Exception as e:  # noqa: BLE001  (the executor itself failed, e.g. shut down: each job's error)
-                res = [e] * len(take)
-            for (_, f), r in zip(take, res, strict=True):
-                if not f.done():
-                    f.set_result(r)
+        return await loop.run_in_executor(self.executor, run_jobs, self.engine, jobs, self.cfg.engine.max_batch)
 
     # ------------------------------------------------------------------------------------------ the request
 
