@@ -80,14 +80,18 @@ def start_server(model: str, cfg: dict[str, Any], tmp: Path, key: str) -> tuple[
     threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
     seen: list[str] = []
     deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            line = lines.get(timeout=1)
-        except queue.Empty:
-            continue
-        seen.append(line)
-        if m := re.search(r"on http://127\.0\.0\.1:(\d+)/v1 ", line):
-            return proc, int(m.group(1))
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                line = lines.get(timeout=1)
+            except queue.Empty:
+                continue
+            seen.append(line)
+            if m := re.search(r"on http://127\.0\.0\.1:(\d+)/v1 ", line):
+                return proc, int(m.group(1))
+    except BaseException:  # interrupted while it starts: stop it too
+        stop_server(proc)
+        raise
     stop_server(proc)
     raise RuntimeError("r1v serve did not start:\n" + "".join(seen[-30:]))
 
@@ -179,6 +183,7 @@ def main() -> None:
            "batching": {"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_s},
            "preprocess": {"max_tiles": 2, "max_length": 1024},
            "replicas": {"num_replicas": 1, "max_ongoing_requests": max(64, 2 * max(counts))}}
+    load0 = f"{os.getloadavg()[0]:.1f}"
     t = time.monotonic()
     proc, port = start_server(model, cfg, tmp, key)
     started = round(time.monotonic() - t, 1)
@@ -202,7 +207,8 @@ def main() -> None:
     base = results[0]["requests_per_s"] or float("nan")
     head = (f"{'clients':>7} {'ok':>4} {'err':>4} {'req/s':>7} {'tok/s':>7} {'p50 s':>7} {'p95 s':>7} {'p99 s':>7} "
             f"{'batch':>6} {'x 1 client':>10}")
-    print(f"\nr1v serve on {model} (transformers engine, {args.threads} torch thread(s), start-up {started} s); "
+    print(f"\nload average before/after: {load0} / {os.getloadavg()[0]:.1f}; CPUs: {os.cpu_count()}")
+    print(f"r1v serve on {model} (transformers engine, {args.threads} torch thread(s), start-up {started} s); "
           f"{args.requests} requests per count (half image, half text), greedy, max_tokens {args.max_tokens}")
     print(head)
     for r in results:
