@@ -194,6 +194,32 @@ class TransformersEngine(RolloutEngine):
                                     finished=end is not None))
         return comps
 
+    @torch.no_grad()
+    def continuation_logprobs(self, request: Request, continuations: list[list[int]]) -> list[float]:
+        """The summed log-probability of each continuation's tokens right after the request's prompt (its images
+        included), all continuations in one forward pass. What a guided choice picks from (`r1v serve`)."""
+        if not continuations or any(not c for c in continuations):
+            raise ValueError("continuation_logprobs: every continuation needs at least one token")
+        start = len(request.prompt_ids)
+        longest = start + max(len(c) for c in continuations)
+        ids = torch.full((len(continuations), longest), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, c in enumerate(continuations):  # right padding: every prompt ends at `start`
+            ids[j, : start + len(c)] = torch.tensor(request.prompt_ids + c)
+            mask[j, : start + len(c)] = 1
+        kwargs: dict[str, Any] = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+        tiles = self._tiles(request)
+        if tiles is not None:
+            # imported on use, to keep transformers, PIL, pyarrow out of light paths
+            from r1v.model.forward import normalize_pixels
+
+            kwargs["pixel_values"] = normalize_pixels(tiles.repeat(len(continuations), 1, 1, 1).to(self.device),
+                                                      self.model.dtype)
+        logits = self.model(**kwargs).logits[:, start - 1 : longest - 1].cpu()  # position t predicts token t+1
+        targets = ids[:, start:longest]
+        lp = token_logprobs(logits, targets)
+        return [float(lp[j, : len(c)].sum()) for j, c in enumerate(continuations)]
+
     def update_weights(self, named_tensors: dict[str, torch.Tensor]) -> int:
         params = dict(self.model.named_parameters())
         unknown = sorted(set(named_tensors) - set(params))

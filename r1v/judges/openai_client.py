@@ -1,5 +1,4 @@
-"""The `openai` scorer: a judge or reward model behind any OpenAI-compatible chat endpoint (vLLM, Ray Serve,
-`r1v.serve.openai_server`).
+"""The `openai` scorer: a judge or reward model behind any OpenAI-compatible chat endpoint (vLLM, `r1v serve`).
 
 Each row becomes one chat request (the config's prompt template, optionally the row's images as data URLs);
 the reply's text is parsed for a score. A remote misbehaves in three ways, each handled the same documented way:

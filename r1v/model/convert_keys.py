@@ -25,9 +25,9 @@ VARIANTS = {"internvl": "InternVLChatModel", "skywork": "SkyworkR1VChatModel"}
 """`architectures` of each flavour; vLLM picks its model class by this name."""
 CHAT_ARCHITECTURES = set(VARIANTS.values())
 CHAT_MODEL_TYPES = {"internvl_chat", "skywork_chat"}
-"""Both flavours are written with model_type `internvl_chat`, which vLLM parses with its built-in config class
-(no remote code needed); a stashed `skywork_chat` (as the released weights, whose remote code the conversion
-copies along) is kept."""
+"""Both flavours are written with model_type `internvl_chat`, the released InternVL checkpoints' type (vLLM 0.32
+has no config class for it: `vllm serve` reads the checkpoint's remote config code, see docs/serving.md); a stashed
+`skywork_chat` (as the released weights, whose remote code the conversion copies along) is kept."""
 HF_ARCHITECTURE = "InternVLForConditionalGeneration"
 
 

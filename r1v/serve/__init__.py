@@ -1,2 +1,2 @@
 """Serving r1v models over HTTP: `r1v serve` (`r1v.serve.app`: an OpenAI-compatible chat API on Ray Serve, behind
-r1v's front, `r1v.serve.front`), and the older stdlib test server `r1v.serve.openai_server`."""
+r1v's front, `r1v.serve.front`)."""

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from r1v.data.pipeline import RowError, load_tokenizer, preprocess_row
 from r1v.data.prompt import encode_prompt
-from r1v.generation.engines import Completion, is_vlm_dir
+from r1v.generation.engines import Completion, Request, is_vlm_dir
 from r1v.generation.service import generate_jobs, open_engine
 from r1v.model.tokens import IMAGE_MARKER, IMG_CONTEXT, IMG_END, IMG_START
 from r1v.serve.config import ServeConfig
@@ -37,6 +37,9 @@ log = logging.getLogger("r1v.serve")
 
 RESERVED_TEXT = (IMAGE_MARKER, IMG_CONTEXT, IMG_START, IMG_END)
 """Strings a message's text may not hold: they would become image slots (images come only as image_url parts)."""
+MAX_CHOICES = 64
+"""The most strings a `guided_choice` may offer (each is scored in one forward pass with the others)."""
+MAX_CHOICE_CHARS = 1024
 
 
 class StreamOptions(BaseModel):
@@ -67,6 +70,8 @@ class ChatRequest(BaseModel):
     frequency_penalty: Literal[0, 0.0] | None = None
     presence_penalty: Literal[0, 0.0] | None = None
     logprobs: Literal[False] | None = None
+    guided_choice: list[str] | None = Field(None, min_length=1, max_length=MAX_CHOICES,
+                                            description="vLLM's extension: the answer is one of these strings")
 
 
 def _no_constant(name: str) -> Any:
@@ -105,12 +110,16 @@ class Job:
     seed: int | None
     deadline: float
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    choices: list[tuple[str, list[int]]] | None = None
+    """guided_choice: (text, token ids) of each allowed answer; the job's answer is the likeliest."""
 
     def key(self) -> tuple[Any, ...]:
         """Jobs with equal keys share engine calls. Greedy ones share freely; sampled ones with a seed run alone
         (their samples then depend on the seed only, not on the batch they came in); sampled ones without a seed
         share one random seed."""
         s = self.sampling
+        if self.choices is not None:  # one forward pass of its own
+            return ("choice", self.id)
         base = (s["temperature"], s["top_p"], s["max_new_tokens"], self.n)
         if s["temperature"] == 0:
             return (*base, "greedy")
@@ -132,6 +141,8 @@ def run_jobs(engine: Any, jobs: list[Job], batch: int) -> list[list[Completion] 
 
     def call(idx: list[int]) -> list[list[Completion]]:
         first = jobs[idx[0]]
+        if first.choices is not None:
+            return [choose(engine, first)]
         seed = first.seed if first.seed is not None else random.randrange(2**31)
         prompts = [jobs[i].prompt for i in idx]
         return generate_jobs(engine, prompts, [(first.sampling, first.n)], seed, batch, desc="serve",
@@ -151,6 +162,16 @@ def run_jobs(engine: Any, jobs: list[Job], batch: int) -> list[list[Completion] 
                 except Exception as e1:  # noqa: BLE001
                     out[i] = e1
     return out  # type: ignore[return-value]
+
+
+def choose(engine: Any, job: Job) -> list[Completion]:
+    """A guided-choice job's answer, n times: the choice whose tokens are likeliest after the prompt (the sum of
+    their log-probabilities, `continuation_logprobs`)."""
+    p, choices = job.prompt, job.choices or []
+    request = Request(p["input_ids"], p["pixel_values"], p["n_tiles"])
+    scores = engine.continuation_logprobs(request, [ids for _, ids in choices])
+    text, ids = choices[max(range(len(choices)), key=scores.__getitem__)]
+    return [Completion(token_ids=list(ids), logprobs=[], text=text, finished=True) for _ in range(job.n)]
 
 
 def _text_parts(i: int, m: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -356,7 +377,30 @@ class ChatService:
         prompt["repetition_penalty"] = req.repetition_penalty
         sampling = {"temperature": req.temperature, "top_p": req.top_p if req.temperature > 0 else 1.0,
                     "max_new_tokens": max_tokens, "repetition_penalty": req.repetition_penalty}
-        return Prepared(req, Job(prompt, sampling, req.n, req.seed, deadline), n_prompt, stops)
+        choices = self._choices(req, max_tokens, room) if req.guided_choice is not None else None
+        return Prepared(req, Job(prompt, sampling, req.n, req.seed, deadline, choices=choices), n_prompt, stops)
+
+    def _choices(self, req: ChatRequest, max_tokens: int, room: int) -> list[tuple[str, list[int]]]:
+        """(text, token ids) of each guided choice, checked: answered greedily (temperature 0, no repetition
+        penalty), each choice non-empty and within max_tokens and the context; engines that score continuations
+        only (the transformers engine)."""
+        if not hasattr(self.engine, "continuation_logprobs"):
+            raise ServeError(400, f"guided_choice is not served by the {self.cfg.engine.kind!r} engine (the "
+                             "transformers engine serves it)", param="guided_choice", code="unsupported_parameter")
+        if req.temperature != 0 or req.repetition_penalty != 1.0:
+            raise ServeError(400, "guided_choice answers the likeliest choice: send temperature 0 and no "
+                             "repetition_penalty", param="guided_choice", code="invalid_value")
+        out = []
+        for i, text in enumerate(req.guided_choice or []):
+            ids = self.tok(text, add_special_tokens=False)["input_ids"] if text else []
+            if not ids or len(text) > MAX_CHOICE_CHARS:
+                raise ServeError(400, f"guided_choice[{i}] must be a non-empty string of at most {MAX_CHOICE_CHARS} "
+                                 "characters", param=f"guided_choice[{i}]", code="invalid_value")
+            if len(ids) > min(max_tokens, room):
+                raise ServeError(400, f"guided_choice[{i}] is {len(ids)} tokens, over max_tokens ({max_tokens}) or "
+                                 "what the context leaves", param=f"guided_choice[{i}]", code="invalid_value")
+            out.append((text, ids))
+        return out
 
     async def chat(self, headers: list[tuple[bytes, bytes]], body: AsyncIterator[bytes]
                    ) -> tuple[int, dict[str, Any] | AsyncIterator[bytes]]:

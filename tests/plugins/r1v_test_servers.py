@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import queue
+import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 def _free_port() -> int:
@@ -150,3 +158,65 @@ def stop_shared(d: Path, timeout: float = 120) -> None:
             os.killpg(info["pid"], signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+SERVE_KEY = "test-key-0123456789abcdef"
+"""The API key of the `r1v serve` servers tests start."""
+
+
+def processes_under(path: str) -> list[int]:
+    """Pids of live processes whose command line mentions `path` (a Ray cluster's temp dir)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if path.encode() in (d / "cmdline").read_bytes():
+                    pids.append(int(d.name))
+            except OSError:
+                continue
+    return pids
+
+
+@contextlib.contextmanager
+def r1v_serve(model: str, config: dict[str, Any], start_timeout_s: float = 420) -> Iterator[dict[str, Any]]:
+    """`r1v serve MODEL --config C` in a subprocess with its own Ray cluster (2 CPUs, its own temp dir) and
+    R1V_API_KEY=SERVE_KEY; yields port, internal (Serve's URL), an `openai` client, the process, its output so far
+    and the queue of later lines, the Ray temp dir. Stopped (SIGTERM, then SIGKILL of its process group) at the end."""
+    import openai
+    import yaml
+
+    ray_tmp = tempfile.mkdtemp(prefix="r1vsv-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    cfg = Path(ray_tmp) / "serve.yaml"
+    cfg.write_text(yaml.safe_dump({"port": 0, "ray": {"num_cpus": 2}, **config}))
+    env = {**os.environ, "R1V_API_KEY": SERVE_KEY, "RAY_TMPDIR": ray_tmp}
+    proc = subprocess.Popen([sys.executable, "-m", "r1v.cli", "serve", model, "--config", str(cfg)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    lines: queue.Queue[str] = queue.Queue()
+    seen: list[str] = []
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
+    deadline, m = time.monotonic() + start_timeout_s, None
+    pattern = re.compile(r"on http://127\.0\.0\.1:(\d+)/v1 \(API key required; Ray Serve at (http://127\.0\.0\.1:\d+)\)")
+    try:
+        while m is None and time.monotonic() < deadline and proc.poll() is None:
+            try:
+                line = lines.get(timeout=1)
+            except queue.Empty:
+                continue
+            seen.append(line)
+            m = pattern.search(line)
+        if m is None:
+            raise RuntimeError("r1v serve did not start:\n" + "".join(seen[-40:]))
+        port = int(m.group(1))
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=SERVE_KEY, max_retries=0, timeout=240)
+        yield {"port": port, "internal": m.group(2), "client": client, "proc": proc, "output": seen,
+               "lines": lines, "ray_tmp": ray_tmp}
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -1,17 +1,13 @@
-"""The `openai` scorer against a real server: r1v's tiny VLM behind `python -m r1v.serve.openai_server` on
-127.0.0.1, started here. Faults are the server's own (`--allow-faults`: a `[[fault:...]]` marker in the request
-makes it answer 500, a truncated body, or sleep), each handled as `r1v.judges.openai_client` documents."""
+"""The `openai` scorer against a real server: r1v's tiny VLM behind `r1v serve` (Ray Serve, its own 2-CPU cluster)
+on 127.0.0.1, started here. Faults come from a test-only proxy in front of it (`r1v_fault_proxy`: a
+`[[fault:...]]` marker in the request makes the proxy answer 500, a truncated body, or wait before forwarding);
+401 and 404 are the server's own. Each is handled as `r1v.judges.openai_client` documents. The scores are the
+model's own: `guided_choice` (vLLM's extension, which `r1v serve` implements) picks the likeliest of "0".."5"."""
 
 from __future__ import annotations
 
 import json
-import os
-import queue
-import re
 import socket
-import subprocess
-import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -19,6 +15,8 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
+from r1v_fault_proxy import FaultProxy
+from r1v_test_servers import SERVE_KEY, r1v_serve
 from score_corpora import read, row
 
 from r1v.core.judges import SCORERS
@@ -33,32 +31,20 @@ SCORES = [str(i) for i in range(6)]
 
 @pytest.fixture(scope="module")
 def server(tiny_assets):
-    """The server process; yields its base URL. Its output is drained so that it never blocks on a pipe."""
-    env = {**os.environ, KEY_ENV: "secret-key"}
-    cmd = [sys.executable, "-m", "r1v.serve.openai_server", "--model", tiny_assets["model"], "--port", "0",
-           "--served-model-name", "judge", "--api-key-env", KEY_ENV, "--allow-faults"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
-    deadline, url, seen = time.monotonic() + 120, None, []
-    while url is None and time.monotonic() < deadline and proc.poll() is None:
+    """`r1v serve` with the fault proxy in front; yields the proxy's base URL (…/v1)."""
+    with r1v_serve(tiny_assets["model"], {
+            "name": "judge", "engine": {"num_cpus": 1, "max_batch": 8}, "torch_threads": 1,
+            "preprocess": {"max_tiles": 2, "max_length": 1024},
+            "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.05}}) as served:
+        proxy = FaultProxy(f"http://127.0.0.1:{served['port']}")
         try:
-            line = lines.get(timeout=1)
-        except queue.Empty:
-            continue
-        seen.append(line)
-        if m := re.search(r"listening on (http://127\.0\.0\.1:\d+/v1)", line):
-            url = m.group(1)
-    if url is None:
-        proc.kill()
-        pytest.fail("server did not start:\n" + "".join(seen[-30:]))
-    yield url
-    proc.terminate()
-    proc.wait(timeout=20)
+            yield proxy.url + "/v1"
+        finally:
+            proxy.stop()
 
 
 def _stats(url: str) -> dict[str, int]:
-    return json.loads(urllib.request.urlopen(url.removesuffix("/v1") + "/r1v/stats", timeout=10).read())
+    return json.loads(urllib.request.urlopen(url.removesuffix("/v1") + "/_faults", timeout=10).read())
 
 
 def _cfg(url: str, **kw: Any) -> dict[str, Any]:
@@ -69,7 +55,7 @@ def _cfg(url: str, **kw: Any) -> dict[str, Any]:
 
 @pytest.fixture(autouse=True)
 def _key(monkeypatch) -> None:
-    monkeypatch.setenv(KEY_ENV, "secret-key")
+    monkeypatch.setenv(KEY_ENV, SERVE_KEY)
 
 
 def test_scores_and_500_and_malformed_replies(server, tiny_assets, corpus_factory, tmp_path: Path) -> None:
@@ -120,7 +106,7 @@ def test_unparsable_wrong_model_and_wrong_key_are_not_retried(server, monkeypatc
     assert v.reason == "unparsable_score" and v.detail.startswith("reply: ") and st["judge_requests"] == 1
     v, st = run(model="nope")
     assert v.reason == "http_error" and "HTTP 404" in v.detail and st["judge_requests"] == 1
-    monkeypatch.setenv(KEY_ENV, "wrong")
+    monkeypatch.setenv(KEY_ENV, "wrong-key-0123456789abcdef")
     v, st = run()
     assert v.reason == "http_error" and "HTTP 401" in v.detail and st["judge_requests"] == 1
     monkeypatch.delenv(KEY_ENV)

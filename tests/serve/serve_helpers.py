@@ -3,35 +3,23 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import functools
 import io
-import os
-import queue
-import re
-import shutil
-import signal
 import socket
 import struct
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 import zlib
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import openai
-import yaml
+from r1v_test_servers import SERVE_KEY, processes_under, r1v_serve  # noqa: F401  (the serving tests' helpers)
 
 from r1v.core.config import EvalEngineConfig, PreprocessConfig
 from r1v.data.pipeline import preprocess_row
 from r1v.generation.engines import Request
 from r1v.generation.service import GREEDY, make_engine
 
-KEY = "test-key-0123456789abcdef"
+KEY = SERVE_KEY
 
 
 def png(w: int = 80, h: int = 60, color: tuple[int, int, int] = (200, 10, 10)) -> bytes:
@@ -141,65 +129,23 @@ def _engine(model: str) -> Any:
     return make_engine(model, Spec())
 
 
-def expected_greedy(model: str, image: bytes, text: str, max_tokens: int) -> str:
-    """The engine run directly (no server): the prompt encoded by the data pipeline, greedy."""
-    enc = preprocess_row({"messages": [{"role": "user", "content": f"<image>\n{text}"}], "images": [image]}, model,
+def _request(model: str, image: bytes | None, text: str) -> Request:
+    content, images = (f"<image>\n{text}", [image]) if image is not None else (text, [])
+    enc = preprocess_row({"messages": [{"role": "user", "content": content}], "images": images}, model,
                          PreprocessConfig(max_tiles=2, max_length=1024), with_labels=False)
-    comp = _engine(model).generate([Request(enc["input_ids"], enc["pixel_values"], enc["n_tiles"])],
-                                   {**GREEDY, "max_new_tokens": max_tokens}, 1, 0)[0][0]
+    return Request(enc["input_ids"], enc["pixel_values"], enc["n_tiles"])
+
+
+def expected_greedy(model: str, image: bytes | None, text: str, max_tokens: int) -> str:
+    """The engine run directly (no server): the prompt (`text` after the image, if any) encoded by the data
+    pipeline, greedy."""
+    comp = _engine(model).generate([_request(model, image, text)], {**GREEDY, "max_new_tokens": max_tokens}, 1,
+                                   0)[0][0]
     return comp.text
 
 
-def processes_under(path: str) -> list[int]:
-    """Pids of live processes whose command line mentions `path` (a Ray cluster's temp dir)."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if path.encode() in (d / "cmdline").read_bytes():
-                    pids.append(int(d.name))
-            except OSError:
-                continue
-    return pids
-
-
-@contextlib.contextmanager
-def r1v_serve(model: str, config: dict[str, Any], start_timeout_s: float = 420) -> Iterator[dict[str, Any]]:
-    """`r1v serve MODEL --config C` in a subprocess with its own Ray cluster (2 CPUs, its own temp dir) and
-    R1V_API_KEY=KEY; yields port, internal (Serve's URL), an `openai` client, the process, its output so far and
-    the queue of later lines, the Ray temp dir. Stopped (SIGTERM, then SIGKILL of its process group) at the end."""
-    ray_tmp = tempfile.mkdtemp(prefix="r1vsv-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
-    cfg = Path(ray_tmp) / "serve.yaml"
-    cfg.write_text(yaml.safe_dump({"port": 0, "ray": {"num_cpus": 2}, **config}))
-    env = {**os.environ, "R1V_API_KEY": KEY, "RAY_TMPDIR": ray_tmp}
-    proc = subprocess.Popen([sys.executable, "-m", "r1v.cli", "serve", model, "--config", str(cfg)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
-    lines: queue.Queue[str] = queue.Queue()
-    seen: list[str] = []
-    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
-    deadline, m = time.monotonic() + start_timeout_s, None
-    pattern = re.compile(r"on http://127\.0\.0\.1:(\d+)/v1 \(API key required; Ray Serve at (http://127\.0\.0\.1:\d+)\)")
-    try:
-        while m is None and time.monotonic() < deadline and proc.poll() is None:
-            try:
-                line = lines.get(timeout=1)
-            except queue.Empty:
-                continue
-            seen.append(line)
-            m = pattern.search(line)
-        if m is None:
-            raise RuntimeError("r1v serve did not start:\n" + "".join(seen[-40:]))
-        port = int(m.group(1))
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=240)
-        yield {"port": port, "internal": m.group(2), "client": client, "proc": proc, "output": seen,
-               "lines": lines, "ray_tmp": ray_tmp}
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+def choice_logprobs(model: str, image: bytes, text: str, choices: list[str]) -> list[float]:
+    """The engine run directly: each choice's summed log-probability after the prompt."""
+    engine = _engine(model)
+    return engine.continuation_logprobs(_request(model, image, text),
+                                        [engine.tok(c, add_special_tokens=False)["input_ids"] for c in choices])

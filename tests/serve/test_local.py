@@ -17,6 +17,7 @@ from serve_helpers import (
     KEY,
     ThreadServer,
     bomb_png,
+    choice_logprobs,
     data_url,
     expected_greedy,
     image_message,
@@ -106,6 +107,29 @@ def test_models_health_and_the_image_chat_equal_the_engine(stack, tiny_png):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
     assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == r.choices[0].finish_reason
+
+
+def test_guided_choice_answers_the_likeliest_choice(stack, tiny_png):
+    """vLLM's `guided_choice` (what the `openai` judge sends): the choice whose tokens the model finds likeliest."""
+    client, messages = stack["client"], image_message(data_url(tiny_png), "Score it.")
+    choices = ["0", "1", "2", "3", "4", "5", "ten"]
+    lp = choice_logprobs(stack["model"], tiny_png, "Score it.", choices)
+    want = choices[max(range(len(choices)), key=lp.__getitem__)]
+    assert len(set(lp)) == len(lp)  # no tie: the pick is well defined
+    r = client.chat.completions.create(model="tiny", messages=messages, temperature=0, n=2,
+                                       extra_body={"guided_choice": choices})
+    assert [c.message.content for c in r.choices] == [want, want] and r.choices[0].finish_reason == "stop"
+    chunks = client.chat.completions.create(model="tiny", messages=messages, temperature=0, stream=True,
+                                            extra_body={"guided_choice": choices})
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    for bad, param in (({"temperature": 0.7}, "guided_choice"), ({"guided_choice": ["1", ""]}, "guided_choice[1]"),
+                       ({"guided_choice": []}, "guided_choice"), ({"max_tokens": 1}, "guided_choice[6]"),
+                       ({"guided_choice": "123"}, "guided_choice")):
+        kw = {"temperature": 0, "guided_choice": choices, **bad}
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="tiny", messages=messages, temperature=kw.pop("temperature"),
+                                           extra_body=kw)
+        assert error_of(e.value)["param"] == param, (bad, error_of(e.value))
 
 
 def test_api_key_required_and_checked(stack):
