@@ -134,8 +134,8 @@ def _num(v: float) -> str:
 
 
 def describe(p: dict[str, Any] | None, now: float | None = None, stale_s: float = 60.0) -> str:
-    """One line: `step 40/100 (40%), loss 0.51, 1.3 step/s, ETA 46s`, and `(updated 5m ago)` when the last
-    update is older than `stale_s` seconds."""
+    """One line: `step 40/100 (40%), loss 0.51, 1.3 step/s, ETA 46s` (the ETA counted down from the last
+    update), and `(updated 5m ago)` when the last update is older than `stale_s` seconds."""
     if not p:
         return ""
     unit, step, total = p.get("unit") or "step", p.get("step"), p.get("total")
@@ -148,9 +148,7 @@ def describe(p: dict[str, Any] | None, now: float | None = None, stale_s: float 
     if _number(rate) and rate > 0:
         parts.append(f"{rate:.3g} {unit}/s" if rate >= 1 else f"{1 / rate:.3g} s/{unit}")
     eta = p.get("eta_s")
-    if _number(eta) and _number(total) and step < total:
-        parts.append(f"ETA {duration(eta)}")
     age = (now if now is not None else time.time()) - float(p.get("time") or 0)
-    if age > stale_s:
-        parts.append(f"(updated {duration(age)} ago)")
-    return ", ".join(parts)
+    if _number(eta) and _number(total) and step < total:
+        parts.append(f"ETA {duration(max(0.0, eta - age))}")  # counted from the last update
+    return ", ".join(parts) + (f" (updated {duration(age)} ago)" if age > stale_s else "")
