@@ -43,7 +43,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, proc: subprocess.Popen | None, timeout: float = 120.0) -> None:
+def wait_http(url: str, proc: subprocess.Popen | None, timeout: float = 300.0) -> None:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         if proc is not None and proc.poll() is not None:
@@ -64,23 +64,27 @@ def shoot(chromium: str, url: str, out: Path, wait_ms: int) -> None:
     print(f"{out}  <- {url}")
 
 
-def pick_stage(runner, client) -> tuple[str, str, str | None]:
+def pick_stage(run_dir: Path, client) -> tuple[str, str, str | None]:
     """(stage, its MLflow run id, its first sample table) of the first GRPO stage, else of the first stage that
-    logged a sample table."""
+    logged a sample table. Read from the run's files alone (no validation: a plugin's kinds need not import)."""
     import json
 
-    stages = [n for n, s in runner.wf.config.stages.items() if runner.state(n).get("mlflow_run_id")]
-    stages.sort(key=lambda n: runner.wf.config.stages[n].kind != "grpo")  # GRPO first, order kept otherwise
-    for name in stages:
-        run_id = runner.state(name)["mlflow_run_id"]
-        logged = json.loads(client.get_run(run_id).data.tags.get("mlflow.loggedArtifacts", "[]"))
-        tables = sorted(a["path"] for a in logged if a.get("type") == "table")
-        if tables or runner.wf.config.stages[name].kind == "grpo":
-            return name, run_id, tables[0] if tables else None
-    if not stages:
+    import yaml
+
+    from r1v.core.fs import read_json
+
+    stages = (yaml.safe_load((run_dir / "workflow.yaml").read_text()) or {}).get("stages") or {}
+    runs = {n: st["mlflow_run_id"] for n in stages
+            if (st := read_json(run_dir / "stages" / n / "state.json", {}) or {}).get("mlflow_run_id")}
+    order = sorted(runs, key=lambda n: stages[n].get("kind") != "grpo")  # GRPO first, workflow order otherwise
+    if not order:
         raise SystemExit("mlflow_screens: no stage of this run has an MLflow run yet")
-    name = stages[0]
-    return name, runner.state(name)["mlflow_run_id"], None
+    for name in order:
+        logged = json.loads(client.get_run(runs[name]).data.tags.get("mlflow.loggedArtifacts", "[]"))
+        tables = sorted(a["path"] for a in logged if a.get("type") == "table")
+        if tables or stages[name].get("kind") == "grpo":
+            return name, runs[name], tables[0] if tables else None
+    return order[0], runs[order[0]], None
 
 
 def main() -> int:
@@ -101,15 +105,21 @@ def main() -> int:
 
     from mlflow.tracking import MlflowClient
 
-    from r1v.workflow.runner import Runner
+    from r1v.core.fs import read_json
+    from r1v.workflow.runner import locate, pull_records
     from r1v.workflow.tracking import is_local_store
 
-    runner = Runner.open(args.run)
-    meta = runner.meta
+    run_dir, store = locate(args.run)
+    if store is not None:
+        pull_records(run_dir, store)
+    meta = read_json(run_dir / "run.json", None)
+    if not meta:
+        print(f"mlflow_screens: {args.run} is not an r1v run directory (no run.json)", file=sys.stderr)
+        return 2
     uri, exp, parent = meta["tracking_uri"], meta["experiment_id"], meta["parent_run_id"]
     client = MlflowClient(uri)
-    stage, stage_run, table = pick_stage(runner, client)
-    out = args.out or runner.run_dir / "screens"
+    stage, stage_run, table = pick_stage(run_dir, client)
+    out = args.out or run_dir / "screens"
     out.mkdir(parents=True, exist_ok=True)
 
     server = None
