@@ -61,7 +61,7 @@ class Progress:
         now = time.time()
         if self._first is None:
             self._first = (now, step)
-        last = total is not None and step >= total
+        last = step == total  # not past it: an estimated total (SFT with packing) must not unthrottle the rest
         if not (force or last or now - self._written >= self.every_s):
             return False
         self._written = now

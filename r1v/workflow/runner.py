@@ -32,6 +32,7 @@ import json
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -618,7 +619,8 @@ class Runner:
             self._save_state(name, state)
             _append_event(self.run_dir, name, "failed", attempt=attempt, error=state["error"][-500:])
             tracking.set_status(uri, child, "KILLED" if killed else "FAILED")
-            self._curves_to_parent(name, child)
+            if not killed:  # a stop is answered at once
+                self._curves_to_parent(name, child)
             raise StageFailed(name, self.where, e) from e
         secs = round(time.time() - t0, 1)
         ctx.log.metrics({"stage_seconds": secs}, step=0)
@@ -634,10 +636,14 @@ class Runner:
     def _curves_to_parent(self, name: str, child: str | None) -> None:
         """The stage's key metrics (those its progress reported) as `NAME/KEY` curves on the parent run, so that
         the parent shows every stage's curve side by side. Best effort, like all tracking."""
-        keys = list((progress.read(self.progress_where(name)) or {}).get("metrics") or {})
-        if keys and child:
-            parent = tracking.RunLogger(self.meta["tracking_uri"], self.meta["parent_run_id"])
-            parent.copy_metrics(child, keys, name)
+        try:
+            keys = list((progress.read(self.progress_where(name)) or {}).get("metrics") or {})
+            if keys and child:
+                parent = tracking.RunLogger(self.meta["tracking_uri"], self.meta["parent_run_id"])
+                parent.copy_metrics(child, keys, name)
+        except Exception as e:  # tracking never fails a stage
+            print(f"r1v: MLflow: {name}'s curves not copied to the parent run ({type(e).__name__}: {e})",
+                  file=sys.stderr, flush=True)
 
     def _stage_note(self, name: str, kind: str) -> str:
         return (f"Stage `{name}` (kind `{kind}`) of the r1v run `{self.where}`.\n\n"
