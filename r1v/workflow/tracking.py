@@ -59,8 +59,7 @@ def ensure_experiment(tracking_uri: str, name: str, artifact_root: Path | None =
             set_experiment_kind(client, exp.experiment_id)
         return exp.experiment_id
     location = artifact_root.resolve().as_uri() if artifact_root else None
-    exp_id = client.create_experiment(name, artifact_location=location, tags={KIND_TAG: TRAINING_KIND})
-    return exp_id
+    return client.create_experiment(name, artifact_location=location, tags={KIND_TAG: TRAINING_KIND})
 
 
 def set_experiment_kind(client, experiment_id: str) -> None:
@@ -208,10 +207,6 @@ class RunLogger:
         if self._c:
             self._try(self._c.log_artifact, self.run_id, str(path), artifact_path)
 
-    def note(self, text: str) -> None:
-        """The run's description (Markdown), shown at the top of its page in the MLflow UI."""
-        self.tags({NOTE_TAG: text})
-
     def table(self, rows: list[dict[str, Any]], artifact_file: str, images: str | None = None,
               replace: bool = False) -> None:
         """A table artifact (`artifact_file`, .json) for MLflow's table viewer (`MlflowClient.log_table`).
@@ -248,7 +243,8 @@ class RunLogger:
         if artifact_file not in {f.path for f in self._c.list_artifacts(self.run_id, None if parent == "." else
                                                                         parent)}:
             return
-        get_artifact_repository(run.info.artifact_uri).delete_artifacts(artifact_file)
+        # the client's tracking URI, not the process's: `mlflow-artifacts:` locations resolve against it
+        get_artifact_repository(run.info.artifact_uri, tracking_uri=self.tracking_uri).delete_artifacts(artifact_file)
 
     def copy_metrics(self, src_run_id: str | None, keys: list[str], prefix: str) -> None:
         """The histories of `keys` in run `src_run_id` into this run as `PREFIX/KEY` (a stage's curves on the
