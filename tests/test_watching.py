@@ -195,3 +195,13 @@ def test_progress_writes_at_most_every_interval_and_always_the_last_step(tmp_pat
                              now=7200) == "batch 5, 2.5 batch/s (updated 2h00m ago)"
     progress.clear(tmp_path)
     assert progress.read(tmp_path) is None
+
+
+def test_flush_writes_the_update_the_interval_held_back(tmp_path):
+    p = progress.Progress(tmp_path, every_s=3600)
+    p.update(1, 10, loss=2.0)
+    p.update(7, 10, loss=0.5)  # an estimated total the loop never reaches
+    assert progress.read(tmp_path)["step"] == 1
+    p.flush()
+    got = progress.read(tmp_path)
+    assert (got["step"], got["metrics"]) == (7, {"loss": 0.5})

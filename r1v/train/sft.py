@@ -300,6 +300,7 @@ def sft_loop(cfg: dict[str, Any]) -> None:
         _check_finite(engine, state["step"])
         save({"epoch": epoch}, name=f"epoch-{epoch:03d}-end")
 
+    progress.flush()  # the last step, which an estimated total may not have reached
     t_export = time.time()
     export_model(engine, c.model, out / "model", rank)
     if rank == 0:

@@ -28,6 +28,9 @@ class _NoProgress:
     def update(self, *args: Any, **kw: Any) -> bool:
         return False
 
+    def flush(self) -> None:
+        pass
+
 
 def worker_progress(cfg: dict[str, Any], rank: int, log: RunLogger) -> Progress | _NoProgress:
     """Rank 0's writer of the stage's progress (`r1v.workflow.progress`): into the stage's directory, or with an

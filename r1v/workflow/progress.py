@@ -54,6 +54,7 @@ class Progress:
         self.unit = unit
         self._first: tuple[float, float] | None = None  # (time, step) of the first update
         self._written = -math.inf
+        self._skipped: tuple[float, float | None, dict[str, Any]] | None = None
         self.failed = False
 
     def update(self, step: float, total: float | None, force: bool = False, **metrics: float | None) -> bool:
@@ -63,8 +64,9 @@ class Progress:
             self._first = (now, step)
         last = step == total  # not past it: an estimated total (SFT with packing) must not unthrottle the rest
         if not (force or last or now - self._written >= self.every_s):
+            self._skipped = (step, total, metrics)
             return False
-        self._written = now
+        self._written, self._skipped = now, None
         t0, s0 = self._first
         rate = (step - s0) / (now - t0) if now > t0 and step > s0 else None
         eta = (total - step) / rate if rate and total is not None else None
@@ -88,6 +90,13 @@ class Progress:
                       **{f"progress/{k}": v for k, v in data["metrics"].items()}}
             self.log.metrics(values, int(step))
         return True
+
+
+    def flush(self) -> None:
+        """Write the last update if the interval held it back (a loop that ends short of an estimated total)."""
+        if self._skipped is not None:
+            step, total, metrics = self._skipped
+            self.update(step, total, force=True, **metrics)
 
 
 def _number(v: Any) -> bool:

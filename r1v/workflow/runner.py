@@ -602,6 +602,8 @@ class Runner:
                 ctx.log.params(cfg.model_dump(mode="json"))
                 ctx.log.text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml")
             outputs = kind.run_function()(ctx, cfg)
+            if ctx._progress is not None:
+                ctx._progress.flush()
             missing = [k for k, p in outputs.items() if not storage.exists(str(p))]
             if missing:
                 raise RuntimeError(f"stage returned outputs {missing} that were not written")
