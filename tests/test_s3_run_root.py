@@ -95,6 +95,8 @@ def test_a_run_in_an_object_store_resumes_from_the_store_alone(tmp_path, s3, mlf
     assert "ran ['sft'], skipped ['data', 'models']" in res.stdout
     st = storage.read_json(f"{uri}/stages/sft/state.json")
     assert st["status"] == "done" and st["outputs"]["model"] == f"{uri}/stages/sft/model"
+    progress = storage.read_json(f"{uri}/stages/sft/progress.json")  # rank 0's, into the store (docs/watching.md)
+    assert progress["step"] == progress["total"] and "loss" in progress["metrics"]
     files = storage.list_files(f"{uri}/stages/sft")
     assert "model/config.json" in files and any(f.startswith("ray/") for f in files), sorted(files)  # + checkpoints
     # what sft read came from this node's checked copies of the store's objects

@@ -3,6 +3,7 @@ fail the stage: its metrics are buffered, sent once the server is back, and the 
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -58,6 +59,15 @@ def test_a_workflow_logs_runs_metrics_and_artifacts_to_a_tracking_server(tmp_pat
     # the artifacts are on the server's side, not under the run root
     assert list((server.root / "artifacts").rglob("hello.txt"))
     assert not (tmp_path / "runs" / "mlartifacts").exists()
+    # docs/watching.md through the server: the experiment's kind, the description, a table replaced in place
+    assert exp.tags[tracking.KIND_TAG] == tracking.TRAINING_KIND
+    assert f"r1v resume {r.run_dir}" in parent.data.tags[tracking.NOTE_TAG]
+    log = tracking.RunLogger(server.uri, parent.info.run_id)
+    for acc in (0.25, 0.5):  # MLflow's log_table appends to a table of the same name: replace deletes it first
+        log.table([{"row": "sft", "accuracy": acc}], "results/table.json", replace=True)
+    table = json.loads(Path(client.download_artifacts(parent.info.run_id, "results/table.json",
+                                                      str(tmp_path / "t"))).read_text())
+    assert table["data"] == [["sft", 0.5]] and log.failures == 0
 
 
 def test_a_server_that_stops_mid_stage_does_not_fail_it(tmp_path, server, monkeypatch):

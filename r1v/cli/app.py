@@ -56,10 +56,13 @@ def _print_status(runner) -> None:
     if job:
         print(job)
     w = max([16, *(len(r["stage"]) for r in rows)])  # repeat blocks make long names (round4_generate)
-    print(f"{'stage':<{w}} {'kind':<16} {'status':<11} {'tries':>5} {'seconds':>8}  error / why")
+    print(f"{'stage':<{w}} {'kind':<16} {'status':<11} {'tries':>5} {'seconds':>8}  error / why / progress")
     for r in rows:
         secs = "" if r["seconds"] is None else f"{r['seconds']:.1f}"
-        print(f"{r['stage']:<{w}} {r['kind']:<16} {r['status']:<11} {r['attempts']:>5} {secs:>8}  {r['error'][0]}")
+        print(f"{r['stage']:<{w}} {r['kind']:<16} {r['status']:<11} {r['attempts']:>5} {secs:>8}  "
+              f"{r['error'][0] or r.get('progress') or ''}")
+        if r.get("progress") and r["error"][0]:  # an interrupted stage: where it got to, under its error
+            print(f"{'':<{w}} {'':<16} {'':<11} {'':>5} {'':>8}  at {r['progress']}")
     if any(r["status"] == "interrupted" for r in rows):
         print(f"r1v: the driver that ran this is gone ({describe(holder(runner.run_dir))}); "
               f"`r1v resume {runner.where}` continues")

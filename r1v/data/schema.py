@@ -37,6 +37,14 @@ def make_row(id: str, messages: list[dict[str, str]], images: list[bytes] | None
             "source": source, "meta": json.dumps(meta or {})}
 
 
+def question(row: dict[str, Any], limit: int = 2000) -> str:
+    """The text of a row's last user turn (what a sample table shows as the prompt), clipped to `limit`."""
+    for m in reversed(row.get("messages") or []):
+        if isinstance(m, dict) and m.get("role") == "user":
+            return str(m.get("content") or "")[:limit]
+    return ""
+
+
 def write_corpus(rows: Iterable[dict[str, Any]], path: str | Path, rows_per_file: int = 10_000,
                  row_group_rows: int = 64) -> Path:
     """Write rows as a Parquet dataset directory, atomically (a crash leaves no half corpus).

@@ -19,11 +19,13 @@ import json
 import math
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from r1v.core.config import PreprocessConfig
 from r1v.core.fs import atomic_write_json, atomic_write_text
+from r1v.data.schema import question
 from r1v.eval.config import EvalConfig
 from r1v.eval.passk import pass_at_1
 from r1v.generation.engines import is_vlm_dir
@@ -172,15 +174,22 @@ def summarize_eval(prompts: list[dict[str, Any]], greedy: list[float] | None, sa
     }
 
 
-def run_eval(c: EvalConfig, stage_dir: Path, log, actors: bool = False, keep_warm_s: float = 0.0) -> dict[str, Any]:
+SAMPLE_TABLE_ROWS = 50
+"""Items shown in the MLflow sample table of an eval (their primary generation, with the prompt's image)."""
+
+
+def run_eval(c: EvalConfig, stage_dir: Path, log, actors: bool = False, keep_warm_s: float = 0.0,
+             progress: Callable[..., None] | None = None) -> dict[str, Any]:
     """Generate (greedy and sampled), grade, write predictions.jsonl and summary.json, log to MLflow.
 
     With `actors` the engines are Ray actors (`c.engine`) that load the model while the corpus is read, kept
-    `keep_warm_s` seconds afterwards for the next eval (`open_engine`); else one engine runs in this process."""
+    `keep_warm_s` seconds afterwards for the next eval (`open_engine`); else one engine runs in this process.
+    `progress(step, total, unit=..., **metrics)` (a stage's `ctx.progress`) hears of every finished engine call:
+    sequences generated, and the accuracy so far of the primary generations (greedy, else the first sample)."""
     if c.corpus is None:
         from r1v.eval.runner import run_benchmark  # benchmarks load their own data (and SymPy graders)
 
-        return run_benchmark(c, stage_dir, log, actors=actors, keep_warm_s=keep_warm_s)
+        return run_benchmark(c, stage_dir, log, actors=actors, keep_warm_s=keep_warm_s, progress=progress)
     stage_dir = Path(stage_dir)
     grade = REWARDS.get(c.grader)
     with open_engine(c.model, c, actors, keep_warm_s) as (engine, threads):  # actors load while the corpus is read
@@ -189,7 +198,16 @@ def run_eval(c: EvalConfig, stage_dir: Path, log, actors: bool = False, keep_war
         t1 = time.monotonic()
         jobs = [({**c.sampling.model_dump(), **GREEDY}, 1)] if c.greedy and prompts else []
         jobs.append((c.sampling.model_dump(), c.samples))
-        *first, sampled = generate_jobs(engine, prompts, jobs, c.seed, c.engine.max_batch)
+        early: dict[int, float] = {}  # the primary generation's grade, by prompt, as calls return
+
+        def on_calls(done: int, total: int, finished: list[tuple[int, int, list[Any]]]) -> None:
+            for j, i, group in finished:
+                if j == 0 and group:
+                    early[i] = grade(group[0].text, prompts[i])
+            progress(done, total, unit="sequence", accuracy=sum(early.values()) / len(early) if early else None)
+
+        *first, sampled = generate_jobs(engine, prompts, jobs, c.seed, c.engine.max_batch,
+                                        progress=on_calls if progress is not None else None)
         greedy = first[0] if first else None
         t2 = time.monotonic()
     preds: list[dict[str, Any]] = []
@@ -199,7 +217,7 @@ def run_eval(c: EvalConfig, stage_dir: Path, log, actors: bool = False, keep_war
         base = {"id": p["id"], "answer": p["answer"], "level": p["level"]}
         if greedy is not None:
             cp = greedy[i][0]
-            g_scores.append(grade(cp.text, p))
+            g_scores.append(early[i] if i in early else grade(cp.text, p))
             preds.append({**base, "sample": -1, "greedy": True, "response": cp.text, "n_tokens": len(cp.token_ids),
                           "correct": g_scores[-1]})
         s_scores.append([grade(cp.text, p) for cp in sampled[i]])
@@ -226,6 +244,15 @@ def run_eval(c: EvalConfig, stage_dir: Path, log, actors: bool = False, keep_war
     log.metrics(metrics, 0)
     log.artifact(pred_path)
     log.dict(summary, "summary.json")
+    primary = [x for x in preds if x["sample"] == (-1 if greedy is not None else 0)][:SAMPLE_TABLE_ROWS]
+    # a row's own image only where the model saw it (not in the no_image, shuffled_image and text modes)
+    log.table([{**x, "question": question(p), "images": p.get("images") if c.mode == "vlm" else None}
+               for x, p in zip(primary, prompts, strict=False)], "samples/predictions.json", images="images",
+              replace=True)
+    if progress is not None:
+        n_seq = summary["generated_sequences"]
+        progress(n_seq, n_seq, unit="sequence", accuracy=summary["accuracy"] if summary["accuracy"] is not None
+                 else summary["pass_at_1"])
     print(f"[eval] {c.mode} {c.model}: accuracy {summary['accuracy']}, pass@1 {summary['pass_at_1']:.3f} over "
           f"{summary['n']} items ({len(bad)} quarantined), {t2 - t1:.1f} s generating")
     return {"predictions": pred_path, "summary": stage_dir / "summary.json", **summary}

@@ -30,6 +30,7 @@ from r1v.workflow.tracking import RunLogger
 
 FIELDS = ("accuracy", "stderr", "n", "pass_at_1", "pass_at_1_stderr", "mean_response_tokens")
 CORPUS_FIELDS = ("corpus_rows", "corpus_by_score", "corpus_as_errors")
+TABLE_ARTIFACT = "results/table.json"
 
 
 def _row(summary: dict[str, Any], eval_stage: str) -> dict[str, Any]:
@@ -194,8 +195,8 @@ def plot(results: dict[str, Any], path: str | Path) -> Path:
 
 
 def log_results(run_dir: str | Path, results: dict[str, Any], files: list[Path]) -> None:
-    """Metrics `results/<stage>/<field>` and `results/baseline/<name>/<field>`, and the files, into the parent
-    MLflow run recorded in RUN/run.json."""
+    """Metrics `results/<stage>/<field>` and `results/baseline/<name>/<field>`, the files, and the table as an
+    MLflow table (`results/table.json`, replaced on every report) into the parent MLflow run of RUN/run.json."""
     meta = read_json(Path(run_dir) / "run.json", {}) or {}
     log = RunLogger(meta.get("tracking_uri"), meta.get("parent_run_id"))
     if not log.active:
@@ -207,6 +208,9 @@ def log_results(run_dir: str | Path, results: dict[str, Any], files: list[Path])
     log.metrics(metrics, 0)
     for f in files:
         log.artifact(f, "results")
+    # the table itself, for MLflow's table viewer (the parent run's artifacts: results/table.json)
+    log.table([{"row": name, **{k: r.get(k) for k in (*FIELDS, *CORPUS_FIELDS)}, "eval_stage": r.get("eval_stage")}
+               for name, r in _rows(results)], TABLE_ARTIFACT, replace=True)
 
 
 def report(run_dir: str | Path) -> dict[str, Any] | None:

@@ -129,13 +129,14 @@ def _summary(benchmark: str, c: EvalConfig, report: Any, n_items: int, bad: list
 
 def run_benchmark(c: EvalConfig, stage_dir: Path, log: Any, dataset: Path | None = None,
                   data_root: Path | None = None, workers: int | None = None, actors: bool = False,
-                  keep_warm_s: float = 0.0) -> dict[str, Any]:
+                  keep_warm_s: float = 0.0, progress: Any = None) -> dict[str, Any]:
     """Generate ``c.samples`` responses per item of ``c.benchmark``, grade them, write and log the results.
 
     ``data_root``/``dataset`` fall back to same-named config fields when the config has them, then to
     ``$R1V_BENCHMARKS`` / the shared data folder.  With ``actors`` the model runs in Ray actors as ``c.engine``
     asks, kept ``keep_warm_s`` seconds for a next eval (the eval stage), else in this process (``r1v eval run``).
-    Returns the written paths and the summary's fields.
+    ``progress(step, total, unit=..., **metrics)`` (a stage's ``ctx.progress``) hears of the sequences generated,
+    then of pass@1 once graded. Returns the written paths and the summary's fields.
     """
     # imported on use, to keep torch, sympy, latex2sympy2 out of light paths
     from r1v.eval.graders import categories_of
@@ -159,8 +160,12 @@ def run_benchmark(c: EvalConfig, stage_dir: Path, log: Any, dataset: Path | None
         t1 = time.monotonic()
         print(f"[eval] {benchmark}: {len(items)} items, {len(posed)} posed, {len(bad)} quarantined, "
               f"{c.samples} samples each")
+        def on_calls(done: int, total: int, _finished: Any) -> None:
+            progress(done, total, unit="sequence")
+
         comps = (generate(engine, [p for _, p in posed], c.sampling.model_dump(), c.samples, c.seed,
-                          c.engine.max_batch) if posed else [])
+                          c.engine.max_batch, progress=on_calls if progress is not None else None)
+                 if posed else [])
         t2 = time.monotonic()
 
     preds: list[Prediction] = []
@@ -207,6 +212,15 @@ def run_benchmark(c: EvalConfig, stage_dir: Path, log: Any, dataset: Path | None
     for path in out.values():
         log.artifact(path)
     log.artifact(stage_dir / "report.txt")
+    verdict = {(v.id, v.sample): v for v in report.verdicts}
+    shown = [x for x in lines if x["sample"] == 0][:50]  # first samples, with the item's image, for MLflow
+    log.table([{"id": x["id"], "question": by_id[x["id"]].question[:2000], "answer": str(by_id[x["id"]].answer),
+                "response": x["response"], "correct": getattr(verdict.get((x["id"], 0)), "correct", None),
+                "images": by_id[x["id"]].images} for x in shown], "samples/predictions.json", images="images",
+              replace=True)
+    if progress is not None:
+        n_seq = len(posed) * c.samples
+        progress(n_seq, n_seq, unit="sequence", pass_at_1=summary["pass_at_1"])
     return {**out, "report": report, **{k: summary[k] for k in ("pass_at_1", "pass_at_1_std", "items",
                                                                  "quarantined", "samples")}}
 

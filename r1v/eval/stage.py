@@ -19,5 +19,6 @@ def eval_stage(ctx: StageContext, c: EvalConfig) -> dict[str, Any]:
     from r1v.generation.warm_pool import KEEP_WARM_S
     from r1v.model.convert import with_hf_model
 
-    res = run_eval(with_hf_model(c), ctx.stage_dir, ctx.log, actors=ray.is_initialized(), keep_warm_s=KEEP_WARM_S)
+    res = run_eval(with_hf_model(c), ctx.stage_dir, ctx.log, actors=ray.is_initialized(), keep_warm_s=KEEP_WARM_S,
+                   progress=ctx.progress)
     return {"predictions": str(res["predictions"]), "summary": str(res["summary"])}

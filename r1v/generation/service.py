@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import torch
@@ -112,16 +112,22 @@ def open_engine(model_dir: str, c: EngineSpec, actors: bool, keep_warm_s: float 
             yield engine, n
 
 
+Done = Callable[[int, int, list[tuple[int, int, list[Any]]]], None]
+"""A progress callback of `generate_jobs`: (sequences done, sequences in all, what the call just finished
+returned: (job, prompt index, its completions) for each of its prompts)."""
+
+
 def generate_jobs(engine, prompts: list[dict[str, Any]], jobs: list[tuple[dict[str, Any], int]], seed: int,
-                  batch: int, desc: str = "eval generate", penalty_key: str | None = None
-                  ) -> list[list[list[Any]]]:
+                  batch: int, desc: str = "eval generate", penalty_key: str | None = None,
+                  progress: Done | None = None) -> list[list[list[Any]]]:
     """For each job (sampling, n): n completions per prompt, `batch` sequences per engine call, in input order.
 
     Prompts are batched in order of (tiles, length) so that a batch pads little; each call's seed is `seed` +
     its first position in that order (so sampled runs repeat for the same `batch`, on any number of engines;
     greedy ones for any `batch`). `engine` is an in-process engine or an `EnginePool`, which gets the calls of
     every job at once. With `penalty_key`, each prompt's value under that key is its request's repetition
-    penalty (AL-CoTD's per-sample penalties); otherwise the sampling's applies to all.
+    penalty (AL-CoTD's per-sample penalties); otherwise the sampling's applies to all. `progress` is called as
+    each engine call returns (`Done`), in this process.
     """
     order = sorted(range(len(prompts)), key=lambda i: (prompts[i]["n_tiles"], len(prompts[i]["input_ids"])))
     calls: list[tuple[list[Any], dict[str, Any], int, int]] = []
@@ -134,10 +140,22 @@ def generate_jobs(engine, prompts: list[dict[str, Any]], jobs: list[tuple[dict[s
                             repetition_penalty=prompts[i][penalty_key] if penalty_key else None) for i in idx]
             calls.append((reqs, sampling, n, seed + start))
             where.append((j, idx))
+    total = sum(len(reqs) * n for reqs, _, n, _ in calls)
+    done = [0]
+
+    def on_done(k: int, groups: list[Any]) -> None:
+        done[0] += len(calls[k][0]) * calls[k][2]
+        if progress is not None:
+            j, idx = where[k]
+            progress(done[0], total, [(j, i, g) for i, g in zip(idx, groups, strict=True)])
+
     if isinstance(engine, EnginePool):
-        results = engine.run(calls, desc)
+        results = engine.run(calls, desc, on_done)
     else:
-        results = [engine.generate(*call) for call in tqdm(calls, desc=desc, unit="batch", mininterval=5)]
+        results = []
+        for k, call in enumerate(tqdm(calls, desc=desc, unit="batch", mininterval=5)):
+            results.append(engine.generate(*call))
+            on_done(k, results[-1])
     out: list[list[list[Any]]] = [[[] for _ in prompts] for _ in jobs]
     for (j, idx), groups in zip(where, results, strict=True):
         for i, group in zip(idx, groups, strict=True):
@@ -146,6 +164,6 @@ def generate_jobs(engine, prompts: list[dict[str, Any]], jobs: list[tuple[dict[s
 
 
 def generate(engine, prompts: list[dict[str, Any]], sampling: dict[str, Any], n: int, seed: int, batch: int,
-             desc: str = "eval generate") -> list[list[Any]]:
+             desc: str = "eval generate", progress: Done | None = None) -> list[list[Any]]:
     """n completions per prompt, `batch` sequences per engine call, in input order (see `generate_jobs`)."""
-    return generate_jobs(engine, prompts, [(sampling, n)], seed, batch, desc)[0]
+    return generate_jobs(engine, prompts, [(sampling, n)], seed, batch, desc, progress=progress)[0]

@@ -20,6 +20,7 @@ import gc
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -116,9 +117,11 @@ class EnginePool:
                              self.engines.ready_timeout_s, "engine.ready_timeout_s")
         self._pids[e] = w["pid"]
 
-    def run(self, calls: list[tuple[Any, ...]], desc: str) -> list[Any]:
+    def run(self, calls: list[tuple[Any, ...]], desc: str,
+            on_done: Callable[[int, Any], None] | None = None) -> list[Any]:
         """`engine.generate(*call)` for each call, spread over the actors; results in call order. An actor with
-        calls in flight that answers none within `call_timeout_s` fails the run naming it."""
+        calls in flight that answers none within `call_timeout_s` fails the run naming it. `on_done(k, result)` is
+        called as call k's result arrives (in this process: progress)."""
         import ray
         from tqdm import tqdm
 
@@ -164,6 +167,8 @@ class EnginePool:
                         todo.appendleft(k)  # chunks carry their own seeds: any actor gives the same result
                         continue
                     bar.update()
+                    if on_done is not None:
+                        on_done(k, results[k])
         return results
 
     def close(self) -> None:

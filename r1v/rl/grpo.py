@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from r1v.core import storage
+from r1v.data.schema import question
 from r1v.generation.engines import EngineGoneError, EngineHost, EngineLostError, Engines, Request, start_engines
 from r1v.grading.rewards import check_failure_fraction, failures_by_reward, load_reward_modules
 from r1v.rl.config import GRPOConfig
@@ -54,7 +55,7 @@ from r1v.train.engine import (
     params_finite,
 )
 from r1v.train.launch import fit, publish, staged, worker_dir
-from r1v.train.worker import load_trainable, start_worker
+from r1v.train.worker import load_trainable, start_worker, worker_progress
 
 
 def load_prompts(c: GRPOConfig, rank: int, world: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -225,6 +226,7 @@ def grpo_loop(cfg: dict[str, Any]) -> None:
 
     groups = weight_groups(module)
     guard = NonFiniteGuard(c.trainer.max_nonfinite_steps, "grpo")
+    progress = worker_progress(cfg, rank, log)
 
     def lost_anywhere(lost: EngineLostError | None, what: str, attempt: int) -> bool:
         """Whether an engine was lost on any rank (a collective: every rank calls it at the same point). Past
@@ -321,13 +323,17 @@ def grpo_loop(cfg: dict[str, Any]) -> None:
             metrics = finish_metrics(dict(sums), world)
             metrics.update(lr=engine.get_lr()[0], step_seconds=time.perf_counter() - t0)
             log.metrics(metrics, step)
+            progress.update(step, c.steps, reward=metrics["reward"], accuracy=metrics.get("accuracy"))
             print(f"[grpo] step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
             if step % c.sample_log_every == 0 or step == 1:
                 first = rounds[0]
-                log.table_rows([{"step": step, "id": s["id"], "answer": s["answer"], "completion": cp.text,
-                                 "reward": r} for s, cp, r in zip(first.samples, first.flat, first.rewards,
-                                                                   strict=True)],
-                               f"samples/step-{step:05d}.jsonl")
+                rows = [{"step": step, "id": s["id"], "answer": s["answer"], "completion": cp.text, "reward": r}
+                        for s, cp, r in zip(first.samples, first.flat, first.rewards, strict=True)]
+                log.table_rows(rows, f"samples/step-{step:05d}.jsonl")
+                # the same samples for MLflow's table viewer, with the prompt and its image
+                log.table([{**row, "question": question(s), "images": s.get("images")}
+                           for row, s in zip(rows, first.samples, strict=True)],
+                          f"samples/step-{step:05d}.json", images="images")
         if step % c.checkpoint_every == 0 or step == c.steps:
             if not params_finite(engine):  # only a finite update that overflowed gets here: keep the last good one
                 raise NonFiniteStepError(f"grpo step {step}: trainable parameters are not finite after the update; "

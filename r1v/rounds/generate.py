@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from r1v.core.fs import atomic_write_json
 from r1v.data.parts import PART, corpus_schema, iter_chunks, merge_quarantine, quarantine_table, run_parts, write_table
 from r1v.data.pipeline import prepare_prompts
 from r1v.data.reader import corpus_files
+from r1v.data.schema import question
 from r1v.grading.rewards import REWARDS, extract_answer
 from r1v.judges.base import grade_bounded
 from r1v.rounds.config import GenerateConfig
@@ -42,9 +44,10 @@ SAMPLE_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("answe
                            ("n_tokens", pa.int32())])
 
 
-def _chunk(engine: Any, c: GenerateConfig, table: pa.Table, offset: int
-           ) -> tuple[pa.Table, pa.Table, list[dict[str, Any]]]:
-    """(rows with gen columns, samples, quarantine records) for one chunk."""
+def _chunk(engine: Any, c: GenerateConfig, table: pa.Table, offset: int,
+           progress: Callable[[float], None] | None = None) -> tuple[pa.Table, pa.Table, list[dict[str, Any]]]:
+    """(rows with gen columns, samples, quarantine records) for one chunk; `progress(fraction)` as the engine's
+    calls return."""
     # imported on use, to keep torch out of light paths
     from r1v.generation.service import GREEDY, generate_jobs
 
@@ -57,8 +60,11 @@ def _chunk(engine: Any, c: GenerateConfig, table: pa.Table, offset: int
     grade = REWARDS.get(c.grader)
     jobs = ([({**c.sampling.model_dump(), **GREEDY}, 1)] if c.greedy else []) + (
         [(c.sampling.model_dump(), c.samples)] if c.samples else [])
-    outs = generate_jobs(engine, prompts, jobs, c.seed + offset, c.engine.max_batch, desc="generate") \
-        if prompts else [[] for _ in jobs]
+    def on_calls(done: int, total: int, _finished: Any) -> None:
+        progress(done / max(total, 1))
+
+    outs = generate_jobs(engine, prompts, jobs, c.seed + offset, c.engine.max_batch, desc="generate",
+                         progress=on_calls if progress is not None else None) if prompts else [[] for _ in jobs]
     comps = [[cp for out in outs for cp in out[i]] for i in range(len(prompts))]
     flat = [(cp.text, {"answer": p["answer"]}) for p, cs in zip(prompts, comps, strict=True) for cp in cs]
     grades = iter(grade_bounded(grade, flat))
@@ -84,9 +90,11 @@ def _chunk(engine: Any, c: GenerateConfig, table: pa.Table, offset: int
     return kept, pa.Table.from_pylist(samples, schema=SAMPLE_SCHEMA), bad
 
 
-def run_generate(c: GenerateConfig, stage_dir: Path, log: Any, actors: bool, keep_warm_s: float = 0.0
-                 ) -> dict[str, Any]:
-    """Generate and grade `c.corpus` into `stage_dir` (see the module doc); returns outputs and the summary."""
+def run_generate(c: GenerateConfig, stage_dir: Path, log: Any, actors: bool, keep_warm_s: float = 0.0,
+                 progress: Callable[..., None] | None = None) -> dict[str, Any]:
+    """Generate and grade `c.corpus` into `stage_dir` (see the module doc); returns outputs and the summary.
+    `progress(step, total, unit=..., **metrics)` (a stage's `ctx.progress`) hears of the rows done (those of
+    an earlier attempt included) and the primary accuracy of the rows generated so far."""
     # imported on use, to keep torch out of light paths
     from r1v.generation.service import open_engine
 
@@ -94,14 +102,28 @@ def run_generate(c: GenerateConfig, stage_dir: Path, log: Any, actors: bool, kee
     work, target, samples_dir = stage_dir / "work", stage_dir / "corpus", stage_dir / "samples"
 
     def produce(todo: set[int]) -> None:
+        sizes = {k: t.num_rows for k, _, t in iter_chunks(c.corpus, c.chunk_rows, ["id"])}
+        total, done = sum(sizes.values()), sum(n for k, n in sizes.items() if k not in todo)
+        right = answered = 0
+
+        def report(rows_done: float) -> None:
+            if progress is not None:
+                progress(int(rows_done), total, unit="row", accuracy=right / answered if answered else None)
+
+        report(done)
         with open_engine(c.model, c, actors, keep_warm_s) as (engine, _):
             for k, off, table in iter_chunks(c.corpus, c.chunk_rows):
                 if k not in todo:
                     continue
-                rows, samples, bad = _chunk(engine, c, table, off)
+                rows, samples, bad = _chunk(engine, c, table, off,
+                                            lambda f, n=table.num_rows, before=done: report(before + f * n))
                 write_table(samples, work / f"samples-{k:05d}.parquet")
                 write_table(quarantine_table(bad), work / f"quarantine-{k:05d}.parquet")
                 write_table(rows, work / PART.format(k))  # last: marks the chunk done
+                done += table.num_rows
+                right += sum(rows.column("gen_correct").to_pylist())
+                answered += rows.num_rows
+                report(done)
                 print(f"[generate] chunk {k}: {rows.num_rows} rows answered, {len(bad)} quarantined",
                       flush=True)
 
@@ -123,12 +145,25 @@ def run_generate(c: GenerateConfig, stage_dir: Path, log: Any, actors: bool, kee
     log.metrics(metrics, 0)
     log.dict(summary, "generate_summary.json")
     first = pq.ParquetFile(sorted(samples_dir.glob("*.parquet"))[0])
-    log.table_rows(next(first.iter_batches(batch_size=20), pa.RecordBatch.from_pylist([], SAMPLE_SCHEMA)).to_pylist(),
-                   "sample_generations.jsonl")
+    shown = next(first.iter_batches(batch_size=20), pa.RecordBatch.from_pylist([], SAMPLE_SCHEMA)).to_pylist()
+    log.table_rows(shown, "sample_generations.jsonl")
+    log_sample_table(c, shown, log)
     print(f"[generate] {c.model}: {summary['rows_out']} rows, primary accuracy {summary['accuracy']}, "
           f"{summary['errors']} errors, {summary['quarantined']} quarantined", flush=True)
     return {**summary, "corpus": target, "samples": samples_dir, "quarantine": stage_dir / "quarantine.parquet",
             "summary": stage_dir / "summary.json"}
+
+
+def log_sample_table(c: GenerateConfig, shown: list[dict[str, Any]], log: Any) -> None:
+    """The shown samples for MLflow's table viewer, with their rows' question and image (they come from the first
+    chunk, the only one read for this)."""
+    if not shown:
+        return
+    cols = [k for k in ("id", "images", "messages") if k in corpus_schema(c.corpus).names]
+    _, _, table = next(iter_chunks(c.corpus, c.chunk_rows, cols))
+    rows = {r["id"]: r for r in table.to_pylist()}
+    log.table([{**s, "question": question(rows.get(s["id"], {})), "images": rows.get(s["id"], {}).get("images")}
+               for s in shown], "sample_generations.json", images="images", replace=True)
 
 
 def summarize_generation(c: GenerateConfig, target: Path, samples_dir: Path, quarantine: pa.Table) -> dict[str, Any]:

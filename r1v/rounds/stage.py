@@ -32,7 +32,8 @@ def generate_stage(ctx: StageContext, c: GenerateConfig) -> dict[str, Any]:
     from r1v.rounds.generate import run_generate
 
     c = with_hf_model(c)
-    res = run_generate(c, ctx.stage_dir, ctx.log, actors=ray.is_initialized(), keep_warm_s=KEEP_WARM_S)
+    res = run_generate(c, ctx.stage_dir, ctx.log, actors=ray.is_initialized(), keep_warm_s=KEEP_WARM_S,
+                       progress=ctx.progress)
     return {k: str(res[k]) for k in ("corpus", "samples", "quarantine", "summary")}
 
 

@@ -56,7 +56,7 @@ from r1v.train.engine import (
 from r1v.train.launch import fetch_outputs, fit, publish, staged, worker_dir
 from r1v.train.position import EpochRows
 from r1v.train.projector_reg import ProjectorNormPenalty
-from r1v.train.worker import load_trainable, start_worker
+from r1v.train.worker import load_trainable, start_worker, worker_progress
 
 
 def dummy_row(image_token_id: int, tokens_per_tile: int, tile_size: int) -> dict[str, Any]:
@@ -245,6 +245,7 @@ def sft_loop(cfg: dict[str, Any]) -> None:
             log.tags({"r1v.resumed_from_step": str(state["step"])})
     t_last, tokens_since = time.time(), 0
     guard = NonFiniteGuard(c.trainer.max_nonfinite_steps, "sft")
+    progress = worker_progress(cfg, rank, log)
 
     def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
         good = seen.count(rows)
@@ -273,6 +274,7 @@ def sft_loop(cfg: dict[str, Any]) -> None:
             # Past the limit this raises on every rank (they agree on the flags), before anything is saved.
             guard.record(outcome, f"step {step}")
             tokens_since += int(g_tok)
+            progress.update(step, total, loss=g_nll / max(g_tok, 1), epoch=epoch)
             if rank == 0 and step % c.log_every == 0:
                 now = time.time()
                 log.metrics({"loss": g_nll / max(g_tok, 1), "lr": engine.get_lr()[0],
@@ -298,6 +300,7 @@ def sft_loop(cfg: dict[str, Any]) -> None:
         _check_finite(engine, state["step"])
         save({"epoch": epoch}, name=f"epoch-{epoch:03d}-end")
 
+    progress.flush()  # the last step, which an estimated total may not have reached
     t_export = time.time()
     export_model(engine, c.model, out / "model", rank)
     if rank == 0:

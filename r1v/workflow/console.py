@@ -26,11 +26,12 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TextIO
 
 from r1v.core.noise import quiet_libraries
+from r1v.workflow.progress import duration
 
 ERROR_TAIL = 10  # lines of a failing stage's error shown on the console
 
@@ -86,7 +87,9 @@ class StageReporter:
         pass
 
     @contextlib.contextmanager
-    def stage(self, name: str, kind: str, index: int, total: int) -> Iterator[None]:
+    def stage(self, name: str, kind: str, index: int, total: int,
+              watch: Callable[[], str] | None = None) -> Iterator[None]:
+        """`watch()`: the running stage's progress line (step / total, key metric, rate, ETA), or ""."""
         yield
 
 
@@ -96,6 +99,12 @@ class Console(StageReporter):
     Use: `with Console(verbose) as con: ... con.attach(run_dir) ...`. Output before `attach` (run directory
     creation) is kept in a temporary file and moved to RUN/logs/driver.log.
     """
+
+    PROGRESS_LINE_S = 60.0
+    """Without a terminal (a log, a pipe, a submitted job's `--follow`): a progress line this often, when the
+    stage's progress changed."""
+    WATCH_S = 3.0
+    """How often the stage's progress file is read (from the store, with an object-store run root)."""
 
     def __init__(self, verbose: bool = False, stream: TextIO | None = None) -> None:
         self.verbose = verbose
@@ -206,7 +215,8 @@ class Console(StageReporter):
             print(f"r1v: summary: {self._summary}", flush=True)
 
     @contextlib.contextmanager
-    def stage(self, name: str, kind: str, index: int, total: int) -> Iterator[None]:
+    def stage(self, name: str, kind: str, index: int, total: int,
+              watch: Callable[[], str] | None = None) -> Iterator[None]:
         head = f"{_prefix(name, kind, index, total)} ..."
         log = self.log_path(name)
         self._summary, self._in_stage = None, True
@@ -215,10 +225,10 @@ class Console(StageReporter):
         t0 = time.time()
         if live:
             self._emit(head, end="")
-            ticker = threading.Thread(target=self._tick, args=(head, t0, stop), daemon=True)
-            ticker.start()
         else:
             self._emit(head)
+        if live or watch is not None:
+            threading.Thread(target=self._tick, args=(head, t0, stop, live, watch), daemon=True).start()
         if log is not None:
             fd = self._open_log(name)
             self._point_fds(fd)
@@ -263,13 +273,36 @@ class Console(StageReporter):
         if live:
             self._emit("\r\x1b[2K", end="")
 
-    def _tick(self, head: str, t0: float, stop: threading.Event) -> None:
-        while not stop.wait(1.0):
+    def _columns(self) -> int:
+        try:
+            return max(20, os.get_terminal_size(self.out.fileno()).columns - 1)
+        except (AttributeError, OSError, ValueError):
+            return 119
+
+    def _tick(self, head: str, t0: float, stop: threading.Event, live: bool,
+              watch: Callable[[], str] | None) -> None:
+        """On a terminal, the stage line redrawn every second: elapsed time and progress. Elsewhere, a progress
+        line every `PROGRESS_LINE_S` when there is news."""
+        text, read_at, shown, shown_at = "", -float("inf"), "", time.time()
+        while not stop.wait(min(1.0, self.WATCH_S)):
+            now = time.time()
+            if watch is not None and now - read_at >= self.WATCH_S:
+                read_at = now
+                try:
+                    text = watch() or ""
+                except Exception:  # a store that does not answer: the line shows what it had
+                    pass
             with self._lock:
                 if stop.is_set():
                     return
-                self.out.write(f"\r\x1b[2K{head} {time.time() - t0:.0f}s")
-                self.out.flush()
+                if live:
+                    line = f"\r\x1b[2K{head} {duration(now - t0)}" + (f"  {text}" if text else "")
+                    self.out.write(line[: self._columns() + 5])  # +5: the escape sequence takes no columns
+                    self.out.flush()
+                elif text and text != shown and now - shown_at >= self.PROGRESS_LINE_S:
+                    shown, shown_at = text, now
+                    self.out.write(f"      {duration(now - t0)}: {text}\n")
+                    self.out.flush()
 
 
 def _prefix(name: str, kind: str, index: int, total: int) -> str:

@@ -32,6 +32,7 @@ import json
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -48,7 +49,7 @@ from r1v.core import storage
 from r1v.core.config import ConfigError
 from r1v.core.fs import atomic_write_json, atomic_write_text, read_json
 from r1v.core.overrides import apply_overrides
-from r1v.workflow import kinds, tracking
+from r1v.workflow import kinds, progress, tracking
 from r1v.workflow.console import StageReporter
 from r1v.workflow.fingerprint import SCHEME, combine
 from r1v.workflow.lock import holder_alive
@@ -78,6 +79,7 @@ class StageContext:
     """Where the stage's directory lives in an object-store run root (None for a path): what Ray Train workers
     on other nodes write to, since they cannot see the driver's `stage_dir`."""
     _log: tracking.RunLogger | None = field(default=None, repr=False)
+    _progress: progress.Progress | None = field(default=None, repr=False)
 
     @property
     def log(self) -> tracking.RunLogger:
@@ -85,6 +87,21 @@ class StageContext:
         if self._log is None:
             self._log = tracking.RunLogger(self.tracking_uri, self.mlflow_run_id)
         return self._log
+
+    @property
+    def progress_dir(self) -> str:
+        """Where the stage's progress file goes: its URI in an object-store run root, else its directory (what a
+        Ray Train worker gets as `stage_uri` / `stage_dir` and hands to `r1v.workflow.progress.Progress`)."""
+        return self.stage_uri or str(self.stage_dir)
+
+    def progress(self, step: float, total: float | None, unit: str = "step", **metrics: float | None) -> None:
+        """Report that `step` of `total` units are done, with the stage's key metrics so far (loss, reward,
+        accuracy): shown on the console's stage line, in `r1v status`, and as `progress/*` MLflow metrics.
+        Call it as often as convenient: the file is written at most every few seconds (and at the last step)."""
+        if self._progress is None:
+            self._progress = progress.Progress(self.progress_dir, self.log, unit=unit)
+        self._progress.unit = unit
+        self._progress.update(step, total, **metrics)
 
     def path(self, *parts: str) -> Path:
         p = self.stage_dir.joinpath(*parts)
@@ -102,6 +119,14 @@ def _now() -> str:
 def _append_event(run_dir: Path, stage: str, event: str, **info: Any) -> None:
     with open(run_dir / "events.jsonl", "a") as f:
         f.write(json.dumps({"time": _now(), "stage": stage, "event": event, **info}) + "\n")
+
+
+def _elapsed(state: dict[str, Any]) -> float | None:
+    """Seconds since a running stage's attempt started."""
+    try:
+        return round((dt.datetime.now(dt.UTC) - dt.datetime.fromisoformat(state["started_at"])).total_seconds(), 1)
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def read_events(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -195,7 +220,8 @@ class Runner:
         """Write the run's workflow.yaml and run.json and open its parent MLflow run."""
         atomic_write_text(run_dir / "workflow.yaml", yaml.safe_dump(wf.raw, sort_keys=False))
         exp = tracking.ensure_experiment(uri, wf.config.tracking.experiment, artifacts)
-        parent = tracking.start_run(uri, exp, run_dir.name, tags={"r1v.run_dir": where})
+        parent = tracking.start_run(uri, exp, run_dir.name, tags={"r1v.run_dir": where,
+                                                                  tracking.NOTE_TAG: run_note(wf, where)})
         log = tracking.RunLogger(uri, parent)
         log.params(wf.raw)
         log.text(yaml.safe_dump(wf.raw, sort_keys=False), "workflow.yaml")
@@ -395,9 +421,12 @@ class Runner:
                 status = "running" if alive else "interrupted"
             elif status == "failed" and st.get("interrupted"):
                 status = "interrupted"  # stopped by a signal (Ctrl-C, `r1v stop`), not by its own error
+            shown = status in ("running", "interrupted") or (status == "failed" and st.get("interrupted"))
             rows.append({"stage": name, "kind": self.wf.config.stages[name].kind, "status": status,
-                         "attempts": st.get("attempts", 0), "seconds": st.get("seconds"),
-                         "error": [why] if why else (st.get("error") or "").splitlines()[-1:] or [""]})
+                         "attempts": st.get("attempts", 0),
+                         "seconds": _elapsed(st) if status == "running" else st.get("seconds"),
+                         "error": [why] if why else (st.get("error") or "").splitlines()[-1:] or [""],
+                         "progress": progress.describe(progress.read(self.progress_where(name))) if shown else ""})
         return rows
 
     def plan(self, only: list[str] | None = None, with_needs: bool = False) -> list[str]:
@@ -467,7 +496,7 @@ class Runner:
                         _append_event(self.run_dir, name, "skipped", fingerprint=fps[name])
                         self.console.skipped(name, kind, i, len(order))
                         continue
-                    with self.console.stage(name, kind, i, len(order)):
+                    with self.console.stage(name, kind, i, len(order), watch=self._watch(name)):
                         self._run_stage(name, fps[name])
                     what[name] = "ran"
             except BaseException as e:
@@ -480,6 +509,14 @@ class Runner:
                 self.push_records()
         tracking.set_status(uri, parent, "FINISHED")
         return what
+
+    def progress_where(self, name: str) -> str:
+        return self.stage_uri(name) or str(self.stage_dir(name))
+
+    def _watch(self, name: str) -> Callable[[], str]:
+        """What the console shows of a running stage besides its elapsed time: its progress line."""
+        where = self.progress_where(name)
+        return lambda: progress.describe(progress.read(where))
 
     def _announce(self, to_run: list[str], fps: dict[str, str]) -> None:
         """Before anything runs: which stages will run and which directories are set aside (resume only)."""
@@ -532,8 +569,12 @@ class Runner:
         if prev and kinds.get(spec.kind).resumable:
             self._pull_stage(name)  # this node's mirror may not have what the last attempt left
         uri, exp = self.meta["tracking_uri"], self.meta["experiment_id"]
+        progress.clear(self.stage_dir(name))  # this attempt's progress, not the last one's
+        if self.store:
+            progress.clear(self.progress_where(name))
         child = prev.get("mlflow_run_id") or tracking.try_start_run(
-            uri, exp, name, parent_run_id=self.meta["parent_run_id"], tags={"r1v.stage_kind": spec.kind})
+            uri, exp, name, parent_run_id=self.meta["parent_run_id"],
+            tags={"r1v.stage_kind": spec.kind, tracking.NOTE_TAG: self._stage_note(name, spec.kind)})
         tracking.set_status(uri, child, "RUNNING")
         attempt = int(prev.get("attempts", 0)) + 1
         deps = self.deps[name]
@@ -561,6 +602,8 @@ class Runner:
                 ctx.log.params(cfg.model_dump(mode="json"))
                 ctx.log.text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml")
             outputs = kind.run_function()(ctx, cfg)
+            if ctx._progress is not None:
+                ctx._progress.flush()
             missing = [k for k, p in outputs.items() if not storage.exists(str(p))]
             if missing:
                 raise RuntimeError(f"stage returned outputs {missing} that were not written")
@@ -578,6 +621,8 @@ class Runner:
             self._save_state(name, state)
             _append_event(self.run_dir, name, "failed", attempt=attempt, error=state["error"][-500:])
             tracking.set_status(uri, child, "KILLED" if killed else "FAILED")
+            if not killed:  # a stop is answered at once
+                self._curves_to_parent(name, child)
             raise StageFailed(name, self.where, e) from e
         secs = round(time.time() - t0, 1)
         ctx.log.metrics({"stage_seconds": secs}, step=0)
@@ -588,6 +633,24 @@ class Runner:
         self._save_state(name, state)
         tracking.set_status(uri, child, "FINISHED")
         _append_event(self.run_dir, name, "finished", attempt=attempt, seconds=secs)
+        self._curves_to_parent(name, child)
+
+    def _curves_to_parent(self, name: str, child: str | None) -> None:
+        """The stage's key metrics (those its progress reported) as `NAME/KEY` curves on the parent run, so that
+        the parent shows every stage's curve side by side. Best effort, like all tracking."""
+        try:
+            keys = list((progress.read(self.progress_where(name)) or {}).get("metrics") or {})
+            if keys and child:
+                parent = tracking.RunLogger(self.meta["tracking_uri"], self.meta["parent_run_id"])
+                parent.copy_metrics(child, keys, name)
+        except Exception as e:  # tracking never fails a stage
+            print(f"r1v: MLflow: {name}'s curves not copied to the parent run ({type(e).__name__}: {e})",
+                  file=sys.stderr, flush=True)
+
+    def _stage_note(self, name: str, kind: str) -> str:
+        return (f"Stage `{name}` (kind `{kind}`) of the r1v run `{self.where}`.\n\n"
+                f"Progress while it runs: `r1v status {self.where}`. If it fails or is stopped: "
+                f"`r1v resume {self.where}` continues it (from its last checkpoint, for a resumable kind).")
 
 
     def _publish(self, name: str, outputs: dict[str, Any]) -> dict[str, str]:
@@ -605,6 +668,23 @@ class Runner:
                                "object-store run root a stage writes its outputs under its directory")
         self._push_stage(name)
         return {k: storage.join(suri, *p.relative_to(sdir).parts) for k, p in local.items()} | stored
+
+
+def run_note(wf: Workflow, where: str) -> str:
+    """The parent MLflow run's description: what the workflow is and how to watch, resume and read it."""
+    names = topo_order(wf)
+    stages = "\n".join(f"{i}. `{n}` ({wf.config.stages[n].kind})" for i, n in enumerate(names[:100], 1))
+    if len(names) > 100:
+        stages += f"\n\n... and {len(names) - 100} more (`r1v status {where}` lists them all)"
+    return (f"**r1v workflow `{wf.config.name}`** (from `{wf.source}`), run directory `{where}`.\n\n"
+            f"Stages, in order (each is a child run with its params, metrics and artifacts):\n\n{stages}\n\n"
+            f"- progress: `r1v status {where}`\n"
+            f"- resume after a failure, a stop or a config change (finished stages are skipped): "
+            f"`r1v resume {where}`\n"
+            f"- the results table (when evals report rows): `results/` artifacts of this run, "
+            f"`{where}/results.txt`\n\n"
+            "The workflow as run is the `workflow.yaml` artifact; overrides given to `resume` are under "
+            "`overrides/`.")
 
 
 class Interrupted(KeyboardInterrupt):

@@ -17,6 +17,17 @@ from typing import Any
 from r1v.core.overrides import flatten
 
 PARENT_TAG = "mlflow.parentRunId"
+NOTE_TAG = "mlflow.note.content"
+"""A run's description, shown (as Markdown) at the top of its page in the MLflow UI."""
+KIND_TAG = "mlflow.experimentKind"
+"""The experiment tag MLflow 3's UI reads to choose an experiment's layout (its "experiment type" selector):
+`custom_model_development` ("Machine learning") opens on the experiment's training runs, `genai_development` on
+traces. Without it the UI guesses from what the experiment holds."""
+TRAINING_KIND = "custom_model_development"
+TABLE_ROWS = 200
+"""Rows of a sample table logged for MLflow's table viewer (the full samples stay in the stage's files)."""
+THUMBNAIL = 256
+"""Longest side, in pixels, of the images in a sample table."""
 
 
 def default_tracking_uri(run_root: str | Path) -> str:
@@ -44,9 +55,20 @@ def ensure_experiment(tracking_uri: str, name: str, artifact_root: Path | None =
     client = _client(tracking_uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if KIND_TAG not in exp.tags:  # a kind the user chose in the UI stays
+            set_experiment_kind(client, exp.experiment_id)
         return exp.experiment_id
     location = artifact_root.resolve().as_uri() if artifact_root else None
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location, tags={KIND_TAG: TRAINING_KIND})
+
+
+def set_experiment_kind(client, experiment_id: str) -> None:
+    """Best effort: the UI then opens the experiment on its runs (a store that refuses the tag changes nothing)."""
+    try:
+        client.set_experiment_tag(experiment_id, KIND_TAG, TRAINING_KIND)
+    except Exception as e:
+        print(f"r1v: MLflow: could not tag experiment {experiment_id} ({type(e).__name__}: {str(e)[:200]})",
+              file=sys.stderr, flush=True)
 
 
 def start_run(tracking_uri: str, experiment_id: str, name: str, parent_run_id: str | None = None,
@@ -185,6 +207,67 @@ class RunLogger:
         if self._c:
             self._try(self._c.log_artifact, self.run_id, str(path), artifact_path)
 
+    def table(self, rows: list[dict[str, Any]], artifact_file: str, images: str | None = None,
+              replace: bool = False) -> None:
+        """A table artifact (`artifact_file`, .json) for MLflow's table viewer (`MlflowClient.log_table`).
+
+        `images`: a column of encoded images (bytes, or a list of them: the first is shown), turned into
+        thumbnails; a row without one gets a blank placeholder (MLflow wants every cell of an image column to be an
+        image). At most `TABLE_ROWS` rows; other cells are kept as they are when scalar, else as JSON text.
+        `replace`: a table already logged under that name is replaced (MLflow's `log_table` appends to it)."""
+        if not self._c or not rows:
+            return
+        try:
+            import pandas as pd
+
+            rows = rows[:TABLE_ROWS]
+            cols = {k: [_cell(r.get(k)) for r in rows] for k in dict.fromkeys(k for r in rows for k in r)
+                    if k != images}
+            if images:
+                cols = {"image": [_thumbnail(r.get(images)) for r in rows], **cols}
+            frame = pd.DataFrame(cols)
+        except Exception as e:  # a row MLflow's table cannot hold: the JSONL artifacts still have it
+            self.failures += 1
+            print(f"r1v: MLflow: table {artifact_file} not logged ({type(e).__name__}: {str(e)[:200]})",
+                  file=sys.stderr, flush=True)
+            return
+        if replace:
+            self._try(self._delete_artifact, artifact_file, lost_if_skipped=False)
+        self._try(self._c.log_table, self.run_id, frame, artifact_file)
+
+    def _delete_artifact(self, artifact_file: str) -> None:
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        run = self._c.get_run(self.run_id)
+        parent = str(Path(artifact_file).parent)
+        if artifact_file not in {f.path for f in self._c.list_artifacts(self.run_id, None if parent == "." else
+                                                                        parent)}:
+            return
+        # the client's tracking URI, not the process's: `mlflow-artifacts:` locations resolve against it
+        get_artifact_repository(run.info.artifact_uri, tracking_uri=self.tracking_uri).delete_artifacts(artifact_file)
+
+    def copy_metrics(self, src_run_id: str | None, keys: list[str], prefix: str) -> None:
+        """The histories of `keys` in run `src_run_id` into this run as `PREFIX/KEY` (a stage's curves on the
+        parent run). A key the source lacks is taken from its `progress/KEY` history, if any."""
+        if not self._c or not src_run_id:
+            return
+        from mlflow.entities import Metric
+
+        def history(key: str) -> list[Any]:
+            return self._c.get_metric_history(src_run_id, key)
+
+        for key in keys:
+            got: list[Any] = []
+
+            def fetch(k: str = key, into: list[Any] = got) -> None:
+                into.extend(history(k) or history(f"progress/{k}"))
+
+            if not self._try(fetch):
+                return
+            batch = [Metric(f"{prefix}/{key}", m.value, m.timestamp, m.step) for m in got]
+            for i in range(0, len(batch), 1000):
+                self._try(self._c.log_batch, self.run_id, metrics=batch[i : i + 1000])
+
     def table_rows(self, rows: list[dict[str, Any]], artifact_file: str) -> None:
         """JSONL artifact (sample generations, verdicts): readable anywhere without MLflow's table viewer."""
         if not self._c or not rows:
@@ -194,3 +277,29 @@ class RunLogger:
             p.write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
             parent = str(Path(artifact_file).parent)
             self._try(self._c.log_artifact, self.run_id, str(p), None if parent == "." else parent)
+
+
+def _cell(v: Any) -> Any:
+    """A table cell MLflow's JSON table holds: scalars as they are, anything else as JSON text."""
+    if v is None or isinstance(v, str | int | float | bool):
+        return v
+    if isinstance(v, bytes):
+        return f"<{len(v)} bytes>"
+    return json.dumps(v, default=str)[:2000]
+
+
+def _thumbnail(v: Any) -> Any:
+    """A PIL thumbnail of an encoded image (the first of a list), or a small grey placeholder."""
+    import io
+
+    from PIL import Image
+
+    data = v[0] if isinstance(v, list | tuple) and v else v
+    if isinstance(data, bytes | bytearray) and data:
+        try:
+            img = Image.open(io.BytesIO(data))
+            img.thumbnail((THUMBNAIL, THUMBNAIL))
+            return img.convert("RGB")
+        except Exception:  # an undecodable image: the placeholder says there is nothing to show
+            pass
+    return Image.new("RGB", (16, 16), (200, 200, 200))

@@ -113,7 +113,8 @@ def test_no_image_feeds_blank_tiles_of_the_same_count(tiny_assets, corpus: str, 
 def test_greedy_is_deterministic_and_summary_has_every_field(tiny_assets, corpus: str, tmp_path: Path) -> None:
     log, uri, run_id = _logger(tmp_path)
     c = _cfg(tiny_assets["model"], corpus, engine={"max_batch": 3}, seed=5)
-    a = stage.run_eval(c, tmp_path / "a", log)
+    reports: list[tuple] = []
+    a = stage.run_eval(c, tmp_path / "a", log, progress=lambda step, total, **kw: reports.append((step, total, kw)))
     b = stage.run_eval(c.model_copy(update={"engine": c.engine.model_copy(update={"max_batch": 64})}),
                        tmp_path / "b", tracking.RunLogger(None, None))
     ga, gb = _greedy(tmp_path / "a"), _greedy(tmp_path / "b")
@@ -135,6 +136,19 @@ def test_greedy_is_deterministic_and_summary_has_every_field(tiny_assets, corpus
 
     metrics = MlflowClient(uri).get_run(run_id).data.metrics
     assert {"accuracy", "stderr", "pass_at_1", "pass_at_1_stderr", "mean_response_tokens"} <= set(metrics)
+
+    # progress as engine calls returned (sequences generated, the greedy accuracy so far), then the summary's
+    steps = [r[0] for r in reports]
+    assert steps == sorted(steps) and steps[-1] == reports[-1][1] == 15 and len(reports) > 2
+    assert all(r[2]["unit"] == "sequence" for r in reports)
+    assert reports[-1][2]["accuracy"] == a["accuracy"]
+    # the first items' greedy generation as an MLflow table, with the image the model saw
+    client = MlflowClient(uri)
+    table = json.loads(Path(client.download_artifacts(run_id, "samples/predictions.json", str(tmp_path))).read_text())
+    cols = table["columns"]
+    assert [row[cols.index("id")] for row in table["data"]] == ["r0", "r1", "r2", "r3", "r4"]
+    assert all(row[cols.index("image")]["type"] == "image" for row in table["data"])
+    assert QUESTION in table["data"][0][cols.index("question")]
 
 
 def test_text_mode_asks_the_llm_the_text_question(tiny_assets, corpus: str, tmp_path: Path) -> None:

@@ -59,3 +59,50 @@ def metrics_stage(ctx, c: MetricsConfig) -> dict[str, str]:
 
 
 kinds.add(StageKind("test.metrics", MetricsConfig, metrics_stage, ("out",), ray=False), replace=True)
+
+
+class ProgressConfig(Strict):
+    steps: int = 10
+    pause_at: int = 0
+    gate_dir: str = ""
+    step_s: float = 0.0
+
+
+def _png(size: int, color: tuple[int, int, int]) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def progress_stage(ctx, c: ProgressConfig) -> dict[str, str]:
+    """Reports `steps` steps (loss 1/step) through `ctx.progress`; at `pause_at` it writes `at-STEP` in `gate_dir`
+    and waits for `go-STEP` (so a test can read `r1v status` while it runs). Then logs a sample table in which
+    every other row has an image, as the training and generation stages do."""
+    for step in range(1, c.steps + 1):
+        ctx.progress(step, c.steps, loss=1.0 / step)
+        ctx.log.metrics({"loss": 1.0 / step}, step)
+        if step == c.pause_at:
+            (Path(c.gate_dir) / f"at-{step}").write_text("")
+            wait_for(Path(c.gate_dir) / f"go-{step}", 120)
+        time.sleep(c.step_s)
+    rows = [{"step": c.steps, "id": f"row{i}", "completion": f"<think>...</think> answer {i}", "reward": float(i % 2),
+             "images": [_png(64, (40 * i, 90, 160))] if i % 2 == 0 else []} for i in range(4)]
+    ctx.log.table_rows([{k: v for k, v in r.items() if k != "images"} for r in rows],
+                       f"samples/step-{c.steps:05d}.jsonl")
+    ctx.log.table(rows, f"samples/step-{c.steps:05d}.json", images="images")
+    out = ctx.path("done.txt")
+    out.write_text(str(c.steps))
+    return {"out": str(out)}
+
+
+if os.environ.get("R1V_TEST_PROGRESS_LINE_S"):  # the console's progress lines without a terminal, sooner
+    from r1v.workflow.console import Console
+
+    Console.PROGRESS_LINE_S = float(os.environ["R1V_TEST_PROGRESS_LINE_S"])
+    Console.WATCH_S = 0.2
+
+kinds.add(StageKind("test.progress", ProgressConfig, progress_stage, ("out",), ray=False), replace=True)

@@ -3,7 +3,9 @@ and every batch follow the engine's device and dtype (fp32 copies next to a bf16
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -38,5 +40,18 @@ def test_sft_and_grpo_run_in_bf16_with_kl(ray_cluster, tiny_assets, tmp_path):
     assert len(sft_loss) == 2 and all(math.isfinite(v) for v in sft_loss)
     assert len(kl) == 2 and kl[0].value == pytest.approx(0.0, abs=1e-6)  # step 1: the policy is the reference
     assert math.isfinite(kl[1].value) and kl[1].value > 0  # after one update at lr 1e-2 it has moved
+    # progress, from rank 0 into the stage's directory and MLflow (r1v.workflow.progress)
+    from r1v.workflow import progress
+
+    for stage, run_id, key in (("sft", sft_run, "loss"), ("grpo", grpo_run, "reward")):
+        got = progress.read(tmp_path / stage)
+        assert (got["step"], got["total"]) == (2, 2) and key in got["metrics"], got
+        assert [m.step for m in client.get_metric_history(run_id, f"progress/{key}")][-1] == 2
+    # GRPO's samples as an MLflow table, each row with an image cell (a thumbnail or the placeholder)
+    tables = [a.path for a in client.list_artifacts(grpo_run, "samples")]
+    assert "samples/step-00001.json" in tables and "samples/step-00001.jsonl" in tables, tables
+    table = json.loads(Path(client.download_artifacts(grpo_run, "samples/step-00001.json", str(tmp_path))).read_text())
+    image = table["columns"].index("image")
+    assert table["data"] and all(row[image]["type"] == "image" for row in table["data"])
     model, _ = load_model(tmp_path / "grpo" / "model")
     assert all(math.isfinite(float(p.detach().abs().sum())) for p in model.parameters())

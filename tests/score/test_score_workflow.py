@@ -82,5 +82,15 @@ def test_score_generate_select_round(tiny_assets, tmp_path: Path) -> None:
     assert "dropped_below_tau/synthetic/bad" in metrics or "added_as_errors/synthetic/bad" in metrics
     gen_metrics = client.get_run(runner.state("gen")["mlflow_run_id"]).data.metrics
     assert gen_metrics["rows_out"] == len(gen) and gen_metrics["quarantined_no_answer"] == 1
+    # progress by rows (docs/watching.md), its accuracy on the parent as the stage's curve, samples as a table
+    from r1v.workflow import progress
+
+    done = progress.read(runner.stage_dir("gen"))
+    assert (done["step"], done["total"], done["unit"]) == (12, 12, "row") and "accuracy" in done["metrics"]
+    assert gen_metrics["progress/fraction"] == 1.0 and "progress/accuracy" in gen_metrics
+    assert client.get_metric_history(runner.meta["parent_run_id"], "gen/accuracy")
+    gen_run = runner.state("gen")["mlflow_run_id"]
+    table = json.loads(Path(client.download_artifacts(gen_run, "sample_generations.json", str(tmp_path))).read_text())
+    assert table["data"] and {"image", "question", "response"} <= set(table["columns"])
 
     assert Runner.open(tmp_path / "run").run() == {"score": "skipped", "gen": "skipped", "select": "skipped"}
