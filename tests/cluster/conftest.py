@@ -57,9 +57,9 @@ class LocalCluster:
         for attempt in range(tries):
             try:
                 return self._start(workers, cpus_per_worker, timeout)
-            except RuntimeError:
+            except Exception as e:  # nothing left running: no one else knows its pid yet
                 self.stop()
-                if attempt == tries - 1:
+                if not isinstance(e, RuntimeError) or attempt == tries - 1:
                     raise
                 shutil.rmtree(self.root, ignore_errors=True)
                 self.root.mkdir(parents=True)
