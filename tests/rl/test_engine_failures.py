@@ -182,13 +182,14 @@ def _grpo(model: str, corpus: str, **kw):
 
 
 def _metrics(uri: str, run_id: str) -> dict[int, dict[str, float]]:
-    """Every logged metric by step, less the timings (which differ between any two runs)."""
+    """Every logged metric by step, less the timings and the progress reports (sent every few seconds, so on
+    steps that differ between any two runs)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
     out: dict[int, dict[str, float]] = {}
     for key in client.get_run(run_id).data.metrics:
-        if key.endswith("seconds"):
+        if key.endswith("seconds") or key.startswith("progress/"):
             continue
         for m in client.get_metric_history(run_id, key):
             out.setdefault(m.step, {})[key] = m.value
