@@ -25,7 +25,6 @@ import random
 import re
 import secrets
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "plugins"))
 
 
 def world_model(tmp: Path) -> str:
@@ -97,13 +98,9 @@ def start_server(model: str, cfg: dict[str, Any], tmp: Path, key: str) -> tuple[
 
 
 def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    from r1v_test_servers import stop_process  # the test suite's: SIGTERM, then SIGKILL to its group
+
+    stop_process(proc, 90)
 
 
 def server_stats(port: int, key: str) -> dict[str, int]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from r1v_test_servers import MlflowServer, S3Server, shared, shared_dir
+from r1v_test_servers import MlflowServer, S3Server, shared, shared_dir, stop_process
 
 HERE = Path(__file__).resolve().parent
 
@@ -113,13 +112,7 @@ class LocalCluster:
         assert done.read_text() == "ok", done.read_text()
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(120)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_process(self.proc, 120)  # the launcher shuts its nodes down on SIGTERM
 
 
 @pytest.fixture(scope="session")

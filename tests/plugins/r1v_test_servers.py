@@ -26,6 +26,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_process(proc: subprocess.Popen | None, timeout: float, group: bool = False) -> None:
+    """SIGTERM to `proc` (to its whole process group when `group`), SIGKILL to the group after `timeout` s."""
+    if proc is None or proc.poll() is not None:
+        return
+    if group:
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 class _Server:
     """A server process in its own process group, started until its health URL answers 200, stopped by its pid."""
 
@@ -51,13 +66,7 @@ class _Server:
             time.sleep(poll)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_process(self.proc, 20, group=True)
         self.proc = None
 
 
@@ -212,11 +221,5 @@ def r1v_serve(model: str, config: dict[str, Any], start_timeout_s: float = 420) 
         yield {"port": port, "internal": m.group(2), "client": client, "proc": proc, "output": seen,
                "lines": lines, "ray_tmp": ray_tmp}
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_process(proc, 90)
         shutil.rmtree(ray_tmp, ignore_errors=True)
