@@ -8,7 +8,8 @@ started here on 127.0.0.1 (`mlflow server`, stopped by its pid at the end); with
 (`tracking.tracking_uri=http://...`) its own UI is used. Pages are opened in headless Chromium (`--screenshot`),
 which this script does not install: it looks for `--chromium`, `$CHROMIUM`, then `chromium`, `chromium-browser`,
 `google-chrome`, `google-chrome-stable` and `headless_shell` on PATH, and exits 2 saying so when none is there.
-Screenshots go to DIR (default RUN/screens/): experiment.png, parent.png, STAGE-metrics.png, STAGE-samples.png.
+Screenshots go to DIR (default RUN/screens/): experiment.png, parent.png, parent-results.png (the results table),
+STAGE-metrics.png, STAGE-samples.png. The links open the UI's model-training view (`?workflowType=machine_learning`).
 Without a GRPO stage, the first stage with a sample table stands in for it.
 """
 
@@ -56,10 +57,12 @@ def wait_http(url: str, proc: subprocess.Popen | None, timeout: float = 300.0) -
     raise TimeoutError(f"{url} did not answer in {timeout:.0f} s")
 
 
-def shoot(chromium: str, url: str, out: Path, wait_ms: int) -> None:
+def shoot(chromium: str, url: str, out: Path, wait_ms: int, height: int = 1000) -> None:
     """One page to a PNG; `--virtual-time-budget` lets the UI's requests finish before the screenshot."""
-    cmd = [chromium, "--headless=new", "--disable-gpu", "--no-sandbox", "--hide-scrollbars", "--window-size=1600,1000",
-           f"--virtual-time-budget={wait_ms}", f"--screenshot={out}", url]
+    # no background networking: the browser only talks to the UI on 127.0.0.1
+    cmd = [chromium, "--headless=new", "--disable-gpu", "--no-sandbox", "--hide-scrollbars", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--window-size=1600,{height}", f"--virtual-time-budget={wait_ms}", f"--screenshot={out}", url]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
     print(f"{out}  <- {url}")
 
@@ -93,7 +96,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, help="where the screenshots go (default RUN/screens)")
     ap.add_argument("--chromium", help="the Chromium (or Chrome) binary")
     ap.add_argument("--port", type=int, help="port of the local MLflow UI (default: a free one)")
-    ap.add_argument("--wait-ms", type=int, default=15000, help="time each page gets to load (default 15000)")
+    ap.add_argument("--wait-ms", type=int, default=120000,
+                    help="virtual time each page gets to load its charts (default 120000)")
     args = ap.parse_args()
 
     chromium = find_chromium(args.chromium)
@@ -107,7 +111,7 @@ def main() -> int:
 
     from r1v.core.fs import read_json
     from r1v.workflow.runner import locate, pull_records
-    from r1v.workflow.tracking import is_local_store
+    from r1v.workflow.tracking import is_local_store, ui_url
 
     run_dir, store = locate(args.run)
     if store is not None:
@@ -135,15 +139,16 @@ def main() -> int:
         base = uri.rstrip("/")
     try:
         wait_http(f"{base}/health", server)
-        pages = {"experiment.png": f"{base}/#/experiments/{exp}",
-                 "parent.png": f"{base}/#/experiments/{exp}/runs/{parent}",
-                 f"{stage}-metrics.png": f"{base}/#/experiments/{exp}/runs/{stage_run}/model-metrics"}
+        pages = {"experiment.png": ui_url(base, exp), "parent.png": ui_url(base, exp, parent),
+                 "parent-results.png": ui_url(base, exp, parent, "artifacts/results/table.json"),
+                 f"{stage}-metrics.png": ui_url(base, exp, stage_run, "model-metrics")}
         if table:
-            pages[f"{stage}-samples.png"] = f"{base}/#/experiments/{exp}/runs/{stage_run}/artifacts/{table}"
+            pages[f"{stage}-samples.png"] = ui_url(base, exp, stage_run, f"artifacts/{table}")
         else:
             print(f"mlflow_screens: stage {stage} has no sample table yet", file=sys.stderr)
         for name, url in pages.items():
-            shoot(chromium, url, out / name, args.wait_ms)
+            # the metrics page is a grid of charts, the stage's own below its progress charts
+            shoot(chromium, url, out / name, args.wait_ms, 1900 if name.endswith("-metrics.png") else 1000)
     finally:
         if server is not None:  # the UI's process group (gunicorn/uvicorn workers), by the pid it started with
             try:

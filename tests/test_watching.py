@@ -128,6 +128,10 @@ def test_mlflow_shows_the_experiment_runs_descriptions_and_sample_tables(watched
     client = MlflowClient(watched["uri"])
     exp = client.get_experiment(runner.meta["experiment_id"])
     assert exp.tags[tracking.KIND_TAG] == tracking.TRAINING_KIND
+    # MLflow 3.17's UI ignores that tag: the link the run prints opens its model-training view
+    page = f"#/experiments/{exp.experiment_id}/runs/{runner.meta['parent_run_id']}?workflowType=machine_learning"
+    assert f"r1v: MLflow: `mlflow ui --backend-store-uri {watched['uri']} " in watched["console"], watched["console"]
+    assert page in watched["console"]
     parent = client.get_run(runner.meta["parent_run_id"])
     note = parent.data.tags[tracking.NOTE_TAG]
     assert f"r1v resume {runner.run_dir}" in note and "`train` (test.progress)" in note

@@ -18,6 +18,7 @@ from r1v.cli.submit import add_submit_parsers, job_state, record_job, submit_res
 from r1v.cli.world import add_world_parser
 from r1v.core import storage
 from r1v.core.config import ConfigError
+from r1v.core.fs import read_json
 from r1v.core.noise import quiet_libraries, worker_env
 from r1v.eval.results import format_table, report
 from r1v.workflow.console import Console, show_path
@@ -171,6 +172,21 @@ def _print_results(run_dir: Path) -> None:
     if results is not None:
         print(format_table(results))
         print(f"r1v: results in {show_path(Path(run_dir) / 'results.json')} and the parent MLflow run")
+    meta = read_json(Path(run_dir) / "run.json", None) or {}
+    if meta.get("parent_run_id"):
+        print(f"r1v: MLflow: {mlflow_link(meta)}")
+
+
+def mlflow_link(meta: dict) -> str:
+    """Where the run's parent MLflow run opens: its UI page (a tracking server), else the command that starts a UI
+    on this machine's store and the page to open there."""
+    from r1v.workflow.tracking import is_local_store, ui_url
+
+    uri = meta["tracking_uri"]
+    if not is_local_store(uri):
+        return ui_url(uri, meta["experiment_id"], meta["parent_run_id"])
+    page = ui_url("http://127.0.0.1:5000", meta["experiment_id"], meta["parent_run_id"])
+    return f"`mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000`, then {page}"
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -20,14 +20,25 @@ PARENT_TAG = "mlflow.parentRunId"
 NOTE_TAG = "mlflow.note.content"
 """A run's description, shown (as Markdown) at the top of its page in the MLflow UI."""
 KIND_TAG = "mlflow.experimentKind"
-"""The experiment tag MLflow 3's UI reads to choose an experiment's layout (its "experiment type" selector):
-`custom_model_development` ("Machine learning") opens on the experiment's training runs, `genai_development` on
-traces. Without it the UI guesses from what the experiment holds."""
+"""The experiment tag MLflow 3's UI read (up to 3.16) to choose an experiment's layout: `custom_model_development`
+("Machine learning") opens on the experiment's training runs, `genai_development` on traces. MLflow 3.17's UI
+ignores it: its GenAI / Model training switch (kept in the browser, default GenAI) or the URL's `workflowType`
+decides, so the links r1v prints carry `TRAINING_VIEW` (`ui_url`)."""
 TRAINING_KIND = "custom_model_development"
+TRAINING_VIEW = "workflowType=machine_learning"
 TABLE_ROWS = 200
 """Rows of a sample table logged for MLflow's table viewer (the full samples stay in the stage's files)."""
 THUMBNAIL = 256
 """Longest side, in pixels, of the images in a sample table."""
+
+
+def ui_url(base: str, experiment_id: str, run_id: str | None = None, tab: str | None = None) -> str:
+    """A page of the MLflow UI at `base` in its model-training view: the experiment, a run, or a run's tab
+    (`model-metrics`, `artifacts/PATH`)."""
+    path = f"{base.rstrip('/')}/#/experiments/{experiment_id}"
+    if run_id:
+        path += f"/runs/{run_id}" + (f"/{tab}" if tab else "")
+    return f"{path}?{TRAINING_VIEW}"
 
 
 def default_tracking_uri(run_root: str | Path) -> str:
