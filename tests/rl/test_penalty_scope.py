@@ -1,0 +1,178 @@
+"""The repetition penalty's scope (`SamplingConfig.repetition_penalty_scope`) in the transformers engine:
+`prompt_and_generated` (transformers' and vLLM's own) counts the prompt's tokens and the completion's,
+`generated` the completion's only.
+
+Its `generated` completions are checked against a hand-rolled greedy decoder that penalises the
+completion's tokens only (the trainer's forward, no cache, no padding), which the other scope does not match on
+the same prompts: a penalty that still counted the prompt (or none at all) fails these tests.
+
+The transformers tests use the tiny random VLM with a sharpened head (x20, as `test_request_penalty.py`), so that
+greedy decoding repeats context tokens and a penalty of 2 changes what it picks; its prompts open with the tokens
+its greedy completions open with, so that penalising the prompt's tokens changes the first token already.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from r1v.generation.engines import ENGINES, Request
+
+GREEDY = {"temperature": 0.0, "max_new_tokens": 10}
+SAMPLE = {"temperature": 1.0, "max_new_tokens": 12}
+
+
+def penalised(logits: torch.Tensor, seen: set[int], penalty: float) -> torch.Tensor:
+    """transformers' and vLLM's repetition penalty over the tokens `seen`, written out."""
+    out = logits.clone()
+    for t in seen:
+        out[t] = out[t] * penalty if out[t] < 0 else out[t] / penalty
+    return out
+
+
+def step_logits(model, req: Request, completion: list[int], suppress: list[int]) -> torch.Tensor:
+    """The next-token logits after the prompt and `completion`, from the trainer's forward over the whole sequence
+    (images included), with the engines' suppressed image tokens at -inf."""
+    from r1v.data.collate import tiles_from_bytes
+    from r1v.model.assemble import tile_size
+    from r1v.model.forward import multimodal_logits
+
+    px = (torch.from_numpy(tiles_from_bytes(req.pixel_values, req.n_tiles, tile_size(model)).copy())
+          if req.n_tiles else None)
+    with torch.no_grad():
+        logits = multimodal_logits(model, torch.tensor([req.prompt_ids + completion]), pixel_values=px)[0, -1]
+    logits = logits.float()
+    logits[suppress] = -float("inf")
+    return logits
+
+
+def reference_greedy(model, req: Request, penalty: float, scope: str, steps: int, stop: list[int],
+                     suppress: list[int]) -> list[int]:
+    """Greedy decoding, one full forward per token, the penalty over the completion's tokens (`generated`) or the
+    prompt's and the completion's (`prompt_and_generated`)."""
+    out: list[int] = []
+    for _ in range(steps):
+        seen = set(out) | (set(req.prompt_ids) if scope == "prompt_and_generated" else set())
+        t = int(penalised(step_logits(model, req, out, suppress), seen, penalty).argmax())
+        out.append(t)
+        if t in stop:
+            break
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> str:
+    from r1v.model.io import save_model
+    from r1v.model.tiny import TinySpec, build_tiny_vlm
+
+    model, tok = build_tiny_vlm(TinySpec(), seed=0)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    return str(save_model(model, tok, tmp_path_factory.mktemp("scope") / "vlm"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    """(transformers engine, two text requests of different lengths and one with an image tile, each prompt
+    opening with the tokens that greedy completions of the plain prompts open with)."""
+    from r1v.data.prompt import encode_prompt
+    from r1v.model.assemble import num_image_tokens, tile_size
+
+    engine = ENGINES.get("transformers")(tiny_dir, max_batch=8, logprobs=False)
+    tok = engine.tok
+    reqs = [Request(encode_prompt([{"role": "user", "content": q}], tok, [], 0))
+            for q in ("What is the sum of the two numbers?", "Describe the grid.")]
+    ids = encode_prompt([{"role": "user", "content": "<image>\nWhat number is shown in the picture?"}], tok, [1],
+                        num_image_tokens(engine.model))
+    tile = torch.randint(0, 256, (1, 3, tile_size(engine.model), tile_size(engine.model)), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(0))
+    reqs.append(Request(ids, tile.numpy().tobytes(), 1))
+    opening = sorted({t for g in tokens(engine.generate(reqs, GREEDY, n=1, seed=0)) for t in g[0][:3]})
+    reqs = [Request(opening + r.prompt_ids, r.pixel_values, r.n_tiles) for r in reqs]
+    assert len({len(r.prompt_ids) for r in reqs}) == 3  # left padding differs per row
+    return engine, reqs
+
+
+def tokens(groups) -> list[list[list[int]]]:
+    return [[c.token_ids for c in g] for g in groups]
+
+
+def test_generated_scope_at_penalty_one_is_no_penalty(tiny):
+    engine, reqs = tiny
+    off = engine.generate(reqs, SAMPLE, n=3, seed=5)
+    gen = engine.generate(reqs, {**SAMPLE, "repetition_penalty": 1.0, "repetition_penalty_scope": "generated"},
+                          n=3, seed=5)
+    assert tokens(gen) == tokens(off)
+
+
+def test_transformers_scopes_match_the_reference_and_differ(tiny):
+    """Both scopes at penalty 2, greedy, batched (left padding, an image row): each row is the hand-rolled
+    decoder's for its scope, and the two scopes' completions differ."""
+    engine, reqs = tiny
+    stop, suppress = engine.stop_ids, engine.suppress
+    got = {}
+    for scope in ("prompt_and_generated", "generated"):
+        got[scope] = tokens(engine.generate(reqs, {**GREEDY, "repetition_penalty": 2.0,
+                                                   "repetition_penalty_scope": scope}, n=1, seed=0))
+        for r, g in zip(reqs, got[scope], strict=True):
+            assert g[0] == reference_greedy(engine.model, r, 2.0, scope, GREEDY["max_new_tokens"], stop,
+                                            suppress), (scope, len(r.prompt_ids))
+    for a, b in zip(got["prompt_and_generated"], got["generated"], strict=True):
+        assert a[0][0] != b[0][0], "the scopes should part at the first token (the prompt's are damped in one only)"
+
+
+@pytest.mark.parametrize("rows", ["text", "with_image", "static_cache"])
+def test_generated_scope_counts_exactly_the_completion_so_far(tiny, tiny_dir, monkeypatch, rows):
+    """At every step transformers' penalty processor counts each row's completion so far and nothing of its
+    (left-padded) prompt: in a text-only batch, in one with an image row (the VLM's generate), and with the
+    static KV cache the eval stage uses on CPU."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    engine, reqs = tiny
+    reqs = reqs[:2] if rows == "text" else reqs
+    if rows == "static_cache":
+        engine = ENGINES.get("transformers")(tiny_dir, max_batch=8, logprobs=False, static_cache=True)
+    counted: list[torch.Tensor] = []
+    call = RepetitionPenaltyLogitsProcessor.__call__
+
+    def spy(self, input_ids, scores):
+        counted.append(input_ids[:, self.prompt_ignore_length or 0 :].clone())
+        return call(self, input_ids, scores)
+
+    monkeypatch.setattr(RepetitionPenaltyLogitsProcessor, "__call__", spy)
+    out = tokens(engine.generate(reqs, {**GREEDY, "repetition_penalty": 2.0, "repetition_penalty_scope": "generated"},
+                                 n=1, seed=0))
+    assert len(counted) == max(len(g[0]) for g in out)  # one call per generated token
+    for k, ids in enumerate(counted):
+        assert ids.shape == (len(reqs), k)
+        for row, g in zip(ids.tolist(), out, strict=True):
+            assert row[: len(g[0])] == g[0][:k]
+
+
+def test_mixed_scopes_equal_single_scope_calls(tiny):
+    """Rows of both scopes and several penalties in one sampled call: each row is what a call with its own
+    (penalty, scope) alone gives; a request's scope overrides the call's."""
+    engine, (a, b, img) = tiny
+    reqs = [Request(a.prompt_ids, repetition_penalty=2.0, repetition_penalty_scope="generated"),
+            Request(b.prompt_ids, repetition_penalty=2.0),
+            Request(img.prompt_ids, img.pixel_values, img.n_tiles, repetition_penalty=2.0,
+                    repetition_penalty_scope="generated"),
+            Request(a.prompt_ids, repetition_penalty=1.5),
+            Request(b.prompt_ids, repetition_penalty=1.5, repetition_penalty_scope="generated")]
+    call = {**SAMPLE, "repetition_penalty_scope": "prompt_and_generated"}
+    mixed = engine.generate(reqs, call, n=2, seed=11)  # 10 rows, max_batch 8: groups span several batches
+    for key in {(r.repetition_penalty, r.repetition_penalty_scope) for r in reqs}:
+        idx = [i for i, r in enumerate(reqs) if (r.repetition_penalty, r.repetition_penalty_scope) == key]
+        alone = engine.generate([reqs[i] for i in idx], call, n=2, seed=11)
+        assert [tokens(mixed)[i] for i in idx] == tokens(alone), key
+    # the scope of a request without its own is the call's
+    (via_call,) = engine.generate([Request(a.prompt_ids, repetition_penalty=2.0)],
+                                  {**SAMPLE, "repetition_penalty_scope": "generated"}, n=2, seed=11)
+    (own,) = engine.generate([reqs[0]], call, n=2, seed=11)
+    assert tokens([via_call]) == tokens([own])
+
+
+def test_unknown_scope_is_refused(tiny):
+    engine, reqs = tiny
+    with pytest.raises(ValueError, match="repetition_penalty_scope 'output'"):
+        engine.generate([Request(reqs[0].prompt_ids, repetition_penalty_scope="output")], GREEDY, n=1, seed=0)
