@@ -185,6 +185,19 @@ def test_unknown_scope_is_refused(tiny):
         engine.generate([Request(reqs[0].prompt_ids, repetition_penalty_scope="output")], GREEDY, n=1, seed=0)
 
 
+def test_config_scope_defaults_and_distill_passes_its_own():
+    from r1v.core.config import SamplingConfig
+    from r1v.distill.config import DistillConfig
+
+    assert SamplingConfig().repetition_penalty_scope == "prompt_and_generated"
+    base = {"model": "m", "corpus": "c", "judge": {"kind": "rule"}}
+    c = DistillConfig.model_validate({**base, "penalty_scope": "generated"})
+    assert c.sampling_dict()["repetition_penalty_scope"] == "generated"
+    assert DistillConfig.model_validate(base).sampling_dict()["repetition_penalty_scope"] == "prompt_and_generated"
+    with pytest.raises(ValueError, match="set penalty_scope instead"):
+        DistillConfig.model_validate({**base, "sampling": {"repetition_penalty_scope": "generated"}})
+
+
 # ------------------------------------------------------------------------------------------------ vLLM
 
 
