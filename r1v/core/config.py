@@ -125,11 +125,20 @@ class OptimConfig(Strict):
     grad_clip: float = Field(1.0, ge=0)
 
 
+PenaltyScope = Literal["prompt_and_generated", "generated"]
+"""Which tokens a repetition penalty counts as already seen (`SamplingConfig.repetition_penalty_scope`)."""
+
+
 class SamplingConfig(Strict):
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(64, ge=1)
     repetition_penalty: float = Field(1.0, gt=0)
+    repetition_penalty_scope: PenaltyScope = Field(
+        "prompt_and_generated", description="the tokens `repetition_penalty` damps: `prompt_and_generated` (the "
+        "default of transformers and vLLM) every token of the prompt (chat template included) and of the "
+        "completion so far; `generated` only the tokens this completion generated so far, so that the template's "
+        "newline and end-of-turn token are not penalised from the first token")
 
 
 class VLLMOptions(Strict):

@@ -9,7 +9,14 @@ from typing import Any
 
 from pydantic import Field, SerializeAsAny, field_validator, model_validator
 
-from r1v.core.config import EvalEngineConfig, PreprocessConfig, SamplingConfig, Strict, operational
+from r1v.core.config import (
+    EvalEngineConfig,
+    PenaltyScope,
+    PreprocessConfig,
+    SamplingConfig,
+    Strict,
+    operational,
+)
 from r1v.core.judges import RewriterConfig, ScorerConfig, rewriter_config, scorer_config
 
 _REPLY = "\n\nReply with the score only, as: Score: N"
@@ -193,6 +200,12 @@ class DistillConfig(Strict):
     penalty_column: str = Field("penalty", min_length=1, description="per-row repetition penalty (the DRLC "
                                 "stage's output); rows without it, or null, take `default_penalty`")
     default_penalty: float = Field(1.0, gt=0)
+    penalty_scope: PenaltyScope = Field(
+        "prompt_and_generated", description="the tokens each row's penalty damps (`SamplingConfig."
+        "repetition_penalty_scope`, which it replaces here): `prompt_and_generated`, the default of transformers "
+        "and vLLM and so presumably the paper's DRLC, also penalises the prompt's tokens, the chat template's "
+        "newline and end-of-turn included, so closing a chain is damped from its first token; `generated` counts "
+        "the chain's own tokens only")
     grader: str = Field("accuracy", description="reward/grader name (r1v.grading.rewards.REWARDS); a chain is "
                         "correct when it scores 1")
     preprocess: PreprocessConfig = PreprocessConfig()
@@ -209,3 +222,15 @@ class DistillConfig(Strict):
     @classmethod
     def _by_kind(cls, v: Any) -> RewriterConfig:
         return rewriter_config(v)
+
+    @model_validator(mode="after")
+    def _one_scope(self) -> DistillConfig:
+        if "repetition_penalty_scope" in self.sampling.model_fields_set \
+                and self.sampling.repetition_penalty_scope != self.penalty_scope:
+            raise ValueError("sampling.repetition_penalty_scope: the rows' penalties take the stage's "
+                             "penalty_scope; set penalty_scope instead")
+        return self
+
+    def sampling_dict(self) -> dict[str, Any]:
+        """The engines' sampling: `sampling` with `penalty_scope` (each row's penalty is its request's own)."""
+        return {**self.sampling.model_dump(), "repetition_penalty_scope": self.penalty_scope}

@@ -1,11 +1,12 @@
 """The `distill` stage's work: multi-stage self-distillation (METHOD.md section 4).
 
 Per corpus row, the current model writes one `<think>` chain at the row's repetition penalty (the DRLC
-column; `r1v.generation.engines.Request.repetition_penalty`, honoured by both engines); the grader checks its final
-answer against the row's. A correct chain is kept as the row's new assistant turn (`distill = "kept"`: the
-model's own words); a wrong one goes to the judge (`r1v.judges.rewriters`), whose rewrite is graded in turn and kept
-as `distill = "rewritten"` when correct. Everything else is dropped with a reason in `dropped.parquet`: no
-answer, a failed preprocessing, a bad penalty, a judge failure, a rewrite that still misses.
+column; `r1v.generation.engines.Request.repetition_penalty`, honoured by both engines), over the tokens
+`penalty_scope` names (prompt and chain, or the chain only); the grader checks its final answer against the
+row's. A correct chain is kept as the row's new assistant turn (`distill = "kept"`: the model's own words); a
+wrong one goes to the judge (`r1v.judges.rewriters`), whose rewrite is graded in turn and kept as
+`distill = "rewritten"` when correct. Everything else is dropped with a reason in `dropped.parquet`: no answer, a
+failed preprocessing, a bad penalty, a judge failure, a rewrite that still misses.
 
 Outputs: `corpus` (the input's columns with the distilled assistant turn, `distill`, `chain_tokens`: tokens
 generated after the prompt's `<think>\\n`, end of turn included, and `distill_penalty`), `dropped.parquet`,
@@ -92,7 +93,7 @@ def _chunk(engine: Any, judge: Rewriter, c: DistillConfig, table: pa.Table, offs
             todo.append({**r, "_row": i, "penalty": p})
     prompts, failed = prepare_prompts(todo, c.model, c.preprocess)
     dropped += failed
-    comps = generate_with_penalties(engine, prompts, c.sampling.model_dump(), c.seed + offset,
+    comps = generate_with_penalties(engine, prompts, c.sampling_dict(), c.seed + offset,
                                     c.engine.max_batch) if prompts else []
     grade = REWARDS.get(c.grader)
     grades = grade_bounded(grade, [(cp.text, {"answer": p["answer"]}) for p, cp in zip(prompts, comps, strict=True)])
@@ -214,5 +215,5 @@ def summarize_distill(c: DistillConfig, target: Path, dropped: pa.Table, work: P
             "chain_tokens_kept_mean": mean([n for n, d in zip(tokens, labels, strict=True) if d == KEPT]),
             "chain_tokens_rewritten_mean": mean([n for n, d in zip(tokens, labels, strict=True) if d == REWRITTEN]),
             "penalty_mean": mean(t.column("distill_penalty").to_pylist()),
-            "config": json.loads(c.model_dump_json(include={"model", "grader", "seed", "penalty_column"}))
-            | {"judge": c.judge.kind}}
+            "config": json.loads(c.model_dump_json(include={"model", "grader", "seed", "penalty_column",
+                                                            "penalty_scope"})) | {"judge": c.judge.kind}}

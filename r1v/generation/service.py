@@ -119,15 +119,17 @@ returned: (job, prompt index, its completions) for each of its prompts)."""
 
 def generate_jobs(engine, prompts: list[dict[str, Any]], jobs: list[tuple[dict[str, Any], int]], seed: int,
                   batch: int, desc: str = "eval generate", penalty_key: str | None = None,
-                  progress: Done | None = None) -> list[list[list[Any]]]:
+                  progress: Done | None = None, scope_key: str | None = None) -> list[list[list[Any]]]:
     """For each job (sampling, n): n completions per prompt, `batch` sequences per engine call, in input order.
 
     Prompts are batched in order of (tiles, length) so that a batch pads little; each call's seed is `seed` +
     its first position in that order (so sampled runs repeat for the same `batch`, on any number of engines;
     greedy ones for any `batch`). `engine` is an in-process engine or an `EnginePool`, which gets the calls of
     every job at once. With `penalty_key`, each prompt's value under that key is its request's repetition
-    penalty (AL-CoTD's per-sample penalties); otherwise the sampling's applies to all. `progress` is called as
-    each engine call returns (`Done`), in this process.
+    penalty (AL-CoTD's per-sample penalties); otherwise the sampling's applies to all. `scope_key` likewise
+    names each prompt's repetition penalty scope (`prompt_and_generated` or `generated`; None or a missing key:
+    the sampling's `repetition_penalty_scope`). `progress` is called as each engine call returns (`Done`), in
+    this process.
     """
     order = sorted(range(len(prompts)), key=lambda i: (prompts[i]["n_tiles"], len(prompts[i]["input_ids"])))
     calls: list[tuple[list[Any], dict[str, Any], int, int]] = []
@@ -137,7 +139,9 @@ def generate_jobs(engine, prompts: list[dict[str, Any]], jobs: list[tuple[dict[s
         for start in range(0, len(order), per_call):
             idx = order[start : start + per_call]
             reqs = [Request(prompts[i]["input_ids"], prompts[i]["pixel_values"], prompts[i]["n_tiles"],
-                            repetition_penalty=prompts[i][penalty_key] if penalty_key else None) for i in idx]
+                            repetition_penalty=prompts[i][penalty_key] if penalty_key else None,
+                            repetition_penalty_scope=prompts[i].get(scope_key) if scope_key else None)
+                    for i in idx]
             calls.append((reqs, sampling, n, seed + start))
             where.append((j, idx))
     total = sum(len(reqs) * n for reqs, _, n, _ in calls)

@@ -64,7 +64,11 @@ class ChatRequest(BaseModel):
     stop: str | list[str] | None = Field(None, description="up to 4 strings; the text is cut before the first")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    repetition_penalty: float = Field(1.0, gt=0, le=10, description="vLLM's extension (prompt tokens count too)")
+    repetition_penalty: float = Field(1.0, gt=0, le=10, description="vLLM's extension (prompt tokens count too, "
+                                      "unless repetition_penalty_scope is generated)")
+    repetition_penalty_scope: Literal["prompt_and_generated", "generated"] = Field(
+        "prompt_and_generated", description="r1v's extension: the tokens repetition_penalty counts, the prompt's "
+        "and the completion's (vLLM's and transformers' own) or the completion's only")
     user: str | None = None
     # Accepted only at the values that mean "off", so that clients sending their defaults still work.
     frequency_penalty: Literal[0, 0.0] | None = None
@@ -146,7 +150,7 @@ def run_jobs(engine: Any, jobs: list[Job], batch: int) -> list[list[Completion] 
         seed = first.seed if first.seed is not None else random.randrange(2**31)
         prompts = [jobs[i].prompt for i in idx]
         return generate_jobs(engine, prompts, [(first.sampling, first.n)], seed, batch, desc="serve",
-                             penalty_key="repetition_penalty")[0]
+                             penalty_key="repetition_penalty", scope_key="repetition_penalty_scope")[0]
 
     for idx in groups.values():
         try:
@@ -375,8 +379,10 @@ class ChatService:
                                  code="context_length_exceeded")
             max_tokens = room
         prompt["repetition_penalty"] = req.repetition_penalty
+        prompt["repetition_penalty_scope"] = req.repetition_penalty_scope
         sampling = {"temperature": req.temperature, "top_p": req.top_p if req.temperature > 0 else 1.0,
-                    "max_new_tokens": max_tokens, "repetition_penalty": req.repetition_penalty}
+                    "max_new_tokens": max_tokens, "repetition_penalty": req.repetition_penalty,
+                    "repetition_penalty_scope": req.repetition_penalty_scope}
         choices = self._choices(req, max_tokens, room) if req.guided_choice is not None else None
         return Prepared(req, Job(prompt, sampling, req.n, req.seed, deadline, choices=choices), n_prompt, stops)
 

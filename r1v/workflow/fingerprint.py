@@ -34,6 +34,7 @@ ADDED_SINCE_SCHEME_1: frozenset[str] = frozenset({
     "TrainerConfig.max_nonfinite_steps", "GRPOConfig.max_reward_failure_fraction",
     "DataImportConfig.allow_outside_root", "DataImportConfig.row_timeout_s", "SFTConfig.global_batch",
     "TrainerConfig.max_failures", "OpenAIScorerConfig.max_reply_bytes", "OpenAIRewriterConfig.max_reply_bytes",
+    "SamplingConfig.repetition_penalty_scope", "DistillConfig.penalty_scope",
     *(f"{cls}.{f}" for cls in ("EngineConfig", "EvalEngineConfig")
       for f in ("max_restarts", "call_timeout_s", "ready_timeout_s")),
 })

@@ -136,11 +136,11 @@ def _request(model: str, image: bytes | None, text: str) -> Request:
     return Request(enc["input_ids"], enc["pixel_values"], enc["n_tiles"])
 
 
-def expected_greedy(model: str, image: bytes | None, text: str, max_tokens: int) -> str:
+def expected_greedy(model: str, image: bytes | None, text: str, max_tokens: int, **sampling: Any) -> str:
     """The engine run directly (no server): the prompt (`text` after the image, if any) encoded by the data
-    pipeline, greedy."""
-    comp = _engine(model).generate([_request(model, image, text)], {**GREEDY, "max_new_tokens": max_tokens}, 1,
-                                   0)[0][0]
+    pipeline, greedy (with `sampling`'s other settings: the repetition penalty and its scope)."""
+    comp = _engine(model).generate([_request(model, image, text)],
+                                   {**GREEDY, "max_new_tokens": max_tokens, **sampling}, 1, 0)[0][0]
     return comp.text
 
 

@@ -164,5 +164,25 @@ def test_jobs_share_engine_calls_and_fail_alone():
     assert isinstance(run_jobs(_Engine(), [expired], 8)[0], TimeoutError)
 
 
+def test_jobs_carry_their_penalty_and_scope_into_a_shared_call():
+    """Jobs differing only in repetition penalty or its scope share an engine call; each request keeps its own."""
+    seen = []
+
+    class Engine:
+        def generate(self, requests, sampling, n, seed):
+            seen.extend((r.repetition_penalty, r.repetition_penalty_scope) for r in requests)
+            return [[Completion([1], [], "x", True)] * n for r in requests]
+
+    def job(i, penalty, scope):
+        prompt = {"input_ids": [i], "pixel_values": b"", "n_tiles": 0, "repetition_penalty": penalty,
+                  "repetition_penalty_scope": scope}
+        return Job(prompt, {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 4, "repetition_penalty": penalty,
+                            "repetition_penalty_scope": scope}, 1, None, 1e18)
+
+    want = [(1.0, "prompt_and_generated"), (2.0, "generated"), (2.0, "prompt_and_generated")]
+    run_jobs(Engine(), [job(i, *w) for i, w in enumerate(want)], batch=8)
+    assert seen == want
+
+
 def test_digest_is_sha256():
     assert limits.key_digests([KEY]) == [hashlib.sha256(KEY.encode()).digest()]

@@ -109,6 +109,26 @@ def test_models_health_and_the_image_chat_equal_the_engine(stack, tiny_png):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == r.choices[0].finish_reason
 
 
+def test_repetition_penalty_and_its_scope_reach_the_engine(stack, tiny_png):
+    """`repetition_penalty` with r1v's `repetition_penalty_scope` extension: the chat answers what the engine
+    gives with that penalty and scope (the prompt holds what the tiny model answers first, so the scopes part at
+    once); an unknown scope is a 400 naming the parameter."""
+    text = "Say 19aser again."
+    client, messages = stack["client"], image_message(data_url(tiny_png), text)
+    got = {}
+    for scope in ("prompt_and_generated", "generated"):
+        r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0,
+                                           extra_body={"repetition_penalty": 2.0, "repetition_penalty_scope": scope})
+        got[scope] = r.choices[0].message.content
+        assert got[scope] == expected_greedy(stack["model"], tiny_png, text, 12, repetition_penalty=2.0,
+                                             repetition_penalty_scope=scope)
+    assert got["generated"] != got["prompt_and_generated"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=messages, max_tokens=2,
+                                       extra_body={"repetition_penalty_scope": "prompt"})
+    assert error_of(e.value)["param"] == "repetition_penalty_scope"
+
+
 def test_guided_choice_answers_the_likeliest_choice(stack, tiny_png):
     """vLLM's `guided_choice` (what the `openai` judge sends): the choice whose tokens the model finds likeliest."""
     client, messages = stack["client"], image_message(data_url(tiny_png), "Score it.")
