@@ -1,10 +1,11 @@
-"""Overthinking: redundant `Check:` restatements in the reasoning chains (the chain writer, the SFT corpus option)
-and a closing a repetition penalty never weighs against."""
+"""Overthinking: redundant `Check:` restatements in the reasoning chains (the chain writer, the SFT corpus option),
+a closing a repetition penalty never weighs against, and the reasoning-only rebuild from a world's shipped base."""
 
 from __future__ import annotations
 
 import json
 import random
+import shutil
 from collections import Counter
 
 import pyarrow.parquet as pq
@@ -15,7 +16,7 @@ from r1v.core.config import ConfigError
 from r1v.data.prompt import encode_prompt
 from r1v.grading.rewards import accuracy, format_reward
 from r1v.workflow.schema import validate_workflow
-from r1v.world.build import WORLD_DIR
+from r1v.world.build import WORLD_DIR, WorldBuildConfig, verify_world
 from r1v.world.config import OverthinkConfig, WorldDataConfig
 from r1v.world.corpora import generate
 from r1v.world.domain import (
@@ -30,6 +31,7 @@ from r1v.world.domain import (
     reasoning_answer,
     text_question,
 )
+from r1v.world.lm import chain_stats
 
 CFG = OverthinkConfig()  # {1: 0.7, 2: 0.5, 3: 0.3}, 1-3 checks
 
@@ -101,6 +103,15 @@ def test_the_closing_is_in_no_prompt_and_nowhere_earlier_in_the_chain() -> None:
         assert plain[plain.index(think_end) - 1] in prompt_ids
 
 
+def test_chain_stats_count_tokens_and_checks_by_level() -> None:
+    ps = [Problem((1, 2, 3, 4), "A + B", 1)] * 2 + [Problem((1, 2, 3, 4), "A * B + C", 2)]
+    done = [("1 + 2 = 3. Check: 1 + 2 = 3. Check: 1 + 2 = 3.</think>Answer: \\boxed{3}", 30),
+            ("1 + 2 = 3.</think> Check: after the chain does not count", 10), ("no end", 64)]
+    assert chain_stats(ps, done) == {
+        "1": {"n": 2, "mean_chain_tokens": 20.0, "with_check": 0.5, "with_two_checks": 0.5},
+        "2": {"n": 1, "mean_chain_tokens": 64.0, "with_check": 0.0, "with_two_checks": 0.0}}
+
+
 def test_corpus_option_rewrites_only_the_sft_chains_and_leaves_the_fingerprint_when_off(tmp_path) -> None:
     kw = {"n_align": 20, "n_sft": 60, "n_grpo": 10, "n_test": 9, "seed": 2}
     plain = generate(tmp_path / "a", **kw)
@@ -131,3 +142,72 @@ def test_corpus_option_rewrites_only_the_sft_chains_and_leaves_the_fingerprint_w
                      ({"min_checks": 3, "max_checks": 2}, "min_checks 3 > max_checks 2")]:
         with pytest.raises(ConfigError, match=msg):
             fingerprint({"overthink": bad})
+
+
+def test_build_config_dump_of_defaults_is_the_shipped_one() -> None:
+    shipped = verify_world(WORLD_DIR)["build_config"]
+    assert WorldBuildConfig.model_validate(shipped).model_dump() == shipped
+    c = WorldBuildConfig(overthink={}, freeze_child_layers=2)
+    assert WorldBuildConfig.model_validate(json.loads(json.dumps(c.model_dump()))) == c  # world.json round trip
+    with pytest.raises(ValueError, match="freeze_child_layers 5 > num_layers 4"):
+        WorldBuildConfig(freeze_child_layers=5)
+
+
+def test_freeze_child_layers_keeps_the_first_layers(tmp_path) -> None:
+    import torch
+
+    from r1v.world import lm, text
+
+    tok = AutoTokenizer.from_pretrained(WORLD_DIR / "reasoning_llm")
+    model = lm.build_lm(tok, 32, 3, 2, 2, 64, seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lm.train_lm(model, lambda rng: lm.chat_example(tok, text.reasoning_chat(rng)), steps=3, batch=2, lr=1e-2,
+                seed=0, pad_id=tok.pad_token_id, desc="t", warmup=1, freeze_layers=2, progress=lambda _: None)
+    after = model.state_dict()
+    for k in before:
+        if k.startswith(("model.layers.0.", "model.layers.1.")):
+            assert torch.equal(before[k], after[k]), k
+    assert not torch.equal(before["model.layers.2.mlp.up_proj.weight"], after["model.layers.2.mlp.up_proj.weight"])
+    assert all(p.requires_grad for p in model.parameters())
+
+
+SMALL = ["base_steps=8", "child_steps=8", "vision_steps=2", "eval_items=6", "base_batch=2", "child_batch=2",
+         "vision_batch=2"]  # a minute on a loaded 2-core machine: what is built, not how well
+
+
+def test_reasoning_only_rebuild_reuses_the_source_byte_for_byte(tmp_path, capsys) -> None:
+    from r1v.cli import main
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    assert main(["world", "build", "--out", str(src), *SMALL]) == 0
+    s = verify_world(src)
+    assert "base_llm/model.safetensors" in s["files"] and "overthink" not in s["build_config"]
+    assert set(s["chains"]["by_level"]) == {"1", "2", "3"} and s["chains"]["max_new_tokens"] == 64
+    capsys.readouterr()
+    assert main(["world", "build", "--out", str(out), "--only", "reasoning", "--from", str(src), "overthink={}",
+                 "freeze_child_layers=1"]) == 0
+    assert '"chains"' in capsys.readouterr().out
+    m = verify_world(out)
+    assert m["reused"]["from"] == str(src) and m["reused"]["build_config"] == s["build_config"]
+    assert m["build_config"]["overthink"] == {"share": {"1": 0.7, "2": 0.5, "3": 0.3}, "min_checks": 1,
+                                              "max_checks": 3}
+    assert m["build_config"]["child_steps"] == 8 and m["chains"]["max_new_tokens"] == 64 + 32 * 3
+    assert m["vision"] == s["vision"] and m["text_accuracy"]["instruct"] == s["text_accuracy"]["instruct"]
+    assert m["final_loss"]["base"] == s["final_loss"]["base"]
+    assert set(m["files"]) == set(s["files"])
+    changed = {name for name, digest in s["files"].items() if m["files"][name] != digest}
+    # base, instruct child, tower and every tokenizer file byte for byte; the reasoning weights (and their
+    # checksum record) new
+    assert changed == {"reasoning_llm/model.safetensors", "reasoning_llm/r1v_checksums.json"}
+
+    # what the source lacks or what the rebuild would change is refused before any training
+    old = tmp_path / "old"
+    shutil.copytree(WORLD_DIR, old)  # the shipped world predates base_llm/
+    assert main(["world", "build", "--out", str(tmp_path / "x"), "--only", "reasoning", "--from", str(old)]) == 2
+    err = capsys.readouterr().err
+    assert "ships no base LM" in err and "full build" in err
+    assert main(["world", "build", "--out", str(tmp_path / "x"), "--only", "reasoning", "--from", str(src),
+                 "hidden_size=64"]) == 2
+    assert "hidden_size must stay" in capsys.readouterr().err
+    assert main(["world", "build", "--out", str(tmp_path / "x"), "--only", "reasoning"]) == 2
+    assert not (tmp_path / "x").exists()
