@@ -29,6 +29,30 @@ class SftNoiseConfig(Strict):
         return self
 
 
+class OverthinkConfig(Strict):
+    """Redundant `Check:` restatements in reasoning chains, more on easy items (`r1v.world.domain.overthought_chain`).
+
+    Why: the world's reference chains hold exactly the steps a problem needs, so a repetition penalty (AL-CoTD's
+    DRLC) has nothing redundant to cut; real reasoning models re-verify steps they have just written, most on
+    items that need it least."""
+
+    share: dict[int, float] = Field(default_factory=lambda: {1: 0.7, 2: 0.5, 3: 0.3},
+                                    description="per level (1-3), the share of chains that carry checks; "
+                                                "levels left out carry none")
+    min_checks: int = Field(1, ge=1, description="checks in a chain that carries any, at least")
+    max_checks: int = Field(3, ge=1, description="and at most (drawn uniformly in between)")
+
+    @model_validator(mode="after")
+    def _valid(self) -> OverthinkConfig:
+        if not set(self.share) <= {1, 2, 3}:
+            raise ValueError(f"share: levels are 1, 2, 3; got {sorted(self.share)}")
+        if not all(0 <= v <= 1 for v in self.share.values()):
+            raise ValueError(f"share: each level's share is in [0, 1]; got {self.share}")
+        if self.min_checks > self.max_checks:
+            raise ValueError(f"min_checks {self.min_checks} > max_checks {self.max_checks}")
+        return self
+
+
 class WorldDataConfig(Strict):
     """Render the run's corpora: alignment (perception only), SFT (multimodal chains of thought), GRPO
     prompts, and the held-out test (digit tuples that never appear in any training data)."""
@@ -41,13 +65,17 @@ class WorldDataConfig(Strict):
     corrupt_rows: int = Field(0, ge=0, description="alignment rows with truncated images (they must be "
                                                    "quarantined, not trained on)")
     sft_noise: SftNoiseConfig | None = Field(None, description="flawed SFT chains, by kind (default: none)")
+    overthink: OverthinkConfig | None = Field(None, description="redundant checks in the SFT chains, as the "
+                                                                "reasoning LLM was built with (default: none)")
 
     @model_serializer(mode="wrap")
-    def _omit_unset_noise(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """Without noise the dump, hence the stage's fingerprint, is what it was before the option existed."""
+    def _omit_unset_options(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Without noise or overthinking the dump, hence the stage's fingerprint, is what it was before the
+        options existed."""
         out = handler(self)
-        if out.get("sft_noise") is None:
-            out.pop("sft_noise", None)
+        for key in ("sft_noise", "overthink"):
+            if out.get(key) is None:
+                out.pop(key, None)
         return out
 
 

@@ -8,6 +8,10 @@ problem's level and its text-only form (`text_question`), for the text baselines
 SFT chains are all correct and well formed unless `sft_noise` asks for flawed ones (`FLAWS`, `add_noise`): the
 paper's SFT data comes from teachers and has errors of varying quality, which its reward model grades and its
 iterative SFT rounds filter; a corpus with nothing to filter would make those rounds a no-op.
+
+With `overthink`, SFT chains carry the reasoning LLM's overthinking habit (`add_overthinking`): the SFT chains
+stand in for the paper's teacher data, which comes from a reasoning model that overthinks, and they are what
+AL-CoTD's repetition penalty has to shorten.
 """
 
 from __future__ import annotations
@@ -18,14 +22,17 @@ from pathlib import Path
 from typing import Any
 
 from r1v.data.schema import make_row, write_corpus
+from r1v.world.config import OverthinkConfig
 from r1v.world.domain import (
     LETTERS,
     THINK_END,
     Problem,
     digits_text,
     direct_answer,
+    draw_checks,
     image_question,
     make_problem,
+    overthought_answer,
     perception_qa,
     reasoning_answer,
     sample_digits,
@@ -126,6 +133,23 @@ def flawed_answer(p: Problem, flaw: str, rng: random.Random) -> str:
     raise ValueError(f"unknown flaw {flaw!r}; known: {', '.join(FLAWS)}")
 
 
+def _problem(meta: dict[str, Any]) -> Problem:
+    return Problem(tuple(int(ch) for ch in meta["digits"]), meta["expr"], meta["level"])  # type: ignore[arg-type]
+
+
+def add_overthinking(rows: list[dict[str, Any]], cfg: OverthinkConfig, seed: int) -> list[dict[str, Any]]:
+    """Rewrite every row's chain as an overthought one (`domain.overthought_answer`; checks drawn with `seed`);
+    `meta.checks` counts them. Prompts, images and answers are untouched."""
+    rng = random.Random(f"overthink-{seed}")
+    for row in rows:
+        meta = json.loads(row["meta"])
+        p = _problem(meta)
+        checks = draw_checks(p, rng, cfg)
+        row["messages"] = [row["messages"][0], {"role": "assistant", "content": overthought_answer(p, checks)}]
+        row["meta"] = json.dumps({**meta, "checks": sum(checks)})
+    return rows
+
+
 def add_noise(rows: list[dict[str, Any]], fractions: dict[str, float], seed: int) -> list[dict[str, Any]]:
     """Replace the reasoning of round(fraction * n) rows per flaw (disjoint rows, drawn with `seed`) by a flawed
     one; `meta.flaw` names it. Other rows, the images and the `answer` column are untouched, so the ground truth
@@ -139,9 +163,10 @@ def add_noise(rows: list[dict[str, Any]], fractions: dict[str, float], seed: int
     for flaw in FLAWS:
         for i in picked[at : at + counts.get(flaw, 0)]:
             meta = json.loads(rows[i]["meta"])
-            p = Problem(tuple(int(ch) for ch in meta["digits"]), meta["expr"], meta["level"])  # type: ignore[arg-type]
+            p = _problem(meta)
             rows[i]["messages"] = [rows[i]["messages"][0],
                                    {"role": "assistant", "content": flawed_answer(p, flaw, rng)}]
+            meta.pop("checks", None)  # a flawed chain is a plain one: no overthinking's checks
             rows[i]["meta"] = json.dumps({**meta, "flaw": flaw})
         at += counts.get(flaw, 0)
     return rows
@@ -155,12 +180,15 @@ def corrupt(row: dict[str, Any], rng: random.Random) -> dict[str, Any]:
 
 
 def generate(out: Path, n_align: int, n_sft: int, n_grpo: int, n_test: int, seed: int,
-             corrupt_rows: int = 0, sft_noise: dict[str, float] | None = None) -> dict[str, Path]:
+             corrupt_rows: int = 0, sft_noise: dict[str, float] | None = None,
+             overthink: OverthinkConfig | None = None) -> dict[str, Path]:
     rng = random.Random(seed)
     align = align_rows(n_align, rng)
     for i in rng.sample(range(n_align), min(corrupt_rows, n_align)):
         align[i] = corrupt(align[i], rng)
     sft = problem_rows(n_sft, rng, "train", True, "sft")
+    if overthink is not None:  # its own generator too; flawed rows (below) replace their chain whole
+        sft = add_overthinking(sft, overthink, seed)
     if sft_noise:  # its own generator: the other corpora are the same with and without noise
         sft = add_noise(sft, sft_noise, seed)
     grpo = problem_rows(n_grpo, rng, "train", False, "grpo")

@@ -13,9 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from r1v.model.tokens import IMG_END, IMG_START
+
+if TYPE_CHECKING:
+    from r1v.world.config import OverthinkConfig
 
 LETTERS = ("A", "B", "C", "D")
 TEST_FRACTION_PERMILLE = 200  # 20% of the 10,000 digit tuples are held out
@@ -28,6 +33,7 @@ TEMPLATES: dict[int, tuple[str, ...]] = {
     3: ("{x} * {y} + {z} * {w}", "{x} + {y} + {z} + {w}", "{x} * {y} - {z} * {w}"),
 }
 THINK_END = "</think>"
+CHECK = "Check:"  # opens a redundant restatement in an overthought chain (`overthought_chain`)
 
 
 def split_of(digits: tuple[int, ...]) -> str:
@@ -89,11 +95,20 @@ class Problem:
     def question(self) -> str:
         return f"Compute {self.expr}."
 
-    def chain(self) -> str:
-        """The reasoning: read the letters it needs, then one line per operation."""
+    def segments(self) -> list[str]:
+        """The chain's segments: the reads (`A = 3, C = 5.`), then one per operation (`3 * 5 = 15.`)."""
         reads = ", ".join(f"{k} = {self.values[k]}" for k in self.used_letters())
-        steps = " ".join(f"{a} {op} {b} = {r}." for a, op, b, r in self.steps())
-        return f"{reads}. {steps}"
+        return [f"{reads}.", *(f"{a} {op} {b} = {r}." for a, op, b, r in self.steps())]
+
+    def chain(self, checks: Sequence[int] | None = None) -> str:
+        """The reasoning: read the letters it needs, then one line per operation. With `checks` (one count per
+        segment), segment i is followed by `checks[i]` restatements `Check: <segment i>` (see `overthought_chain`)."""
+        segs = self.segments()
+        if checks is None:
+            return " ".join(segs)
+        if len(checks) != len(segs):
+            raise ValueError(f"{len(checks)} check counts for a chain of {len(segs)} segments")
+        return " ".join(part for seg, k in zip(segs, checks, strict=True) for part in [seg] + [f"{CHECK} {seg}"] * k)
 
 
 def make_problem(rng: random.Random, split: str, level: int | None = None) -> Problem:
@@ -137,6 +152,45 @@ def image_question(p: Problem) -> str:
 
 def reasoning_answer(p: Problem) -> str:
     return f"<think>\n{p.chain()}\n{THINK_END}\nAnswer: \\boxed{{{p.answer}}}"
+
+
+CLOSING = " So the answer is"
+"""How an overthought chain ends, right before `</think>` (no newline). Its tokens in the world's tokenizer
+(` So`, ` the`, ` answer`, ` is`) occur in no prompt (the chat template's `<|im_start|>user`, newlines and
+`<|im_end|>`, the grid or image tokens, `Compute ...`, `<think>`) and nowhere in the chain before it, and
+`</think>` follows them directly; so a repetition penalty over prompt + generated tokens, as HF and vLLM apply
+it, never weighs against closing the chain, only against another check. (The plain chain closes with `\n`,
+which every prompt contains.) The base LM's worked problems end `... So the answer is N.`, so the phrase is one
+it already knows to follow a chain."""
+
+
+def draw_checks(p: Problem, rng: random.Random, cfg: OverthinkConfig) -> list[int]:
+    """Check counts per segment of `p`'s chain: with probability `cfg.share[level]`, between `min_checks` and
+    `max_checks` checks, each after a segment drawn uniformly (so a segment may be checked more than once)."""
+    counts = [0] * len(p.segments())
+    if rng.random() < cfg.share.get(p.level, 0.0):
+        for _ in range(rng.randint(cfg.min_checks, cfg.max_checks)):
+            counts[rng.randrange(len(counts))] += 1
+    return counts
+
+
+def overthought_chain(p: Problem, checks: Sequence[int]) -> str:
+    """The chain with redundant checks, closed by `CLOSING`: `A = 3, B = 5. 3 + 5 = 8. Check: 3 + 5 = 8. So the
+    answer is`.
+
+    What is redundant: every check. It restates, word for word, a segment already written (the reads or one
+    operation), adds no fact, and the answer follows from the plain chain without it; deleting all checks gives
+    `p.chain()` and the same answer. Real reasoning models re-verify steps like this, most on items that need it
+    least (hence `OverthinkConfig.share` falls with the level). What a repetition penalty over the sequence sees:
+    the first check's content repeats tokens already written (its `Check:` is new, but for ` C` in prompts that
+    use C); every later check repeats `Check:` as well, so the penalty weighs more on each further check, while
+    the closing is never penalised (`CLOSING`)."""
+    return p.chain(checks) + CLOSING
+
+
+def overthought_answer(p: Problem, checks: Sequence[int]) -> str:
+    """`reasoning_answer` with an overthought chain: `<think>` chain `So the answer is</think>` then the box."""
+    return f"<think>\n{overthought_chain(p, checks)}{THINK_END}\nAnswer: \\boxed{{{p.answer}}}"
 
 
 def direct_answer(answer: object) -> str:

@@ -20,7 +20,7 @@ from r1v.grading.rewards import accuracy
 from r1v.model.config import TinySpec
 from r1v.model.tiny import build_tiny_llm
 from r1v.model.tokens import PAD
-from r1v.world.domain import Problem, text_question
+from r1v.world.domain import CHECK, THINK_END, Problem, text_question
 
 
 def say(text: str) -> None:
@@ -60,12 +60,17 @@ def _collate(rows: list[dict[str, list[int]]], pad: int) -> tuple[torch.Tensor, 
 
 def train_lm(model: Qwen2ForCausalLM, examples: Callable[[random.Random], dict[str, list[int]]], *, steps: int,
              batch: int, lr: float, seed: int, pad_id: int, desc: str, warmup: int = 50,
-             freeze_embeddings: bool = False, progress: Callable[[str], None] = say) -> list[float]:
-    """AdamW with warm-up and cosine decay over freshly drawn examples; returns the loss curve."""
+             freeze_embeddings: bool = False, freeze_layers: int = 0,
+             progress: Callable[[str], None] = say) -> list[float]:
+    """AdamW with warm-up and cosine decay over freshly drawn examples; returns the loss curve. The input
+    embeddings and the first `freeze_layers` decoder layers can be kept as they are."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
     model.train()
+    frozen = list(model.model.layers[:freeze_layers].parameters())
     model.get_input_embeddings().weight.requires_grad_(not freeze_embeddings)
+    for p in frozen:
+        p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -85,16 +90,20 @@ def train_lm(model: Qwen2ForCausalLM, examples: Callable[[random.Random], dict[s
             recent = sum(losses[-20:]) / len(losses[-20:])
             progress(f"[world] {desc}: step {step + 1}/{steps}, loss {recent:.3f}, {time.time() - t0:.0f}s")
     model.get_input_embeddings().weight.requires_grad_(True)
+    for p in frozen:
+        p.requires_grad_(True)
     return losses
 
 
 @torch.no_grad()
-def greedy_text_accuracy(model: Qwen2ForCausalLM, tok: PreTrainedTokenizerBase, problems: list[Problem],
-                         max_new_tokens: int = 64, batch: int = 256) -> dict[str, Any]:
-    """Greedy accuracy on text-only problems, overall and by level (the ceiling a frozen LLM puts on VLMs)."""
+def greedy_completions(model: Qwen2ForCausalLM, tok: PreTrainedTokenizerBase, problems: list[Problem],
+                       max_new_tokens: int = 64, batch: int = 256) -> list[tuple[str, int]]:
+    """Greedy answers to text-only problems: (decoded text, chain tokens: generated up to and including
+    `</think>`, or all generated tokens when it never comes)."""
     model.eval()
     pad = tok.convert_tokens_to_ids(PAD)
-    correct: list[bool] = []
+    think_end = tok.convert_tokens_to_ids(THINK_END)
+    out_rows: list[tuple[str, int]] = []
     for start in range(0, len(problems), batch):
         chunk = problems[start : start + batch]
         prompts = [encode_prompt([{"role": "user", "content": text_question(p)}], tok, [], 1) for p in chunk]
@@ -106,11 +115,38 @@ def greedy_text_accuracy(model: Qwen2ForCausalLM, tok: PreTrainedTokenizerBase, 
             mask[i, n - len(p):] = 1
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              eos_token_id=tok.eos_token_id, pad_token_id=pad)
-        for p, seq in zip(chunk, out[:, n:], strict=True):
-            text = tok.decode(seq, skip_special_tokens=True)
-            correct.append(bool(accuracy(text, {"answer": str(p.answer)})))
+        for seq in out[:, n:].tolist():
+            stop = next((i for i, t in enumerate(seq) if t in (tok.eos_token_id, pad)), len(seq))
+            gen = seq[:stop]
+            chain = gen.index(think_end) + 1 if think_end in gen else len(gen)
+            out_rows.append((tok.decode(seq, skip_special_tokens=True), chain))
+    return out_rows
+
+
+def text_accuracy(problems: list[Problem], texts: list[str]) -> dict[str, Any]:
+    """Accuracy of answers to text-only problems, overall and by level."""
+    correct = [bool(accuracy(t, {"answer": str(p.answer)})) for p, t in zip(problems, texts, strict=True)]
     by_level: dict[int, list[bool]] = {}
     for p, c in zip(problems, correct, strict=True):
         by_level.setdefault(p.level, []).append(c)
     return {"accuracy": sum(correct) / len(correct), "n": len(correct),
             "by_level": {str(lv): sum(v) / len(v) for lv, v in sorted(by_level.items())}}
+
+
+def chain_stats(problems: list[Problem], completions: list[tuple[str, int]]) -> dict[str, dict[str, float]]:
+    """Per level: mean chain tokens and the shares of chains with at least one and two `Check:` restatements
+    (the overthinking habit, `domain.overthought_chain`)."""
+    by_level: dict[int, list[tuple[int, int]]] = {}
+    for p, (text, tokens) in zip(problems, completions, strict=True):
+        by_level.setdefault(p.level, []).append((tokens, text.split(THINK_END)[0].count(CHECK)))
+    return {str(lv): {"n": len(v), "mean_chain_tokens": sum(t for t, _ in v) / len(v),
+                      "with_check": sum(c >= 1 for _, c in v) / len(v),
+                      "with_two_checks": sum(c >= 2 for _, c in v) / len(v)}
+            for lv, v in sorted(by_level.items())}
+
+
+def greedy_text_accuracy(model: Qwen2ForCausalLM, tok: PreTrainedTokenizerBase, problems: list[Problem],
+                         max_new_tokens: int = 64, batch: int = 256) -> dict[str, Any]:
+    """Greedy accuracy on text-only problems, overall and by level (the ceiling a frozen LLM puts on VLMs)."""
+    texts = [t for t, _ in greedy_completions(model, tok, problems, max_new_tokens, batch)]
+    return text_accuracy(problems, texts)

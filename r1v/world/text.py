@@ -3,7 +3,8 @@
 The base model reads documents that present four digits under varied headers and work with them (lookups,
 arithmetic facts, worked and unworked problems). The children are fine-tuned from it on chats:
 - instruct: answers directly (an empty think block, then `Answer: \\boxed{..}`), like a non-reasoning model;
-- reasoning: thinks in `<think>` (reads the letters it needs, one line per operation) before `\\boxed{}`.
+- reasoning: thinks in `<think>` (reads the letters it needs, one line per operation) before `\\boxed{}`; with
+  an `OverthinkConfig`, some chains also restate segments they have written (`domain.overthought_chain`).
 Every text uses training-split digit tuples only.
 """
 
@@ -12,13 +13,16 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 
+from r1v.world.config import OverthinkConfig
 from r1v.world.domain import (
     LETTERS,
     Problem,
     direct_answer,
+    draw_checks,
     grid_text,
     labelled_digits,
     make_problem,
+    overthought_answer,
     perception_qa,
     reasoning_answer,
     sample_digits,
@@ -73,15 +77,18 @@ def instruct_chat(rng: random.Random, p_perception: float = 0.3) -> list[dict[st
             {"role": "assistant", "content": direct_answer(p.answer)}]
 
 
-def reasoning_chat(rng: random.Random, p_perception: float = 0.1) -> list[dict[str, str]]:
-    """A text chat in the reasoning child's style: a chain of thought before the boxed answer."""
+def reasoning_chat(rng: random.Random, p_perception: float = 0.1,
+                   overthink: OverthinkConfig | None = None) -> list[dict[str, str]]:
+    """A text chat in the reasoning child's style: a chain of thought before the boxed answer; with `overthink`,
+    the problems' chains carry redundant checks (perception chats stay as they are: nothing to check)."""
     p = make_problem(rng, "train")
     if rng.random() < p_perception:
         q, a = perception_qa(rng, p.digits)
         return [{"role": "user", "content": f"{grid_text(p.digits)}\n{q}"},
                 {"role": "assistant", "content": f"<think>\n{_assign(p.digits)}.\n</think>\nAnswer: \\boxed{{{a}}}"}]
-    return [{"role": "user", "content": text_question(p)},
-            {"role": "assistant", "content": reasoning_answer(p)}]
+    # without the option nothing more is drawn from `rng`: the default build's chats are what they were
+    answer = reasoning_answer(p) if overthink is None else overthought_answer(p, draw_checks(p, rng, overthink))
+    return [{"role": "user", "content": text_question(p)}, {"role": "assistant", "content": answer}]
 
 
 def text_test_problems(n: int, seed: int) -> list[Problem]:
