@@ -68,7 +68,17 @@ def test_a_public_host_without_keys_is_refused_at_start():
 
 
 def test_the_cli_refuses_before_starting_anything(tiny_assets, capsys, monkeypatch):
+    import ray
+
     monkeypatch.delenv("R1V_API_KEY", raising=False)
+    # another test of this worker may have left Ray running: what counts is that these calls start nothing
+    started: list = []
+
+    def init(*args, **kwargs):
+        started.append(kwargs)
+        raise AssertionError("r1v serve started Ray before refusing")
+
+    monkeypatch.setattr(ray, "init", init)
     assert main(["serve", tiny_assets["model"], "host=0.0.0.0"]) == 2
     assert "not a loopback" in capsys.readouterr().err
     assert main(["serve", tiny_assets["model"], "limits.max_n=0"]) == 2
@@ -78,9 +88,7 @@ def test_the_cli_refuses_before_starting_anything(tiny_assets, capsys, monkeypat
         err = capsys.readouterr().err
         assert "command line" in err and KEY not in err
     assert main(["serve", str(tiny_assets["root"] / "nothing")]) == 2
-    import ray
-
-    assert not ray.is_initialized()
+    assert started == []
 
 
 def test_model_run_and_stage_arguments(tiny_assets, tmp_path):
