@@ -25,6 +25,7 @@ from r1v.workflow.console import Console, show_path
 from r1v.workflow.lock import RunBusy, RunLock, describe, holder
 from r1v.workflow.runner import Runner, StageFailed, check_only, locate, pull_records
 from r1v.workflow.schema import load_workflow
+from r1v.workflow.tracking import is_local_store, ui_url
 
 
 def init_ray(address: str | None, num_cpus: int | None, verbose: bool = True) -> bool:
@@ -180,8 +181,6 @@ def _print_results(run_dir: Path) -> None:
 def mlflow_link(meta: dict) -> str:
     """Where the run's parent MLflow run opens: its UI page (a tracking server), else the command that starts a UI
     on this machine's store and the page to open there."""
-    from r1v.workflow.tracking import is_local_store, ui_url
-
     uri = meta["tracking_uri"]
     if not is_local_store(uri):
         return ui_url(uri, meta["experiment_id"], meta["parent_run_id"])
