@@ -201,8 +201,11 @@ def test_reasoning_only_rebuild_reuses_the_source_byte_for_byte(tmp_path, capsys
     assert changed == {"reasoning_llm/model.safetensors", "reasoning_llm/r1v_checksums.json"}
 
     # what the source lacks or what the rebuild would change is refused before any training
-    old = tmp_path / "old"
-    shutil.copytree(WORLD_DIR, old)  # the shipped world predates base_llm/
+    old = tmp_path / "old"  # a world built before worlds shipped their base LM
+    shutil.copytree(WORLD_DIR, old, ignore=shutil.ignore_patterns("base_llm"))
+    manifest = json.loads((old / "world.json").read_text())
+    manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith("base_llm/")}
+    (old / "world.json").write_text(json.dumps(manifest))
     assert main(["world", "build", "--out", str(tmp_path / "x"), "--only", "reasoning", "--from", str(old)]) == 2
     err = capsys.readouterr().err
     assert "ships no base LM" in err and "full build" in err
