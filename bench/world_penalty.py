@@ -9,7 +9,7 @@ at each penalty in each scope (`prompt_and_generated`: what transformers and vLL
 prints the mean chain tokens (generated up to and including `</think>`, or all when it never comes), the
 `Check:` restatements per chain (the overthinking habit, `r1v.world.domain.overthought_chain`), the share of
 chains that never end within the budget, and the accuracy. Greedy, so a rerun prints the same figures on the
-same machine.
+same machine; `--temperature T` samples instead (seed 0).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ def main() -> int:
     ap.add_argument("--per-level", type=int, default=200, help="held-out problems per level (default 200)")
     ap.add_argument("--penalties", default="1.0,1.2,1.5,2.0")
     ap.add_argument("--max-new-tokens", type=int, default=160)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); else sampled, seed 0")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
@@ -53,7 +54,8 @@ def main() -> int:
     prompts = [encode_prompt([{"role": "user", "content": text_question(p)}], engine.tok, [], 1) for p in problems]
     think_end = engine.tok.convert_tokens_to_ids(THINK_END)
     figures: dict[str, dict] = {}
-    print(f"world {world}: {args.per_level} held-out text problems per level, greedy, at most "
+    how = "greedy" if args.temperature == 0 else f"sampled at temperature {args.temperature:g}, seed 0"
+    print(f"world {world}: {args.per_level} held-out text problems per level, {how}, at most "
           f"{args.max_new_tokens} new tokens")
     print(f"{'scope':<21} {'penalty':>7} {'level':>5} {'chain tokens':>12} {'checks':>7} {'unended':>8} "
           f"{'accuracy':>8}")
@@ -63,7 +65,8 @@ def main() -> int:
                 continue  # no penalty: the scope changes nothing (tests/rl/test_penalty_scope.py)
             t0 = time.time()
             reqs = [Request(ids, repetition_penalty=penalty, repetition_penalty_scope=scope) for ids in prompts]
-            outs = engine.generate(reqs, {"temperature": 0.0, "max_new_tokens": args.max_new_tokens}, 1, 0)
+            outs = engine.generate(reqs, {"temperature": args.temperature, "top_p": 1.0,
+                                          "max_new_tokens": args.max_new_tokens}, 1, 0)
             rows: dict[int, list[tuple[int, int, bool, bool]]] = {}
             for p, (c,) in zip(problems, outs, strict=True):
                 toks = c.token_ids
@@ -83,7 +86,8 @@ def main() -> int:
                       f"{f['unended']:>8.2f} {f['accuracy']:>8.3f}")
             print(f"  ({time.time() - t0:.0f} s)", flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"world": str(world), "per_level": args.per_level,
+        args.json.write_text(json.dumps({"world": str(world), "per_level": args.per_level, "temperature":
+                                         args.temperature,
                                          "max_new_tokens": args.max_new_tokens, "figures": figures}, indent=1))
     return 0
 
