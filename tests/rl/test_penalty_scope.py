@@ -14,9 +14,9 @@ its greedy completions open with, so that penalising the prompt's tokens changes
 from __future__ import annotations
 
 import importlib.util
-import random
 
 import pytest
+import rl_world
 import torch
 
 from r1v.generation.engines import ENGINES, Request
@@ -204,27 +204,7 @@ def test_config_scope_defaults_and_distill_passes_its_own():
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """The miniature world's R1V model (as `test_vllm_engine.py`): two image problems and a text prompt."""
-    from r1v.data.prompt import encode_prompt
-    from r1v.model.assemble import num_image_tokens
-    from r1v.model.io import load_model
-    from r1v.model.manifest import reassemble_model
-    from r1v.world.domain import image_question, make_problem
-    from r1v.world.load import substitute_vlm
-    from r1v.world.render import render_digits, tile_array
-
-    root = tmp_path_factory.mktemp("scope-vllm")
-    sub = substitute_vlm(None, 0, root / "substitute")
-    path = reassemble_model(sub["model"], sub["reasoning_llm"], root / "r1v")
-    model, tok = load_model(path)
-    rng = random.Random(0)
-    reqs = []
-    for _ in range(2):
-        p = make_problem(rng, "test")
-        ids = encode_prompt([{"role": "user", "content": image_question(p)}], tok, [1], num_image_tokens(model))
-        reqs.append(Request(ids, tile_array(render_digits(p.digits, rng))[None].tobytes(), 1))
-    reqs.append(Request(encode_prompt([{"role": "user", "content": "Describe 3 3 3 and 7 7 7 at length."}], tok,
-                                      [], 0)))
-    return {"path": str(path), "root": root, "requests": reqs, "model": model, "tokenizer": tok}
+    return rl_world.world_r1v(tmp_path_factory.mktemp("scope-vllm"), 2, "Describe 3 3 3 and 7 7 7 at length.")
 
 
 def assert_reference_choices(model, req: Request, completion: list[int], penalty: float, scope: str,

@@ -12,10 +12,10 @@ must not leak into the pytest process. The first tests need no vLLM (the LLM exp
 from __future__ import annotations
 
 import importlib.util
-import random
 
 import numpy as np
 import pytest
+import rl_world
 import torch
 
 from r1v.generation.engines import ENGINES, Request
@@ -89,26 +89,7 @@ def test_vision_side_gives_the_trainer_embeddings(tmp_path):
 def world_r1v(tmp_path_factory):
     """The R1V model of the miniature world (manifest: substitute VLM's tower and projector + reasoning LLM),
     and requests: four image problems and one text-only prompt."""
-    from r1v.data.prompt import encode_prompt
-    from r1v.model.assemble import num_image_tokens
-    from r1v.model.io import load_model
-    from r1v.model.manifest import reassemble_model
-    from r1v.world.domain import image_question, make_problem
-    from r1v.world.load import substitute_vlm
-    from r1v.world.render import render_digits, tile_array
-
-    root = tmp_path_factory.mktemp("vllm")
-    sub = substitute_vlm(None, 0, root / "substitute")
-    path = reassemble_model(sub["model"], sub["reasoning_llm"], root / "r1v")
-    model, tok = load_model(path)
-    rng = random.Random(0)
-    reqs = []
-    for _ in range(4):
-        p = make_problem(rng, "test")
-        ids = encode_prompt([{"role": "user", "content": image_question(p)}], tok, [1], num_image_tokens(model))
-        reqs.append(Request(ids, tile_array(render_digits(p.digits, rng))[None].tobytes(), 1))
-    reqs.append(Request(encode_prompt([{"role": "user", "content": "What is 3 + 4?"}], tok, [], 0)))
-    return {"path": str(path), "root": root, "requests": reqs, "model": model, "tokenizer": tok}
+    return rl_world.world_r1v(tmp_path_factory.mktemp("vllm"), 4, "What is 3 + 4?")
 
 
 @pytest.fixture(scope="module")
