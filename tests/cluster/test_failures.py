@@ -153,10 +153,11 @@ def _survives(run_dir: Path, local_cluster, kill, ended=lambda: False) -> dict[s
     if resumed is None:
         resumed = str(back[0] - 1) if back else str(at_kill)  # no step logged twice: nothing was redone
     # A checkpoint counts once written: the restart takes the newest one on disk at the kill (or one written after
-    # it, before the group stopped), so at most the steps of one checkpoint interval (4) are trained twice.
+    # it, before the group stopped), so at most the steps of one checkpoint interval (4) are trained twice: all
+    # four when the kill lands after the interval's last step but before its checkpoint is complete.
     assert int(resumed) >= at_kill, (resumed, at_kill)
     redone = sorted({s for s in steps if steps.count(s) > 1})
-    assert len(redone) < 4 and all(s > int(resumed) for s in redone), (resumed, redone)
+    assert len(redone) <= 4 and all(s > int(resumed) for s in redone), (resumed, redone)
     assert sorted(set(steps)) == list(range(1, max(steps) + 1))  # every step logged, none skipped
     counts = json.loads((run_dir / "stages" / "sft" / "epoch-0-counts.json").read_text())
     # what an unkilled run of this corpus counts: 41 rows in, the one corrupt row quarantined, 40 trained
