@@ -42,6 +42,8 @@ def _ray_token_auth() -> None:
 
 _ray_token_auth()
 
+from r1v_test_servers import MlflowServer, S3Server, shared, shared_dir  # noqa: E402  (a module of PLUGINS)
+
 
 def pytest_configure(config):
     """The controller (or the only process, without xdist) makes the directory where the session's shared services
@@ -115,3 +117,28 @@ def pytest_collection_modifyitems(config, items):
                       & set(getattr(it, "fixturenames", ()))), None)
         if quick is not None:
             items.insert(1, items.pop(quick))
+
+
+# Services every xdist worker of the session shares (started once, stopped by the controller at the end): one
+# S3-compatible server and one MLflow tracking server. A test that stops or breaks its server starts its own.
+@pytest.fixture(scope="session")
+def cluster_s3():
+    """The S3-compatible server (the multi-node cluster's nodes know it: their environment has its endpoint and
+    credentials). Tests take a bucket of their own."""
+    def start() -> dict:
+        s = S3Server(shared_dir() / "s3").start()
+        return {"pid": s.proc.pid, "group": True, "root": str(s.root), "port": s.port}
+
+    info = shared("s3", start)
+    return S3Server(Path(info["root"]), info["port"])
+
+
+@pytest.fixture(scope="session")
+def tracking_server():
+    """An MLflow tracking server (`mlflow server --serve-artifacts`) on 127.0.0.1 shared by the tests."""
+    def start() -> dict:
+        s = MlflowServer(shared_dir() / "mlflow").start()
+        return {"pid": s.proc.pid, "group": True, "root": str(s.root), "port": s.port}
+
+    info = shared("mlflow", start)
+    return MlflowServer(Path(info["root"]), info["port"])

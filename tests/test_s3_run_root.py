@@ -9,9 +9,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import uuid
 
 import pytest
-from r1v_test_servers import MlflowServer, S3Server
 
 from r1v.cli.app import main
 from r1v.core import storage
@@ -35,13 +35,17 @@ stages:
 
 
 @pytest.fixture
-def s3(tmp_path, monkeypatch):
-    server = S3Server(tmp_path / "s3").start()
-    for k, v in server.env.items():
+def s3(cluster_s3, tmp_path, monkeypatch):
+    """The session's S3-compatible server; this process and the CLIs it starts have its credentials."""
+    for k, v in cluster_s3.env.items():
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("R1V_CACHE", str(tmp_path / "node-cache"))
-    yield server
-    server.stop()
+    return cluster_s3
+
+
+def _bucket(s3, name: str) -> str:
+    """A bucket of this test's own (the server outlives it and serves every test of the session)."""
+    return s3.create_bucket(f"{name}-{uuid.uuid4().hex[:12]}")
 
 
 def _r1v(*args: str) -> subprocess.CompletedProcess:
@@ -55,16 +59,9 @@ def _r1v(*args: str) -> subprocess.CompletedProcess:
         shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
 
 
-@pytest.fixture
-def mlflow(tmp_path):
-    s = MlflowServer(tmp_path / "mlflow").start()
-    yield s
-    s.stop()
-
-
 def test_an_object_store_run_root_without_a_tracking_server_is_refused(tmp_path, s3):
     p = tmp_path / "wf.yaml"
-    p.write_text(WORKFLOW.format(root=s3.create_bucket("nomlflow"), mlflow="").replace('tracking_uri: ""', "x: 1")
+    p.write_text(WORKFLOW.format(root=_bucket(s3, "nomlflow"), mlflow="").replace('tracking_uri: ""', "x: 1")
                  .replace("tracking: {x: 1, ", "tracking: {"))
     with pytest.raises(ConfigError, match=r"tracking\.tracking_uri"):
         Runner.create(load_workflow(p))
@@ -72,8 +69,9 @@ def test_an_object_store_run_root_without_a_tracking_server_is_refused(tmp_path,
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_a_run_in_an_object_store_resumes_from_the_store_alone(tmp_path, s3, mlflow, capsys):
-    root = s3.create_bucket("runs") + "/team/r1v"
+def test_a_run_in_an_object_store_resumes_from_the_store_alone(tmp_path, s3, tracking_server, capsys):
+    mlflow = tracking_server
+    root = _bucket(s3, "runs") + "/team/r1v"
     p = tmp_path / "wf.yaml"
     p.write_text(WORKFLOW.format(root=root, mlflow=mlflow.uri))
     r = Runner.create(load_workflow(p))
@@ -101,8 +99,8 @@ def test_a_run_in_an_object_store_resumes_from_the_store_alone(tmp_path, s3, mlf
     assert "model/config.json" in files and any(f.startswith("ray/") for f in files), sorted(files)  # + checkpoints
     # what sft read came from this node's checked copies of the store's objects
     store = tmp_path / "node-cache" / "store"
-    assert list(store.glob("*/s3/runs/team/r1v/*/stages/models/substitute_vlm/config.json"))
-    assert list(store.glob("*/s3/runs/team/r1v/*/stages/data/**/*.parquet"))
+    assert list(store.glob("*/s3/runs-*/team/r1v/*/stages/models/substitute_vlm/config.json"))
+    assert list(store.glob("*/s3/runs-*/team/r1v/*/stages/data/**/*.parquet"))
     assert "model/.r1v-manifest.json" in files  # the workers' upload: the model checked where it is staged
 
     # a third node: everything is done, read from the store

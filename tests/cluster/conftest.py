@@ -31,7 +31,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from r1v_test_servers import MlflowServer, S3Server, shared, shared_dir, stop_process
+from r1v_test_servers import shared, shared_dir, stop_process
 
 HERE = Path(__file__).resolve().parent
 
@@ -116,17 +116,6 @@ class LocalCluster:
 
 
 @pytest.fixture(scope="session")
-def cluster_s3():
-    """The S3-compatible server the cluster's nodes know (their environment has its endpoint and credentials)."""
-    def start() -> dict:
-        s = S3Server(shared_dir() / "s3").start()
-        return {"pid": s.proc.pid, "group": True, "root": str(s.root), "port": s.port}
-
-    info = shared("s3", start)
-    return S3Server(Path(info["root"]), info["port"])
-
-
-@pytest.fixture(scope="session")
 def local_cluster(cluster_s3):
     # a short root: Ray's unix sockets live under each node's temp dir and their paths must fit in 107 bytes
     root = shared_dir() / "c"
@@ -153,7 +142,7 @@ def own_cluster(cluster_s3):
 
 @pytest.fixture(scope="session")
 def cluster_assets(tmp_path_factory) -> dict[str, str]:
-    """The tiny VLM (what a `model.tiny` stage builds) and a synthetic corpus of 41 rows, one corrupt, for the
+    """The tiny VLM (what a `model.tiny` stage builds) and synthetic corpora of 41 and 161 rows, one corrupt, for the
     cluster tests' SFT stages: built once, in this process, on a path every node of the local cluster sees."""
     from r1v.data.synthetic import generate
     from r1v.model.config import TinyModelConfig
@@ -166,18 +155,10 @@ def cluster_assets(tmp_path_factory) -> dict[str, str]:
     vlm, tok = build_tiny_vlm(TinySpec(**c.model_dump(exclude={"reasoning_seed"})),
                               tokenizer=build_tiny_tokenizer(vocab_size=c.vocab_size))
     data = generate(root / "data", n_train=41, n_test=4, seed=0, corrupt_rows=1)
-    return {"model": str(save_model(vlm, tok, root / "vlm")), "train": str(data["train"])}
-
-
-@pytest.fixture(scope="session")
-def tracking_server():
-    """An MLflow tracking server (`mlflow server --serve-artifacts`) on 127.0.0.1 for the cluster tests."""
-    def start() -> dict:
-        s = MlflowServer(shared_dir() / "mlflow").start()
-        return {"pid": s.proc.pid, "group": True, "root": str(s.root), "port": s.port}
-
-    info = shared("mlflow", start)
-    return MlflowServer(Path(info["root"]), info["port"])
+    # an epoch of about 40 steps, for a stop that must land while the stage still trains
+    long = generate(root / "data-long", n_train=161, n_test=1, seed=1, corrupt_rows=1)
+    return {"model": str(save_model(vlm, tok, root / "vlm")), "train": str(data["train"]),
+            "train_long": str(long["train"])}
 
 
 def r1v_env() -> dict[str, str]:

@@ -44,7 +44,8 @@ stages:
 
 def _workflow(tmp_path: Path, tracking_server, assets: dict[str, str], every: int = 4) -> Path:
     wf = tmp_path / "wf.yaml"  # outside the checkout: submit ships it in the package
-    wf.write_text(WORKFLOW.format(root=tmp_path / "shared", uri=tracking_server.uri, every=every, **assets))
+    wf.write_text(WORKFLOW.format(root=tmp_path / "shared", uri=tracking_server.uri, every=every,
+                                  model=assets["model"], train=assets["train"]))
     return wf
 
 
@@ -241,10 +242,11 @@ def test_a_removed_worker_node_and_the_stage_goes_on_on_the_rest(own_cluster, tr
 @pytest.mark.timeout(1200)
 def test_a_stopped_job_reads_interrupted_and_resume_address_finishes_it(local_cluster, tracking_server,
                                                                         cluster_assets, tmp_path):
-    """Stopped after its step-2 checkpoint (of about 10 steps: the stop takes a few seconds, in which training goes
+    """Stopped after its step-2 checkpoint (of about 40 steps: the stop takes a few seconds, in which training goes
     on), the run reads `interrupted`; the resumed job restarts SFT from a checkpoint (not step 0), and the epoch
     trains every row once across the stop, on both ranks."""
-    run_dir = _submit(_workflow(tmp_path, tracking_server, cluster_assets, every=2), local_cluster)
+    assets = cluster_assets | {"train": cluster_assets["train_long"]}
+    run_dir = _submit(_workflow(tmp_path, tracking_server, assets, every=2), local_cluster)
     _wait(lambda: _checkpoint(run_dir, 2), "a checkpoint at step 2", run_dir, local_cluster)
     assert r1v("stop", str(run_dir)).returncode == 0
     res = r1v("status", str(run_dir))
@@ -264,9 +266,9 @@ def test_a_stopped_job_reads_interrupted_and_resume_address_finishes_it(local_cl
         resumed = str(back[0] - 1) if back else str(max(steps))  # no step logged twice: nothing was redone
     assert int(resumed) >= 2, (resumed, steps)  # from a checkpoint, not from step 0
     counts = json.loads((run_dir / "stages" / "sft" / "epoch-0-counts.json").read_text())
-    assert (counts["rows_in"], counts["rows_trained"], counts["rows_quarantined"]) == (41, 40, 1), counts
+    assert (counts["rows_in"], counts["rows_trained"], counts["rows_quarantined"]) == (161, 160, 1), counts
     rows = pq.read_table(run_dir / "stages" / "sft" / "epoch-0-rows.parquet").to_pydict()
-    assert sorted(rows["row"]) == list(range(41))  # every row once, across the stop
+    assert sorted(rows["row"]) == list(range(161))  # every row once, across the stop
     for segment in (0, 1):  # before the stop and after the resume, both ranks took rows, within one of each other
         ranks = [r for r, g in zip(rows["rank"], rows["segment"], strict=True) if g == segment]
         assert abs(ranks.count(0) - ranks.count(1)) <= 1 and ranks.count(1) > 0, (segment, ranks)

@@ -113,30 +113,41 @@ def flip_a_byte_and_resume(tmp_path: Path, storage: str, target: str, workers: i
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero, resumes", [(3, [(1, 4), (2, STEPS)]), (0, [(1, STEPS)])])
-def test_resume_on_other_worker_counts_continues_the_run(ray_cluster, tmp_path, pickled_by_value, zero, resumes):
-    """2 workers to step 2, then resumed on 1 (and, at ZeRO-3, on 2 again): the same parameters, learning rate and
-    step count as a run that never stopped. A portable checkpoint with a flipped byte is then refused."""
-    ref = run(tmp_path, "ref", 2, STEPS, zero=zero)
-    run(tmp_path, "r", 2, 2, zero=zero)
-    files = [p for p in latest(tmp_path, "r").rglob("*") if p.is_file()]
-    assert sorted(p.name for p in files) == ["arrays.safetensors", "sha256-rank-0.txt", "sha256-rank-1.txt",
-                                             "state.json", "trainable.safetensors"]
-    for p in files:  # no pickle (protocol 2+ starts with 0x80) and no torch.save zip
-        assert not p.read_bytes().startswith((b"\x80", b"PK\x03\x04")), p
-    state = json.loads((latest(tmp_path, "r") / "state.json").read_text())
-    assert state["optimizer"]["step"] == 2 and state["optimizer"]["state_keys"] == ["exp_avg", "exp_avg_sq"]
-    for workers, stop in resumes:  # 2 -> 1 worker (-> 2 workers)
-        got = run(tmp_path, "r", workers, stop, zero=zero)
-    assert got["global_steps"] == ref["global_steps"] == STEPS
-    assert got["lr"] == pytest.approx(ref["lr"], rel=1e-12)
-    for name, value in ref["params"].items():  # fp32 masters, Adam moments and step count all came back
-        np.testing.assert_allclose(got["params"][name], value, rtol=0, atol=1e-6, err_msg=name)
-    at_two = json.loads((tmp_path / "out-r-2.json").read_text())["params"]
-    moved = {n: np.abs(np.asarray(v) - np.asarray(at_two[n])).max() for n, v in ref["params"].items()}
-    assert min(moved.values()) > 1e-4  # the steps after the resume did train
-    if zero == 3:
-        flip_a_byte_and_resume(tmp_path, "r", "trainable.safetensors", 2, STEPS + 2)
+def test_resume_on_other_worker_counts_continues_the_run(ray_cluster, tmp_path, pickled_by_value):
+    """2 workers to step 2, then resumed on 1 (and, at ZeRO-3, on 2 again), at ZeRO-3 and at ZeRO-0 (the
+    miniature's stage): the same parameters, learning rate and step count as a run that never stopped (one
+    reference: the two stages take the same steps). A portable checkpoint with a flipped byte is then refused."""
+    ref = run(tmp_path, "ref", 2, STEPS, zero=3)
+    for zero, resumes in ((3, [(1, 4), (2, STEPS)]), (0, [(1, STEPS)])):
+        storage = f"r{zero}"
+        run(tmp_path, storage, 2, 2, zero=zero)
+        files = [p for p in latest(tmp_path, storage).rglob("*") if p.is_file()]
+        assert sorted(p.name for p in files) == ["arrays.safetensors", "sha256-rank-0.txt", "sha256-rank-1.txt",
+                                                 "state.json", "trainable.safetensors"]
+        for p in files:  # no pickle (protocol 2+ starts with 0x80) and no torch.save zip
+            assert not p.read_bytes().startswith((b"\x80", b"PK\x03\x04")), p
+        state = json.loads((latest(tmp_path, storage) / "state.json").read_text())
+        assert state["optimizer"]["step"] == 2 and state["optimizer"]["state_keys"] == ["exp_avg", "exp_avg_sq"]
+        for workers, stop in resumes:  # 2 -> 1 worker (-> 2 workers)
+            got = run(tmp_path, storage, workers, stop, zero=zero)
+        assert got["global_steps"] == ref["global_steps"] == STEPS, zero
+        assert got["lr"] == pytest.approx(ref["lr"], rel=1e-12), zero
+        for name, value in ref["params"].items():  # fp32 masters, Adam moments and step count all came back
+            np.testing.assert_allclose(got["params"][name], value, rtol=0, atol=1e-6, err_msg=f"{zero} {name}")
+        at_two = json.loads((tmp_path / f"out-{storage}-2.json").read_text())["params"]
+        moved = {n: np.abs(np.asarray(v) - np.asarray(at_two[n])).max() for n, v in ref["params"].items()}
+        assert min(moved.values()) > 1e-4, zero  # the steps after the resume did train
+    # the check every rank runs before loading (`checkpoint.restore`), here in this process: a resume through Ray
+    # Train that it refuses is the DeepSpeed-format test's
+    from r1v.train.checkpoint import verify
+
+    ckpt = latest(tmp_path, "r3")
+    path = ckpt / "trainable.safetensors"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(RuntimeError, match=f"{path}: sha256 mismatch"):
+        verify(ckpt, 0, 1)
 
 
 @pytest.mark.slow
