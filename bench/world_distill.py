@@ -1,18 +1,25 @@
-"""Self-distillation on the miniature over several seeds: does the distilled corpus give harder
-items longer chains than easy ones, and does SFT on it keep accuracy while answering easy items in fewer tokens?
+"""AL-CoTD against its controls on the miniature world: does DRLC's per-row repetition penalty shorten easy items'
+chains more than a uniform penalty of the same mean, at equal or better accuracy, after SFT on the distilled corpus?
 
-Per seed, one temporary workflow run (`r1v run`) on 2 cores:
-  data (data.world: `--n-sft` SFT rows, `--n-test` test items, the seed's corpora)
-  -> score (distill.score: QDAM/VTIA cues, DRLC penalty) -> distill (the seed's SFT model from a finished demo
-  run writes a chain per row at the row's penalty; wrong ones rewritten by the `rule` judge)
-  -> sft_orig / sft_dist: the demo's SFT config from the seed's re-assembled model on the original / the distilled
-  corpus -> eval_orig / eval_dist: the test split, greedy.
-The "current model" and the re-assembled model come from finished demo runs (`--models SEED=RUN_DIR`, defaults:
-seed 0 runs/final, seeds 1 and 2 runs/bench-world/seed-N). Prints per seed, and mean ± sd over seeds: chain
-tokens per level (OLS slope) before (the corpus's reference chains) and after distillation, and for both trained
-models greedy accuracy ± stderr, accuracy on level 1, mean response tokens overall and on level 1.
+Per seed S (by default 10, 11, 12: seeds no choice of the world or the recipe has seen):
+  1. base: `r1v run workflows/tiny.yaml seed=S --only data models align reassemble sft` on the world given
+     (`--world`; `--overthink` puts the world's redundant `Check:` segments in the SFT corpus, as its reasoning LLM
+     was built with): the Stage-1 SFT model that distils, the re-assembled model that the arms' SFT starts from,
+     the SFT corpus and the test split.
+  2. score: `distill.score` on the SFT corpus (QDAM/VTIA cues, DRLC penalty per row); the uniform arms take the
+     mean of its penalties.
+  3. arms: per arm a `distill` stage (the base run's SFT model writes a chain per row at the arm's penalty and
+     scope, sampled at 0.6 / top-p 0.95; a wrong chain is rewritten to the reference by the `rule` judge), SFT from
+     the re-assembled model on the distilled corpus (tiny.yaml's Stage-1 SFT), and a greedy eval on the test split;
+     `orig` trains on the undistilled corpus. Arms: `none` (penalty 1), `drlc` and `uniform` in the `generated`
+     scope (the scope that works, docs/world.md), `drlc_pg` and `uniform_pg` in `prompt_and_generated` (control).
 
-    python bench/world_distill.py [--seeds 0 1 2] [--n-sft 600] [--n-test 600] [--json out.json]
+Prints per arm: corpus tokens by level before / after distillation and the rows rewritten; after SFT, greedy
+accuracy and mean response tokens and `Check:` segments by level. Over seeds: mean ± standard error of the seed
+means. `--json` keeps every figure, `--plot` draws tokens and accuracy by level per arm.
+
+    python bench/world_distill.py --world runs/world-overthink --overthink [--seeds 10 11 12] \\
+        [--json out.json] [--plot docs/figures/alcotd.png]
 """
 
 from __future__ import annotations
@@ -30,152 +37,215 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODELS = {0: ROOT / "runs" / "final", 1: ROOT / "runs" / "bench-world" / "seed-1",
-                  2: ROOT / "runs" / "bench-world" / "seed-2"}
-SFT = {"optim": {"lr": 1.0e-3}, "batch_size": 1, "packing": True, "max_tokens": 512, "pack_buffer": 64,
-       "epochs": 1, "checkpoint_every": 20}  # workflows/tiny.yaml's `sft` stage
-EVAL = {"samples": 1, "sampling": {"temperature": 1.0, "max_new_tokens": 96}}
+TINY = ROOT / "workflows" / "tiny.yaml"
+BASE_STAGES = ["data", "models", "align", "reassemble", "sft"]
+DISTILL_SAMPLING = {"temperature": 0.6, "top_p": 0.95}
+ARMS: dict[str, dict[str, Any]] = {  # "uniform" arms: default_penalty set to the mean DRLC penalty at run time
+    "none": {"penalty_column": "no_penalty", "default_penalty": 1.0, "penalty_scope": "generated"},
+    "drlc": {"penalty_column": "penalty", "penalty_scope": "generated"},
+    "uniform": {"penalty_column": "no_penalty", "penalty_scope": "generated"},
+    "drlc_pg": {"penalty_column": "penalty", "penalty_scope": "prompt_and_generated"},
+    "uniform_pg": {"penalty_column": "no_penalty", "penalty_scope": "prompt_and_generated"},
+}
+ORDER = ["orig", *ARMS]
 
 
-def workflow(seed: int, sft_model: Path, base_model: Path, n_sft: int, n_test: int, run_root: Path,
-             max_new_tokens: int) -> dict[str, Any]:
-    """The seed's temporary workflow (see the module doc)."""
-    return {
-        "name": "distill-bench", "run_root": str(run_root), "seed": seed,
-        "tracking": {"experiment": "r1v-distill-bench"}, "ray": {"num_cpus": 2},
-        "stages": {
-            "data": {"kind": "data.world", "config": {"n_align": 1, "n_sft": n_sft, "n_grpo": 1, "n_test": n_test}},
-            "score": {"kind": "distill.score", "config": {"corpus": "@data.sft"}},
-            "distill": {"kind": "distill", "config": {
-                "model": str(sft_model), "corpus": "@score.corpus", "judge": {"kind": "rule"},
-                "sampling": {"temperature": 0.6, "top_p": 0.95, "max_new_tokens": max_new_tokens}}},
-            "sft_orig": {"kind": "sft", "config": {"model": str(base_model), "corpus": "@data.sft", **SFT}},
-            "sft_dist": {"kind": "sft", "config": {"model": str(base_model), "corpus": "@distill.corpus", **SFT}},
-            "eval_orig": {"kind": "eval", "config": {"model": "@sft_orig.model", "corpus": "@data.test", **EVAL}},
-            "eval_dist": {"kind": "eval", "config": {"model": "@sft_dist.model", "corpus": "@data.test", **EVAL}},
-        }}
-
-
-def stage_model(run_dir: Path, stage: str) -> Path:
-    p = run_dir / "stages" / stage / "model"
-    if not (p / "config.json").exists():
-        raise FileNotFoundError(f"no finished {stage} model in {run_dir}")
-    return p
-
-
-def run_seed(seed: int, models_run: Path, args: argparse.Namespace) -> Path:
-    run_dir = args.run_root / f"seed-{seed}"
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    wf = args.run_root / f"seed-{seed}.yaml"
-    wf.write_text(yaml.safe_dump(workflow(seed, stage_model(models_run, "sft"), stage_model(models_run, "reassemble"),
-                                          args.n_sft, args.n_test, args.run_root, args.max_new_tokens),
-                                 sort_keys=False))
+def r1v(*args: str) -> None:
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "r1v.cli", "run", str(wf), "--run-dir", str(run_dir)], cwd=ROOT,
-                          capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "r1v.cli", *args], cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"seed {seed} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    print(f"seed {seed}: {time.time() - t0:.0f} s", flush=True)
-    return run_dir
+        raise RuntimeError(f"r1v {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                           f"{proc.stderr[-4000:]}")
+    print(f"  r1v {args[0]} {args[1]}: {time.time() - t0:.0f} s", flush=True)
+
+
+def outputs(run_dir: Path, stage: str) -> dict[str, Any]:
+    return json.loads((run_dir / "stages" / stage / "state.json").read_text())["outputs"]
+
+
+def write_workflow(path: Path, name: str, stages: dict[str, Any], seed: int, run_root: Path) -> Path:
+    path.write_text(yaml.safe_dump({"name": name, "run_root": str(run_root), "seed": seed,
+                                    "tracking": {"experiment": "r1v-distill-bench"}, "ray": {"num_cpus": 2},
+                                    "stages": stages}, sort_keys=False))
+    return path
+
+
+def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Path]:
+    """The seed's three runs (see the module doc); an existing finished run directory is reused."""
+    root = args.run_root / f"seed-{seed}"
+    root.mkdir(parents=True, exist_ok=True)
+    tiny = yaml.safe_load(TINY.read_text())["stages"]
+    runs = {k: root / k for k in ("base", "score", "arms")}
+    print(f"seed {seed}:", flush=True)
+    if not (runs["base"] / "stages" / "sft" / "model" / "config.json").exists():
+        over = [f"seed={seed}"] + ([f"stages.models.config.world={args.world}"] if args.world else []) \
+            + (["stages.data.config.overthink={}"] if args.overthink else [])
+        r1v("run", str(TINY), *over, "--run-dir", str(runs["base"]), "--only", *BASE_STAGES)
+    data = outputs(runs["base"], "data")
+    if not (runs["score"] / "stages" / "score" / "state.json").exists():
+        wf = write_workflow(root / "score.yaml", "distill-score", {
+            "score": {"kind": "distill.score", "config": {"corpus": data["sft"]}}}, seed, root)
+        r1v("run", str(wf), "--run-dir", str(runs["score"]))
+    scored = outputs(runs["score"], "score")["corpus"]
+    sft_model, reassembled = outputs(runs["base"], "sft")["model"], outputs(runs["base"], "reassemble")["model"]
+    sft = {**tiny["sft"]["config"], "model": reassembled}
+    ev = {**tiny["eval_sft"]["config"], "corpus": data["test"], "report_stage": None,
+          "sampling": {**tiny["eval_sft"]["config"]["sampling"], "max_new_tokens": args.max_new_tokens}}
+    stages: dict[str, Any] = {"sft_orig": {"kind": "sft", "config": {**sft, "corpus": scored}},
+                              "eval_orig": {"kind": "eval", "config": {**ev, "model": "@sft_orig.model"}}}
+    for arm, pen in ARMS.items():
+        pen = {"default_penalty": mean_penalty(scored), **pen}
+        stages[f"distill_{arm}"] = {"kind": "distill", "config": {
+            "model": sft_model, "corpus": scored, "judge": {"kind": "rule"}, **pen,
+            "sampling": {**DISTILL_SAMPLING, "max_new_tokens": args.max_new_tokens}}}
+        stages[f"sft_{arm}"] = {"kind": "sft", "config": {**sft, "corpus": f"@distill_{arm}.corpus"}}
+        stages[f"eval_{arm}"] = {"kind": "eval", "config": {**ev, "model": f"@sft_{arm}.model"}}
+    wf = write_workflow(root / "arms.yaml", "distill-arms", stages, seed, root)
+    r1v("run" if not (runs["arms"] / "run.json").exists() else "resume",
+        *([str(wf), "--run-dir", str(runs["arms"])] if not (runs["arms"] / "run.json").exists()
+          else [str(runs["arms"])]))
+    return runs
+
+
+def mean_penalty(scored: str) -> float:
+    """The mean DRLC penalty over the scored corpus: the uniform arms' penalty."""
+    import pyarrow.dataset as pads
+
+    return float(statistics.mean(pads.dataset(scored).to_table(columns=["penalty"]).column(0).to_pylist()))
 
 
 def eval_figures(predictions: Path) -> dict[str, Any]:
-    """Greedy accuracy ± stderr, accuracy and mean response tokens overall and on level 1, from predictions."""
+    """Greedy accuracy, mean response tokens and `Check:` segments per response, overall and by level."""
     rows = [r for r in map(json.loads, predictions.read_text().splitlines()) if r.get("greedy")]
-
-    def acc(rs: list[dict]) -> tuple[float, float]:
+    out: dict[str, Any] = {"n": len(rows)}
+    for key, rs in [("all", rows), *((str(lv), [r for r in rows if r.get("level") == lv])
+                                     for lv in sorted({r.get("level") for r in rows}))]:
         p = sum(r["correct"] for r in rs) / len(rs)
-        return p, math.sqrt(p * (1 - p) / len(rs))
-
-    easy = [r for r in rows if r.get("level") == 1]
-    (a, se), (ae, see) = acc(rows), acc(easy)
-    return {"n": len(rows), "accuracy": a, "stderr": se, "n_easy": len(easy), "accuracy_easy": ae,
-            "stderr_easy": see, "tokens": statistics.mean(r["n_tokens"] for r in rows),
-            "tokens_easy": statistics.mean(r["n_tokens"] for r in easy),
-            "tokens_by_level": {lv: statistics.mean(r["n_tokens"] for r in rows if r.get("level") == lv)
-                                for lv in sorted({r.get("level") for r in rows})}}
+        out[key] = {"n": len(rs), "accuracy": p, "stderr": math.sqrt(p * (1 - p) / len(rs)),
+                    "tokens": statistics.mean(r["n_tokens"] for r in rs),
+                    "checks": statistics.mean(r["response"].count("Check:") for r in rs),
+                    "ended": statistics.mean(bool(r.get("finished", True)) for r in rs)}
+    return out
 
 
-def seed_figures(run_dir: Path) -> dict[str, Any]:
+def seed_figures(runs: dict[str, Path]) -> dict[str, Any]:
     from r1v.data.pipeline import load_tokenizer
     from r1v.distill.plots import distilled_points, length_stats, reference_points
 
-    def st(stage: str) -> dict[str, Any]:
-        return json.loads((run_dir / "stages" / stage / "state.json").read_text())["outputs"]
-
-    summary = json.loads(Path(st("distill")["summary"]).read_text())
-    model = json.loads((run_dir / "stages" / "distill" / "state.json").read_text())
-    before = length_stats(reference_points(st("score")["corpus"], load_tokenizer(summary["config"]["model"])))
-    after = length_stats(distilled_points(st("distill")["corpus"]))
-    kept = length_stats(distilled_points(st("distill")["corpus"], "kept"))
-    return {"distill": {k: summary[k] for k in ("rows_in", "kept", "rewritten", "dropped")} | {"model": summary[
-                "config"]["model"], "seconds": model.get("seconds")},
-            "before": before, "after": after, "kept": kept,
-            "plot": str(run_dir / "stages" / "distill" / "lengths.png"),
-            "orig": eval_figures(Path(st("eval_orig")["predictions"])),
-            "dist": eval_figures(Path(st("eval_dist")["predictions"]))}
-
-
-def mean_sd(xs: list[float | None]) -> str:
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return "-"
-    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
+    scored = outputs(runs["score"], "score")["corpus"]
+    tok = load_tokenizer(outputs(runs["base"], "sft")["model"])
+    before = length_stats(reference_points(scored, tok))
+    out: dict[str, Any] = {"before": before, "mean_penalty": mean_penalty(scored), "arms": {}}
+    for arm in ORDER:
+        fig: dict[str, Any] = {"eval": eval_figures(Path(outputs(runs["arms"], f"eval_{arm}")["predictions"]))}
+        if arm != "orig":
+            o = outputs(runs["arms"], f"distill_{arm}")
+            summary = json.loads(Path(o["summary"]).read_text())
+            fig["distill"] = {k: summary[k] for k in ("rows_in", "kept", "rewritten", "dropped")}
+            fig["corpus"] = length_stats(distilled_points(o["corpus"]))
+        out["arms"][arm] = fig
+    return out
 
 
-def report(per_seed: dict[int, dict[str, Any]]) -> None:
-    print("\nchain tokens (corpus): mean by level 1/2/3, OLS slope tokens per level, slope per unit penalty")
+def mean_se(xs: list[float]) -> tuple[float, float]:
+    return statistics.mean(xs), (statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else float("nan"))
+
+
+def fmt(xs: list[float], digits: int = 3) -> str:
+    m, se = mean_se(xs)
+    return f"{m:.{digits}f} ± {se:.{digits}f}"
+
+
+def report(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    seeds = list(per_seed)
+    levels = sorted(per_seed[seeds[0]]["before"]["tokens_by_level"])
+    print("\nDRLC penalty by level (the `drlc` arms' rows), per seed: "
+          + "; ".join(f"seed {s}: " + " / ".join(f"{v:.3f}" for v in f["before"]["penalty_by_level"].values())
+                      for s, f in per_seed.items()))
+    print("uniform penalty (the mean): " + ", ".join(f"{f['mean_penalty']:.3f}" for f in per_seed.values()))
+    print("\ncorpus chain tokens by level 1/2/3 (mean ± se over seeds) and rows rewritten to the reference")
+    print(f"  {'before':<11} " + " | ".join(fmt([f["before"]["tokens_by_level"][lv] for f in per_seed.values()], 1)
+                                         for lv in levels))
+    for arm in ARMS:
+        fs = [f["arms"][arm] for f in per_seed.values()]
+        print(f"  {arm:<11} " + " | ".join(fmt([a["corpus"]["tokens_by_level"][lv] for a in fs], 1) for lv in levels)
+              + f"   rewritten {fmt([a['distill']['rewritten'] / a['distill']['rows_in'] for a in fs])}")
+    print("\nafter SFT, greedy on the test split (mean ± se over seeds): accuracy all | by level 1/2/3")
+    summary: dict[str, Any] = {}
+    for arm in ORDER:
+        es = [f["arms"][arm]["eval"] for f in per_seed.values()]
+        summary[arm] = {key: {m: mean_se([e[key][m] for e in es]) for m in ("accuracy", "tokens", "checks", "ended")}
+                        for key in ["all", *levels]}
+        print(f"  {arm:<11} {fmt([e['all']['accuracy'] for e in es])} | "
+              + " | ".join(fmt([e[lv]["accuracy"] for e in es]) for lv in levels))
+    print("response tokens all | by level 1/2/3;  Check: segments per response by level 1/2/3")
+    for arm in ORDER:
+        es = [f["arms"][arm]["eval"] for f in per_seed.values()]
+        print(f"  {arm:<11} {fmt([e['all']['tokens'] for e in es], 1)} | "
+              + " | ".join(fmt([e[lv]["tokens"] for e in es], 1) for lv in levels) + ";  "
+              + " | ".join(fmt([e[lv]["checks"] for e in es], 2) for lv in levels))
+    print("per seed, accuracy (n) and level-1 tokens:")
     for s, f in per_seed.items():
-        d = f["distill"]
-        print(f"seed {s}: {d['rows_in']} rows -> {d['kept']} kept, {d['rewritten']} rewritten, {d['dropped']} dropped")
-        for k in ("before", "after", "kept"):
-            v = f[k]
-            lv = " / ".join(f"{x:.1f}" for x in v["tokens_by_level"].values())
-            print(f"  {k:<7} n={v['rows']:<4} {lv:<20} slope {v['slope_per_level']:+.2f} tok/level  "
-                  f"{(v['slope_per_penalty'] or 0):+.2f} tok/penalty")
-        pen = " / ".join(f"{x:.3f}" for x in f["before"].get("penalty_by_level", {}).values())
-        print(f"  DRLC penalty by level 1/2/3: {pen}")
-    print("over seeds (mean ± sd):")
-    for k in ("before", "after", "kept"):
-        print(f"  {k:<7} slope/level {mean_sd([f[k]['slope_per_level'] for f in per_seed.values()])}   "
-              f"slope/penalty {mean_sd([f[k]['slope_per_penalty'] for f in per_seed.values()])}")
-    print("\nSFT from the re-assembled model, test split greedy: accuracy ± stderr | level-1 accuracy | mean tokens "
-          "all / level 1 / by level")
-    for s, f in per_seed.items():
-        for k in ("orig", "dist"):
-            e = f[k]
-            lv = "/".join(f"{x:.1f}" for x in e["tokens_by_level"].values())
-            print(f"  seed {s} {k:<5} n={e['n']} {e['accuracy']:.3f} ± {e['stderr']:.3f} | L1 {e['accuracy_easy']:.3f} "
-                  f"± {e['stderr_easy']:.3f} (n={e['n_easy']}) | {e['tokens']:.1f} / {e['tokens_easy']:.1f} / {lv}")
-    print("over seeds (mean ± sd):")
-    for k in ("orig", "dist"):
-        print(f"  {k:<5} accuracy {mean_sd([f[k]['accuracy'] for f in per_seed.values()])}  "
-              f"L1 accuracy {mean_sd([f[k]['accuracy_easy'] for f in per_seed.values()])}  "
-              f"tokens {mean_sd([f[k]['tokens'] for f in per_seed.values()])}  "
-              f"L1 tokens {mean_sd([f[k]['tokens_easy'] for f in per_seed.values()])}")
+        print(f"  seed {s}: " + ", ".join(f"{arm} {f['arms'][arm]['eval']['all']['accuracy']:.3f} "
+                                          f"({f['arms'][arm]['eval']['n']}) {f['arms'][arm]['eval']['1']['tokens']:.1f}"
+                                          for arm in ORDER))
+    return summary
+
+
+def plot(summary: dict[str, Any], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = [k for k in next(iter(summary.values())) if k != "all"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    width = 0.8 / len(summary)
+    for i, (arm, s) in enumerate(summary.items()):
+        xs = [int(lv) + (i - len(summary) / 2 + 0.5) * width for lv in levels]
+        for ax, metric in zip(axes, ("tokens", "checks", "accuracy"), strict=True):
+            ax.bar(xs, [s[lv][metric][0] for lv in levels], width, yerr=[s[lv][metric][1] for lv in levels],
+                   label=arm, color=f"C{i}", capsize=2)
+    for ax, label in zip(axes, ("response tokens", "`Check:` segments per response", "greedy accuracy"),
+                         strict=True):
+        ax.set_xticks([int(lv) for lv in levels], [f"level {lv}" for lv in levels])
+        ax.set_ylabel(label)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
-    ap.add_argument("--models", nargs="*", default=[], help="SEED=RUN_DIR: finished demo run holding the seed's "
-                    "sft and reassemble models")
-    ap.add_argument("--n-sft", type=int, default=600)
-    ap.add_argument("--n-test", type=int, default=600)
-    ap.add_argument("--max-new-tokens", type=int, default=128, help="distill generation budget per chain")
+    ap.add_argument("--seeds", type=int, nargs="*", default=[10, 11, 12])
+    ap.add_argument("--world", help="a built world directory (default: the shipped world)")
+    ap.add_argument("--overthink", action="store_true", help="the SFT corpus with the world's redundant checks")
+    ap.add_argument("--max-new-tokens", type=int, default=128, help="distill and eval generation budget")
     ap.add_argument("--run-root", type=Path, default=ROOT / "runs" / "bench-distill")
     ap.add_argument("--runs-only", action="store_true", help="read finished runs under --run-root, run nothing")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--plot", type=Path)
     args = ap.parse_args()
-    models = DEFAULT_MODELS | {int(k): Path(v) for k, v in (m.split("=", 1) for m in args.models)}
+    if args.world:
+        args.world = str(Path(args.world).resolve())
     per_seed = {}
     for s in args.seeds:
-        run_dir = args.run_root / f"seed-{s}" if args.runs_only else run_seed(s, models[s], args)
-        per_seed[s] = seed_figures(run_dir)
-    report(per_seed)
+        t0 = time.time()
+        runs = ({k: args.run_root / f"seed-{s}" / k for k in ("base", "score", "arms")} if args.runs_only
+                else run_seed(s, args))
+        per_seed[s] = seed_figures(runs)
+        if not args.runs_only:
+            print(f"seed {s}: {time.time() - t0:.0f} s", flush=True)
+    summary = report(per_seed)
     if args.json:
-        args.json.write_text(json.dumps({"n_sft": args.n_sft, "n_test": args.n_test, "seeds": per_seed},
-                                        indent=1, default=str) + "\n")
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "seeds": per_seed,
+                                         "summary": summary}, indent=1, default=str) + "\n")
+    if args.plot:
+        plot(summary, args.plot, f"AL-CoTD arms after SFT, seeds {' '.join(map(str, args.seeds))} "
+                                 f"(mean ± se over seeds)")
     return 0
 
 
