@@ -19,6 +19,7 @@ from r1v.workflow.schema import load_workflow
 
 @pytest.fixture
 def server(tmp_path):
+    """A server of the test's own, which it stops and starts again."""
     s = MlflowServer(tmp_path / "mlflow").start()
     yield s
     s.stop()
@@ -41,7 +42,8 @@ def _workflow(tmp_path: Path, uri: str, steps: int = 5, pause: list[int] | None 
     return p
 
 
-def test_a_workflow_logs_runs_metrics_and_artifacts_to_a_tracking_server(tmp_path, server):
+def test_a_workflow_logs_runs_metrics_and_artifacts_to_a_tracking_server(tmp_path, tracking_server):
+    server = tracking_server  # the session's: this test leaves it running
     r = Runner.create(load_workflow(_workflow(tmp_path, server.uri)), tmp_path / "runs" / "r")
     assert r.run() == {"first": "ran", "second": "ran"}
     client = MlflowClient(server.uri)
@@ -57,7 +59,8 @@ def test_a_workflow_logs_runs_metrics_and_artifacts_to_a_tracking_server(tmp_pat
     local = client.download_artifacts(children["first"].info.run_id, "notes/hello.txt", str(tmp_path / "dl"))
     assert Path(local).read_text() == "hello from the stage\n"
     # the artifacts are on the server's side, not under the run root
-    assert list((server.root / "artifacts").rglob("hello.txt"))
+    run_id = children["first"].info.run_id
+    assert list((server.root / "artifacts").glob(f"**/{run_id}/artifacts/notes/hello.txt"))
     assert not (tmp_path / "runs" / "mlartifacts").exists()
     # docs/watching.md through the server: the experiment's kind, the description, a table replaced in place
     assert exp.tags[tracking.KIND_TAG] == tracking.TRAINING_KIND
