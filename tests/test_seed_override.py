@@ -81,3 +81,17 @@ def test_demo_workflow_reseeds() -> None:
     """`r1v run workflows/tiny.yaml seed=5`: every stage's seeds follow, whatever stages the demo has."""
     found = [(k, v) for c in load_workflow(TINY, ["seed=5"]).stage_configs.values() for k, v in seeds(c).items()]
     assert found and all(v == 5 if k.split(".")[-1] == "seed" else v > 5 for k, v in found)
+
+
+def test_reseeding_keeps_what_was_set_and_what_was_left_to_default(tmp_path: Path) -> None:
+    """A distill stage in the `generated` scope, its sampling left to the defaults, loads under `seed=N` (a reseed
+    that marked every default as given made its one-scope check see a second, conflicting scope); the reseeded
+    config equals the one loaded without the seed but for its seeds."""
+    p = tmp_path / "wf.yaml"
+    p.write_text(yaml.safe_dump({"name": "d", "stages": {"distill": {"kind": "distill", "config": {
+        "model": "m", "corpus": "c", "judge": {"kind": "rule"}, "penalty_scope": "generated",
+        "sampling": {"temperature": 0.6}}}}}))
+    plain, seeded = (load_workflow(p, o).stage_configs["distill"] for o in ([], ["seed=4"]))
+    assert seeded.seed == 4 and seeded.sampling_dict()["repetition_penalty_scope"] == "generated"
+    assert seeded.model_dump(exclude={"seed"}) == plain.model_dump(exclude={"seed"})
+    assert "repetition_penalty_scope" not in seeded.sampling.model_fields_set

@@ -137,6 +137,8 @@ def reseed(config: BaseModel, seed: int) -> BaseModel:
 
 
 def _reseeded(m: BaseModel, seed: int) -> dict[str, Any]:
+    """The fields of `m` that were given, and every seed: a default left out stays a default, so a validator that
+    asks which fields were set (two settings of one thing, say) sees the config as it was written."""
     out: dict[str, Any] = {}
     offset = 0
     for name in type(m).model_fields:
@@ -147,8 +149,10 @@ def _reseeded(m: BaseModel, seed: int) -> dict[str, Any]:
             offset += 1
             out[name] = seed + offset
         elif isinstance(value, BaseModel):
-            out[name] = _reseeded(value, seed)
-        else:
+            sub = _reseeded(value, seed)
+            if sub or name in m.model_fields_set:
+                out[name] = sub
+        elif name in m.model_fields_set:
             out[name] = value
     return out
 
