@@ -229,6 +229,11 @@ class DistillConfig(Strict):
                 and self.sampling.repetition_penalty_scope != self.penalty_scope:
             raise ValueError("sampling.repetition_penalty_scope: the rows' penalties take the stage's "
                              "penalty_scope; set penalty_scope instead")
+        # The two kept equal, so that the config's dump (what a stage's worker or a resumed run validates again)
+        # does not read as two conflicting settings. Not by assignment: that would validate this model again.
+        if self.sampling.repetition_penalty_scope != self.penalty_scope:
+            object.__setattr__(self, "sampling", self.sampling.model_copy(
+                update={"repetition_penalty_scope": self.penalty_scope}))
         return self
 
     def sampling_dict(self) -> dict[str, Any]:

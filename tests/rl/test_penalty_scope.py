@@ -14,6 +14,7 @@ its greedy completions open with, so that penalising the prompt's tokens changes
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import pytest
 import rl_world
@@ -196,6 +197,9 @@ def test_config_scope_defaults_and_distill_passes_its_own():
     assert DistillConfig.model_validate(base).sampling_dict()["repetition_penalty_scope"] == "prompt_and_generated"
     with pytest.raises(ValueError, match="set penalty_scope instead"):
         DistillConfig.model_validate({**base, "sampling": {"repetition_penalty_scope": "generated"}})
+    # its dump (what a stage's worker and a resumed run validate again) is one config, not two conflicting scopes
+    again = DistillConfig.model_validate(json.loads(c.model_dump_json()))
+    assert again == c and again.sampling_dict()["repetition_penalty_scope"] == "generated"
 
 
 # ------------------------------------------------------------------------------------------------ vLLM
