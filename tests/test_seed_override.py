@@ -94,4 +94,3 @@ def test_reseeding_keeps_what_was_set_and_what_was_left_to_default(tmp_path: Pat
     plain, seeded = (load_workflow(p, o).stage_configs["distill"] for o in ([], ["seed=4"]))
     assert seeded.seed == 4 and seeded.sampling_dict()["repetition_penalty_scope"] == "generated"
     assert seeded.model_dump(exclude={"seed"}) == plain.model_dump(exclude={"seed"})
-    assert "repetition_penalty_scope" not in seeded.sampling.model_fields_set
