@@ -46,7 +46,8 @@ RULES = [  # (kind, pattern on the command line), first match wins
     ("ray: engine actor", r"^ray::(EngineHost|EvalEngineHost|.*Engine)"),
     ("ray: serve", r"^ray::(Serve|HTTPProxy|ProxyActor)|ServeReplica"),
     ("ray: data task", r"^ray::(ReadParquet|Map|.*->|_StatsActor|SplitCoordinator)"),
-    ("ray: idle or other worker", r"^ray::"), ("ray: raylet", r"raylet"), ("ray: gcs", r"gcs_server"),
+    ("ray: idle or other worker", r"^ray::|default_worker\.py"), ("ray: raylet", r"^\S*/raylet/raylet"),
+    ("ray: gcs", r"gcs_server"),
     ("ray: dashboard and agents", r"dashboard|agent|log_monitor|runtime_env"),
     ("vllm engine core", r"VLLM|EngineCore"), ("mlflow server", r"mlflow|uvicorn|gunicorn|huey"),
     ("s3 server", r"moto"), ("jupyter kernel", r"ipykernel"), ("r1v CLI", r"r1v\.cli|bin/r1v"),
@@ -74,7 +75,8 @@ def main() -> int:
             base = start.get(pid, (0.0, ""))[0] if pid in start else 0.0
             k = kind(title)
             prev = seen.get(pid)
-            keep = prev[2] if prev and prev[2] != "ray: idle or other worker" else k
+            # a Ray worker process starts idle and takes an actor's or a task's title: the specific kind wins
+            keep = prev[2] if prev and k == "ray: idle or other worker" else k
             seen[pid] = (cpu - base, title, keep)
         time.sleep(args.every)
     b1, t1, w1 = *busy_ticks(), time.time()
