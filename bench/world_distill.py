@@ -101,9 +101,10 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Path]:
         stages[f"sft_{arm}"] = {"kind": "sft", "config": {**sft, "corpus": f"@distill_{arm}.corpus"}}
         stages[f"eval_{arm}"] = {"kind": "eval", "config": {**ev, "model": f"@sft_{arm}.model"}}
     wf = write_workflow(root / "arms.yaml", "distill-arms", stages, seed, root)
-    r1v("run" if not (runs["arms"] / "run.json").exists() else "resume",
-        *([str(wf), "--run-dir", str(runs["arms"])] if not (runs["arms"] / "run.json").exists()
-          else [str(runs["arms"])]))
+    if (runs["arms"] / "run.json").exists():  # an earlier, interrupted attempt: finish it
+        r1v("resume", str(runs["arms"]))
+    else:
+        r1v("run", str(wf), "--run-dir", str(runs["arms"]))
     return runs
 
 
