@@ -142,7 +142,7 @@ def own_cluster(cluster_s3):
 
 @pytest.fixture(scope="session")
 def cluster_assets(tmp_path_factory) -> dict[str, str]:
-    """The tiny VLM (what a `model.tiny` stage builds) and synthetic corpora of 41 and 401 rows, one corrupt, for the
+    """The tiny VLM (what a `model.tiny` stage builds) and synthetic corpora of 41 and 201 rows, one corrupt, for the
     cluster tests' SFT stages: built once, in this process, on a path every node of the local cluster sees."""
     from r1v.data.synthetic import generate
     from r1v.model.config import TinyModelConfig
@@ -155,9 +155,9 @@ def cluster_assets(tmp_path_factory) -> dict[str, str]:
     vlm, tok = build_tiny_vlm(TinySpec(**c.model_dump(exclude={"reasoning_seed"})),
                               tokenizer=build_tiny_tokenizer(vocab_size=c.vocab_size))
     data = generate(root / "data", n_train=41, n_test=4, seed=0, corrupt_rows=1)
-    # an epoch of about 100 steps, for a stop that must land while the stage still trains: on a loaded machine
-    # `r1v stop` took longer than 20 steps
-    long = generate(root / "data-long", n_train=401, n_test=1, seed=1, corrupt_rows=1)
+    # an epoch of 50 steps, for a stop that must land while the stage still trains: on a loaded machine the
+    # workers trained 15 to 20 more steps between a checkpoint and the stop taking effect
+    long = generate(root / "data-long", n_train=201, n_test=1, seed=1, corrupt_rows=1)
     return {"model": str(save_model(vlm, tok, root / "vlm")), "train": str(data["train"]),
             "train_long": str(long["train"])}
 
