@@ -45,7 +45,10 @@ RULES = [  # (kind, pattern on the command line), first match wins
     ("ray: train worker", r"^ray::RayTrainWorker"), ("ray: train controller", r"^ray::TrainController"),
     ("ray: engine actor", r"^ray::(EngineHost|EvalEngineHost|.*Engine)"),
     ("ray: serve", r"^ray::(Serve|HTTPProxy|ProxyActor)|ServeReplica"),
-    ("ray: data task", r"^ray::(ReadParquet|Map|.*->|_StatsActor|SplitCoordinator)"),
+    ("ray: data task", r"^ray::(Read|Map|.*->|SplitCoordinator)"),
+    ("ray: train helper actors", r"^ray::(PlacementGroupCleaner|DatasetManager|PreemptionWatcher|"
+                                 r"SynchronizationActor|TrainStateActor)"),
+    ("ray: data helper actors", r"^ray::(_StatsActor|_AutoscalingCoordinatorActor)"),
     ("ray: idle or other worker", r"^ray::|default_worker\.py"), ("ray: raylet", r"^\S*/raylet/raylet"),
     ("ray: gcs", r"gcs_server"),
     ("ray: dashboard and agents", r"dashboard|agent|log_monitor|runtime_env"),
@@ -75,22 +78,25 @@ def main() -> int:
             base = start.get(pid, (0.0, ""))[0] if pid in start else 0.0
             k = kind(title)
             prev = seen.get(pid)
-            # a Ray worker process starts idle and takes an actor's or a task's title: the specific kind wins
-            keep = prev[2] if prev and k == "ray: idle or other worker" else k
+            # a Ray worker process starts idle and takes an actor's or a task's title: the specific kind wins; an
+            # exited process not yet reaped has no command line: it keeps its kind
+            keep = prev[2] if prev and (k == "ray: idle or other worker" or not title) else k
             seen[pid] = (cpu - base, title, keep)
         time.sleep(args.every)
     b1, t1, w1 = *busy_ticks(), time.time()
-    by = collections.Counter()
+    by, count = collections.Counter(), collections.Counter()
     for cpu, _, k in seen.values():
         by[k] += cpu
+        count[k] += 1
     busy = (b1 - b0) / TICK
     print(f"\nwall {w1 - w0:.0f} s, machine busy {busy:.0f} CPU-s ({busy / ((t1 - t0) / TICK) * os.cpu_count():.2f} "
           f"of {os.cpu_count()} cores on average), exit {proc.returncode}")
     for k, v in by.most_common():
-        print(f"  {v:8.0f} CPU-s  {k}")
+        print(f"  {v:8.0f} CPU-s  {k} ({count[k]} processes)")
     print(f"  {busy - sum(by.values()):8.0f} CPU-s  unattributed (short-lived processes, the kernel)")
     if args.json:
-        args.json.write_text(json.dumps({"wall_s": w1 - w0, "busy_cpu_s": busy, "by_kind": dict(by)}, indent=1))
+        args.json.write_text(json.dumps({"wall_s": w1 - w0, "busy_cpu_s": busy, "by_kind": dict(by),
+                                               "processes": dict(count)}, indent=1))
     return proc.returncode
 
 

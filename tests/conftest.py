@@ -23,6 +23,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Ray Train's controller polls its workers every 2 s by default, and a fit waits for polls as it starts, reports
 # and ends: about 9 s of a 4-step SFT stage's 35 s alone. Every cluster the session starts inherits this.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+# Each fit starts a preemption watcher (an actor process of its own, for nodes a cloud reclaims: about 1.2 CPU-s on
+# these machines, a few minutes of the suite's CPU over its fits); no test node is preempted.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 def _ray_token_auth() -> None:
