@@ -71,12 +71,14 @@ def assert_projector_only(before: str, after: str) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # ~8 min alone; sharing the 2 cores with the other xdist workers, up to half as fast
 def test_the_demo_submitted_to_the_cluster(local_cluster, tracking_server, tmp_path):
-    # The demo as shipped but for GRPO's length (5 steps, not 30), the alignment corpus (3,000 rows, not 6,000) and
+    # The demo as shipped but for GRPO's length (5 steps, not 30), two iterative-SFT rounds of three (the second
+    # chains from the first as the third does from the second), the alignment corpus (3,000 rows, not 6,000) and
     # a held-out test of 300 items (not 1,000), to keep the suite within its budget (this test is its longest
     # path): the effects are measured at full size by bench/world_recipe.py. With seed 0 and these sizes the
     # orderings asserted below held by 0.12 or more in accuracy at n = 1,000 (about 4.5 standard errors at n = 300).
     n_test = 300
     res = r1v("submit", str(TINY), f"tracking.tracking_uri={tracking_server.uri}", "stages.grpo.config.steps=5",
+              "stages.round.repeat.over.tau=[3,4]", "stages.round.repeat.over.lr=[1.0e-3,2.0e-4]",
               "stages.data.config.n_align=3000", f"stages.data.config.n_test={n_test}",
               "--run-root", str(tmp_path / "shared"), "--address", local_cluster.dashboard, "--follow",
               timeout=1700)
@@ -112,7 +114,7 @@ def test_the_demo_submitted_to_the_cluster(local_cluster, tracking_server, tmp_p
     assert_projector_only(outputs["models"]["model"], outputs["align"]["model"])
     assert_projector_only(outputs["reassemble"]["model"], outputs["sft"]["model"])
     assert_projector_only(outputs["sft"]["model"], outputs["round1_sft"]["model"])
-    assert_projector_only(outputs["round3_sft"]["model"], outputs["grpo"]["model"])
+    assert_projector_only(outputs["round2_sft"]["model"], outputs["grpo"]["model"])
     # re-assembly kept the aligned projector and took the reasoning LLM
     aligned, reassembled = params_by_group(outputs["align"]["model"]), params_by_group(
         outputs["reassemble"]["model"])
@@ -128,7 +130,7 @@ def test_the_demo_submitted_to_the_cluster(local_cluster, tracking_server, tmp_p
     results = json.loads((run_dir / "results.json").read_text())
     assert "baseline: text_reasoning" in out and "reassemble" in out
     rows = {r["stage"]: r for r in results["stages"]}
-    rounds = [f"round{t}_sft" for t in (1, 2, 3)]
+    rounds = [f"round{t}_sft" for t in (1, 2)]
     assert list(rows) == ["reassemble", "sft", *rounds, "grpo"]
     base = results["baselines"]
     assert set(base) == {"no_image", "shuffled_image", "substitute_vlm", "text_reasoning", "text_instruct"}
@@ -152,7 +154,7 @@ def test_the_demo_submitted_to_the_cluster(local_cluster, tracking_server, tmp_p
         assert rows[name]["corpus_as_errors"] > 0  # the previous model got some of D wrong
         assert sel["tau"] == t + 2 and "accuracy" in children[f"round{t}_eval"].data.metrics
         by_score.append(rows[name]["corpus_by_score"])
-    assert by_score[0] > by_score[1] > by_score[2] > 0
+    assert by_score[0] > by_score[1] > 0
     arts = {a.path for a in client.list_artifacts(parent.info.run_id, "results")}
     assert {"results/results.json", "results/results.png"} <= arts
     acc = {k: v["accuracy"] for k, v in rows.items()} | {k: v["accuracy"] for k, v in base.items()}
