@@ -11,7 +11,8 @@ Per seed S (by default 10, 11, 12: seeds no choice of the world or the recipe ha
      - the task (the test split's questions) for the three VLMs, and for the re-assembled VLM with shuffled and
        blank images; the two LLMs on the text form (the digits written out: the ceiling).
 
-Prints per seed, per VLM: the per-cell read rate (own, shuffled and blank images), the share of the substitute's
+Prints per seed, per VLM: the per-cell read rate (own, shuffled and blank images; each letter's first mention,
+and the answer box alone), the share of the substitute's
 read rate that re-assembly keeps, the reads in the task chains, task accuracy, and accuracy on the items whose used
 cells were all read correctly (by the probe; by the chain) against the rest; then mean ± standard error of the
 seed figures. `--json` keeps every figure.
@@ -127,6 +128,7 @@ def seed_figures(probes: Path) -> dict[str, Any]:
         own = preds(probes, f"probe_{vlm}_own")
         f: dict[str, Any] = {"read": {tag: pr.read_rate(preds(probes, f"probe_{vlm}_{tag}"), digits)
                                       for tag in MODES},
+                             "read_boxed": pr.read_rate(own, digits, reader=pr.boxed_cells),
                              "read_used": pr.read_rate(own, digits, letters=used),
                              "task": pr.accuracy(task),
                              "given_probe": pr.given_perception(task, pr.perceived(own, digits, used))}
@@ -154,6 +156,7 @@ ROWS: list[tuple[str, Any]] = [
     ("read rate, shuffled image", lambda f: f["read"]["shuffled"]["rate"]),
     ("read rate, blank image", lambda f: f["read"]["blank"]["rate"]),
     ("all 4 cells read", lambda f: f["read"]["own"]["exact"]),
+    ("read rate, answer box only", lambda f: f["read_boxed"]["rate"]),
     ("read rate, used cells", lambda f: f["read_used"]["rate"]),
     ("reads in the task chain", lambda f: f["chain_reads"]["rate"] if "chain_reads" in f else None),
     ("task accuracy", lambda f: f["task"]["accuracy"]),

@@ -3,10 +3,11 @@ reasons on what it read. They read eval predictions (`predictions.jsonl` of `eva
 probed by the same generation code as the results table.
 
 - **Read rate**: asked `Transcribe the grid.` about a test image (`perception_rows`), the share of the four cells
-  whose digit the VLM writes correctly (`read_rate`). A cell is read when its letter is followed by the right
-  digit (`A7`, as the cell tokens are written, or `A = 7`, as a reasoning chain writes it); a cell not written
-  is not read. With another item's image (shuffled) or a blank one the rate falls to what guessing gives (about
-  0.1 per cell): the control that the rate measures the image, not the format.
+  whose digit the VLM writes correctly (`read_rate`). A cell is read when its letter's first mention has the
+  right digit (`A7`, as the cell tokens are written, or `A = 7`, as a reasoning chain writes it); a cell not
+  written is not read. `boxed_cells` reads the answer box alone. Shown another item's image (shuffled) or a
+  blank one, a VLM that reads its image drops to about what guessing gives (0.1 per cell for random digits):
+  the control that the rate measures the image, not the format.
 - **Reads in the chain**: a reasoning VLM's chain starts with the reads of the letters the item uses
   (`A = 3, C = 5.`); `chain_reads` takes them from the task's own predictions.
 - **Reasoning given perception**: task accuracy on the items whose used cells were all read correctly, by the
@@ -42,16 +43,18 @@ def perception_rows(test_rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]
 
 def read_cells(text: str) -> dict[str, int]:
     """The digit written for each letter in `text`, at its first mention (`A7` or `A = 7`); letters never
-    followed by a digit are absent. The answer box is read when it names cells, else the whole text (a
-    reasoning model may write its reads in the chain and box something else)."""
+    followed by a digit are absent. A reasoning VLM asked to transcribe writes its reads in the chain first
+    (`A = 0, B = 6, ...`) and boxes a copy, which it may copy wrong; the first mention is what it read."""
+    out: dict[str, int] = {}
+    for letter, digit in _CELL.findall(text):
+        out.setdefault(letter, int(digit))
+    return out
+
+
+def boxed_cells(text: str) -> dict[str, int]:
+    """The cells of the last answer box only (`\\boxed{A7B7C6D3}`): the transcription as the answer gives it."""
     box = text.rfind("\\boxed{")
-    for part in ([text[box:], text] if box >= 0 else [text]):
-        out: dict[str, int] = {}
-        for letter, digit in _CELL.findall(part):
-            out.setdefault(letter, int(digit))
-        if out:
-            return out
-    return {}
+    return read_cells(text[box:].split("}", 1)[0]) if box >= 0 else {}
 
 
 def chain_reads(response: str) -> dict[str, int]:

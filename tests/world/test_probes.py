@@ -10,6 +10,7 @@ import pytest
 from r1v.world.probes import (
     PROBE_QUESTION,
     accuracy,
+    boxed_cells,
     chain_reads,
     given_perception,
     perceived,
@@ -19,15 +20,16 @@ from r1v.world.probes import (
 )
 
 
-def test_read_cells_takes_the_box_when_it_names_cells_else_the_text():
+def test_read_cells_takes_each_letters_first_mention_and_boxed_cells_the_box():
     assert read_cells("</think>\nAnswer: \\boxed{A7B7C6D3}") == {"A": 7, "B": 7, "C": 6, "D": 3}
-    # the chain's reads, when the box holds no cells
     assert read_cells("A = 3, C = 5. 3 + 5 = 8.</think>\nAnswer: \\boxed{8}") == {"A": 3, "C": 5}
-    # the first mention counts; a letter never given a digit is absent
     assert read_cells("A = 1, A = 2, B=4") == {"A": 1, "B": 4}
     assert read_cells("Compute A * B.") == {}
-    # the box wins over a chain that read differently
-    assert read_cells("A = 1.</think>\\boxed{A2B3C4D5}") == {"A": 2, "B": 3, "C": 4, "D": 5}
+    # a chain that read A as 1 and boxed a copy with A2: the read is the chain's, the box's is the box's
+    text = "A = 1, B = 3.</think>\\boxed{A2B3C4D5}"
+    assert read_cells(text) == {"A": 1, "B": 3, "C": 4, "D": 5}
+    assert boxed_cells(text) == {"A": 2, "B": 3, "C": 4, "D": 5}
+    assert boxed_cells("A = 1, B = 3.</think>\\boxed{4}") == {} and boxed_cells("A1") == {}
 
 
 def test_chain_reads_are_the_first_segment_only():
