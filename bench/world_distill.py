@@ -28,17 +28,14 @@ import argparse
 import json
 import math
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
+from world_runs import ROOT, TINY, add_world_args, base_run, outputs, parse_world_args, r1v
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ROOT / "workflows" / "tiny.yaml"
-BASE_STAGES = ["data", "models", "align", "reassemble", "sft"]
 DISTILL_SAMPLING = {"temperature": 0.6, "top_p": 0.95}
 ARMS: dict[str, dict[str, Any]] = {  # "uniform" arms: default_penalty set to the mean DRLC penalty at run time
     "none": {"penalty_column": "no_penalty", "default_penalty": 1.0, "penalty_scope": "generated"},
@@ -48,19 +45,6 @@ ARMS: dict[str, dict[str, Any]] = {  # "uniform" arms: default_penalty set to th
     "uniform_pg": {"penalty_column": "no_penalty", "penalty_scope": "prompt_and_generated"},
 }
 ORDER = ["orig", *ARMS]
-
-
-def r1v(*args: str) -> None:
-    t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "r1v.cli", *args], cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"r1v {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
-                           f"{proc.stderr[-4000:]}")
-    print(f"  r1v {args[0]} {args[1]}: {time.time() - t0:.0f} s", flush=True)
-
-
-def outputs(run_dir: Path, stage: str) -> dict[str, Any]:
-    return json.loads((run_dir / "stages" / stage / "state.json").read_text())["outputs"]
 
 
 def write_workflow(path: Path, name: str, stages: dict[str, Any], seed: int, run_root: Path) -> Path:
@@ -77,10 +61,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Path]:
     tiny = yaml.safe_load(TINY.read_text())["stages"]
     runs = {k: root / k for k in ("base", "score", "arms")}
     print(f"seed {seed}:", flush=True)
-    if not (runs["base"] / "stages" / "sft" / "model" / "config.json").exists():
-        over = [f"seed={seed}"] + ([f"stages.models.config.world={args.world}"] if args.world else []) \
-            + (["stages.data.config.overthink={}"] if args.overthink else [])
-        r1v("run", str(TINY), *over, "--run-dir", str(runs["base"]), "--only", *BASE_STAGES)
+    base_run(runs["base"], seed, args)
     data = outputs(runs["base"], "data")
     if not (runs["score"] / "stages" / "score" / "state.json").exists():
         wf = write_workflow(root / "score.yaml", "distill-score", {
@@ -221,17 +202,9 @@ def plot(summary: dict[str, Any], path: Path, title: str) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="*", default=[10, 11, 12])
-    ap.add_argument("--world", help="a built world directory (default: the shipped world)")
-    ap.add_argument("--overthink", action="store_true", help="the SFT corpus with the world's redundant checks")
-    ap.add_argument("--max-new-tokens", type=int, default=128, help="distill and eval generation budget")
-    ap.add_argument("--run-root", type=Path, default=ROOT / "runs" / "bench-distill")
-    ap.add_argument("--runs-only", action="store_true", help="read finished runs under --run-root, run nothing")
-    ap.add_argument("--json", type=Path)
+    add_world_args(ap, ROOT / "runs" / "bench-distill", "distill and eval generation budget")
     ap.add_argument("--plot", type=Path)
-    args = ap.parse_args()
-    if args.world:
-        args.world = str(Path(args.world).resolve())
+    args = parse_world_args(ap)
     per_seed = {}
     for s in args.seeds:
         t0 = time.time()

@@ -28,33 +28,17 @@ import argparse
 import json
 import math
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
+from world_runs import ROOT, TINY, add_world_args, base_run, outputs, parse_world_args, r1v
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ROOT / "workflows" / "tiny.yaml"
-BASE_STAGES = ["data", "models", "align", "reassemble", "sft"]
 VLMS = {"substitute": ("align", "model"), "reassemble": ("reassemble", "model"), "sft": ("sft", "model")}
 MODES = {"own": "vlm", "shuffled": "shuffled_image", "blank": "no_image"}
 REASONING = ("reassemble", "sft")  # VLMs on the reasoning LLM: their task answers carry a chain with its reads
-
-
-def r1v(*args: str) -> None:
-    t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "r1v.cli", *args], cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"r1v {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
-                           f"{proc.stderr[-4000:]}")
-    print(f"  r1v {args[0]} {args[1]}: {time.time() - t0:.0f} s", flush=True)
-
-
-def outputs(run_dir: Path, stage: str) -> dict[str, Any]:
-    return json.loads((run_dir / "stages" / stage / "state.json").read_text())["outputs"]
 
 
 def write_probe_corpus(test: str, out: Path) -> Path:
@@ -76,10 +60,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     base, probes = root / "base", root / "probes"
     print(f"seed {seed}:", flush=True)
-    if not (base / "stages" / "sft" / "model" / "config.json").exists():
-        over = [f"seed={seed}"] + ([f"stages.models.config.world={args.world}"] if args.world else []) \
-            + (["stages.data.config.overthink={}"] if args.overthink else [])
-        r1v("run", str(TINY), *over, "--run-dir", str(base), "--only", *BASE_STAGES)
+    base_run(base, seed, args)
     data, models = outputs(base, "data"), outputs(base, "models")
     corpus = write_probe_corpus(data["test"], root / "probe-corpus")
     ev = {**yaml.safe_load(TINY.read_text())["stages"]["eval_sft"]["config"], "report_stage": None,
@@ -213,16 +194,8 @@ def report(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="*", default=[10, 11, 12])
-    ap.add_argument("--world", help="a built world directory (default: the shipped world)")
-    ap.add_argument("--overthink", action="store_true", help="the SFT corpus with the world's redundant checks")
-    ap.add_argument("--max-new-tokens", type=int, default=128, help="generation budget of every probe")
-    ap.add_argument("--run-root", type=Path, default=ROOT / "runs" / "bench-transfer")
-    ap.add_argument("--runs-only", action="store_true", help="read finished runs under --run-root, run nothing")
-    ap.add_argument("--json", type=Path)
-    args = ap.parse_args()
-    if args.world:
-        args.world = str(Path(args.world).resolve())
+    add_world_args(ap, ROOT / "runs" / "bench-transfer", "generation budget of every probe")
+    args = parse_world_args(ap)
     per_seed = {}
     for s in args.seeds:
         t0 = time.time()
