@@ -26,6 +26,10 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 # Each fit starts a preemption watcher (an actor process of its own, for nodes a cloud reclaims: about 1.2 CPU-s on
 # these machines, a few minutes of the suite's CPU over its fits); no test node is preempted.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# Every Ray node and driver of the tests takes 127.0.0.1 as its address (r1v's own local clusters do already,
+# `r1v.core.loopback`): a process that joins one of them must too, or Ray resolves 127.0.0.1 to the machine's
+# interface address, where nothing listens.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 def _ray_token_auth() -> None:

@@ -19,6 +19,7 @@ from r1v.cli.world import add_world_parser
 from r1v.core import storage
 from r1v.core.config import ConfigError
 from r1v.core.fs import read_json
+from r1v.core.loopback import loopback_only
 from r1v.core.noise import quiet_libraries, worker_env
 from r1v.eval.results import format_table, report
 from r1v.workflow.console import Console, show_path
@@ -45,7 +46,9 @@ def init_ray(address: str | None, num_cpus: int | None, verbose: bool = True) ->
     if address:
         ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": worker_env(verbose)})
     else:
-        # "local": a cluster of this run's own, never one that `ray start` left on this machine
+        # "local": a cluster of this run's own, never one that `ray start` left on this machine; on the loopback
+        # address (Ray would otherwise bind the machine's interface address, reachable from its network)
+        loopback_only()
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
     return True
 

@@ -229,6 +229,7 @@ def init_ray(cfg: ServeConfig, verbose: bool = False) -> bool:
     """Join `ray.address` (or RAY_ADDRESS), else start a local cluster of this process's own; whether it started
     Ray here (then the caller shuts it down)."""
     # imported on use, to keep ray's worker noise switches ahead of its import
+    from r1v.core.loopback import loopback_only
     from r1v.core.noise import quiet_libraries
 
     quiet_libraries(verbose)
@@ -240,6 +241,7 @@ def init_ray(cfg: ServeConfig, verbose: bool = False) -> bool:
     if address:
         ray.init(address=address, log_to_driver=verbose)
     else:
+        loopback_only()  # the server's own cluster
         ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=verbose)
     return True
 

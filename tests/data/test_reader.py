@@ -29,19 +29,17 @@ def test_chunks_follow_row_groups_in_file_order(tmp_path):
 
 
 def test_one_file_is_read_by_several_tasks_in_order(ray_cluster, tmp_path):
-    import os
-    import time
-
+    import ray
     import ray.data
 
     _write(tmp_path / "part-00000.parquet", 0, 400, 20)
     ray.data.DataContext.get_current().execution_options.preserve_order = True
 
     def tag(t: pa.Table) -> pa.Table:
-        time.sleep(0.05)  # real preprocessing takes time: gives the second worker process time to start
-        return t.append_column("pid", pa.array([os.getpid()] * t.num_rows))
+        return t.append_column("task", pa.array([ray.get_runtime_context().get_task_id()] * t.num_rows))
 
     ds = read_corpus(tmp_path, rows_per_task=40, batch_rows=8, transform=tag)
     rows = list(ds.iter_rows())
     assert [r["x"] for r in rows] == list(range(400))  # every row once, in corpus order
-    assert len({r["pid"] for r in rows}) == 2  # both CPUs of the test cluster worked on the one file
+    # the one file was split over several read tasks (which process ran each depends on the machine's load)
+    assert len({r["task"] for r in rows}) >= 2
