@@ -26,16 +26,16 @@ def _free_port() -> int:
 
 
 def main(root: Path, workers: int, cpus: int) -> None:
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # every Ray process takes 127.0.0.1 as its address
     # The head's temp dir is Ray's default under RAY_TMPDIR, where Ray notes "the current cluster": a job's driver
     # finds its cluster through that note (RAY_ADDRESS=auto), and no other cluster on the machine reads this one.
     os.environ["RAY_TMPDIR"] = str(root / "h")
     (root / "h" / "ray").mkdir(parents=True, exist_ok=True)
     os.environ["RAY_AUTH_MODE"] = "token"
-    import ray._private.ray_constants as rc
+    from r1v.core.loopback import loopback_only
+
+    loopback_only()  # every Ray process takes 127.0.0.1 as its address; before Ray reads it at import
     from ray.cluster_utils import Cluster
 
-    rc.ENABLE_RAY_CLUSTER = False
     dashboard_port = _free_port()
     cluster = Cluster(initialize_head=True, head_node_args=dict(
         node_ip_address="127.0.0.1", num_cpus=0, resources={"head": 1}, include_dashboard=True,
