@@ -31,10 +31,12 @@ def outputs(run_dir: Path, stage: str) -> dict[str, Any]:
 
 def base_run(base: Path, seed: int, args: argparse.Namespace) -> Path:
     """`r1v run workflows/tiny.yaml seed=S --only data models align reassemble sft` on `args.world` (with the
-    overthinking SFT corpus when `args.overthink`) into `base`, unless it finished there before."""
+    overthinking SFT corpus when `args.overthink`, images of varying clarity when `args.clarity`) into `base`,
+    unless it finished there before."""
     if not (base / "stages" / "sft" / "model" / "config.json").exists():
         over = [f"seed={seed}"] + ([f"stages.models.config.world={args.world}"] if args.world else []) \
-            + (["stages.data.config.overthink={}"] if args.overthink else [])
+            + (["stages.data.config.overthink={}"] if args.overthink else []) \
+            + (["stages.data.config.clarity={}"] if getattr(args, "clarity", False) else [])
         r1v("run", str(TINY), *over, "--run-dir", str(base), "--only", *BASE_STAGES)
     return base
 
@@ -43,6 +45,7 @@ def add_world_args(ap: argparse.ArgumentParser, run_root: Path, tokens_help: str
     ap.add_argument("--seeds", type=int, nargs="*", default=[10, 11, 12])
     ap.add_argument("--world", help="a built world directory (default: the shipped world)")
     ap.add_argument("--overthink", action="store_true", help="the SFT corpus with the world's redundant checks")
+    ap.add_argument("--clarity", action="store_true", help="images blurred to varying degrees in every corpus")
     ap.add_argument("--max-new-tokens", type=int, default=128, help=tokens_help)
     ap.add_argument("--run-root", type=Path, default=run_root)
     ap.add_argument("--runs-only", action="store_true", help="read finished runs under --run-root, run nothing")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ PLUGINS = Path(__file__).resolve().parent / "plugins"
 # importable there (GRPO workers import `reward_modules` themselves).
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(PLUGINS), os.environ.get("PYTHONPATH", "")) if p)
 sys.path.insert(0, str(PLUGINS))
-# One Ray temp dir per xdist worker: each worker starts its own cluster.
+# One Ray temp dir per xdist worker, for the clusters its tests' CLIs start (the session cluster has its own).
 os.environ.setdefault("RAY_TMPDIR", f"/tmp/r1v-ray-tests-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Ray Train's controller polls its workers every 2 s by default, and a fit waits for polls as it starts, reports
@@ -49,7 +51,7 @@ def _ray_token_auth() -> None:
 
 _ray_token_auth()
 
-from r1v_test_servers import MlflowServer, S3Server, shared, shared_dir  # noqa: E402  (a module of PLUGINS)
+from r1v_test_servers import MlflowServer, S3Server, shared, shared_dir, stop_process  # noqa: E402  (a module of PLUGINS)
 
 
 def pytest_configure(config):
@@ -70,22 +72,40 @@ def pytest_unconfigure(config):
         os.environ.pop("R1V_TEST_SHARED", None)
 
 
+SESSION_CPUS = 6
+"""The session cluster's CPUs: the 2 each xdist worker's tests had on a cluster of their own, times three."""
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A 2-CPU local Ray cluster shared by every test that needs one (starting one costs ~5 s)."""
+    """The session's local Ray cluster (`plugins/session_cluster.py`: started as `r1v run` starts one), shared by
+    the xdist workers, each a driver of its own; yields its GCS address."""
+    import subprocess
+
     import ray
 
     from r1v.cli.app import init_ray
 
+    def start() -> dict:
+        root = shared_dir() / "r"
+        root.mkdir()
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTEST_XDIST_WORKER")}
+        proc = subprocess.Popen([sys.executable, str(PLUGINS / "session_cluster.py"), str(root), str(SESSION_CPUS)],
+                                stdout=open(root / "cluster.log", "ab"), stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+        info = {"pid": proc.pid, "group": True, "root": str(root)}
+        t0 = time.monotonic()
+        while not (root / "session.json").exists():
+            if proc.poll() is not None or time.monotonic() - t0 > 300:
+                stop_process(proc, 30, group=True)
+                raise RuntimeError(f"the session cluster did not start: {(root / 'cluster.log').read_text()[-3000:]}")
+            time.sleep(0.3)
+        return info | json.loads((root / "session.json").read_text())
+
     Path(os.environ["RAY_TMPDIR"]).mkdir(parents=True, exist_ok=True)
-    try:
-        init_ray(None, 2)
-    except Exception as e:  # Ray gives a new node 30 s to register, which a loaded 2-core machine can miss
-        if "timed out during startup" not in str(e):
-            raise
-        ray.shutdown()
-        init_ray(None, 2)
-    yield ray.get_runtime_context().gcs_address
+    gcs = shared("ray", start)["gcs"]
+    init_ray(gcs, None)
+    yield gcs
     ray.shutdown()
 
 

@@ -53,6 +53,25 @@ class OverthinkConfig(Strict):
         return self
 
 
+class ClarityConfig(Strict):
+    """Images of varying clarity: each rendered image blurred by a Gaussian radius drawn uniformly from `blur`
+    (0: as rendered), in every corpus (the projector's alignment rows too, so it learns to read them all).
+
+    Why: the world's images are otherwise equally sharp, equally large and square, so the image cue of QDAM
+    (`r1v.distill.cues.image_cues`: Laplacian variance, resolution, aspect) varies only with the render noise
+    and carries nothing about the item; with clarity varying, a low cue marks an image that is hard to read."""
+
+    blur: list[float] = Field(default_factory=lambda: [0.0, 0.6, 1.2],
+                              description="Gaussian blur radii in pixels (of the 56-pixel tile), drawn "
+                                          "uniformly per image; 0 leaves the image as rendered")
+
+    @model_validator(mode="after")
+    def _valid(self) -> ClarityConfig:
+        if not self.blur or any(not 0 <= r <= 8 for r in self.blur):
+            raise ValueError(f"blur: one or more radii in [0, 8] pixels; got {self.blur}")
+        return self
+
+
 class WorldDataConfig(Strict):
     """Render the run's corpora: alignment (perception only), SFT (multimodal chains of thought), GRPO
     prompts, and the held-out test (digit tuples that never appear in any training data)."""
@@ -67,13 +86,16 @@ class WorldDataConfig(Strict):
     sft_noise: SftNoiseConfig | None = Field(None, description="flawed SFT chains, by kind (default: none)")
     overthink: OverthinkConfig | None = Field(None, description="redundant checks in the SFT chains, as the "
                                                                 "reasoning LLM was built with (default: none)")
+    clarity: ClarityConfig | None = Field(None, description="images blurred to varying degrees, so that the "
+                                                            "image cue carries information (default: all as "
+                                                            "rendered)")
 
     @model_serializer(mode="wrap")
     def _omit_unset_options(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """Without noise or overthinking the dump, hence the stage's fingerprint, is what it was before the
+        """Without noise, overthinking or clarity the dump, hence the stage's fingerprint, is what it was before the
         options existed."""
         out = handler(self)
-        for key in ("sft_noise", "overthink"):
+        for key in ("sft_noise", "overthink", "clarity"):
             if out.get(key) is None:
                 out.pop(key, None)
         return out

@@ -9,6 +9,9 @@ SFT chains are all correct and well formed unless `sft_noise` asks for flawed on
 paper's SFT data comes from teachers and has errors of varying quality, which its reward model grades and its
 iterative SFT rounds filter; a corpus with nothing to filter would make those rounds a no-op.
 
+With `clarity`, every image is blurred by a radius drawn per row (`add_clarity`, `meta.blur`), so that image
+clarity varies as it does in real corpora and QDAM's image cue has something to measure.
+
 With `overthink`, SFT chains carry the reasoning LLM's overthinking habit (`add_overthinking`): the SFT chains
 stand in for the paper's teacher data, which comes from a reasoning model that overthinks, and they are what
 AL-CoTD's repetition penalty has to shorten.
@@ -22,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from r1v.data.schema import make_row, write_corpus
-from r1v.world.config import OverthinkConfig
+from r1v.world.config import ClarityConfig, OverthinkConfig
 from r1v.world.domain import (
     LETTERS,
     THINK_END,
@@ -38,7 +41,7 @@ from r1v.world.domain import (
     sample_digits,
     text_question,
 )
-from r1v.world.render import png_bytes, render_digits
+from r1v.world.render import blurred, png_bytes, render_digits
 
 
 def _meta(p: Problem, split: str) -> dict[str, Any]:
@@ -172,6 +175,23 @@ def add_noise(rows: list[dict[str, Any]], fractions: dict[str, float], seed: int
     return rows
 
 
+def add_clarity(rows: list[dict[str, Any]], cfg: ClarityConfig, seed: int, corpus: str) -> list[dict[str, Any]]:
+    """Blur each row's image by a radius drawn from `cfg.blur` (a generator of its own per corpus and seed, so the
+    rest of the world's draws are the same with and without clarity); `meta.blur` records the radius."""
+    import io
+
+    from PIL import Image
+
+    rng = random.Random(f"clarity-{seed}-{corpus}")
+    for row in rows:
+        radius = rng.choice(cfg.blur)
+        if radius > 0:
+            row["images"] = [png_bytes(blurred(Image.open(io.BytesIO(b)).convert("RGB"), radius))
+                             for b in row["images"]]
+        row["meta"] = json.dumps({**json.loads(row["meta"]), "blur": radius})
+    return rows
+
+
 def corrupt(row: dict[str, Any], rng: random.Random) -> dict[str, Any]:
     """Truncated image bytes: a broken download that must land in the quarantine, not in training."""
     data = row["images"][0]
@@ -181,9 +201,11 @@ def corrupt(row: dict[str, Any], rng: random.Random) -> dict[str, Any]:
 
 def generate(out: Path, n_align: int, n_sft: int, n_grpo: int, n_test: int, seed: int,
              corrupt_rows: int = 0, sft_noise: dict[str, float] | None = None,
-             overthink: OverthinkConfig | None = None) -> dict[str, Path]:
+             overthink: OverthinkConfig | None = None, clarity: ClarityConfig | None = None) -> dict[str, Path]:
     rng = random.Random(seed)
     align = align_rows(n_align, rng)
+    if clarity is not None:  # before the corruption: a truncated image stays truncated
+        align = add_clarity(align, clarity, seed, "align")
     for i in rng.sample(range(n_align), min(corrupt_rows, n_align)):
         align[i] = corrupt(align[i], rng)
     sft = problem_rows(n_sft, rng, "train", True, "sft")
@@ -193,5 +215,8 @@ def generate(out: Path, n_align: int, n_sft: int, n_grpo: int, n_test: int, seed
         sft = add_noise(sft, sft_noise, seed)
     grpo = problem_rows(n_grpo, rng, "train", False, "grpo")
     test = problem_rows(n_test, random.Random(10_000 + seed), "test", False, "test", balanced_levels=True)
+    if clarity is not None:
+        sft, grpo, test = (add_clarity(rows, clarity, seed, name)
+                           for rows, name in ((sft, "sft"), (grpo, "grpo"), (test, "test")))
     return {name: write_corpus(rows, out / name)
             for name, rows in (("align", align), ("sft", sft), ("grpo", grpo), ("test", test))}

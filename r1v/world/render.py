@@ -12,7 +12,7 @@ import random
 from functools import lru_cache
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 TILE = 56
 CELL = 28
@@ -40,6 +40,11 @@ def render_digits(digits: tuple[int, ...], rng: random.Random, size: int = TILE)
         y = y0 + rng.randint(0, max(0, CELL - h - 1)) - top
         draw.text((x, y), symbol, fill=tuple(rng.randint(0, 110) for _ in range(3)), font=font)
     return img
+
+
+def blurred(img: Image.Image, radius: float) -> Image.Image:
+    """`img` under a Gaussian blur of `radius` pixels (0: the image itself)."""
+    return img.filter(ImageFilter.GaussianBlur(radius)) if radius > 0 else img
 
 
 def cell_symbols(digits: tuple[int, ...]) -> list[str]:

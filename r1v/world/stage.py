@@ -14,7 +14,7 @@ def world_data(ctx: StageContext, c: WorldDataConfig) -> dict[str, Any]:
 
     noise = c.sft_noise.model_dump() if c.sft_noise else None
     paths = generate(ctx.stage_dir / "corpus", c.n_align, c.n_sft, c.n_grpo, c.n_test, c.seed, c.corrupt_rows,
-                     noise, c.overthink)
+                     noise, c.overthink, c.clarity)
     flawed = {f"rows_sft_{k}": round(v * c.n_sft) for k, v in (noise or {}).items() if v > 0}
     ctx.log.metrics({"rows_align": c.n_align, "rows_sft": c.n_sft, "rows_grpo": c.n_grpo, "rows_test": c.n_test,
                      "rows_corrupted": c.corrupt_rows, **flawed}, 0)
