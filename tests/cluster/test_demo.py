@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import nbformat
@@ -208,8 +209,10 @@ SKIPPED = ("no_image", "shuffled_image", "substitute_vlm", "text_instruct")
 def test_the_demo_submitted_with_its_run_root_in_an_object_store(local_cluster, cluster_s3, tracking_server,
                                                                  tmp_path, monkeypatch):
     """`r1v submit --run-root s3://...`: the nodes take the store's credentials from their own environment (the
-    job's runtime_env carries none); trainers upload their models and checkpoints, engines and evals load from it;
-    `status` and the results are read back from the store alone."""
+    job's runtime_env carries none); trainers upload their models and checkpoints, engines and evals load from it.
+    Two stages are held back and resumed by a second job after the driver node's copy of the run (its mirror) is
+    deleted: the run's state and records come back from the store. `status` and the results are read back from the store alone, and no record
+    holds the credentials."""
     for k, v in cluster_s3.env.items():  # this machine reads the store too (status), as a user's laptop would
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("R1V_CACHE", str(tmp_path / "laptop-cache"))
@@ -219,11 +222,20 @@ def test_the_demo_submitted_with_its_run_root_in_an_object_store(local_cluster, 
     from r1v.workflow.schema import load_workflow
 
     stages = [s for s in load_workflow(TINY, SHRUNK).config.stages if s not in SKIPPED]
+    held = ["eval_grpo", "text_reasoning"]  # an eval of a trained VLM and one of an LLM alone, for the resume
     res = r1v("submit", str(TINY), f"tracking.tracking_uri={tracking_server.uri}", *SHRUNK, "--run-root", root,
-              "--address", local_cluster.dashboard, "--follow", "--only", *stages, timeout=1400)
+              "--address", local_cluster.dashboard, "--follow", "--only", *(s for s in stages if s not in held),
+              timeout=1400)
     assert res.returncode == 0, (res.stdout + res.stderr)[-6000:]
     uri = next(line.split(" ", 2)[2] for line in res.stdout.splitlines() if line.startswith("r1v: run "))
     assert uri.startswith(root + "/tiny-")
+    # the driver's node never held a model the trainers exported: they uploaded it
+    head_mirror = local_cluster.root / "cache" / "head" / "runs" / "s3" / uri.removeprefix("s3://")
+    assert (head_mirror / "run.json").exists() and not (head_mirror / "stages" / "sft" / "model").exists()
+    shutil.rmtree(head_mirror)  # the next driver finds the run's state in the store only
+    res = r1v("resume", uri, "--address", local_cluster.dashboard, "--follow", "--only", *held, timeout=900)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-6000:]
+    assert (head_mirror / "run.json").exists()  # rebuilt from the store
 
     st = r1v("status", uri)
     assert st.returncode == 0, st.stderr[-2000:]
@@ -243,17 +255,25 @@ def test_the_demo_submitted_with_its_run_root_in_an_object_store(local_cluster, 
         assert "model/.r1v-manifest.json" in files and any(f.startswith("ray/train/") for f in files), files
     counts = storage.read_json(f"{uri}/stages/sft/epoch-0-counts.json")  # 6 steps: part of the epoch
     assert counts["rows_in"] > 0 and counts["rows_trained"] + counts["rows_quarantined"] == counts["rows_in"]
-    # the driver's node never held a model the trainers exported: they uploaded it
-    head_mirror = local_cluster.root / "cache" / "head" / "runs" / "s3" / uri.removeprefix("s3://")
-    assert (head_mirror / "run.json").exists() and not (head_mirror / "stages" / "sft" / "model").exists()
-    job = storage.read_json(f"{uri}/run.json")["job"]["id"]
-    assert placement(local_cluster, job) == {"head": set(), "worker": set(ACTORS)}
+    progress = storage.read_json(f"{uri}/stages/sft/progress.json")  # rank 0's, into the store (docs/watching.md)
+    assert progress["step"] == progress["total"] and "loss" in progress["metrics"]
+    meta = storage.read_json(f"{uri}/run.json")
+    assert len(meta["jobs"]) == 2
+    placed = [placement(local_cluster, job) for job in meta["jobs"]]
+    assert placed[0] == {"head": set(), "worker": set(ACTORS)} and placed[1] == {"head": set(),
+                                                                                  "worker": {"EvalEngineHost"}}
 
+    # the credentials reached no record: not the jobs' runtime_env, not the store's objects, not MLflow's params
     from ray.job_submission import JobSubmissionClient
 
-    info = JobSubmissionClient(local_cluster.dashboard).get_job_info(job)
-    assert cluster_s3.env["AWS_SECRET_ACCESS_KEY"] not in str(info.runtime_env)
+    secret = cluster_s3.env["AWS_SECRET_ACCESS_KEY"]
+    for job in meta["jobs"]:
+        assert secret not in str(JobSubmissionClient(local_cluster.dashboard).get_job_info(job).runtime_env)
+    for rel in storage.list_files(uri):
+        if not rel.endswith((".safetensors", ".parquet", ".pt", ".png", ".npy")):
+            assert secret.encode() not in (storage.get_bytes(f"{uri}/{rel}") or b""), rel
     # MLflow on the tracking server: the parent run holds the results
-    meta = storage.read_json(f"{uri}/run.json")
-    metrics = MlflowClient(tracking_server.uri).get_run(meta["parent_run_id"]).data.metrics
-    assert metrics["results/grpo/accuracy"] == pytest.approx(results["stages"][-1]["accuracy"])
+    client = MlflowClient(tracking_server.uri)
+    parent = client.get_run(meta["parent_run_id"])
+    assert secret not in str(parent.data.params) and parent.data.tags["r1v.run_dir"] == uri
+    assert parent.data.metrics["results/grpo/accuracy"] == pytest.approx(results["stages"][-1]["accuracy"])
