@@ -211,8 +211,8 @@ def test_the_demo_submitted_with_its_run_root_in_an_object_store(local_cluster, 
     """`r1v submit --run-root s3://...`: the nodes take the store's credentials from their own environment (the
     job's runtime_env carries none); trainers upload their models and checkpoints, engines and evals load from it.
     Two stages are held back and resumed by a second job after the driver node's copy of the run (its mirror) is
-    deleted: the run's state and records come back from the store. `status` and the results are read back from the store alone, and no record
-    holds the credentials."""
+    deleted: the run's state and records come back from the store. `status` and the results are read back from the
+    store alone, and no record holds the credentials."""
     for k, v in cluster_s3.env.items():  # this machine reads the store too (status), as a user's laptop would
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("R1V_CACHE", str(tmp_path / "laptop-cache"))
