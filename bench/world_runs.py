@@ -36,7 +36,7 @@ def base_run(base: Path, seed: int, args: argparse.Namespace) -> Path:
     if not (base / "stages" / "sft" / "model" / "config.json").exists():
         over = [f"seed={seed}"] + ([f"stages.models.config.world={args.world}"] if args.world else []) \
             + (["stages.data.config.overthink={}"] if args.overthink else []) \
-            + (["stages.data.config.clarity={}"] if getattr(args, "clarity", False) else [])
+            + (["stages.data.config.clarity={}"] if args.clarity else [])
         r1v("run", str(TINY), *over, "--run-dir", str(base), "--only", *BASE_STAGES)
     return base
 

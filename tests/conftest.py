@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -51,7 +49,7 @@ def _ray_token_auth() -> None:
 
 _ray_token_auth()
 
-from r1v_test_servers import MlflowServer, S3Server, shared, shared_dir, stop_process  # noqa: E402  (a module of PLUGINS)
+from r1v_test_servers import MlflowServer, S3Server, shared, shared_dir, start_session_cluster  # noqa: E402  (a module of PLUGINS)
 
 
 def pytest_configure(config):
@@ -72,38 +70,16 @@ def pytest_unconfigure(config):
         os.environ.pop("R1V_TEST_SHARED", None)
 
 
-SESSION_CPUS = 6
-"""The session cluster's CPUs: the 2 each xdist worker's tests had on a cluster of their own, times three."""
-
-
 @pytest.fixture(scope="session")
 def ray_cluster():
     """The session's local Ray cluster (`plugins/session_cluster.py`: started as `r1v run` starts one), shared by
     the xdist workers, each a driver of its own; yields its GCS address."""
-    import subprocess
-
     import ray
 
     from r1v.cli.app import init_ray
 
-    def start() -> dict:
-        root = shared_dir() / "r"
-        root.mkdir()
-        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTEST_XDIST_WORKER")}
-        proc = subprocess.Popen([sys.executable, str(PLUGINS / "session_cluster.py"), str(root), str(SESSION_CPUS)],
-                                stdout=open(root / "cluster.log", "ab"), stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
-        info = {"pid": proc.pid, "group": True, "root": str(root)}
-        t0 = time.monotonic()
-        while not (root / "session.json").exists():
-            if proc.poll() is not None or time.monotonic() - t0 > 300:
-                stop_process(proc, 30, group=True)
-                raise RuntimeError(f"the session cluster did not start: {(root / 'cluster.log').read_text()[-3000:]}")
-            time.sleep(0.3)
-        return info | json.loads((root / "session.json").read_text())
-
     Path(os.environ["RAY_TMPDIR"]).mkdir(parents=True, exist_ok=True)
-    gcs = shared("ray", start)["gcs"]
+    gcs = shared("ray", lambda: start_session_cluster(shared_dir() / "r"))["gcs"]
     init_ray(gcs, None)
     yield gcs
     ray.shutdown()

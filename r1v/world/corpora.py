@@ -19,10 +19,13 @@ AL-CoTD's repetition penalty has to shorten.
 
 from __future__ import annotations
 
+import io
 import json
 import random
 from pathlib import Path
 from typing import Any
+
+from PIL import Image
 
 from r1v.data.schema import make_row, write_corpus
 from r1v.world.config import ClarityConfig, OverthinkConfig
@@ -178,10 +181,6 @@ def add_noise(rows: list[dict[str, Any]], fractions: dict[str, float], seed: int
 def add_clarity(rows: list[dict[str, Any]], cfg: ClarityConfig, seed: int, corpus: str) -> list[dict[str, Any]]:
     """Blur each row's image by a radius drawn from `cfg.blur` (a generator of its own per corpus and seed, so the
     rest of the world's draws are the same with and without clarity); `meta.blur` records the radius."""
-    import io
-
-    from PIL import Image
-
     rng = random.Random(f"clarity-{seed}-{corpus}")
     for row in rows:
         radius = rng.choice(cfg.blur)

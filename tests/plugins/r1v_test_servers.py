@@ -169,6 +169,30 @@ def stop_shared(d: Path, timeout: float = 120) -> None:
             pass
 
 
+SESSION_CPUS = 6
+"""The session cluster's CPUs: the 2 each xdist worker's tests had on a cluster of their own, times three."""
+
+
+def start_session_cluster(root: Path, timeout: float = 300) -> dict:
+    """`session_cluster.py` in a process group of its own, until its cluster is up; the record `shared` keeps
+    (pid, group, root and the cluster's GCS address)."""
+    import json
+
+    root.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTEST_XDIST_WORKER")}
+    log = root / "cluster.log"
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("session_cluster.py")), str(root),
+                             str(SESSION_CPUS)], stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+    t0 = time.monotonic()
+    while not (root / "session.json").exists():
+        if proc.poll() is not None or time.monotonic() - t0 > timeout:
+            stop_process(proc, 30, group=True)
+            raise RuntimeError(f"the session cluster did not start: {log.read_text()[-3000:]}")
+        time.sleep(0.3)
+    return {"pid": proc.pid, "group": True, "root": str(root)} | json.loads((root / "session.json").read_text())
+
+
 SERVE_KEY = "test-key-0123456789abcdef"
 """The API key of the `r1v serve` servers tests start."""
 
