@@ -20,6 +20,7 @@ import torch.distributed as dist
 from r1v.core.config import OptimConfig, TrainerConfig
 from r1v.core.errors import NotRetryable
 from r1v.core.fs import atomic_directory
+from r1v.core.lean import without
 from r1v.model.convert_keys import hf_disk_key
 from r1v.model.full_export import ShardWriter, finish_full
 from r1v.model.manifest import PROJECTOR_PREFIX, write_projector_model
@@ -64,8 +65,9 @@ def ds_config(trainer: TrainerConfig, optim: OptimConfig, micro_batch: int, grad
 def prepare_deepspeed():
     """Import DeepSpeed with this machine's settings (before any DeepSpeed call in a process)."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-    import deepspeed
-    import deepspeed.ops
+    with without("mlflow"):  # its autotuner's logging, unused (r1v/core/lean.py)
+        import deepspeed
+        import deepspeed.ops
 
     if not torch.cuda.is_available():
         # The CPU shared-memory allreduce op compiles for ~80 s on first use; gloo does the job here.
