@@ -77,26 +77,33 @@ def test_the_demo_submitted_to_the_cluster(local_cluster, tracking_server, tmp_p
     # a held-out test of 300 items (not 1,000), to keep the suite within its budget (this test is its longest
     # path): the effects are measured at full size by bench/world_recipe.py. With seed 0 and these sizes the
     # orderings asserted below held by 0.12 or more in accuracy at n = 1,000 (about 4.5 standard errors at n = 300).
+    # Of the five baselines it runs the two its assertions read (no_image, text_reasoning): the others are evals of
+    # the same kind on other models, which the object-store test and bench/world_recipe.py run.
     n_test = 300
-    res = r1v("submit", str(TINY), f"tracking.tracking_uri={tracking_server.uri}", "stages.grpo.config.steps=5",
-              "stages.round.repeat.over.tau=[3,4]", "stages.round.repeat.over.lr=[1.0e-3,2.0e-4]",
-              "stages.data.config.n_align=3000", f"stages.data.config.n_test={n_test}",
+    from r1v.workflow.schema import load_workflow
+
+    sizes = ["stages.grpo.config.steps=5", "stages.round.repeat.over.tau=[3,4]",
+             "stages.round.repeat.over.lr=[1.0e-3,2.0e-4]", "stages.data.config.n_align=3000",
+             f"stages.data.config.n_test={n_test}"]
+    skipped = ("shuffled_image", "substitute_vlm", "text_instruct")
+    stages = [s for s in load_workflow(TINY, sizes).config.stages if s not in skipped]
+    res = r1v("submit", str(TINY), f"tracking.tracking_uri={tracking_server.uri}", *sizes,
               "--run-root", str(tmp_path / "shared"), "--address", local_cluster.dashboard, "--follow",
-              timeout=1700)
+              "--only", *stages, timeout=1700)
     out = res.stdout
     assert res.returncode == 0, (out + res.stderr)[-6000:]
     run_dir = _run_dir(out)
     runner = Runner.open(run_dir)
     # trainers, rollout engines and eval engines all ran, and only on the worker nodes (the driver on the head)
     assert placement(local_cluster, runner.meta["job"]["id"]) == {"head": set(), "worker": set(ACTORS)}
-    outputs = {s: runner.state(s)["outputs"] for s in runner.wf.config.stages}
+    outputs = {s: runner.state(s)["outputs"] for s in stages}
 
     client = MlflowClient(runner.meta["tracking_uri"])
     parent = client.get_run(runner.meta["parent_run_id"])
     assert parent.info.status == "FINISHED"
     children = {c.info.run_name: c for c in client.search_runs(
         [runner.meta["experiment_id"]], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}
-    assert set(children) == set(runner.wf.config.stages)
+    assert set(children) == set(stages)
     assert all(c.info.status == "FINISHED" and c.data.metrics for c in children.values())
     assert {"loss", "lr", "tokens_per_s", "rows_quarantined"} <= set(children["align"].data.metrics)
     assert {"reward", "accuracy", "response_length", "kl", "clip_frac"} <= set(children["grpo"].data.metrics)
@@ -134,7 +141,7 @@ def test_the_demo_submitted_to_the_cluster(local_cluster, tracking_server, tmp_p
     rounds = [f"round{t}_sft" for t in (1, 2)]
     assert list(rows) == ["reassemble", "sft", *rounds, "grpo"]
     base = results["baselines"]
-    assert set(base) == {"no_image", "shuffled_image", "substitute_vlm", "text_reasoning", "text_instruct"}
+    assert set(base) == {"no_image", "text_reasoning"}
     for r in [*rows.values(), *base.values()]:
         assert r["n"] == n_test and 0 <= r["accuracy"] <= 1 and r["stderr"] > 0 and r["mean_response_tokens"] > 0
     metrics = client.get_run(parent.info.run_id).data.metrics  # logged after the run finished
@@ -159,12 +166,10 @@ def test_the_demo_submitted_to_the_cluster(local_cluster, tracking_server, tmp_p
     arts = {a.path for a in client.list_artifacts(parent.info.run_id, "results")}
     assert {"results/results.json", "results/results.png"} <= arts
     acc = {k: v["accuracy"] for k, v in rows.items()} | {k: v["accuracy"] for k, v in base.items()}
-    # Smoke checks, guaranteed by the shipped world when the evals work: the reasoning LLM leads the instruct LLM
-    # on text, and text (the digits written out) is a ceiling for every visual score. They fail only when an eval
-    # mode is broken (the wrong model, images where text should be), not when the recipe is.
-    assert acc["text_reasoning"] > acc["text_instruct"]
-    assert all(acc["text_reasoning"] > acc[k] for k in ("reassemble", "sft", *rounds, "grpo", "no_image",
-                                                         "shuffled_image", "substitute_vlm"))
+    # A smoke check, guaranteed by the shipped world when the evals work: text (the digits written out) is a ceiling
+    # for every visual score. It fails only when an eval mode is broken (the wrong model, images where text should
+    # be), not when the recipe is.
+    assert all(acc["text_reasoning"] > acc[k] for k in ("reassemble", "sft", *rounds, "grpo", "no_image"))
     # What the recipe must deliver and can fail to (docs/world.md): image information reaching the answers once the
     # projector has been trained on the reasoning LLM (a masking, tiling or projector bug blinds it), and SFT beating
     # re-assembly (by 2.9 to 8.3 standard errors over seeds 0-2 in bench/world_recipe.py). GRPO over SFT and

@@ -114,34 +114,35 @@ def flip_a_byte_and_resume(tmp_path: Path, storage: str, target: str, workers: i
 
 @pytest.mark.slow
 def test_resume_on_other_worker_counts_continues_the_run(ray_cluster, tmp_path, pickled_by_value):
-    """Stopped at step 2 and resumed on another number of workers, both ways: 2 -> 1 at ZeRO-3, 1 -> 2 at ZeRO-0
-    (the miniature's stage): the same parameters, learning rate and step count as a run that never stopped (one
-    reference: the two stages take the same steps). A portable checkpoint with a flipped byte is then refused."""
+    """One run stopped twice and resumed each time on another number of workers and ZeRO stage: 2 workers at ZeRO-3
+    to step 2, 1 at ZeRO-0 (the miniature's stage) to step 4, 2 at ZeRO-3 to step 6: the same parameters, learning
+    rate and step count as a run that never stopped. A portable checkpoint with a flipped byte is then refused."""
     ref = run(tmp_path, "ref", 2, STEPS, zero=3)
-    for zero, first, then in ((3, 2, 1), (0, 1, 2)):
-        storage = f"r{zero}"
-        run(tmp_path, storage, first, 2, zero=zero)
+    storage = "chain"
+    for workers, zero, stop in ((2, 3, 2), (1, 0, 4)):
+        run(tmp_path, storage, workers, stop, zero=zero)
         files = [p for p in latest(tmp_path, storage).rglob("*") if p.is_file()]
         assert sorted(p.name for p in files) == ["arrays.safetensors",
-                                                 *(f"sha256-rank-{r}.txt" for r in range(first)),
+                                                 *(f"sha256-rank-{r}.txt" for r in range(workers)),
                                                  "state.json", "trainable.safetensors"]
         for p in files:  # no pickle (protocol 2+ starts with 0x80) and no torch.save zip
             assert not p.read_bytes().startswith((b"\x80", b"PK\x03\x04")), p
         state = json.loads((latest(tmp_path, storage) / "state.json").read_text())
-        assert state["optimizer"]["step"] == 2 and state["optimizer"]["state_keys"] == ["exp_avg", "exp_avg_sq"]
-        got = run(tmp_path, storage, then, STEPS, zero=zero)
-        assert got["global_steps"] == ref["global_steps"] == STEPS, zero
-        assert got["lr"] == pytest.approx(ref["lr"], rel=1e-12), zero
-        for name, value in ref["params"].items():  # fp32 masters, Adam moments and step count all came back
-            np.testing.assert_allclose(got["params"][name], value, rtol=0, atol=1e-6, err_msg=f"{zero} {name}")
-        at_two = json.loads((tmp_path / f"out-{storage}-2.json").read_text())["params"]
-        moved = {n: np.abs(np.asarray(v) - np.asarray(at_two[n])).max() for n, v in ref["params"].items()}
-        assert min(moved.values()) > 1e-4, zero  # the steps after the resume did train
+        assert state["optimizer"]["step"] == stop and state["optimizer"]["state_keys"] == ["exp_avg", "exp_avg_sq"]
+    got = run(tmp_path, storage, 2, STEPS, zero=3)
+    assert got["global_steps"] == ref["global_steps"] == STEPS
+    assert got["lr"] == pytest.approx(ref["lr"], rel=1e-12)
+    for name, value in ref["params"].items():  # fp32 masters, Adam moments and step count all came back, twice
+        np.testing.assert_allclose(got["params"][name], value, rtol=0, atol=1e-6, err_msg=name)
+    for stop in (2, 4):
+        before = json.loads((tmp_path / f"out-{storage}-{stop}.json").read_text())["params"]
+        moved = {n: np.abs(np.asarray(v) - np.asarray(before[n])).max() for n, v in ref["params"].items()}
+        assert min(moved.values()) > 1e-4, stop  # the steps after each resume did train
     # the check every rank runs before loading (`checkpoint.restore`), here in this process: a resume through Ray
     # Train that it refuses is the DeepSpeed-format test's
     from r1v.train.checkpoint import verify
 
-    ckpt = latest(tmp_path, "r3")
+    ckpt = latest(tmp_path, storage)
     path = ckpt / "trainable.safetensors"
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
