@@ -30,6 +30,8 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # `r1v.core.loopback`): a process that joins one of them must too, or Ray resolves 127.0.0.1 to the machine's
 # interface address, where nothing listens.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Ray reports usage statistics to usage-stats.ray.io unless told not to: the tests' traffic stays on loopback.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 def _ray_token_auth() -> None:
