@@ -232,10 +232,12 @@ def test_sft_resumed_on_one_worker_trains_each_remaining_row_once(ray_cluster, t
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=log.open("w"))
     ckpts = stage / "ray" / "train"
     deadline = time.time() + 400
-    while time.time() < deadline and not list(ckpts.glob("step-000012")):  # epoch 1 runs steps 9 to 16
+    # epoch 1 runs steps 9 to 16: killed after its first checkpoint, with six steps' margin before the epoch ends
+    # (the workers train on while this process polls, and a loaded machine can delay the poll by seconds)
+    while time.time() < deadline and not list(ckpts.glob("step-000010")):
         assert proc.poll() is None, log.read_text()[-3000:]
         time.sleep(0.2)
-    assert list(ckpts.glob("step-000012")), "no checkpoint appeared in time"
+    assert list(ckpts.glob("step-000010")), "no checkpoint appeared in time"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (stage / "epoch-1-counts.json").exists()
