@@ -13,14 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
+from cpu_by_process import TICK, busy_ticks  # bench/, on PYTHONPATH
 
-_TICK = os.sysconf("SC_CLK_TCK")
 _seen: dict[str, tuple[float, float]] = {}
 
 
 def _busy() -> float:
-    v = list(map(int, Path("/proc/stat").read_text().splitlines()[0].split()[1:]))
-    return (sum(v[:8]) - v[3] - v[4]) / _TICK
+    return busy_ticks()[0] / TICK
 
 
 @pytest.hookimpl(hookwrapper=True)
