@@ -231,7 +231,7 @@ def test_a_killed_driver_reads_interrupted_and_a_second_driver_is_refused(tmp_pa
         t0 = time.monotonic()
         assert main(["resume", str(run)]) == 2
         err = capsys.readouterr().err
-        assert f"pid {second.pid} on host" in err and time.monotonic() - t0 < 5
+        assert f"pid {second.pid} on host" in err and time.monotonic() - t0 < 60  # not queued behind the nap
         assert main(["gc", str(run)]) == 2  # gc waits its turn too
         capsys.readouterr()
         # SIGTERM: the stage is recorded failed and its MLflow run ends KILLED

@@ -69,7 +69,7 @@ def _raises(completion: str, sample: dict) -> float:
 
 def _sleeps(completion: str, sample: dict) -> float:
     if "slow" in completion:
-        time.sleep(60)
+        time.sleep(600)  # far past any bound below: returning early means it was cut off
     return 1.0
 
 
@@ -110,7 +110,7 @@ def test_a_stuck_reward_times_out_and_the_rest_are_scored(test_rewards):
     completions = ["a", "slow", "b", "c"]
     start = time.perf_counter()
     total, per, failures = score_safe(completions, [{}] * 4, {"sleeps": 1.0}, timeout=0.5)
-    assert time.perf_counter() - start < 15
+    assert time.perf_counter() - start < 60  # a hang, not a speed, is what this catches
     assert per["sleeps"] == [1.0, 0.0, 1.0, 1.0]
     assert failures == {"sleeps/timeout": 1}
 
@@ -120,7 +120,7 @@ def test_pathological_latex_answer_times_out_instead_of_hanging_the_step():
     completions = [_boxed("9^{9^{9}}"), _boxed("\\frac{6}{2}"), _boxed("3")]
     start = time.perf_counter()
     total, per, failures = score_safe(completions, [{"answer": "3"}] * 3, {"accuracy": 1.0}, timeout=1.0)
-    assert time.perf_counter() - start < 15
+    assert time.perf_counter() - start < 60  # a hang, not a speed, is what this catches
     assert per["accuracy"] == [0.0, 1.0, 1.0]
     assert failures == {"accuracy/timeout": 1}
 
@@ -130,8 +130,8 @@ def test_unknown_reward_is_a_configuration_error():
         score_safe(["x"], [{}], {"acuracy": 1.0})
 
 
-def test_thousand_plain_answers_are_scored_in_process_quickly(monkeypatch):
-    """Integer answers (the miniature world's) never start a worker: 1,000 completions in well under a second."""
+def test_thousand_plain_answers_are_scored_in_process(monkeypatch):
+    """Integer answers (the miniature world's) never start a worker pool; their speed is bench/grading.py's."""
     import r1v.grading.rewards
 
     def no_pool(*args, **kwargs):
@@ -140,9 +140,7 @@ def test_thousand_plain_answers_are_scored_in_process_quickly(monkeypatch):
     monkeypatch.setattr(r1v.grading.rewards, "run_bounded", no_pool)  # score_safe would count "accuracy/error/pool:..."
     completions = [_boxed(str(i % 50)) for i in range(1000)]
     samples = [{"answer": str(i % 40)} for i in range(1000)]
-    start = time.perf_counter()
     total, per, failures = score_safe(completions, samples, {"accuracy": 1.0, "format": 0.5})
-    assert time.perf_counter() - start < 1.0
     assert sum(per["accuracy"]) == sum(1 for i in range(1000) if i % 50 == i % 40) and not failures
     assert format_reward(completions[0], {}) == 1.0
 

@@ -215,8 +215,8 @@ def test_a_slow_request_head_is_cut_off(stack):
         t0 = time.monotonic()
         s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
         s.settimeout(15)
-        assert s.recv(1024) == b""  # closed, no answer
-        assert time.monotonic() - t0 < 8
+        assert s.recv(1024) == b""  # closed, no answer (a connection kept open raises socket.timeout at 15 s)
+        assert time.monotonic() - t0 < 14
 
 
 @pytest.mark.parametrize("case", ["images", "pixels", "max_tokens", "n_x_max_tokens", "n", "messages"])
@@ -341,10 +341,10 @@ def _chat(service: ChatService, body: dict) -> tuple[int, dict]:
 def test_deadline_and_internal_errors(tiny_assets):
     good = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     slow = ChatService(serve_config(request_timeout_s=1), tiny_assets["model"], "tiny", key_digests([KEY]),
-                       engine=_Engine(sleep=4))
+                       engine=_Engine(sleep=60))
     t0 = time.monotonic()
     status, body = _chat(slow, good)
-    assert status == 504 and time.monotonic() - t0 < 3.5 and body["error"]["type"] == "timeout_error"
+    assert status == 504 and time.monotonic() - t0 < 30 and body["error"]["type"] == "timeout_error"
     broken = ChatService(serve_config(), tiny_assets["model"], "tiny", key_digests([KEY]), engine=_Engine(fail=True))
     status, body = _chat(broken, good)
     text = json.dumps(body)
