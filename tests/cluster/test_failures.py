@@ -243,8 +243,9 @@ def test_a_removed_worker_node_and_the_stage_goes_on_on_the_rest(own_cluster, tr
 def test_a_stopped_job_reads_interrupted_and_resume_address_finishes_it(local_cluster, tracking_server,
                                                                         cluster_assets, tmp_path):
     """Stopped after its step-2 checkpoint (of 50 steps: the stop takes seconds, in which training goes on), the
-    run reads `interrupted`; the resumed job restarts SFT from a checkpoint (not step 0), and the epoch
-    trains every row once across the stop, on both ranks."""
+    run reads `interrupted`; the resumed job, its checkpoint cadence changed (an operational field: 2 steps was for
+    the stop), restarts SFT from a checkpoint (not step 0), and the epoch trains every row once across the stop, on
+    both ranks."""
     assets = cluster_assets | {"train": cluster_assets["train_long"]}
     run_dir = _submit(_workflow(tmp_path, tracking_server, assets, every=2), local_cluster)
     _wait(lambda: _checkpoint(run_dir, 2), "a checkpoint at step 2", run_dir, local_cluster)
@@ -253,7 +254,8 @@ def test_a_stopped_job_reads_interrupted_and_resume_address_finishes_it(local_cl
     assert res.returncode == 0
     assert "sft" in res.stdout and " interrupted " in res.stdout and "STOPPED" in res.stdout, res.stdout
     assert not (run_dir / "stages" / "sft" / "model").exists()
-    res = r1v("resume", str(run_dir), "--address", local_cluster.dashboard, "--follow")
+    res = r1v("resume", str(run_dir), "stages.sft.config.checkpoint_every=100", "--address", local_cluster.dashboard,
+              "--follow")
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     runner = Runner.open(run_dir)
     assert [r["status"] for r in runner.status_rows()] == ["done"]
