@@ -51,7 +51,14 @@ def _ray_token_auth() -> None:
 
 _ray_token_auth()
 
-from r1v_test_servers import MlflowServer, S3Server, shared, shared_dir, start_session_cluster  # noqa: E402  (a module of PLUGINS)
+from r1v_test_servers import (  # noqa: E402  (a module of PLUGINS)
+    MlflowServer,
+    S3Server,
+    release_when_done,
+    shared,
+    shared_dir,
+    start_session_cluster,
+)
 
 
 def pytest_configure(config):
@@ -122,6 +129,20 @@ def pytest_collection_modifyitems(config, items):
                       & set(getattr(it, "fixturenames", ()))), None)
         if quick is not None:
             items.insert(1, items.pop(quick))
+
+
+_cluster_users: set[str] = set()
+
+
+def pytest_collection_finish(session):
+    """The tests that use the multi-node cluster (the slow ones run first): it is stopped once they have all ended
+    instead of idling (about 0.1 of a core) through the rest of the suite."""
+    _cluster_users.update(it.nodeid for it in session.items if "local_cluster" in getattr(it, "fixturenames", ()))
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    if nodeid in _cluster_users and "R1V_TEST_SHARED" in os.environ:
+        release_when_done("cluster", _cluster_users, nodeid)
 
 
 # Services every xdist worker of the session shares (started once, stopped by the controller at the end): one

@@ -121,6 +121,7 @@ def local_cluster(cluster_s3):
     root = shared_dir() / "c"
 
     def start() -> dict:
+        shutil.rmtree(root, ignore_errors=True)  # one stopped after its last user (tests/conftest.py), re-run
         root.mkdir()
         c = LocalCluster(root, cluster_s3.env).start(cpus_per_worker=5)
         return {"pid": c.proc.pid, "group": False, "root": str(root)}

@@ -72,18 +72,19 @@ def assert_projector_only(before: str, after: str) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # ~8 min alone; sharing the 2 cores with the other xdist workers, up to half as fast
 def test_the_demo_submitted_to_the_cluster(local_cluster, tracking_server, tmp_path):
-    # The demo as shipped but for GRPO's length (5 steps, not 30), two iterative-SFT rounds of three (the second
-    # chains from the first as the third does from the second), the alignment corpus (3,000 rows, not 6,000) and
-    # a held-out test of 300 items (not 1,000), to keep the suite within its budget (this test is its longest
-    # path): the effects are measured at full size by bench/world_recipe.py. With seed 0 and these sizes the
-    # orderings asserted below held by 0.12 or more in accuracy at n = 1,000 (about 4.5 standard errors at n = 300).
+    # The demo as shipped but for GRPO's length (5 steps, not 30), one iterative-SFT round of three (how a round
+    # chains from the one before is tests/test_repeat.py's, selection's arithmetic tests/score's), the alignment
+    # corpus (3,000 rows, not 6,000) and a held-out test of 300 items (not 1,000), to keep the suite within its
+    # budget (this test is its longest path): the effects are measured at full size by bench/world_recipe.py.
+    # With seed 0 and these sizes (one run, n = 300): SFT 0.170, the round 0.157, GRPO 0.217 against no_image 0.033,
+    # and SFT against re-assembly's 0.067: margins of 0.12 and 0.10 in accuracy, about 5 and 4 standard errors.
     # Of the five baselines it runs the two its assertions read (no_image, text_reasoning): the others are evals of
     # the same kind on other models, which the object-store test and bench/world_recipe.py run.
     n_test = 300
     from r1v.workflow.schema import load_workflow
 
-    sizes = ["stages.grpo.config.steps=5", "stages.round.repeat.over.tau=[3,4]",
-             "stages.round.repeat.over.lr=[1.0e-3,2.0e-4]", "stages.data.config.n_align=3000",
+    sizes = ["stages.grpo.config.steps=5", "stages.round.repeat.over.tau=[3]",
+             "stages.round.repeat.over.lr=[1.0e-3]", "stages.data.config.n_align=3000",
              f"stages.data.config.n_test={n_test}"]
     skipped = ("shuffled_image", "substitute_vlm", "text_instruct")
     stages = [s for s in load_workflow(TINY, sizes).config.stages if s not in skipped]
@@ -122,7 +123,7 @@ def test_the_demo_submitted_to_the_cluster(local_cluster, tracking_server, tmp_p
     assert_projector_only(outputs["models"]["model"], outputs["align"]["model"])
     assert_projector_only(outputs["reassemble"]["model"], outputs["sft"]["model"])
     assert_projector_only(outputs["sft"]["model"], outputs["round1_sft"]["model"])
-    assert_projector_only(outputs["round2_sft"]["model"], outputs["grpo"]["model"])
+    assert_projector_only(outputs["round1_sft"]["model"], outputs["grpo"]["model"])
     # re-assembly kept the aligned projector and took the reasoning LLM
     aligned, reassembled = params_by_group(outputs["align"]["model"]), params_by_group(
         outputs["reassemble"]["model"])
@@ -138,7 +139,7 @@ def test_the_demo_submitted_to_the_cluster(local_cluster, tracking_server, tmp_p
     results = json.loads((run_dir / "results.json").read_text())
     assert "baseline: text_reasoning" in out and "reassemble" in out
     rows = {r["stage"]: r for r in results["stages"]}
-    rounds = [f"round{t}_sft" for t in (1, 2)]
+    rounds = ["round1_sft"]
     assert list(rows) == ["reassemble", "sft", *rounds, "grpo"]
     base = results["baselines"]
     assert set(base) == {"no_image", "text_reasoning"}
@@ -150,9 +151,8 @@ def test_the_demo_submitted_to_the_cluster(local_cluster, tracking_server, tmp_p
             assert metrics[f"results/{name}/{k}"] == pytest.approx(r[k])
     for name, r in base.items():
         assert metrics[f"results/baseline/{name}/accuracy"] == pytest.approx(r["accuracy"])
-    # iterative SFT: each round's corpus ({rm >= tau} U the previous model's errors) and accuracy are logged; the
-    # row's corpus is the one its select stage wrote and counted, and the thresholds rise, so fewer rows pass them
-    by_score = []
+    # iterative SFT: the round's corpus ({rm >= tau} U the previous model's errors) and accuracy are logged; the
+    # row's corpus is the one its select stage wrote and counted
     for t, name in enumerate(rounds, start=1):
         counts = json.loads((run_dir / "stages" / f"round{t}_select" / "counts.json").read_text())
         sel = children[f"round{t}_select"].data.metrics
@@ -161,8 +161,7 @@ def test_the_demo_submitted_to_the_cluster(local_cluster, tracking_server, tmp_p
         assert rows[name]["corpus_by_score"] + rows[name]["corpus_as_errors"] == counts["rows_out"]
         assert rows[name]["corpus_as_errors"] > 0  # the previous model got some of D wrong
         assert sel["tau"] == t + 2 and "accuracy" in children[f"round{t}_eval"].data.metrics
-        by_score.append(rows[name]["corpus_by_score"])
-    assert by_score[0] > by_score[1] > 0
+        assert 0 < rows[name]["corpus_by_score"] < runner.wf.stage_configs["data"].n_sft  # tau 3 drops some rows
     arts = {a.path for a in client.list_artifacts(parent.info.run_id, "results")}
     assert {"results/results.json", "results/results.png"} <= arts
     acc = {k: v["accuracy"] for k, v in rows.items()} | {k: v["accuracy"] for k, v in base.items()}

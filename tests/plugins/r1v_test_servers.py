@@ -142,23 +142,51 @@ def shared(name: str, start) -> dict:
         return info
 
 
+def release_when_done(name: str, users: set[str], finished: str) -> bool:
+    """Record that test `finished`, one of the `users` of shared service `name`, has ended; when every user has,
+    stop the service and drop its record (a later user, such as a re-run, starts a fresh one). Returns whether this
+    call stopped it. Its users run on several xdist workers: each worker collects them all, and the record of who
+    ended is a file of the session's shared directory, under the service's lock."""
+    import fcntl
+    import json
+
+    if finished not in users:
+        return False
+    d = shared_dir()
+    with open(d / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = d / f"{name}.done"
+        with done.open("a") as f:
+            f.write(finished + "\n")
+        rec = d / f"{name}.json"
+        if not rec.exists() or not users <= set(done.read_text().splitlines()):
+            return False
+        info = json.loads(rec.read_text())
+        rec.unlink()
+        stop_recorded([info])
+        return True
+
+
 def stop_shared(d: Path, timeout: float = 120) -> None:
     """Stop every service recorded in `d`: SIGTERM, then SIGKILL to its process group after `timeout`."""
     import json
 
+    stop_recorded([json.loads(p.read_text()) for p in d.glob("*.json")], timeout)
+
+
+def stop_recorded(infos: list[dict], timeout: float = 120) -> None:
+    """Stop the services of these `shared` records: SIGTERM, then SIGKILL to the process group after `timeout`."""
     def alive(pid: int) -> bool:
         try:  # a child of this process (pytest without xdist started it) stays a zombie until reaped
             if os.waitpid(pid, os.WNOHANG)[0] == pid:
                 return False
         except ChildProcessError:
             pass
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        try:  # a zombie another process has not reaped yet has exited too
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except (OSError, IndexError):
             return False
-        return True
 
-    infos = [json.loads(p.read_text()) for p in d.glob("*.json")]
     for info in infos:
         try:
             (os.killpg if info.get("group") else os.kill)(info["pid"], signal.SIGTERM)
