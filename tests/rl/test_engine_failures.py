@@ -205,7 +205,8 @@ def test_a_hung_engine_fails_grpo_within_its_deadline_naming_it(ray_cluster, tin
     (model.parent / "hang").touch()
     with pytest.raises(Exception, match=r"engine 0 \(actor [0-9a-f]+, pid \d+ on node .*\): generate did not "
                        r"return within 3 s \(engine.call_timeout_s") as err:
-        train_grpo(_grpo(str(model), tiny_assets["train"], steps=1, engine={"call_timeout_s": 3.0}),
+        train_grpo(_grpo(str(model), tiny_assets["train"], steps=1, engine={"call_timeout_s": 3.0},
+                         trainer={"seed": 0, "num_workers": 1}),  # the one engine, of the one worker
                    tmp_path / "grpo", None, None, host=ControlledHost)
     failed = time.time()
     started = float((model.parent / "generate-started").read_text())
