@@ -41,6 +41,13 @@ def test_overrides_set_nested_values_with_yaml_types():
     assert wf.stage_configs["grpo"].rewards == {"accuracy": 2.0}
 
 
+def test_an_override_may_name_a_stage_output_and_bad_yaml_is_a_config_error():
+    wf = load_workflow(TINY, ["stages.reassemble.config.model=@models.model"])  # '@' starts no YAML token
+    assert wf.stage_configs["reassemble"].model == "@models.model"
+    with pytest.raises(ConfigError, match=r"override 'stages.sft.config.optim.lr=\[1': the value is not YAML"):
+        load_workflow(TINY, ["stages.sft.config.optim.lr=[1"])
+
+
 def test_unknown_key_names_file_and_key():
     with pytest.raises(ConfigError) as e:
         load_workflow(TINY, ["stages.sft.config.optim.learning_rate=1"])

@@ -11,14 +11,22 @@ from r1v.core.config import ConfigError
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """`a.b=c` -> (["a", "b"], parsed c); values are YAML scalars/lists so `x=3`, `x=[1,2]`, `x=null` work."""
+    """`a.b=c` -> (["a", "b"], parsed c); values are YAML scalars/lists so `x=3`, `x=[1,2]`, `x=null` work, and
+    a stage reference `x=@stage.output` is the string it reads as."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not of the form key.path=value")
     key, value = text.split("=", 1)
     parts = key.strip().split(".")
     if not all(parts):
         raise ConfigError(f"override {text!r} has an empty key segment")
-    return parts, yaml.safe_load(value) if value.strip() else ""
+    if not value.strip():
+        return parts, ""
+    if value.strip().startswith("@"):  # a stage reference (`@stage.output`): YAML reserves '@' at a token's start
+        return parts, value.strip()
+    try:
+        return parts, yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: the value is not YAML ({str(e).splitlines()[0]}); quote it") from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
