@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -87,10 +86,8 @@ def test_scores_and_500_and_malformed_replies(server, tiny_assets, corpus_factor
 def test_timeouts_are_retried_then_quarantined(server) -> None:
     cfg = ScoreConfig(corpus="-", scorer=_cfg(server, timeout_s=1.0, retries=1, concurrency=2)).scorer
     rows = [row("slow", question="q [[fault:sleep=3]]"), row("slow_once", question="q [[fault:sleep-once=3]]")]
-    t0 = time.monotonic()
     with SCORERS.get("openai")(cfg, 0, 5) as scorer:
         slow, once = scorer.score(rows)
-    assert time.monotonic() - t0 < 10
     assert slow.score is None and slow.reason == "timeout" and "2 attempt(s)" in slow.detail
     assert once.score is not None and 0 <= once.score <= 5
 

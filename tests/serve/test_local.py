@@ -64,7 +64,7 @@ def serve_config(**limits) -> ServeConfig:
         "name": "tiny", "engine": {"num_cpus": 1, "max_batch": 8}, "torch_threads": 1,
         "preprocess": {"max_tiles": 2, "max_length": 1024},
         "limits": {"max_body_bytes": MAX_BODY, "max_messages": 4, "max_images": 2, "max_image_pixels": 1000 * 1000,
-                   "max_n": 3, "max_total_tokens": 64, "default_max_tokens": 8, "body_timeout_s": 5,
+                   "max_n": 3, "max_total_tokens": 64, "default_max_tokens": 8, "body_timeout_s": 8,
                    "header_timeout_s": 2, "request_timeout_s": 120, **limits}})
 
 
@@ -168,13 +168,13 @@ def test_api_key_required_and_checked(stack):
 def test_authentication_comes_before_the_body(stack):
     """No key, a body declared but never sent: 401 at once (reading the body first would wait for it, then 408)."""
     status, body, took = raw_request(stack["front"].port, post_head(length=100_000, key=None))
-    assert status == 401 and took < 3.5, (status, took)
+    assert status == 401 and took < 7, (status, took)  # waiting for the body would take body_timeout_s, 8 s
     assert json.loads(body)["error"]["code"] == "invalid_api_key"
 
 
 def test_content_length_over_the_limit_is_refused_before_the_body(stack):
     status, body, took = raw_request(stack["front"].port, post_head(length=10 * MAX_BODY))
-    assert status == 413 and took < 3.5, (status, took)
+    assert status == 413 and took < 7, (status, took)
     assert "max_body_bytes" in json.loads(body)["error"]["message"]
 
 
@@ -207,7 +207,7 @@ def test_a_body_without_length_is_cut_at_the_limit(stack):
 
 def test_a_body_that_does_not_arrive_in_time(stack):
     status, body, took = raw_request(stack["front"].port, post_head(length=100), body=b'{"model": ')
-    assert status == 408 and 4.5 < took < 15, (status, took)
+    assert status == 408 and 7.5 < took < 30, (status, took)
 
 
 def test_a_slow_request_head_is_cut_off(stack):
