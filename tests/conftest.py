@@ -141,7 +141,7 @@ def pytest_collection_finish(session):
 
 
 def pytest_runtest_logfinish(nodeid, location):
-    if nodeid in _cluster_users and "R1V_TEST_SHARED" in os.environ:
+    if "R1V_TEST_SHARED" in os.environ:
         release_when_done("cluster", _cluster_users, nodeid)
 
 
