@@ -216,7 +216,7 @@ def test_sft_resumed_on_one_worker_trains_each_remaining_row_once(ray_cluster, t
     import time
 
     import pyarrow.parquet as pq
-    from safetensors.numpy import load_file
+    from safetensors.torch import load_file
 
     from r1v.data.synthetic import generate
     from r1v.train.config import SFTConfig
@@ -260,7 +260,7 @@ def test_sft_resumed_on_one_worker_trains_each_remaining_row_once(ray_cluster, t
     end = json.loads((stage / "ray" / "train" / "epoch-001-end" / "state.json").read_text())
     assert end["step"] == 16 and end["state"]["epoch"] == 2
     projector = load_file(str(stage / "model" / "projector.safetensors"))
-    assert projector and all(np.isfinite(v.astype(np.float64)).all() for v in projector.values())
+    assert projector and all(bool(torch.isfinite(v.float()).all()) for v in projector.values())  # bf16: torch
 
 
 def test_global_batch_derives_grad_accum():
