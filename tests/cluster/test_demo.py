@@ -206,7 +206,10 @@ SHRUNK = ["stages.round.repeat.over.tau=[3]", "stages.round.repeat.over.lr=[1.0e
           "stages.data.config.n_sft=96", "stages.data.config.n_grpo=32",
           "stages.data.config.n_test=40", "stages.sft.config.max_steps=6",
           "stages.round.repeat.stages.sft.config.max_steps=3", "stages.grpo.config.steps=2",
-          "stages.grpo.config.prompts_per_step=4", "stages.grpo.config.dynamic_sampling.enabled=false"]
+          "stages.grpo.config.prompts_per_step=4", "stages.grpo.config.dynamic_sampling.enabled=false",
+          # Stage 1 SFT uploads the checkpoints of two ranks; the round's SFT and GRPO train on one (a process each
+          # fewer: what they add here is their stage kind's reads and writes, not another rank's)
+          "stages.round.repeat.stages.sft.config.trainer.num_workers=1", "stages.grpo.config.trainer.num_workers=1"]
 SKIPPED = ("align", "no_image", "shuffled_image", "substitute_vlm", "text_instruct")
 
 

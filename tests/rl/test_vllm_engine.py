@@ -230,3 +230,30 @@ def test_llm_update_goes_through_reload_weights(engines, world_r1v):
     ray.get(actor.update_weights.remote(old))
     hf.update_weights(old)
     assert_same_greedy(*both(engines, reqs, GREEDY), hf, reqs, HF_LOGPROB_BOUND)  # restored
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_per_request_penalty(engines, world_r1v):
+    """Per-request SamplingParams carry each row's repetition penalty (text prompts): a higher penalty repeats
+    context tokens less, and a mixed-penalty call gives each row what a single-penalty call gives it."""
+    import ray
+    from test_request_penalty import SAMPLE, mean_rate
+
+    from r1v.data.prompt import encode_prompt
+
+    actor, _ = engines
+    ids = encode_prompt([{"role": "user", "content": "Describe the numbers 3 3 3 and 7 7 7 at length."}],
+                        world_r1v["tokenizer"], [], 0)
+
+    def gen(reqs, s):
+        return ray.get(actor.generate.remote(reqs, {**SAMPLE, "max_new_tokens": 48, **s}, 8, 3))
+
+    low, high = gen([Request(ids), Request(ids, repetition_penalty=2.0)], {})
+    assert [c.token_ids for c in low] != [c.token_ids for c in high]
+    assert mean_rate(ids, high) < mean_rate(ids, low)
+    # per row as a single-penalty call with the same positions (vLLM seeds request i by the call seed and i)
+    (same_low, _), (_, same_high) = gen([Request(ids), Request(ids)], {}), gen(
+        [Request(ids), Request(ids)], {"repetition_penalty": 2.0})
+    assert [c.token_ids for c in same_low] == [c.token_ids for c in low]
+    assert [c.token_ids for c in same_high] == [c.token_ids for c in high]
