@@ -3,7 +3,8 @@ world's R1V model (world vision tower + projector + the reasoning LLM, as the `r
 
 The vLLM engine is compared with the transformers engine on the same checkpoint: equal greedy completions (with
 images), the same stop conventions, log-probs within a stated bound, seeded sampling, and equal outputs again
-after a projector update (torch side, no vLLM sync) and after an LLM update (vLLM `reload_weights`).
+after a projector update (torch side, no vLLM sync) and after an LLM update (vLLM `reload_weights`); each
+request's own repetition penalty reaches vLLM's SamplingParams.
 
 vLLM runs only in the actor: its CPU worker replaces `torch.set_num_threads` and opens a process group, which
 must not leak into the pytest process. The first tests need no vLLM (the LLM export and the vision side).
