@@ -19,9 +19,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     parts = key.strip().split(".")
     if not all(parts):
         raise ConfigError(f"override {text!r} has an empty key segment")
-    if not value.strip():
-        return parts, ""
-    if value.strip().startswith("@"):  # a stage reference (`@stage.output`): YAML reserves '@' at a token's start
+    if not value.strip() or value.strip().startswith("@"):  # '' or a stage reference: YAML reserves a leading '@'
         return parts, value.strip()
     try:
         return parts, yaml.safe_load(value)
